@@ -1,0 +1,361 @@
+"""Linear evaluation: a linear classifier trained on top of a frozen encoder.
+
+The standard protocol of the self-supervised papers (SimCLR Sec. B.6, MoCo Sec. 4.1, BYOL Sec. 4.1
+and Appendix C.1, SimSiam Sec. A): freeze the pre-trained encoder, train a linear layer on its
+pooled features with cross-entropy, report top-1 / top-5 on the test split.
+
+Two modes:
+
+* ``linear_probe_features`` ("fast"): features are extracted once, without augmentation, and the
+  classifier is trained on the cached ``[N, D]`` tensor. Seconds on a CPU; typically within a few
+  points of the full protocol, and what the quickstart and ``selfsup eval`` default to.
+* ``linear_probe`` ("full"): the papers' protocol. Each epoch re-augments the training images
+  (random resized crop + flip from ``train_transform``), passes them through the frozen encoder
+  (eval mode, so BatchNorm running statistics never change; no gradients) and trains the
+  classifier with SGD momentum 0.9 and a cosine schedule.
+
+Both standardise the features before the linear layer (fast: train mean/std; full: a
+``BatchNorm1d(affine=False)`` in the head, as in MAE Sec. A.2 / MoCo v3), which makes one learning
+rate work across backbones whose feature scales differ by orders of magnitude. A normalisation
+without affine parameters followed by a linear layer is still a linear classifier.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.errors import DataError
+from selfsup.evaluate.features import (
+    Transform,
+    apply_transform,
+    autocast_context,
+    eval_mode,
+    extract_features,
+    resolve_device,
+)
+from selfsup.evaluate.knn import topk_accuracy
+
+FAST_MODE = "fast (cached features, no augmentation)"
+FULL_MODE = "full (augmented, frozen encoder)"
+
+
+def infer_num_classes(*label_sets: Tensor | None) -> int:
+    """``max label + 1`` over the given label tensors."""
+    present = [labels for labels in label_sets if labels is not None and labels.numel() > 0]
+    if not present:
+        raise DataError("evaluation needs labels; the dataset has none (labels is None or empty).")
+    return int(max(labels.max().item() for labels in present)) + 1
+
+
+def check_labels(labels: Tensor | None, n: int, num_classes: int, split: str) -> Tensor:
+    """Validate an int64 ``[n]`` label tensor with values in ``[0, num_classes)``."""
+    if labels is None:
+        raise DataError(
+            f"the {split} split has no labels; linear evaluation and fine-tuning need a labelled "
+            "dataset (a class-per-folder layout or a torchvision dataset)."
+        )
+    if labels.shape != (n,):
+        raise DataError(f"{split} labels must be shaped [{n}], got {tuple(labels.shape)}")
+    if n == 0:
+        raise DataError(f"the {split} split is empty; evaluation needs at least one image.")
+    low, high = int(labels.min().item()), int(labels.max().item())
+    if low < 0 or high >= num_classes:
+        raise DataError(
+            f"{split} labels span [{low}, {high}] but num_classes is {num_classes}; pass the "
+            "number of classes of the dataset."
+        )
+    return labels.long()
+
+
+def make_linear_head(
+    in_dim: int, num_classes: int, *, generator: torch.Generator | None = None
+) -> nn.Linear:
+    """``nn.Linear`` initialised as in MoCo / SimSiam linear evaluation: N(0, 0.01) weights,
+    zero bias."""
+    head = nn.Linear(in_dim, num_classes)
+    nn.init.normal_(head.weight, std=0.01, generator=generator)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def cosine_sgd(
+    params,
+    *,
+    lr: float,
+    total_steps: int,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD with a per-step cosine decay from ``lr`` to 0 over ``total_steps`` (SGDR without
+    restarts, Loshchilov & Hutter 2017), as in the papers' linear and fine-tuning protocols.
+
+    ``params`` may be a list of param-group dicts, each with its own ``lr``.
+    """
+    optimizer = torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
+    )
+    total = max(1, total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    )
+    return optimizer, schedule
+
+
+def batch_indices(
+    n: int, batch_size: int, generator: torch.Generator, *, min_batch: int = 1
+) -> list[Tensor]:
+    """One epoch of shuffled index batches; a trailing batch smaller than ``min_batch`` is dropped
+    (BatchNorm in training mode cannot normalise a single sample)."""
+    order = torch.randperm(n, generator=generator)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and batches[-1].numel() < min_batch:
+        batches.pop()
+    return batches
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar when ``enabled`` (and tqdm is importable), else ``None``."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a declared dependency, but progress output is never essential
+        return None
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def linear_probe_features(
+    train_feats: Tensor,
+    train_labels: Tensor,
+    test_feats: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int | None = None,
+    epochs: int = 100,
+    lr: float = 0.1,
+    weight_decay: float = 0.0,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+) -> dict[str, float | int | str]:
+    """Fast linear evaluation on cached (un-augmented) features.
+
+    Features are standardised with the training mean and std (per dimension), then an
+    ``nn.Linear(D, C)`` is trained with cross-entropy, SGD momentum 0.9 and a cosine schedule over
+    ``epochs`` passes of shuffled mini-batches. Everything stays on ``device``; seeded runs give
+    identical results.
+
+    Args:
+        train_feats: float ``[N_train, D]``; train_labels: int64 ``[N_train]``.
+        test_feats: float ``[N_test, D]``; test_labels: int64 ``[N_test]``.
+        num_classes: ``C``; defaults to ``max label + 1``.
+        epochs, lr, weight_decay, batch_size: the classifier's training schedule.
+        device: defaults to ``train_feats.device``.
+        seed: seeds initialisation and shuffling.
+
+    Returns:
+        ``{"top1": %, "top5": %, "train_top1": %, "mode": FAST_MODE, ...settings}``.
+    """
+    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(
+            f"features must be [N, D] with equal D; got {tuple(train_feats.shape)} and "
+            f"{tuple(test_feats.shape)}"
+        )
+    if num_classes is None:
+        num_classes = infer_num_classes(train_labels, test_labels)
+    train_labels = check_labels(train_labels, train_feats.shape[0], num_classes, "train")
+    test_labels = check_labels(test_labels, test_feats.shape[0], num_classes, "test")
+    run_device = torch.device(device) if device is not None else train_feats.device
+    generator = torch.Generator().manual_seed(seed)
+
+    x_train = train_feats.to(run_device, torch.float32)
+    mean = x_train.mean(dim=0)
+    # A dimension that is constant over the training set carries no information: std 1 keeps it 0.
+    std = x_train.std(dim=0, correction=0).clamp_min(1e-6) if x_train.shape[0] > 1 else 1.0
+    x_train = (x_train - mean) / std
+    x_test = (test_feats.to(run_device, torch.float32) - mean) / std
+    y_train = train_labels.to(run_device)
+
+    head = make_linear_head(x_train.shape[1], num_classes, generator=generator).to(run_device)
+    steps_per_epoch = math.ceil(x_train.shape[0] / batch_size)
+    optimizer, schedule = cosine_sgd(
+        head.parameters(), lr=lr, total_steps=epochs * steps_per_epoch, weight_decay=weight_decay
+    )
+    for _ in range(epochs):
+        for idx in batch_indices(x_train.shape[0], batch_size, generator):
+            idx = idx.to(run_device)
+            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+
+    with torch.no_grad():
+        top1, top5 = topk_accuracy(head(x_test), test_labels, (1, 5))
+        (train_top1,) = topk_accuracy(head(x_train), train_labels, (1,))
+    return {
+        "top1": top1,
+        "top5": top5,
+        "train_top1": train_top1,
+        "mode": FAST_MODE,
+        "epochs": epochs,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "num_classes": num_classes,
+        "n_train": int(train_feats.shape[0]),
+        "n_test": int(test_feats.shape[0]),
+    }
+
+
+class FrozenEncoder:
+    """Context manager that freezes a backbone for linear evaluation and undoes it afterwards.
+
+    Inside the context every parameter has ``requires_grad=False`` and every submodule is in eval
+    mode (BatchNorm normalises with its running statistics and never updates them). On exit, each
+    parameter's ``requires_grad`` and each submodule's train/eval flag are restored, so the
+    caller's module is left exactly as it was (its weights and buffers are never written).
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        self.backbone = backbone
+        self._requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self._eval = eval_mode(backbone)
+
+    def __enter__(self) -> nn.Module:
+        self._requires_grad = [(p, p.requires_grad) for p in self.backbone.parameters()]
+        for param, _ in self._requires_grad:
+            param.requires_grad_(False)
+        self._eval.__enter__()
+        return self.backbone
+
+    def __exit__(self, *exc_info) -> None:
+        self._eval.__exit__(*exc_info)
+        for param, flag in self._requires_grad:
+            param.requires_grad_(flag)
+
+
+def linear_probe(
+    backbone: nn.Module,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    *,
+    train_transform: Transform,
+    eval_transform: Transform,
+    num_classes: int | None = None,
+    epochs: int = 100,
+    lr: float = 0.1,
+    weight_decay: float = 0.0,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    amp: bool = True,
+    progress: bool = True,
+) -> dict[str, float | int | str]:
+    """Full linear evaluation with augmentation on a frozen encoder (the papers' protocol).
+
+    Each epoch the training images are shuffled, augmented by ``train_transform`` (random resized
+    crop + horizontal flip in the papers), encoded by the frozen ``backbone`` under ``no_grad`` and
+    eval mode, and a head ``BatchNorm1d(D, affine=False) -> Linear(D, C)`` is trained with
+    cross-entropy, SGD momentum 0.9 and a per-step cosine schedule. The test split is then encoded
+    with ``eval_transform`` and classified.
+
+    The backbone's parameters and buffers are never modified (it is moved to ``device`` in place
+    if one is given); ``requires_grad`` and train/eval flags are restored on return.
+
+    Args:
+        backbone: encoder ``[B, 3, S, S] -> [B, D]``.
+        train_images / test_images: uint8 ``[N, 3, H, W]`` (CPU, possibly memmap-backed).
+        train_labels / test_labels: int64 ``[N]``.
+        train_transform: uint8 batch on ``device`` -> augmented normalised float ``[B, 3, S, S]``;
+            if it accepts a ``generator`` keyword, a generator on ``device`` seeded from ``seed``
+            is passed, making the run reproducible.
+        eval_transform: deterministic uint8 batch -> normalised float batch (``EvalTransform``).
+        num_classes: ``C``; defaults to ``max label + 1``.
+        epochs, lr, weight_decay, batch_size: the classifier's schedule.
+        device: defaults to the backbone's device.
+        seed: seeds head initialisation, shuffling and (when supported) augmentation.
+        amp: bf16 autocast for the encoder on CUDA.
+        progress: show a tqdm bar over steps.
+
+    Returns:
+        ``{"top1": %, "top5": %, "mode": FULL_MODE, "final_loss": ..., ...settings}``.
+    """
+    if num_classes is None:
+        num_classes = infer_num_classes(train_labels, test_labels)
+    train_labels = check_labels(train_labels, train_images.shape[0], num_classes, "train")
+    test_labels = check_labels(test_labels, test_images.shape[0], num_classes, "test")
+    run_device = resolve_device(backbone, device)
+    backbone.to(run_device)
+    for transform in (train_transform, eval_transform):
+        if isinstance(transform, nn.Module):
+            transform.to(run_device)
+    cpu_generator = torch.Generator().manual_seed(seed)
+    aug_generator = torch.Generator(device=run_device).manual_seed(seed + 1)
+
+    n_train = train_images.shape[0]
+    steps_per_epoch = len(batch_indices(n_train, batch_size, torch.Generator(), min_batch=2))
+    bar = progress_bar(epochs * steps_per_epoch, "linear probe", progress)
+    final_loss = float("nan")
+    with FrozenEncoder(backbone):
+
+        def encode(images: Tensor, transform: Transform, generator=None) -> Tensor:
+            with torch.no_grad(), autocast_context(run_device, amp):
+                return backbone(apply_transform(transform, images, generator)).float()
+
+        feat_dim = encode(train_images[:2].to(run_device), eval_transform).shape[1]
+        head = nn.Sequential(
+            nn.BatchNorm1d(feat_dim, affine=False),
+            make_linear_head(feat_dim, num_classes, generator=cpu_generator),
+        ).to(run_device)
+        optimizer, schedule = cosine_sgd(
+            head.parameters(),
+            lr=lr,
+            total_steps=epochs * steps_per_epoch,
+            weight_decay=weight_decay,
+        )
+        head.train()
+        try:
+            for _ in range(epochs):
+                for idx in batch_indices(n_train, batch_size, cpu_generator, min_batch=2):
+                    images = train_images[idx].to(run_device, non_blocking=True)
+                    feats = encode(images, train_transform, aug_generator)
+                    loss = F.cross_entropy(head(feats), train_labels[idx].to(run_device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    final_loss = loss.item()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{final_loss:.3f}")
+        finally:
+            if bar is not None:
+                bar.close()
+
+        test_feats = extract_features(
+            backbone, test_images, eval_transform, batch_size=batch_size, device=run_device, amp=amp
+        )
+    head.eval()
+    with torch.no_grad():
+        top1, top5 = topk_accuracy(head(test_feats.to(run_device)), test_labels, (1, 5))
+    return {
+        "top1": top1,
+        "top5": top5,
+        "final_loss": final_loss,
+        "mode": FULL_MODE,
+        "epochs": epochs,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "num_classes": num_classes,
+        "n_train": int(n_train),
+        "n_test": int(test_images.shape[0]),
+    }

@@ -1,0 +1,105 @@
+"""The self-supervised objectives, as pure functions of embeddings.
+
+Every function normalises its inputs itself (so callers pass raw projector / predictor outputs),
+computes in float32 (safe under bf16/fp16 autocast) and returns a scalar mean over the batch.
+
+- [0] SimCLR, 2020, https://arxiv.org/abs/2002.05709
+- [1] MoCo, 2019, https://arxiv.org/abs/1911.05722 and MoCo v2, 2020, https://arxiv.org/abs/2003.04297
+- [2] BYOL, 2020, https://arxiv.org/abs/2006.07733
+- [3] SimSiam, 2020, https://arxiv.org/abs/2011.10566
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
+    """NT-Xent, the normalized temperature-scaled cross entropy of SimCLR [0], eq. 1.
+
+    The 2N views are stacked as ``z = [z1; z2]``. For anchor ``i`` the positive is the other view
+    of the same image and the negatives are the 2(N-1) views of the other images; the anchor's
+    similarity with itself is excluded from the denominator (the ``1[k != i]`` of eq. 1):
+
+        l(i, j) = -log( exp(sim(z_i, z_j) / T) / sum_{k != i} exp(sim(z_i, z_k) / T) )
+
+    and the loss is the mean of l over all 2N anchors (both orderings of every pair).
+    Computed as one [2N, 2N] matmul and a cross entropy with the diagonal masked out.
+
+    Args:
+        z1: [N, d] projections of the first views.
+        z2: [N, d] projections of the second views (row i is the positive of ``z1[i]``).
+        temperature: T > 0.
+
+    Returns:
+        Scalar loss.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"z1 and z2 must both be [N, d]; got {tuple(z1.shape)}, {tuple(z2.shape)}")
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # [2N, d]
+    logits = z @ z.T / temperature  # [2N, 2N] cosine similarities / T
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))  # k != i
+    # Row i < N has its positive at i + N, row i >= N at i - N.
+    targets = torch.arange(2 * n, device=z.device).roll(n)
+    return F.cross_entropy(logits, targets)
+
+
+def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
+    """InfoNCE with a queue of negatives, MoCo [1] eq. 1.
+
+        L_q = -log( exp(q.k+ / T) / (exp(q.k+ / T) + sum_{k- in queue} exp(q.k- / T)) )
+
+    Implemented as logits ``[q.k+, q.queue^T] / T`` of shape [N, 1 + K] and a cross entropy with
+    label 0. Keys and queue carry no gradient: the key encoder is a momentum copy.
+
+    Args:
+        q: [N, d] queries (normalised here).
+        k: [N, d] keys, row i the positive of ``q[i]`` (normalised here, detached).
+        queue: [K, d] negative keys, assumed already L2-normalised (detached).
+        temperature: T > 0 (0.2 in MoCo v2).
+
+    Returns:
+        Scalar loss, mean over the N queries.
+    """
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.detach().float(), dim=1)
+    positive = (q * k).sum(dim=1, keepdim=True)  # [N, 1]
+    negatives = q @ queue.detach().float().T  # [N, K]
+    logits = torch.cat([positive, negatives], dim=1) / temperature
+    targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, targets)
+
+
+def negative_cosine_similarity(p: Tensor, z: Tensor, stop_gradient: bool = True) -> Tensor:
+    """SimSiam's D(p, z) = -(p / ||p||) . (z / ||z||), eq. 1, with the stop-gradient of eq. 3.
+
+    Args:
+        p: [N, d] predictor outputs of one view.
+        z: [N, d] projector outputs of the other view; detached unless ``stop_gradient=False``
+            (the SimSiam ablation that collapses).
+        stop_gradient: treat ``z`` as a constant.
+
+    Returns:
+        Scalar, mean of -cos(p_i, z_i) over the batch, in [-1, 1].
+    """
+    if stop_gradient:
+        z = z.detach()
+    return -F.cosine_similarity(p.float(), z.float(), dim=1).mean()
+
+
+def byol_loss(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL's regression loss, eq. 2: ||p/||p|| - z/||z||||^2 = 2 - 2 cos(p, z).
+
+    Args:
+        p: [N, d] online predictions q_theta(z_theta) of one view.
+        z: [N, d] target projections z'_xi of the other view (detached: the target network
+            receives no gradient).
+
+    Returns:
+        Scalar, mean over the batch, in [0, 4].
+    """
+    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()

@@ -1,0 +1,101 @@
+"""MoCo v2: contrast queries against a momentum key encoder's keys and a queue of past keys.
+
+- [0] MoCo, 2019, https://arxiv.org/abs/1911.05722
+- [1] MoCo v2, 2020, https://arxiv.org/abs/2003.04297
+- [2] MoCo v3, 2021, https://arxiv.org/abs/2104.02057 (symmetrised loss)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.losses import info_nce_loss
+from selfsup.methods.ema import EmaTarget, cosine_tau
+from selfsup.models.heads import ProjectionHead
+
+
+class MoCo(nn.Module):
+    """MoCo v2 [1]: query encoder f_q + MLP projector, momentum key encoder f_k, queue of K keys.
+
+    Loss: InfoNCE (MoCo eq. 1, T=0.2) of q = g_q(f_q(x1)) against its key k = g_k(f_k(x2)) and the
+    queue; then the keys are enqueued (FIFO ring buffer) in train mode. ``symmetric`` adds the
+    loss of (q2, k1) and enqueues both key batches [2]. The key encoder follows the query encoder
+    by theta_k <- m theta_k + (1 - m) theta_q (eq. 2) in ``update_target``, after the optimizer
+    step, which equals the paper's update before computing the next keys. Views go through each
+    encoder separately (single device: no shuffle-BN).
+
+    Args:
+        backbone: query encoder f_q, [B, 3, S, S] -> [B, feat_dim].
+        feat_dim: D.
+        proj_hidden: projector hidden width (default D: 2048 -> 2048 -> 128 for ResNet-50).
+        proj_dim: key/query dim d (128).
+        queue_size: K negatives (65536 on ImageNet; 4096 suits CIFAR-sized datasets).
+        temperature: T (0.2).
+        momentum: m (0.999 in the paper; 0.99 for short runs on small datasets).
+        momentum_cosine: raise m to 1 with BYOL's cosine schedule over training.
+        symmetric: loss(q1, k2) + loss(q2, k1).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feat_dim: int,
+        proj_hidden: int | None = None,
+        proj_dim: int = 128,
+        queue_size: int = 4096,
+        temperature: float = 0.2,
+        momentum: float = 0.99,
+        momentum_cosine: bool = False,
+        symmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = ProjectionHead(feat_dim, proj_hidden or feat_dim, proj_dim, batch_norm=False)
+        self.key_backbone = EmaTarget(backbone)
+        self.key_projector = EmaTarget(self.projector)
+        self.temperature, self.symmetric = temperature, symmetric
+        self.momentum, self.momentum_cosine = momentum, momentum_cosine
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def _keys(self, x: Tensor) -> Tensor:
+        return F.normalize(self.key_projector(self.key_backbone(x)), dim=1)
+
+    @torch.no_grad()
+    def _enqueue(self, keys: Tensor) -> None:
+        """Write keys [B, d] at the pointer, wrapping around the end; no host sync."""
+        size, n = self.queue.shape[0], min(keys.shape[0], self.queue.shape[0])
+        # Only the newest K keys survive a batch larger than the queue.
+        start = self.queue_ptr + (keys.shape[0] - n)
+        slots = (start + torch.arange(n, device=keys.device)) % size
+        self.queue.index_copy_(0, slots, keys[-n:].to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+
+    def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
+        """Views x1, x2: [B, 3, S, S] -> {"loss", "z": q1 [B, d], "pos_cos": mean q1.k2}."""
+        # A copy: the loss's backward needs the queue as it was before this step's enqueue.
+        queue = self.queue.clone()
+        q1 = self.projector(self.backbone(x1))
+        k2 = self._keys(x2)
+        loss = info_nce_loss(q1, k2, queue, self.temperature)
+        keys = k2
+        if self.symmetric:
+            q2 = self.projector(self.backbone(x2))
+            k1 = self._keys(x1)
+            loss = loss + info_nce_loss(q2, k1, queue, self.temperature)
+            keys = torch.cat([k2, k1])
+        if self.training:  # evaluation must not change the queue
+            self._enqueue(keys)
+        pos_cos = (F.normalize(q1.detach(), dim=1) * k2).sum(dim=1).mean()
+        return {"loss": loss, "z": q1.detach(), "pos_cos": pos_cos}
+
+    def update_target(self, progress: float) -> None:
+        """Momentum update of the key encoder and key projector (MoCo eq. 2)."""
+        m = cosine_tau(self.momentum, progress) if self.momentum_cosine else self.momentum
+        self.key_backbone.update_(self.backbone, m)
+        self.key_projector.update_(self.projector, m)
+
+    def param_groups(self) -> list[dict]:
+        return [{"name": "online", "params": [p for p in self.parameters() if p.requires_grad]}]

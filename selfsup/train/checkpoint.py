@@ -1,0 +1,115 @@
+"""Checkpoints written so that a crash at any moment leaves a loadable latest checkpoint.
+
+``save_checkpoint`` writes to a temporary file in the same directory, fsyncs it, moves the old
+``last.pt`` to ``prev.pt`` and renames the new file into place (``os.replace`` is atomic on POSIX),
+then fsyncs the directory. ``load_checkpoint`` falls back to ``prev.pt`` when ``last.pt`` is broken.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfsup.errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to ``path`` via temp file + fsync + rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(state: dict[str, Any], directory: Path) -> Path:
+    """Write ``directory/last.pt`` atomically, keeping the previous one as ``prev.pt``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    last = directory / "last.pt"
+    state = {**state, "format_version": FORMAT_VERSION}
+    fd, tmp = tempfile.mkstemp(prefix=".last.pt.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if last.exists():
+            os.replace(last, directory / "prev.pt")
+        os.replace(tmp, last)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    return last
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a torn or foreign file: let the caller fall back
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path} is not a selfsup checkpoint")
+    return state
+
+
+def load_checkpoint(
+    directory: Path, *, method: str, config_hash: str, version: str | None = None
+) -> tuple[dict[str, Any], Path]:
+    """Load the newest readable checkpoint and refuse one from another method, config or format."""
+    candidates = [directory / "last.pt", directory / "prev.pt"]
+    errors = []
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            state = _read(path)
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            continue
+        if state["format_version"] != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} has checkpoint format {state['format_version']}, this selfsup reads "
+                f"{FORMAT_VERSION}; resume with the selfsup version that wrote it"
+            )
+        if state.get("method") != method:
+            raise CheckpointError(
+                f"{path} was written by method {state.get('method')!r}, not {method!r}; "
+                f"pass --method {state.get('method')} or choose another --out"
+            )
+        if state.get("config_hash") != config_hash:
+            raise CheckpointError(
+                f"{path} was written with another method/model/augmentation config "
+                f"(hash {state.get('config_hash')} != {config_hash}); resume with the run's own "
+                f"config.yaml settings, or start a new run with --out elsewhere or --overwrite"
+            )
+        return state, path
+    if errors:
+        raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
+    raise CheckpointError(f"no checkpoint in {directory}; start without --resume")

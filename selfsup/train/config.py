@@ -1,0 +1,233 @@
+"""The run configuration: OmegaConf structured dataclasses, presets (YAML) and ``key=value`` overrides.
+
+Resolution order, later wins: dataclass defaults -> preset YAML -> CLI flags -> ``key=value`` overrides.
+Unknown keys and wrong types are :class:`~selfsup.errors.ConfigError` with a "did you mean" hint,
+raised before any data is read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from selfsup.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    source: str = "mnist5k"  # folder, .tar/.tar.gz, cifar10, cifar100 or mnist5k (embedded)
+    image_size: int = 32  # side of the square crops the network sees
+    storage_size: int | None = None  # side of the cached uint8 images; None: image_size
+    cache_dir: str | None = None  # None: $SELFSUP_CACHE or ~/.cache/selfsup
+    eval_source: str | None = None  # labeled data for kNN monitoring; None: source's test split
+    mean: list[float] | None = None  # None: the dataset's own statistics
+    std: list[float] | None = None
+    workers: int | None = None  # decode workers while building the cache
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # resnet18, resnet50, resnet_tiny
+    small_stem: bool = True  # 3x3 conv, no max-pool: for 32-64 px images
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd or lars
+    lr: float = 0.06  # base learning rate, scaled by batch_size / lr_reference_batch
+    lr_scaling: str = "linear"  # linear, sqrt or none
+    lr_reference_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
+    exclude_bias_norm: bool = False  # bias and norm params: no weight decay (and no LARS adaptation)
+    trust_coefficient: float = 0.001  # LARS eta
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 512
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32
+    compile: bool = False  # torch.compile the method's forward
+    channels_last: bool = True  # on CUDA only
+    log_every: int = 50  # steps between host syncs for loss/lr/throughput logging
+    knn_every: int = 10  # epochs between kNN checks (0: only at the end)
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    checkpoint_every: int = 1  # epochs
+    collapse: str = "warn"  # off, warn or stop
+    collapse_every: int = 200  # steps between collapse checks
+    collapse_patience: int = 3
+    on_nan: str = "stop"  # stop or skip
+    progress: bool = True
+    time_limit_min: float | None = None  # checkpoint and stop after this many minutes (resume later)
+    stop_after_epochs: int | None = None  # checkpoint and stop after this many epochs (resume later)
+
+
+@dataclass
+class RunConfig:
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "simclr"})
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: dict[str, Any] = field(default_factory=lambda: {"view1": {}, "view2": {}})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/quickstart"
+
+
+PRESET_DIR = "presets"
+
+
+def available_presets() -> list[str]:
+    """Preset names shipped with the package: ``quickstart`` and one per dataset folder."""
+    root = resources.files("selfsup") / PRESET_DIR
+    names = []
+    for entry in root.iterdir():
+        if entry.name.endswith(".yaml"):
+            names.append(entry.name[: -len(".yaml")])
+        elif entry.is_dir() and not entry.name.startswith("_"):
+            names.append(entry.name)
+    return sorted(names)
+
+
+def preset_text(preset: str, method: str) -> str:
+    """YAML text of a preset: ``presets/<preset>/<method>.yaml``, ``presets/<preset>.yaml``, or a path."""
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"preset file {preset!r} does not exist")
+        return path.read_text()
+    root = resources.files("selfsup") / PRESET_DIR
+    per_method = root / preset / f"{method}.yaml"
+    if per_method.is_file():
+        return per_method.read_text()
+    single = root / f"{preset}.yaml"
+    if single.is_file():
+        return single.read_text()
+    if (root / preset).is_dir():
+        have = sorted(p.name[:-5] for p in (root / preset).iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(f"preset {preset!r} has no recipe for method {method!r}; it has: {have}")
+    raise ConfigError(
+        f"unknown preset {preset!r}{_did_you_mean(preset, available_presets())}; "
+        f"available: {available_presets()} or a path to a .yaml file"
+    )
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_keys(node: Any, schema: Any, prefix: str) -> None:
+    """Raise ConfigError for keys of ``node`` absent from ``schema`` (free-form dicts are skipped)."""
+    if not isinstance(node, dict) or not isinstance(schema, DictConfig):
+        return
+    for key, value in node.items():
+        if prefix in ("method.", "augment.") or prefix.startswith("augment."):
+            continue  # validated against the method / augmentation signatures when built
+        if key not in schema:
+            where = f"{prefix}{key}"
+            choices = [f"{prefix}{k}" for k in schema.keys()]
+            raise ConfigError(f"unknown setting {where!r}{_did_you_mean(where, choices)}")
+        _check_keys(value, schema[key], f"{prefix}{key}.")
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    try:
+        _check_keys(OmegaConf.to_container(update) if isinstance(update, DictConfig) else update, base, "")
+        return OmegaConf.merge(base, update)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: setting {key!r}: {msg}") from None
+
+
+def resolve_config(
+    method: str,
+    preset: str | None = "quickstart",
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> DictConfig:
+    """Build the fully resolved run config; every error here happens before any long work."""
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.method = {"name": method}
+    if preset:
+        text = preset_text(preset, method)
+        try:
+            loaded = OmegaConf.create(text)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"preset {preset!r} is not valid YAML: {exc}") from None
+        cfg = _merge(cfg, loaded, f"preset {preset!r}")
+        cfg.method.name = method
+    if flags:
+        dotlist = [f"{k}={v}" for k, v in flags.items() if v is not None]
+        cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "command-line flag")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.1)")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    validate_config(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Impossible values, named with the setting and a fix."""
+    t, o, d = cfg.train, cfg.optim, cfg.data
+    _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _require(t.batch_size >= 2, f"train.batch_size must be >= 2 (two views need pairs), got {t.batch_size}")
+    _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _require(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
+    _require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+    _require(o.warmup_epochs < t.epochs or o.warmup_epochs == 0,
+             f"optim.warmup_epochs ({o.warmup_epochs}) must be below train.epochs ({t.epochs})")
+    choices = {
+        "optim.name": (o.name, ("sgd", "lars")),
+        "optim.lr_scaling": (o.lr_scaling, ("linear", "sqrt", "none")),
+        "train.precision": (t.precision, ("auto", "bf16", "fp32")),
+        "train.collapse": (t.collapse, ("off", "warn", "stop")),
+        "train.on_nan": (t.on_nan, ("stop", "skip")),
+    }
+    for key, (value, allowed) in choices.items():
+        _require(value in allowed, f"{key} must be one of {list(allowed)}, got {value!r}"
+                 f"{_did_you_mean(str(value), list(allowed))}")
+    _require(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
+    _require(d.storage_size is None or d.storage_size >= d.image_size,
+             f"data.storage_size ({d.storage_size}) must be >= data.image_size ({d.image_size})")
+    _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _require(t.knn_every >= 0, f"train.knn_every must be >= 0, got {t.knn_every}")
+    _require(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+             f"train.device must be auto, cpu or cuda[:N], got {t.device!r}")
+    for key in ("mean", "std"):
+        value = d[key]
+        _require(value is None or len(value) == 3, f"data.{key} needs 3 values (RGB), got {value}")
+
+
+def config_hash(cfg: DictConfig, keys: tuple[str, ...] = ("method", "model", "augment")) -> str:
+    """Short hash of the parts of a config that define what a checkpoint's weights mean."""
+    part = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,59 @@
+"""Metrics to ``metrics.jsonl`` (one JSON object per line, flushed) and to TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Append-only metrics: every record is flushed, so a killed run keeps what it logged."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self._fh = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
+                SummaryWriter = None  # noqa: N806
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def log(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), "step": step, **{
+            f"{prefix}/{k}": (float(v) if isinstance(v, float | int) else v) for k, v in values.items()
+        }}
+        assert self._fh is not None
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float) and math.isfinite(float(value)):
+                    self._tb.add_scalar(f"{prefix}/{key}", float(value), step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl``; a last line torn by a kill is ignored."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

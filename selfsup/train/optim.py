@@ -1,0 +1,151 @@
+"""Optimizers and learning-rate schedules.
+
+LARS follows You et al. 2017, "Large Batch Training of Convolutional Networks", eq. (6)-(7), as used
+by SimCLR and BYOL: for each parameter w with gradient g and weight decay beta,
+
+    local_lr = eta * ||w|| / (||g|| + beta * ||w||)     (1 where either norm is 0)
+    v <- m * v + lr * local_lr * (g + beta * w)          w <- w - v
+
+Biases and normalisation parameters are excluded from both the adaptation and the weight decay
+when ``exclude_bias_norm`` is set, as in the BYOL and SimCLR papers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling.
+
+    Param-group keys: ``lr``, ``momentum``, ``weight_decay``, ``trust_coefficient`` and
+    ``lars_exclude`` (True: plain SGD momentum for that group, no adaptation).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"] != 0:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                if not group["lars_exclude"]:
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(grad)
+                    # no host sync: torch.where keeps the trust ratio on the device
+                    ratio = torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        group["trust_coefficient"] * w_norm / g_norm,
+                        torch.ones_like(w_norm),
+                    )
+                    grad = grad.mul(ratio)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def is_bias_or_norm(name: str, param: torch.Tensor) -> bool:
+    """Biases and the affine parameters of BatchNorm/LayerNorm are the 1-D parameters."""
+    return param.ndim <= 1 or name.endswith(".bias")
+
+
+def split_decay_groups(
+    module_groups: list[dict], named: dict[int, str], exclude_bias_norm: bool
+) -> list[dict]:
+    """Split each method param group into weights and bias/norm params (the latter: no decay, no LARS)."""
+    groups: list[dict] = []
+    for group in module_groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        extra = {k: v for k, v in group.items() if k != "params"}
+        if not exclude_bias_norm:
+            groups.append({"params": params, **extra})
+            continue
+        decay = [p for p in params if not is_bias_or_norm(named.get(id(p), ""), p)]
+        no_decay = [p for p in params if is_bias_or_norm(named.get(id(p), ""), p)]
+        if decay:
+            groups.append({"params": decay, **extra})
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True, **extra})
+    return groups
+
+
+def scaled_lr(base_lr: float, batch_size: int, reference: int, rule: str) -> float:
+    """The linear (Goyal et al. 2017) or square-root scaling rule for the base learning rate."""
+    if rule == "linear":
+        return base_lr * batch_size / reference
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batch_size / reference)
+    return base_lr
+
+
+def build_optimizer(
+    method: nn.Module, name: str, lr: float, momentum: float, weight_decay: float,
+    exclude_bias_norm: bool, trust_coefficient: float = 0.001,
+) -> torch.optim.Optimizer:
+    """SGD or LARS over the method's param groups (``method.param_groups()`` if it has one)."""
+    module_groups = method.param_groups() if hasattr(method, "param_groups") else [
+        {"params": list(method.parameters())}
+    ]
+    named = {id(p): n for n, p in method.named_parameters()}
+    groups = split_decay_groups(module_groups, named, exclude_bias_norm)
+    for g in groups:
+        g["base_lr"] = lr
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                    trust_coefficient=trust_coefficient)
+    for g in groups:
+        g.pop("lars_exclude", None)
+    kwargs = {"fused": True} if _all_cuda(groups) else {}
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
+
+
+def _all_cuda(groups: list[dict]) -> bool:
+    return all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr: linear warm-up from ~0, then half-cosine decay to ``min_ratio``.
+
+    SimCLR/BYOL: "linear warm-up for the first 10 epochs, then decay with the cosine schedule
+    without restarts" (Loshchilov & Hutter 2017).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Set every group's lr to base_lr * factor, except groups marked ``fixed_lr``; returns the lr."""
+    lr = 0.0
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] if g.get("fixed_lr") else g["base_lr"] * factor
+        lr = max(lr, g["lr"]) if not g.get("fixed_lr") else lr
+    return lr

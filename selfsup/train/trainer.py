@@ -1,0 +1,380 @@
+"""The pre-training loop. It knows nothing of any particular method: a method is an ``nn.Module``
+whose ``forward(x1, x2)`` returns ``{"loss", "z", ...}`` and whose ``update_target(progress)`` runs
+after every optimizer step (EMA targets, momentum encoders).
+
+One step: uint8 batch on the device -> two augmented views (on the device) -> method loss ->
+backward -> optimizer step -> target update. No host synchronisation inside the step; loss, lr and
+throughput are read every ``train.log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+import selfsup
+from selfsup.augment import EvalTransform, TwoViewAugment, ViewConfig, augment_preset
+from selfsup.data import BatchStream, ImageDataset, load_dataset, write_skip_report
+from selfsup.errors import ConfigError, DataError, NumericalError
+from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
+from selfsup.evaluate.features import extract_features
+from selfsup.evaluate.knn import knn_accuracy
+from selfsup.methods import build_method
+from selfsup.models import build_backbone
+from selfsup.train.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
+from selfsup.train.config import config_hash, to_yaml
+from selfsup.train.logging import MetricsLogger
+from selfsup.train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived, or a time/epoch limit of this invocation was reached."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    results: dict[str, Any]
+    finished: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA GPU is visible; use train.device=cpu")
+    return device
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory; check it is writable before any long work."""
+    marker = out / "config.yaml"
+    if marker.exists() and not (resume or overwrite):
+        raise ConfigError(
+            f"{out} already holds a run (config.yaml); pass --resume to continue it, --overwrite "
+            f"to replace it, or choose another --out"
+        )
+    if resume and not (out / "checkpoints" / "last.pt").exists() and not (
+        out / "checkpoints" / "prev.pt"
+    ).exists():
+        raise ConfigError(f"--resume: {out} has no checkpoints/last.pt; start without --resume")
+    if overwrite and not resume and out.exists():
+        for name in ("metrics.jsonl", "results.json", "encoder.pt", "skipped.csv"):
+            (out / name).unlink(missing_ok=True)
+        for name in ("last.pt", "prev.pt"):
+            (out / "checkpoints" / name).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
+
+
+def dataset_stats(images: torch.Tensor, limit: int = 10_000) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std in [0, 1] of (a strided sample of) a uint8 [N,3,H,W] array."""
+    step = max(1, images.shape[0] // limit)
+    sample = images[::step].float().div_(255)
+    mean = sample.mean(dim=(0, 2, 3))
+    std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+
+
+def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoViewAugment:
+    """The method's preset views, with ``augment.view1`` / ``augment.view2`` overrides applied."""
+    preset = augment_preset(cfg.method.name, cfg.data.image_size, mean=mean, std=std)
+    names = {f.name for f in fields(ViewConfig)}
+    for key in cfg.augment:
+        if key not in ("view1", "view2", "both"):
+            raise ConfigError(f"unknown setting 'augment.{key}'; use augment.view1.*, "
+                              f"augment.view2.* or augment.both.*")
+    both = OmegaConf.to_container(cfg.augment.get("both", {}) or {}, resolve=True)
+    views = []
+    for view_name, view_cfg in (("view1", preset.view1_cfg), ("view2", preset.view2_cfg)):
+        over = {**both, **OmegaConf.to_container(cfg.augment.get(view_name, {}) or {}, resolve=True)}
+        for key in over:
+            if key not in names:
+                import difflib
+                close = difflib.get_close_matches(key, sorted(names), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown setting 'augment.{view_name}.{key}'{hint}; "
+                                  f"valid: {sorted(names)}")
+        values = {f.name: getattr(view_cfg, f.name) for f in fields(ViewConfig)}
+        for key, value in over.items():
+            values[key] = tuple(value) if isinstance(value, list) else value
+        views.append(ViewConfig(**values))
+    return TwoViewAugment(views[0], views[1], cfg.data.image_size, mean=mean, std=std)
+
+
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    backbone, feat_dim = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
+    return build_method(cfg.method.name, backbone, feat_dim, **kwargs)
+
+
+class Trainer:
+    """Pre-trains ``cfg.method`` on ``cfg.data`` into ``run_dir``; see :meth:`fit`."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.device = resolve_device(cfg.train.device)
+        self._stop_reason: str | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def _load_data(self) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
+        d = self.cfg.data
+        kwargs = dict(image_size=d.storage_size or d.image_size, cache_dir=d.cache_dir,
+                      workers=d.workers, progress=self.cfg.train.progress)
+        train = load_dataset(d.source, "train", **kwargs)
+        summary = write_skip_report(train, self.run_dir / "skipped.csv")
+        if train.skipped:
+            print(f"selfsup: {summary} (list: {self.run_dir / 'skipped.csv'})", file=sys.stderr)
+        n = train.images.shape[0]
+        if self.cfg.train.batch_size > n:
+            raise ConfigError(
+                f"train.batch_size={self.cfg.train.batch_size} is larger than the {n} usable images "
+                f"of {d.source!r}; lower --batch-size"
+            )
+        bank, query = None, None
+        eval_source = d.eval_source or d.source
+        try:
+            bank = train if eval_source == d.source else load_dataset(eval_source, "train", **kwargs)
+            query = load_dataset(eval_source, "test", **kwargs)
+        except DataError as exc:
+            print(f"selfsup: kNN monitoring off: {exc}", file=sys.stderr)
+            bank, query = None, None
+        if bank is not None and (bank.labels is None or query is None or query.labels is None):
+            bank, query = None, None
+        return train, bank, query
+
+    def _knn(self, backbone: torch.nn.Module, bank: ImageDataset, query: ImageDataset) -> dict:
+        t = self.cfg.train
+        bs = max(256, t.batch_size)
+        with self._autocast():
+            train_feats = extract_features(backbone, bank.images, self.eval_transform,
+                                           batch_size=bs, device=self.device)
+            test_feats = extract_features(backbone, query.images, self.eval_transform,
+                                          batch_size=bs, device=self.device)
+        return knn_accuracy(train_feats, bank.labels, test_feats, query.labels,
+                            k=t.knn_k, temperature=t.knn_temperature)
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _install_signal_handlers(self) -> dict:
+        previous = {}
+
+        def handler(signum, frame):  # noqa: ARG001
+            if self._stop_reason is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self._stop_reason = signal.Signals(signum).name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return previous
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        torch.manual_seed(t.seed)
+        self.precision = t.precision if t.precision != "auto" else (
+            "bf16" if self.device.type == "cuda" else "fp32")
+        train, bank, query = self._load_data()
+
+        mean, std = (list(cfg.data.mean), list(cfg.data.std)) if cfg.data.mean else dataset_stats(
+            train.images)
+        if cfg.data.mean is None or cfg.data.std is None:
+            cfg.data.mean, cfg.data.std = mean, std
+        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self.augment = build_augment(cfg, mean, std).to(self.device)
+        self.eval_transform = EvalTransform(cfg.data.image_size, mean=mean, std=std).to(self.device)
+
+        method = build_model(cfg).to(self.device)
+        if self.device.type == "cuda" and t.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        batch_size = t.batch_size
+        lr = scaled_lr(cfg.optim.lr, batch_size, cfg.optim.lr_reference_batch, cfg.optim.lr_scaling)
+        optimizer = build_optimizer(method, cfg.optim.name, lr, cfg.optim.momentum,
+                                    cfg.optim.weight_decay, cfg.optim.exclude_bias_norm,
+                                    cfg.optim.trust_coefficient)
+        stream = BatchStream(train.images, batch_size=batch_size, device=self.device, shuffle=True,
+                             seed=t.seed, drop_last=True)
+        steps_per_epoch = stream.steps_per_epoch
+        total_steps = steps_per_epoch * t.epochs
+        warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(t.seed)
+        chash = config_hash(cfg)
+
+        ckpt_dir = self.run_dir / "checkpoints"
+        start_epoch, start_step, global_step = 0, 0, 0
+        results: dict[str, Any] = {"method": cfg.method.name, "data": cfg.data.source,
+                                   "backbone": cfg.model.backbone, "epochs": t.epochs,
+                                   "batch_size": batch_size, "selfsup_version": selfsup.__version__}
+        if self.resume:
+            state, path = load_checkpoint(ckpt_dir, method=cfg.method.name, config_hash=chash)
+            method.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"].to(generator.get_state().device)
+                                if hasattr(state["generator"], "to") else state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+            results.update(state.get("results", {}))
+            print(f"selfsup: resumed from {path} at epoch {start_epoch + 1}, step {global_step}",
+                  file=sys.stderr)
+        logger = MetricsLogger(self.run_dir)
+        step_fn = torch.compile(method) if t.compile else method
+        monitor = CollapseMonitor(mode=t.collapse, patience=t.collapse_patience)
+
+        def checkpoint(epoch: int, step_in_epoch: int) -> Path:
+            return save_checkpoint({
+                "model": method.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                "method": cfg.method.name, "config_hash": chash, "results": results,
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "selfsup_version": selfsup.__version__,
+            }, ckpt_dir)
+
+        if bank is not None and "knn_top1_random_init" not in results:
+            knn0 = self._knn(method.backbone, bank, query)
+            results["knn_top1_random_init"] = knn0["top1"]
+            results["knn_top5_random_init"] = knn0["top5"]
+            logger.log(0, {"knn_top1": knn0["top1"], "knn_top5": knn0["top5"]}, prefix="eval")
+
+        previous_handlers = self._install_signal_handlers()
+        started = time.monotonic()
+        bar = tqdm(total=total_steps, initial=global_step, disable=not t.progress, unit="step",
+                   dynamic_ncols=True, desc=f"{cfg.method.name}")
+        loss_sum = torch.zeros((), device=self.device)
+        bad_steps = torch.zeros((), device=self.device, dtype=torch.int64)
+        window_steps, window_start = 0, time.monotonic()
+        images_per_s = 0.0
+        finished = False
+        try:
+            for epoch in range(start_epoch, t.epochs):
+                method.train()
+                stream.set_epoch(epoch)
+                first = start_step if epoch == start_epoch else 0
+                for step_in_epoch, (_, batch) in enumerate(stream.iterate(start_step=first), first):
+                    factor = warmup_cosine(global_step, total_steps, warmup_steps,
+                                           cfg.optim.min_lr_ratio)
+                    current_lr = set_lr(optimizer, factor)
+                    v1, v2 = self.augment(batch, generator=generator)
+                    if self.device.type == "cuda" and t.channels_last:
+                        v1 = v1.contiguous(memory_format=torch.channels_last)
+                        v2 = v2.contiguous(memory_format=torch.channels_last)
+                    with self._autocast():
+                        out = step_fn(v1, v2)
+                    loss = out["loss"]
+                    finite = torch.isfinite(loss)
+                    if t.on_nan == "skip" and not bool(finite):  # the one per-step sync, opt-in
+                        optimizer.zero_grad(set_to_none=True)
+                        bad_steps += 1
+                    else:
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        method.update_target((global_step + 1) / total_steps)
+                        bad_steps += (~finite).long()
+                        loss_sum += loss.detach().float()
+                    global_step += 1
+                    window_steps += 1
+                    bar.update(1)
+
+                    if global_step % t.log_every == 0 or step_in_epoch == steps_per_epoch - 1:
+                        n_bad = int(bad_steps)
+                        if n_bad and t.on_nan == "stop":
+                            raise NumericalError(
+                                f"loss became NaN/Inf at or before step {global_step} (epoch "
+                                f"{epoch + 1}); the last good checkpoint is "
+                                f"{ckpt_dir / 'last.pt'}. Likely causes: learning rate too high "
+                                f"(optim.lr={cfg.optim.lr}), fp16/bf16 overflow "
+                                f"(try train.precision=fp32), or a collapsed batch. Resume with a "
+                                f"lower lr, or set train.on_nan=skip to skip such steps"
+                            )
+                        elapsed = time.monotonic() - window_start
+                        images_per_s = window_steps * batch_size / max(elapsed, 1e-9)
+                        mean_loss = float(loss_sum) / max(1, window_steps - n_bad)
+                        logger.log(global_step, {"loss": mean_loss, "lr": current_lr,
+                                                 "images_per_s": images_per_s, "epoch": epoch + 1,
+                                                 "skipped_steps": n_bad})
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{current_lr:.3g}",
+                                        img_s=f"{images_per_s:.0f}", epoch=epoch + 1)
+                        loss_sum.zero_()
+                        window_steps, window_start = 0, time.monotonic()
+
+                    if t.collapse != "off" and global_step % t.collapse_every == 0:
+                        with torch.no_grad():
+                            metrics = collapse_metrics(out["z"].float(), z_target=out.get("z_target"))
+                        for key in ("online_target_cos",):
+                            if key in out:
+                                metrics[key] = float(out[key])
+                        logger.log(global_step, metrics, prefix="collapse")
+                        monitor.check(metrics, method=cfg.method.name, step=global_step)
+
+                    if self._stop_reason is None and t.time_limit_min and (
+                        time.monotonic() - started > 60 * t.time_limit_min
+                    ):
+                        self._stop_reason = f"time limit of {t.time_limit_min} min"
+                    if self._stop_reason is not None:
+                        checkpoint(epoch, step_in_epoch + 1)
+                        raise StopRequested(self._stop_reason)
+
+                done_epochs = epoch + 1
+                last_epoch = done_epochs == t.epochs
+                if bank is not None and (last_epoch or (t.knn_every and done_epochs % t.knn_every == 0)):
+                    knn = self._knn(method.backbone, bank, query)
+                    results.update(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_epoch=done_epochs)
+                    logger.log(global_step, {"knn_top1": knn["top1"], "knn_top5": knn["top5"],
+                                             "epoch": done_epochs}, prefix="eval")
+                    bar.write(f"epoch {done_epochs}: kNN top-1 {knn['top1']:.4f}")
+                if last_epoch or done_epochs % t.checkpoint_every == 0:
+                    checkpoint(done_epochs, 0)
+                if t.stop_after_epochs and done_epochs >= t.stop_after_epochs and not last_epoch:
+                    raise StopRequested(f"train.stop_after_epochs={t.stop_after_epochs}")
+            finished = True
+        except StopRequested as stop:
+            bar.close()
+            print(f"\nselfsup: stopped ({stop}); checkpoint saved in {ckpt_dir}.\n"
+                  f"Resume with: selfsup pretrain --out {self.run_dir} --resume", file=sys.stderr)
+        finally:
+            bar.close()
+            logger.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+
+        if finished:
+            results["train_time_s"] = round(time.monotonic() - started, 2)
+            results["images_per_s_last"] = round(images_per_s, 1)
+            atomic_torch_save(method.backbone.state_dict(), self.run_dir / "encoder.pt")
+            write_json(self.run_dir / "results.json", results)
+        return TrainResult(self.run_dir, results, finished)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
