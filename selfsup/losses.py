@@ -1,7 +1,8 @@
 """The self-supervised objectives, as pure functions of embeddings.
 
 Every function normalises its inputs itself (so callers pass raw projector / predictor outputs),
-computes in float32 (safe under bf16/fp16 autocast) and returns a scalar mean over the batch.
+computes in at least float32 with autocast disabled (bf16 logits are too coarse for a softmax at
+T = 0.1) and returns a scalar mean over the batch.
 
 - [0] SimCLR, 2020, https://arxiv.org/abs/2002.05709
 - [1] MoCo, 2019, https://arxiv.org/abs/1911.05722 and MoCo v2, 2020, https://arxiv.org/abs/2003.04297
@@ -11,11 +12,31 @@ computes in float32 (safe under bf16/fp16 autocast) and returns a scalar mean ov
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+def _full_precision(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run ``loss_fn`` outside autocast, with fp16/bf16 tensor arguments cast to float32."""
+
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs) -> Tensor:
+        device_type = next(a for a in args if isinstance(a, Tensor)).device.type
+        args = tuple(
+            a.float() if isinstance(a, Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a
+            for a in args
+        )
+        with torch.autocast(device_type, enabled=False):
+            return loss_fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_full_precision
 def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     """NT-Xent, the normalized temperature-scaled cross entropy of SimCLR [0], eq. 1.
 
@@ -39,7 +60,7 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"z1 and z2 must both be [N, d]; got {tuple(z1.shape)}, {tuple(z2.shape)}")
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # [2N, d]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)  # [2N, d]
     logits = z @ z.T / temperature  # [2N, 2N] cosine similarities / T
     self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, float("-inf"))  # k != i
@@ -48,6 +69,7 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     return F.cross_entropy(logits, targets)
 
 
+@_full_precision
 def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
     """InfoNCE with a queue of negatives, MoCo [1] eq. 1.
 
@@ -65,15 +87,16 @@ def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2)
     Returns:
         Scalar loss, mean over the N queries.
     """
-    q = F.normalize(q.float(), dim=1)
-    k = F.normalize(k.detach().float(), dim=1)
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k.detach(), dim=1)
     positive = (q * k).sum(dim=1, keepdim=True)  # [N, 1]
-    negatives = q @ queue.detach().float().T  # [N, K]
+    negatives = q @ queue.detach().to(q.dtype).T  # [N, K]
     logits = torch.cat([positive, negatives], dim=1) / temperature
     targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, targets)
 
 
+@_full_precision
 def negative_cosine_similarity(p: Tensor, z: Tensor, stop_gradient: bool = True) -> Tensor:
     """SimSiam's D(p, z) = -(p / ||p||) . (z / ||z||), eq. 1, with the stop-gradient of eq. 3.
 
@@ -88,9 +111,10 @@ def negative_cosine_similarity(p: Tensor, z: Tensor, stop_gradient: bool = True)
     """
     if stop_gradient:
         z = z.detach()
-    return -F.cosine_similarity(p.float(), z.float(), dim=1).mean()
+    return -F.cosine_similarity(p, z, dim=1).mean()
 
 
+@_full_precision
 def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     """BYOL's regression loss, eq. 2: ||p/||p|| - z/||z||||^2 = 2 - 2 cos(p, z).
 
@@ -102,4 +126,4 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     Returns:
         Scalar, mean over the batch, in [0, 4].
     """
-    return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=1)).mean()
+    return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()

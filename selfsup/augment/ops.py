@@ -195,49 +195,30 @@ def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
     return _blend(images, rgb_to_grayscale(images), factor)
 
 
-def rgb_to_hsv(images: Tensor) -> Tensor:
-    """RGB in ``[0, 1]`` -> HSV in ``[0, 1]`` (H as a fraction of a turn), ``[B, 3, H, W]``.
+def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
+    """Rotate the HSV hue of each sample by its factor in ``[-0.5, 0.5]`` turns (``[B]``).
 
-    Same formulas as torchvision's ``_rgb_to_hsv`` (after Pillow): grey pixels get H = S = 0.
+    A hue rotation keeps V = max(r, g, b) and the chroma C = max - min, so instead of a full
+    RGB -> HSV -> RGB round trip (torchvision's ``adjust_hue``) this computes the hue in sixths,
+    ``h6`` (Pillow's formulas, grey pixels get 0), shifts it and maps back with the closed form
+    ``c_n = V - C clamp(min(k, 4 - k), 0, 1)``, ``k = (n + h6) mod 6``, n = 5, 3, 1 for R, G, B.
+    Equal to torchvision's six-sector table up to float rounding.
     """
     r, g, b = images.unbind(dim=-3)
-    maxc, minc = torch.aminmax(images, dim=-3)
-    is_gray = maxc == minc
-    chroma = maxc - minc
-    ones = torch.ones_like(maxc)
-    sat = chroma / torch.where(is_gray, ones, maxc)
-    chroma_safe = torch.where(is_gray, ones, chroma)
-    rc = (maxc - r) / chroma_safe
-    gc = (maxc - g) / chroma_safe
-    bc = (maxc - b) / chroma_safe
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
     max_is_r = maxc == r
     max_is_g = (maxc == g) & ~max_is_r
-    hue = torch.where(max_is_r, bc - gc, torch.where(max_is_g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(is_gray, torch.zeros_like(hue), hue)
-    hue = (hue / 6.0 + 1.0).remainder(1.0)
-    return torch.stack((hue, sat, maxc), dim=-3)
-
-
-def hsv_to_rgb(images: Tensor) -> Tensor:
-    """HSV in ``[0, 1]`` -> RGB, ``[B, 3, H, W]``.
-
-    Uses the closed form ``c_n = V - V S clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6H) mod 6``
-    with ``n = 5, 3, 1`` for R, G, B, which equals the six-sector table torchvision gathers from.
-    """
-    hue, sat, val = images.unbind(dim=-3)
+    hue6 = torch.where(
+        max_is_r, g - b, torch.where(max_is_g, 2.0 * chroma + b - r, 4.0 * chroma + r - g)
+    )
+    # Grey pixels (chroma 0) have a zero numerator too; dividing by 1 keeps them finite.
+    hue6 = hue6 / torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue6 = hue6 + 6.0 * factor.to(hue6).reshape(-1, 1, 1)
     n = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(3, 1, 1)
-    k = (n + 6.0 * hue.unsqueeze(-3)).remainder(6.0)
+    k = (n + hue6.unsqueeze(-3)).remainder(6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    val = val.unsqueeze(-3)
-    return (val - val * sat.unsqueeze(-3) * ramp).clamp_(0.0, 1.0)
-
-
-def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
-    """Rotate the hue of each sample by its factor in ``[-0.5, 0.5]`` turns (``[B]``)."""
-    hsv = rgb_to_hsv(images)
-    hue, sat, val = hsv.unbind(dim=-3)
-    hue = (hue + factor.to(hue).reshape(-1, 1, 1)).remainder(1.0)
-    return hsv_to_rgb(torch.stack((hue, sat, val), dim=-3))
+    return (maxc.unsqueeze(-3) - chroma.unsqueeze(-3) * ramp).clamp_(0.0, 1.0)
 
 
 def color_jitter(

@@ -327,8 +327,13 @@ def list_folder(spec: SourceSpec, split: str) -> ListedSource:
             try:
                 is_dir = child.is_dir()
                 is_file = not is_dir and child.is_file()
-            except OSError as error:
-                others.append((child_parts, child.path, f"{UNREADABLE}: {error.strerror}"))
+            except OSError as error:  # e.g. ELOOP for a link pointing at itself
+                reason = (
+                    _symlink_reason(child.path)
+                    if child.is_symlink()
+                    else f"{UNREADABLE}: {error.strerror}"
+                )
+                others.append((child_parts, child.path, reason))
                 continue
             if is_dir:
                 real = os.path.realpath(child.path)

@@ -85,7 +85,8 @@ def knn_predict(
     k_eff = min(k, bank.shape[0])
     scores = []
     for start in range(0, test_feats.shape[0], chunk_size):
-        query = F.normalize(test_feats[start : start + chunk_size].to(run_device, torch.float32), 1)
+        query = test_feats[start : start + chunk_size].to(run_device, torch.float32)
+        query = F.normalize(query, dim=1)
         sim = query @ bank.T  # [n, N_train] cosine similarities
         sim_top, idx_top = sim.topk(k_eff, dim=1)
         weights = (sim_top / temperature).exp()

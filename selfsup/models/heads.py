@@ -77,7 +77,7 @@ class ProjectionHead(nn.Sequential):
 
 
 class PredictionHead(nn.Sequential):
-    """Predictor q (BYOL) / h (SimSiam): Linear -> BN -> ReLU -> Linear, [B, in_dim] -> [B, out_dim].
+    """Predictor q (BYOL) / h (SimSiam): [B, in_dim] -> [B, out_dim], Linear-BN-ReLU-Linear.
 
     BN only on the hidden layer; the output is a plain Linear. BYOL uses 256 -> 4096 -> 256,
     SimSiam the bottleneck 2048 -> 512 -> 2048.

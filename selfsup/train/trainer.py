@@ -244,7 +244,7 @@ class Trainer:
                   file=sys.stderr)
         logger = MetricsLogger(self.run_dir)
         step_fn = torch.compile(method) if t.compile else method
-        monitor = CollapseMonitor(mode=t.collapse, patience=t.collapse_patience)
+        monitor = CollapseMonitor(cfg.method.name, mode=t.collapse, patience=t.collapse_patience)
 
         def checkpoint(epoch: int, step_in_epoch: int) -> Path:
             return save_checkpoint({
@@ -274,9 +274,9 @@ class Trainer:
         try:
             for epoch in range(start_epoch, t.epochs):
                 method.train()
-                stream.set_epoch(epoch)
                 first = start_step if epoch == start_epoch else 0
-                for step_in_epoch, (_, batch) in enumerate(stream.iterate(start_step=first), first):
+                stream.set_epoch(epoch, start_step=first)
+                for step_in_epoch, (_, batch) in enumerate(stream, first):
                     factor = warmup_cosine(global_step, total_steps, warmup_steps,
                                            cfg.optim.min_lr_ratio)
                     current_lr = set_lr(optimizer, factor)
@@ -331,7 +331,7 @@ class Trainer:
                             if key in out:
                                 metrics[key] = float(out[key])
                         logger.log(global_step, metrics, prefix="collapse")
-                        monitor.check(metrics, method=cfg.method.name, step=global_step)
+                        monitor.check(metrics, step=global_step)
 
                     if self._stop_reason is None and t.time_limit_min and (
                         time.monotonic() - started > 60 * t.time_limit_min

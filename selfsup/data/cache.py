@@ -1,0 +1,445 @@
+"""Decode a source once into a uint8 ``[N, 3, S, S]`` array cached on disk, keyed by content.
+
+Cache layout (``cache_dir``: argument, else ``$SELFSUP_CACHE``, else ``~/.cache/selfsup``)::
+
+    <name>-<where>-<split>-<size>-<key>.npy    uint8 [N, 3, H, W], memory-mapped when loaded
+    <name>-<where>-<split>-<size>-<key>.json   labels, classes, paths, skipped, shape
+
+``key`` hashes the source's content listing (folder: every file's relative path, size and
+mtime; archive: its path, size and mtime; named sources: the name), the split, the storage
+size, the decompression-bomb limit and :data:`FORMAT_VERSION`, so a changed file rebuilds the
+cache and an unchanged source reuses it. Both files are written to a temporary name and moved
+into place with ``os.replace`` (the ``.json`` last, and it is what marks a cache complete), so
+an interrupted build never leaves a cache that loads. Older caches of the same source, split and
+size are removed once a new one is in place.
+
+The cache is loaded with ``np.load(mmap_mode="c")``: pages are read from disk lazily and a
+write to the tensor stays private to the process (copy-on-write), so a stray in-place op can
+neither corrupt the cache nor crash on read-only memory.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import struct
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from selfsup.data.decode import DEFAULT_MAX_PIXELS, BadImageError, decode_image, resize_shorter
+from selfsup.data.sources import (
+    UNREADABLE,
+    ArraySource,
+    ListedSource,
+    SourceSpec,
+    list_folder,
+    list_tar,
+    load_array_source,
+    parse_source,
+    summarize_skips,
+)
+from selfsup.errors import ConfigError, DataError
+
+#: Bumped whenever decoding, resizing or the file layout changes, so old caches are rebuilt.
+FORMAT_VERSION = 1
+_HEADER_BYTES = 128  # fixed .npy header size, so the header can be written after the data
+
+
+@dataclass
+class ImageDataset:
+    """A decoded image dataset held as one uint8 tensor.
+
+    Attributes:
+        images: uint8 ``[N, 3, H, W]`` RGB on CPU (may be backed by a memory-mapped cache).
+        labels: int64 ``[N]``, or ``None`` for unlabeled data.
+        classes: class names indexed by label, or ``None``.
+        paths: one per image (a file, ``"<archive>/<member>"``, or ``"mnist5k/train/17"``).
+        name: the source's short name.
+        skipped: ``(path, reason)`` for every file that could not be used.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    classes: list[str] | None
+    paths: list[str] | None
+    name: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        images = self.images
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape)
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {shape}")
+        count = self.images.shape[0]
+        if self.labels is not None and tuple(self.labels.shape) != (count,):
+            raise ValueError(f"labels must be [{count}], got {tuple(self.labels.shape)}")
+        if self.paths is not None and len(self.paths) != count:
+            raise ValueError(f"paths must have {count} entries, got {len(self.paths)}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes, or ``None`` for an unlabeled dataset."""
+        return None if self.classes is None else len(self.classes)
+
+    def subset(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> ImageDataset:
+        """A new dataset with the images at ``indices`` (in that order), copied into memory.
+
+        ``classes`` and ``skipped`` are kept, so label values stay comparable with the parent.
+        """
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
+        if index.numel() and (int(index.min()) < -len(self) or int(index.max()) >= len(self)):
+            raise IndexError(f"subset indices out of range for a dataset of {len(self)} images")
+        index = torch.where(index < 0, index + len(self), index)
+        return replace(
+            self,
+            images=self.images[index],
+            labels=None if self.labels is None else self.labels[index],
+            paths=None if self.paths is None else [self.paths[i] for i in index.tolist()],
+            skipped=list(self.skipped),
+        )
+
+
+def default_cache_dir() -> Path:
+    """``$SELFSUP_CACHE`` if set, else ``~/.cache/selfsup``."""
+    configured = os.environ.get("SELFSUP_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "selfsup"
+
+
+def load_dataset(
+    source: str | os.PathLike[str],
+    split: str = "train",
+    *,
+    image_size: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> ImageDataset:
+    """Load a data source as a uint8 ``[N, 3, S, S]`` dataset, decoding it once and caching it.
+
+    Args:
+        source: a folder, a tar archive, ``"cifar10"``, ``"cifar100"`` or ``"mnist5k"``
+            (see :mod:`selfsup.data.sources` for the layout rules).
+        split: which split to load (``"train"``, ``"test"``, ...).
+        image_size: the storage size ``S``: each image's shorter side is resized to ``S``
+            (small images are upscaled) and center-cropped to ``S x S``; training crops are
+            taken from this. ``None`` keeps the native size, which must then be the same for
+            every image.
+        cache_dir: where caches live (default ``$SELFSUP_CACHE`` or ``~/.cache/selfsup``).
+        workers: decoding threads (default ``min(8, cpu_count)``; PIL releases the GIL).
+        progress: show a tqdm bar while decoding.
+        max_pixels: decompression-bomb limit per image (see :func:`decode_image`).
+
+    Returns:
+        An :class:`ImageDataset` whose ``images`` may be backed by the memory-mapped cache.
+
+    Raises:
+        DataError: the source is unknown, unreadable, holds nothing usable, or its images
+            differ in size while ``image_size`` is ``None``.
+    """
+    valid_size = isinstance(image_size, int) and not isinstance(image_size, bool)
+    if image_size is not None and not (valid_size and image_size > 0):
+        raise ConfigError(f"image_size must be a positive integer or None, got {image_size!r}")
+    storage_size = image_size
+    spec = parse_source(source)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    size_tag = "native" if storage_size is None else str(storage_size)
+    identity = [FORMAT_VERSION, spec.kind, spec.name, split, size_tag, max_pixels]
+
+    listed: ListedSource | None = None
+    if spec.kind == "folder":
+        listed = list_folder(spec, split)  # the listing *is* the key for folders
+        identity.append(listed.fingerprint)
+    elif spec.kind == "tar":
+        assert spec.location is not None
+        stat = spec.location.stat()
+        identity += [str(spec.location), stat.st_size, stat.st_mtime_ns]
+    key = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:20]
+    stem = _cache_stem(spec, split, size_tag)
+    npy_path = root / f"{stem}-{key}.npy"
+    meta_path = root / f"{stem}-{key}.json"
+
+    cached = _load_cache(npy_path, meta_path)
+    if cached is not None:
+        return cached
+
+    root.mkdir(parents=True, exist_ok=True)
+    worker_count = workers if workers is not None else min(8, os.cpu_count() or 1)
+    if spec.kind in ("folder", "tar"):
+        if listed is None:
+            listed = list_tar(spec, split)
+        writer = _NpyWriter(npy_path)
+        try:
+            kept, skipped = _decode_into(
+                listed, writer, storage_size, max(1, worker_count), progress, max_pixels
+            )
+            if not kept:
+                total = len(listed.paths) + len(listed.skipped)
+                raise DataError(
+                    f"data source {spec.location} (split '{split}') holds no usable images: "
+                    f"{summarize_skips(listed.skipped + skipped, total)}; see the reasons with "
+                    "write_skip_report or the run's skipped.csv"
+                )
+            shape = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        labels = None if listed.labels is None else [listed.labels[i] for i in kept]
+        meta = {
+            "paths": [listed.paths[i] for i in kept],
+            "labels": labels,
+            "classes": listed.classes,
+            "skipped": sorted(listed.skipped + skipped),
+        }
+    else:
+        arrays = load_array_source(spec, split, download_root=root / "torchvision")
+        shape = _write_arrays(arrays, npy_path, storage_size, progress)
+        meta = {
+            "paths": arrays.paths,
+            "labels": arrays.labels.tolist(),
+            "classes": arrays.classes,
+            "skipped": [],
+        }
+    meta.update(
+        format=FORMAT_VERSION, name=spec.name, source=os.fspath(source), split=split,
+        storage_size=storage_size, shape=list(shape),
+    )  # fmt: skip
+    _atomic_write_text(meta_path, json.dumps(meta))
+    _remove_stale(root, stem, keep=key)
+    loaded = _load_cache(npy_path, meta_path)
+    if loaded is None:  # pragma: no cover - only if the disk changed under us
+        raise DataError(f"the cache {npy_path} just written cannot be read back; check the disk")
+    return loaded
+
+
+def write_skip_report(dataset: ImageDataset, path: str | os.PathLike[str]) -> str:
+    """Write ``dataset.skipped`` as a CSV (``path,reason``) and return the one-line summary.
+
+    Returns:
+        e.g. ``"skipped 5 of 1,205 files: 2 corrupt, 1 zero-byte, 2 not an image"``.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "reason"])
+        writer.writerows(dataset.skipped)
+    return summarize_skips(dataset.skipped, len(dataset) + len(dataset.skipped))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode_one(
+    read: Callable[[], bytes], path: str, storage_size: int | None, max_pixels: int | None
+) -> np.ndarray:
+    """Read, decode and resize one item to uint8 ``[3, H, W]``."""
+    try:
+        data = read()
+    except OSError as error:
+        raise BadImageError(f"{UNREADABLE}: {error.strerror or error}", name=path) from None
+    image = decode_image(data, name=path, max_pixels=max_pixels)
+    if storage_size is not None:
+        image = resize_shorter(image, storage_size)
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def _decode_into(
+    listed: ListedSource,
+    writer: _NpyWriter,
+    storage_size: int | None,
+    workers: int,
+    progress: bool,
+    max_pixels: int | None,
+) -> tuple[list[int], list[tuple[str, str]]]:
+    """Decode every item in parallel, appending results to ``writer`` in item order.
+
+    Returns:
+        ``(indices of the items kept, (path, reason) of the items that failed)``.
+    """
+    kept: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    window: deque[tuple[int, str, Future[np.ndarray]]] = deque()
+    max_in_flight = 4 * workers  # bounds memory while keeping every worker busy
+
+    def consume(bar: tqdm) -> None:
+        index, path, future = window.popleft()
+        try:
+            chw = future.result()
+        except BadImageError as error:
+            skipped.append((path, error.reason))
+        else:
+            writer.append(chw, path=path)
+            kept.append(index)
+        bar.update(1)
+
+    description = f"decoding {listed.spec.name}"
+    with (
+        tqdm(total=len(listed.paths), desc=description, unit="img", disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="selfsup-decode") as pool,
+    ):
+        try:
+            for index, (path, read) in enumerate(listed.payloads()):
+                future = pool.submit(_decode_one, read, path, storage_size, max_pixels)
+                window.append((index, path, future))
+                while len(window) >= max_in_flight:
+                    consume(bar)
+            while window:
+                consume(bar)
+        except BaseException:
+            for _, _, future in window:
+                future.cancel()
+            raise
+    return kept, skipped
+
+
+def _write_arrays(
+    arrays: ArraySource, npy_path: Path, storage_size: int | None, progress: bool
+) -> tuple[int, ...]:
+    writer = _NpyWriter(npy_path)
+    try:
+        images: Iterable[np.ndarray] = arrays.images
+        if storage_size is not None:
+            images = tqdm(images, desc=f"resizing {arrays.spec.name}", disable=not progress)
+        for image, path in zip(images, arrays.paths, strict=True):
+            if storage_size is not None:
+                image = resize_shorter(image, storage_size)
+            writer.append(image.transpose(2, 0, 1), path=path)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+class _NpyWriter:
+    """Append equally-shaped uint8 arrays to a ``.npy`` file, then atomically move it in place.
+
+    A fixed-size header is reserved up front and filled in by :meth:`commit`, once the number
+    of rows is known, so rows stream to disk without holding the dataset in memory.
+    """
+
+    def __init__(self, final_path: Path) -> None:
+        self.final_path = final_path
+        self.tmp_path = final_path.with_name(
+            f".{final_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        )
+        self.row_shape: tuple[int, ...] | None = None
+        self.first_path = ""
+        self.rows = 0
+        self.handle = open(self.tmp_path, "wb")
+        self.handle.write(b"\0" * _HEADER_BYTES)
+
+    def append(self, row: np.ndarray, *, path: str) -> None:
+        if self.row_shape is None:
+            self.row_shape, self.first_path = tuple(row.shape), path
+        elif tuple(row.shape) != self.row_shape:
+            raise DataError(
+                f"images differ in size ({self.first_path} is {_hw(self.row_shape)}, {path} is "
+                f"{_hw(row.shape)}); set image_size (the storage size, e.g. 64) to resize every "
+                "image to one size"
+            )
+        self.handle.write(np.ascontiguousarray(row, dtype=np.uint8).tobytes())
+        self.rows += 1
+
+    def commit(self) -> tuple[int, ...]:
+        if self.row_shape is None:
+            raise DataError(f"no images to write to {self.final_path}")
+        shape = (self.rows, *self.row_shape)
+        self.handle.seek(0)
+        self.handle.write(_npy_header(shape))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp_path, self.final_path)
+        return shape
+
+    def abort(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def _hw(shape: Sequence[int]) -> str:
+    return f"{shape[-2]}x{shape[-1]}"
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """A version-1.0 ``.npy`` header for a C-order uint8 array, padded to ``_HEADER_BYTES``."""
+    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape!r}, }}"
+    body_len = _HEADER_BYTES - 10  # magic (6) + version (2) + header length (2)
+    if len(text) + 1 > body_len:
+        raise ValueError(f"shape {shape} does not fit the reserved .npy header")
+    body = text.ljust(body_len - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", body_len) + body.encode("latin1")
+
+
+# --------------------------------------------------------------------------- cache files
+
+
+def _cache_stem(spec: SourceSpec, split: str, size_tag: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name)[:40] or "data"
+    where = hashlib.sha256(str(spec.location or spec.name).encode()).hexdigest()[:8]
+    split_slug = re.sub(r"[^A-Za-z0-9._-]+", "_", split)[:20]
+    return f"{slug}-{where}-{split_slug}-{size_tag}"
+
+
+def _load_cache(npy_path: Path, meta_path: Path) -> ImageDataset | None:
+    """The cached dataset, or ``None`` when it is missing, from another version or broken."""
+    if not (npy_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT_VERSION:
+            return None
+        array = np.load(npy_path, mmap_mode="c", allow_pickle=False)
+        if list(array.shape) != meta["shape"] or array.dtype != np.uint8:
+            return None
+        labels = meta["labels"]
+        if labels is not None and len(labels) != array.shape[0]:
+            return None
+        return ImageDataset(
+            images=torch.from_numpy(array),
+            labels=None if labels is None else torch.tensor(labels, dtype=torch.int64),
+            classes=meta["classes"],
+            paths=meta["paths"],
+            name=meta["name"],
+            skipped=[(str(p), str(r)) for p, r in meta["skipped"]],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable or inconsistent: rebuild
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale(root: Path, stem: str, *, keep: str) -> None:
+    """Delete caches of the same source, split and size with another key (outdated builds)."""
+    pattern = re.compile(re.escape(stem) + r"-([0-9a-f]{20})\.(npy|json)")
+    for path in root.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and match.group(1) != keep:
+            path.unlink(missing_ok=True)

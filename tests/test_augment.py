@@ -1,0 +1,394 @@
+"""Tests of the batched augmentations against torchvision's per-image transforms.
+
+Tolerances: colour ops, blur, solarize and upscaling crops reproduce torchvision's float kernels
+up to float32 rounding (different summation order), so they are compared at 1e-5. Downscaling
+crops use roi_align's area-like average instead of torchvision's antialiased triangle filter:
+they are compared exactly against ``F.interpolate(mode="area")`` at integer factors and against
+torchvision only loosely (0.03) on smooth images.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import RandomResizedCrop
+
+from selfsup.augment import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    TwoViewAugment,
+    ViewAugment,
+    ViewConfig,
+    ViewParams,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    augment_preset,
+    blur_kernel_size,
+    color_jitter,
+    gaussian_blur,
+    normalize,
+    random_grayscale,
+    resized_crop,
+    rgb_to_grayscale,
+    sample_crop_params,
+    sample_view_params,
+    solarize,
+)
+from selfsup.errors import ConfigError, DataError
+
+ATOL = 1e-5
+JITTER_FNS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def _ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic max |F_a - F_b| (no scipy needed)."""
+    a, b = a.double().sort().values, b.double().sort().values
+    grid = torch.cat([a, b])
+    cdf_a = torch.searchsorted(a, grid, right=True).double() / len(a)
+    cdf_b = torch.searchsorted(b, grid, right=True).double() / len(b)
+    return (cdf_a - cdf_b).abs().max().item()
+
+
+def _ks_critical(n: int, m: int, alpha_coeff: float = 1.95) -> float:
+    """Critical KS distance at alpha = 0.001 (c(alpha) = 1.95)."""
+    return alpha_coeff * math.sqrt((n + m) / (n * m))
+
+
+def _images(batch: int, size: int, seed: int = 0, height: int | None = None) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, height or size, size, generator=gen)
+
+
+# --------------------------------------------------------------------------- parameter sampling
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40)])
+def test_crop_params_distribution_matches_torchvision_get_params(height: int, width: int) -> None:
+    n = 3000
+    ours = sample_crop_params(n, height, width, (0.08, 1.0), (3 / 4, 4 / 3),
+                              generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)
+    image = torch.zeros(3, height, width)
+    theirs = torch.tensor(
+        [RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)]
+    )
+    assert ours.dtype == torch.int64 and ours.shape == (n, 4)
+    # Boxes lie inside the image.
+    top, left, h, w = ours.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    limit = _ks_critical(n, n)
+    columns = {"top": 0, "left": 1, "height": 2, "width": 3}
+    for name, col in columns.items():
+        stat = _ks_statistic(ours[:, col], theirs[:, col])
+        assert stat < limit, f"{name}: KS {stat:.3f} >= {limit:.3f}"
+    area_stat = _ks_statistic(ours[:, 2] * ours[:, 3], theirs[:, 2] * theirs[:, 3])
+    assert area_stat < limit
+    aspect_stat = _ks_statistic(ours[:, 3] / ours[:, 2], theirs[:, 3] / theirs[:, 2])
+    assert aspect_stat < limit
+    assert ours[:, 2:].float().mean(0).sub(theirs[:, 2:].float().mean(0)).abs().max() < 0.6
+
+
+def test_crop_params_fall_back_to_torchvision_central_crop() -> None:
+    # A 10 x 200 strip admits no candidate with ratio <= 4/3 and area >= 8%: always fallback.
+    ours = sample_crop_params(5, 10, 200, generator=torch.Generator().manual_seed(0))
+    expected = RandomResizedCrop.get_params(torch.zeros(3, 10, 200), [0.08, 1.0], [3 / 4, 4 / 3])
+    assert ours.tolist() == [list(expected)] * 5
+    tall = sample_crop_params(3, 300, 12, generator=torch.Generator().manual_seed(0))
+    expected = RandomResizedCrop.get_params(torch.zeros(3, 300, 12), [0.08, 1.0], [3 / 4, 4 / 3])
+    assert tall.tolist() == [list(expected)] * 3
+
+
+def test_view_params_rates_and_ranges_match_torchvision_distributions() -> None:
+    n = 4000
+    cfg = ViewConfig(brightness=0.4, contrast=0.3, saturation=1.5, hue=0.1, blur_p=0.4,
+                     solarize_p=0.2)
+    p = sample_view_params(cfg, n, 64, 64, generator=torch.Generator().manual_seed(3))
+    for name, mask, rate in [("flip", p.flip, 0.5), ("jitter", p.jitter, 0.8),
+                             ("gray", p.gray, 0.2), ("blur", p.blur, 0.4),
+                             ("solarize", p.solarize, 0.2)]:
+        assert mask.dtype == torch.bool and mask.shape == (n,)
+        assert abs(mask.float().mean().item() - rate) < 0.035, name
+    # ColorJitter draws each factor from U[max(0, 1 - v), 1 + v] and hue from U[-h, h].
+    reference = torch.rand(n, generator=torch.Generator().manual_seed(4))
+    for name, values, (low, high) in [("brightness", p.brightness, (0.6, 1.4)),
+                                      ("contrast", p.contrast, (0.7, 1.3)),
+                                      ("saturation", p.saturation, (0.0, 2.5)),
+                                      ("hue", p.hue, (-0.1, 0.1)),
+                                      ("sigma", p.sigma, (0.1, 2.0))]:
+        assert values.min() >= low and values.max() <= high, name
+        stat = _ks_statistic(values, low + (high - low) * reference)
+        assert stat < _ks_critical(n, n), f"{name} is not uniform on [{low}, {high}]"
+    # Op order: every row a permutation, all 24 permutations about equally likely (randperm(4)).
+    assert (p.order.sort(dim=1).values == torch.arange(4)).all()
+    counts = {perm: 0 for perm in itertools.permutations(range(4))}
+    for row in p.order.tolist():
+        counts[tuple(row)] += 1
+    expected = n / 24
+    assert all(abs(c - expected) < 5 * math.sqrt(expected) for c in counts.values())
+
+
+def test_parameters_differ_between_samples_of_one_batch() -> None:
+    p = sample_view_params(ViewConfig(), 64, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.unique(p.crop, dim=0).shape[0] > 32
+    assert torch.unique(p.brightness).numel() == 64
+    assert 0 < p.flip.sum() < 64
+    # Identical images in a batch must come out as different views.
+    batch = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8).expand(8, 3, 32, 32).contiguous()
+    views = ViewAugment(ViewConfig(), 32)(batch, torch.Generator().manual_seed(0))
+    assert all(not torch.equal(views[0], views[i]) for i in range(1, 8))
+
+
+# --------------------------------------------------------------------------- ops vs torchvision
+
+
+def _interior_mask(box: list[int], size: int) -> torch.Tensor:
+    """Output pixels whose bilinear source lies inside the crop (no edge replication needed)."""
+    _, _, h, w = box
+    ys = (torch.arange(size) + 0.5) * h / size - 0.5
+    xs = (torch.arange(size) + 0.5) * w / size - 0.5
+    return ((ys >= 0) & (ys <= h - 1))[:, None] & ((xs >= 0) & (xs <= w - 1))[None, :]
+
+
+def test_resized_crop_upscaling_matches_torchvision_bilinear() -> None:
+    images = _images(6, 20, seed=5)
+    size = 32
+    boxes = torch.tensor([[0, 0, 20, 20], [3, 2, 12, 17], [10, 5, 9, 9], [0, 7, 20, 13],
+                          [4, 0, 16, 20], [11, 11, 9, 9]])
+    flip = torch.tensor([False, True, False, True, False, True])
+    ours = resized_crop(images, boxes, size, flip)
+    assert ours.shape == (6, 3, size, size)
+    for i, box in enumerate(boxes.tolist()):
+        expected = TF.resized_crop(images[i], *box, [size, size], antialias=True)
+        if flip[i]:
+            expected = TF.horizontal_flip(expected)
+        mask = _interior_mask(box, size)
+        if flip[i]:
+            mask = mask.flip(-1)
+        torch.testing.assert_close(ours[i][:, mask], expected[:, mask], atol=ATOL, rtol=0)
+        if box == [0, 0, 20, 20]:  # crop edges = image edges: every pixel agrees
+            torch.testing.assert_close(ours[i], expected, atol=ATOL, rtol=0)
+
+
+def test_resized_crop_downscaling_is_antialiased() -> None:
+    images = _images(2, 96, seed=6)  # factor 3: bilinear alone would read 1 of 9 pixels
+    boxes = torch.tensor([[0, 0, 96, 96], [0, 0, 96, 96]])
+    ours = resized_crop(images, boxes, 32, torch.tensor([False, True]))
+    area = F.interpolate(images, size=(32, 32), mode="area")
+    torch.testing.assert_close(ours[0], area[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours[1], area[1].flip(-1), atol=ATOL, rtol=0)
+    # Without antialiasing a factor-3 downscale reads the centre pixel only: far from the mean.
+    aliased = resized_crop(images, boxes, 32, antialias=False)
+    assert (aliased - area).abs().mean() > 0.05
+    # Against torchvision's antialiased bilinear on smooth content: close, not identical.
+    smooth = F.interpolate(_images(3, 8, seed=7), size=(96, 96), mode="bicubic",
+                           align_corners=False).clamp(0, 1)
+    boxes = torch.tensor([[0, 0, 96, 96], [10, 20, 70, 60], [5, 5, 50, 80]])
+    ours = resized_crop(smooth, boxes, 32)
+    for i, box in enumerate(boxes.tolist()):
+        expected = TF.resized_crop(smooth[i], *box, [32, 32], antialias=True)
+        assert (ours[i] - expected).abs().max() < 0.03
+
+
+def test_brightness_contrast_saturation_hue_match_torchvision_per_sample() -> None:
+    images = _images(8, 16, seed=8)
+    images[0] = images[0, :1]  # a grey image: hue and saturation must leave it alone
+    factors = torch.tensor([0.0, 0.3, 0.6, 0.95, 1.0, 1.2, 1.4, 2.5])
+    hues = torch.tensor([-0.5, -0.3, -0.1, -0.01, 0.0, 0.05, 0.2, 0.5])
+    cases = [(adjust_brightness, TF.adjust_brightness, factors),
+             (adjust_contrast, TF.adjust_contrast, factors),
+             (adjust_saturation, TF.adjust_saturation, factors),
+             (adjust_hue, TF.adjust_hue, hues)]
+    for ours_fn, tv_fn, values in cases:
+        ours = ours_fn(images, values)
+        expected = torch.stack([tv_fn(img, v.item()) for img, v in zip(images, values)])
+        torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0, msg=tv_fn.__name__)
+
+
+def test_color_jitter_applies_ops_in_each_samples_order_like_torchvision() -> None:
+    n = 24
+    images = _images(n, 12, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    brightness = 0.6 + 0.8 * torch.rand(n, generator=gen)
+    contrast = 0.6 + 0.8 * torch.rand(n, generator=gen)
+    saturation = 0.6 + 0.8 * torch.rand(n, generator=gen)
+    hue = 0.2 * torch.rand(n, generator=gen) - 0.1
+    order = torch.tensor(list(itertools.permutations(range(4))))  # every order once
+    apply = torch.ones(n, dtype=torch.bool)
+    apply[::5] = False
+    ours = color_jitter(images, brightness, contrast, saturation, hue, order, apply)
+    for i in range(n):
+        expected = images[i]
+        if apply[i]:
+            params = (brightness[i], contrast[i], saturation[i], hue[i])
+            for op in order[i].tolist():
+                expected = JITTER_FNS[op](expected, params[op].item())
+        torch.testing.assert_close(ours[i], expected, atol=ATOL, rtol=0)
+    # The order matters (clamping, hue vs saturation), so a fixed order would fail above.
+    fixed = color_jitter(images, brightness, contrast, saturation, hue,
+                         order[:1].expand(n, 4), apply)
+    assert (fixed - ours).abs().max() > 1e-3
+
+
+def test_grayscale_blur_solarize_normalize_match_torchvision() -> None:
+    images = _images(5, 24, seed=11)
+    mask = torch.tensor([True, False, True, False, True])
+    gray = random_grayscale(images, mask)
+    assert rgb_to_grayscale(images).shape == (5, 1, 24, 24)
+    for i in range(5):
+        expected = TF.rgb_to_grayscale(images[i], 3) if mask[i] else images[i]
+        torch.testing.assert_close(gray[i], expected, atol=ATOL, rtol=0)
+
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
+    for k in (3, 7):
+        blurred = gaussian_blur(images, sigma, k)
+        for i in range(5):
+            expected = TF.gaussian_blur(images[i], [k, k], [sigma[i].item()] * 2)
+            torch.testing.assert_close(blurred[i], expected, atol=ATOL, rtol=0)
+
+    solar = solarize(images, 0.5, mask)
+    for i in range(5):
+        expected = TF.solarize(images[i], 0.5) if mask[i] else images[i]
+        torch.testing.assert_close(solar[i], expected, atol=0, rtol=0)
+
+    normed = normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+    expected = TF.normalize(images, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    torch.testing.assert_close(normed, expected, atol=ATOL, rtol=0)
+
+
+def test_blur_kernel_size_is_odd_and_about_ten_percent() -> None:
+    assert blur_kernel_size(224) == 23  # BYOL's 23 px kernel at 224 px
+    assert blur_kernel_size(128) == 13
+    assert blur_kernel_size(32) == 3
+    assert all(blur_kernel_size(s) % 2 == 1 for s in range(8, 300))
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _reference_view(image: torch.Tensor, p: ViewParams, i: int, cfg: ViewConfig, size: int,
+                    mean, std) -> torch.Tensor:
+    """One sample through torchvision's per-image functional ops, in SimCLR/BYOL order."""
+    x = TF.to_dtype(image, torch.float32, scale=True)
+    x = TF.resized_crop(x, *p.crop[i].tolist(), [size, size], antialias=True)
+    if p.flip[i]:
+        x = TF.horizontal_flip(x)
+    if p.jitter[i]:
+        params = (p.brightness[i], p.contrast[i], p.saturation[i], p.hue[i])
+        for op in p.order[i].tolist():
+            x = JITTER_FNS[op](x, params[op].item())
+    if p.gray[i]:
+        x = TF.rgb_to_grayscale(x, 3)
+    if p.blur[i]:
+        k = blur_kernel_size(size, cfg.blur_kernel_frac)
+        x = TF.gaussian_blur(x, [k, k], [p.sigma[i].item()] * 2)
+    if p.solarize[i]:
+        x = TF.solarize(x, cfg.solarize_threshold)
+    return TF.normalize(x, list(mean), list(std))
+
+
+def test_view_augment_equals_torchvision_composition_with_same_params() -> None:
+    cfg = ViewConfig(blur_p=0.5, solarize_p=0.5, gray_p=0.3)
+    size, n = 32, 16
+    images = (_images(n, 16, seed=12) * 255).to(torch.uint8)
+    aug = ViewAugment(cfg, size, CIFAR10_MEAN, CIFAR10_STD)
+    params = aug.sample_params(images, torch.Generator().manual_seed(13))
+    # Whole-image boxes (upscaled 16 -> 32) so the crop has no edge-ring difference.
+    params.crop = torch.tensor([[0, 0, 16, 16]]).expand(n, 4)
+    out = aug.apply(images, params)
+    for i in range(n):
+        expected = _reference_view(images[i], params, i, cfg, size, CIFAR10_MEAN, CIFAR10_STD)
+        torch.testing.assert_close(out[i], expected, atol=1e-4, rtol=0)  # /std scales errors 4x
+    assert params.blur.any() and params.solarize.any() and params.gray.any()
+
+
+def test_seeded_generator_reproduces_and_outputs_have_contract_shape() -> None:
+    aug = augment_preset("byol", 48, CIFAR10_MEAN, CIFAR10_STD)
+    images = (_images(10, 40, seed=14, height=36) * 255).to(torch.uint8)
+    v1, v2 = aug(images, torch.Generator().manual_seed(7))
+    w1, w2 = aug(images, torch.Generator().manual_seed(7))
+    assert torch.equal(v1, w1) and torch.equal(v2, w2)
+    other, _ = aug(images, torch.Generator().manual_seed(8))
+    assert not torch.equal(v1, other)
+    assert not torch.equal(v1, v2)
+    for view in (v1, v2):
+        assert view.shape == (10, 3, 48, 48) and view.dtype == torch.float32
+        assert view.device == images.device and torch.isfinite(view).all()
+    # Float input in [0, 1] gives the same views as the uint8 batch.
+    f1, _ = aug(images.float() / 255, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(f1, v1, atol=1e-4, rtol=0)
+
+
+def test_identity_config_only_normalises() -> None:
+    cfg = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
+                     gray_p=0.0)
+    images = (_images(4, 20, seed=15) * 255).to(torch.uint8)
+    out = ViewAugment(cfg, 20, CIFAR10_MEAN, CIFAR10_STD)(images)
+    mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    torch.testing.assert_close(out, (images.float() / 255 - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_presets_follow_the_published_recipes() -> None:
+    byol = augment_preset("byol", 224)
+    assert isinstance(byol, TwoViewAugment)
+    v1, v2 = byol.view1.cfg, byol.view2.cfg
+    assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    assert (v1.brightness, v1.contrast, v1.saturation, v1.hue) == (0.4, 0.4, 0.2, 0.1)
+    assert v1.crop_scale == (0.08, 1.0) and byol.view1.kernel_size == 23
+    small = augment_preset("byol", 32)
+    assert small.view1.cfg.blur_p == 0.0 and small.view2.cfg.solarize_p == 0.2
+    simclr = augment_preset("SimCLR", 224).view1.cfg
+    assert (simclr.brightness, simclr.saturation, simclr.hue, simclr.blur_p) == (0.8, 0.8, 0.2,
+                                                                                0.5)
+    simclr32 = augment_preset("simclr", 32).view1.cfg
+    assert (simclr32.brightness, simclr32.hue, simclr32.blur_p) == (0.4, 0.1, 0.0)
+    for method in ("moco", "simsiam"):
+        cfg = augment_preset(method, 224).view2.cfg
+        assert cfg.crop_scale == (0.2, 1.0) and cfg.blur_p == 0.5 and cfg.saturation == 0.4
+        cfg32 = augment_preset(method, 32).view1.cfg
+        assert cfg32.crop_scale == (0.08, 1.0) and cfg32.blur_p == 0.0
+    with pytest.raises(ConfigError, match="unknown method"):
+        augment_preset("dino", 224)
+
+
+def test_bad_settings_and_inputs_raise_user_errors() -> None:
+    with pytest.raises(ConfigError, match="ViewConfig.flip_p"):
+        ViewConfig(flip_p=1.5)
+    with pytest.raises(ConfigError, match="ViewConfig.hue"):
+        ViewConfig(hue=0.7)
+    with pytest.raises(ConfigError, match="ViewConfig.crop_scale"):
+        ViewConfig(crop_scale=(0.5, 0.2))
+    aug = ViewAugment(ViewConfig(), 16)
+    with pytest.raises(DataError, match=r"\[B, 3, H, W\]"):
+        aug(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+    with pytest.raises(DataError, match="dtype"):
+        aug(torch.zeros(2, 3, 16, 16, dtype=torch.int32))
+
+
+def test_eval_transform_matches_torchvision_resize_center_crop() -> None:
+    images = (_images(3, 50, seed=16, height=40) * 255).to(torch.uint8)
+    transform = EvalTransform(32, IMAGENET_MEAN, IMAGENET_STD)
+    out = transform(images)
+    assert out.shape == (3, 3, 32, 32) and out.dtype == torch.float32
+    for i in range(3):
+        x = TF.to_dtype(images[i], torch.float32, scale=True)
+        x = TF.center_crop(TF.resize(x, [32], antialias=True), [32, 32])
+        expected = TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
+        torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
+    assert torch.equal(out, transform(images))  # deterministic
+    same_size = (_images(2, 32, seed=17) * 255).to(torch.uint8)
+    torch.testing.assert_close(
+        EvalTransform(32, IMAGENET_MEAN, IMAGENET_STD)(same_size),
+        normalize(same_size.float() / 255, IMAGENET_MEAN, IMAGENET_STD),
+    )

@@ -1,0 +1,54 @@
+"""Settings: presets resolve, and every bad setting is a ConfigError naming it, before any work."""
+
+import pytest
+
+from selfsup.errors import ConfigError
+from selfsup.train.config import available_presets, config_hash, resolve_config
+
+
+def test_quickstart_and_cifar10_presets_resolve_for_every_method():
+    assert {"quickstart", "cifar10", "imagenette"} <= set(available_presets())
+    for method in ("simclr", "moco", "byol", "simsiam"):
+        cfg = resolve_config(method, "quickstart")
+        assert cfg.data.source == "mnist5k" and cfg.method.name == method
+        cfg = resolve_config(method, "cifar10")
+        assert cfg.data.source == "cifar10" and cfg.train.batch_size == 512
+        assert cfg.model.backbone == "resnet18" and cfg.model.small_stem
+
+
+def test_flags_and_overrides_win_in_order():
+    cfg = resolve_config("byol", "cifar10", flags={"train.epochs": 50}, overrides=["optim.lr=0.1"])
+    assert cfg.train.epochs == 50 and cfg.optim.lr == 0.1
+    assert cfg.method.tau_base == 0.99
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lrr=0.1", "did you mean 'optim.lr'"),
+        ("trian.epochs=3", "did you mean 'train'"),
+        ("train.epochs=many", "train.epochs"),
+        ("optim.lr=0", "optim.lr must be > 0"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("optim.name=adamw", "optim.name must be one of"),
+        ("train.batch_size=1", "train.batch_size must be >= 2"),
+        ("train.collapse=stopp", "did you mean 'stop'"),
+        ("data.storage_size=16", "data.storage_size"),
+        ("train.epochs", "key=value"),
+    ],
+)
+def test_bad_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        resolve_config("simclr", "quickstart", overrides=[override])
+
+
+def test_unknown_preset_suggests_a_name():
+    with pytest.raises(ConfigError, match="did you mean 'cifar10'"):
+        resolve_config("simclr", "cifar01")
+
+
+def test_config_hash_tracks_what_defines_the_weights():
+    a = resolve_config("byol", "quickstart")
+    b = resolve_config("byol", "quickstart", overrides=["train.epochs=99", "optim.lr=0.5"])
+    c = resolve_config("byol", "quickstart", overrides=["model.backbone=resnet18"])
+    assert config_hash(a) == config_hash(b) != config_hash(c)

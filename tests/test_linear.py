@@ -1,0 +1,337 @@
+"""Linear probes (fast and full), fine-tuning, and class-balanced label subsets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from selfsup.errors import ConfigError, DataError
+from selfsup.evaluate.features import extract_features
+from selfsup.evaluate.finetune import SUPERVISED_MODE, finetune, supervised_baseline
+from selfsup.evaluate.linear import (
+    FAST_MODE,
+    FULL_MODE,
+    linear_probe,
+    linear_probe_features,
+)
+from selfsup.evaluate.subsets import balanced_subset, load_subset, save_subset
+
+# --- synthetic data --------------------------------------------------------------------------------
+
+
+def blobs(n_per_class: int, num_classes: int = 5, dim: int = 32, seed: int = 0):
+    """Gaussian clusters: linearly separable features with a large offset and scale."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(99)) * 4
+    labels = torch.arange(num_classes).repeat(n_per_class)
+    feats = centers[labels] + torch.randn(labels.numel(), dim, generator=g)
+    return feats * 50 + 1000, labels  # far from standardised on purpose
+
+
+def colour_images(n_per_class: int, seed: int = 0, size: int = 12):
+    """3 classes of uint8 images: noise with the class's colour channel brightened."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat(n_per_class)
+    images = torch.randint(0, 110, (labels.numel(), 3, size, size), generator=g)
+    images[torch.arange(labels.numel()), labels] += 120
+    return images.to(torch.uint8), labels
+
+
+def eval_transform(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0 - 0.5
+
+
+def train_transform(images: torch.Tensor, generator: torch.Generator | None = None):
+    """Random horizontal flip + random 10x10 crop resized back by padding (a tiny crop/flip)."""
+    x = eval_transform(images)
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    off = torch.randint(0, 3, (2,), generator=generator, device=x.device).tolist()
+    crop = x[..., off[0] : off[0] + 10, off[1] : off[1] + 10]
+    return nn.functional.interpolate(crop, size=x.shape[-2:], mode="bilinear")
+
+
+def conv_bn_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+
+
+def warmed_net() -> nn.Module:
+    """A conv+BN net whose BN buffers hold non-trivial running statistics."""
+    net = conv_bn_net()
+    net.train()
+    images, _ = colour_images(10, seed=7)
+    with torch.no_grad():
+        for _ in range(3):
+            net(eval_transform(images))
+    return net
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_bit_identical(before: dict[str, torch.Tensor], module: nn.Module) -> None:
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:  # params, running_mean/var and num_batches_tracked
+        assert torch.equal(before[key], after[key]), f"{key} changed"
+
+
+# --- fast mode --------------------------------------------------------------------------------------
+
+
+def test_fast_linear_probe_separable_features() -> None:
+    train_x, train_y = blobs(40)
+    test_x, test_y = blobs(20, seed=1)
+    result = linear_probe_features(train_x, train_y, test_x, test_y, epochs=30, batch_size=64)
+    assert result["mode"] == FAST_MODE
+    assert result["top1"] >= 98.0 and result["top5"] == 100.0
+    assert result["train_top1"] >= 98.0
+    again = linear_probe_features(train_x, train_y, test_x, test_y, epochs=30, batch_size=64)
+    assert again["top1"] == result["top1"]  # seeded
+
+
+def test_fast_linear_probe_beats_chance_only_with_signal() -> None:
+    g = torch.Generator().manual_seed(0)
+    noise_train, noise_test = torch.randn(200, 8, generator=g), torch.randn(400, 8, generator=g)
+    labels_train = torch.randint(0, 4, (200,), generator=g)
+    labels_test = torch.randint(0, 4, (400,), generator=g)
+    result = linear_probe_features(noise_train, labels_train, noise_test, labels_test, epochs=20)
+    assert result["top1"] < 40.0  # chance is 25%: no leak of test labels
+
+
+def test_fast_linear_probe_rejects_bad_labels() -> None:
+    train_x, train_y = blobs(4)
+    with pytest.raises(DataError, match="no labels"):
+        linear_probe_features(train_x, None, train_x, train_y)
+    with pytest.raises(DataError, match="num_classes"):
+        linear_probe_features(train_x, train_y, train_x, train_y, num_classes=3)
+
+
+# --- full mode --------------------------------------------------------------------------------------
+
+
+def test_full_linear_probe_keeps_encoder_bit_identical_and_learns() -> None:
+    net = warmed_net()
+    net.train()  # the probe must switch BN to eval itself, and switch the flag back
+    net[0].weight.requires_grad_(True)
+    net[3].weight.requires_grad_(False)
+    before = snapshot(net)
+    train_images, train_labels = colour_images(30)
+    test_images, test_labels = colour_images(20, seed=1)
+    result = linear_probe(
+        net,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        epochs=15,
+        batch_size=16,
+        progress=False,
+    )
+    assert_bit_identical(before, net)
+    assert net.training and all(m.training for m in net.modules())
+    assert net[0].weight.requires_grad and not net[3].weight.requires_grad
+    assert result["mode"] == FULL_MODE
+    assert result["top1"] > 80.0  # chance is 33%
+
+
+def test_full_linear_probe_is_seeded() -> None:
+    train_images, train_labels = colour_images(12)
+    test_images, test_labels = colour_images(8, seed=1)
+    kwargs = dict(
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        epochs=3,
+        batch_size=8,
+        progress=False,
+    )
+    net = warmed_net()
+    a = linear_probe(net, train_images, train_labels, test_images, test_labels, **kwargs)
+    b = linear_probe(net, train_images, train_labels, test_images, test_labels, **kwargs)
+    assert a["final_loss"] == b["final_loss"]
+    c = linear_probe(net, train_images, train_labels, test_images, test_labels, seed=1, **kwargs)
+    assert c["final_loss"] != a["final_loss"]
+
+
+def test_fast_and_full_modes_agree_on_easy_task() -> None:
+    net = warmed_net()
+    train_images, train_labels = colour_images(40)
+    test_images, test_labels = colour_images(30, seed=1)
+    full = linear_probe(
+        net,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        epochs=20,
+        batch_size=32,
+        progress=False,
+    )
+    train_feats = extract_features(net, train_images, eval_transform)
+    test_feats = extract_features(net, test_images, eval_transform)
+    fast = linear_probe_features(train_feats, train_labels, test_feats, test_labels, epochs=20)
+    assert fast["top1"] > 80.0 and full["top1"] > 80.0
+    assert abs(fast["top1"] - full["top1"]) <= 5.0
+
+
+# --- fine-tuning -----------------------------------------------------------------------------------
+
+
+def test_finetune_leaves_callers_backbone_untouched_and_learns() -> None:
+    net = warmed_net()
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    before = snapshot(net)
+    train_images, train_labels = colour_images(20)
+    test_images, test_labels = colour_images(20, seed=1)
+    result = finetune(
+        net,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        num_classes=3,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        epochs=10,
+        lr=0.05,
+        batch_size=16,
+        progress=False,
+    )
+    assert_bit_identical(before, net)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    assert result["top1"] > 80.0
+    assert result["head_lr"] == pytest.approx(0.5)  # 10x the encoder lr by default
+
+
+def test_finetune_trains_the_encoder_copy() -> None:
+    # With the head's lr at 0 only encoder updates can reduce the loss: fine-tuning must train it.
+    net = warmed_net()
+    train_images, train_labels = colour_images(10)
+    kwargs = dict(
+        num_classes=3,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        epochs=6,
+        head_lr=0.0,
+        batch_size=10,
+        progress=False,
+    )
+    frozen = finetune(net, train_images, train_labels, train_images, train_labels, lr=0.0, **kwargs)
+    trained = finetune(net, train_images, train_labels, train_images, train_labels, lr=0.1, **kwargs)
+    assert trained["final_loss"] < frozen["final_loss"]
+
+
+def test_supervised_baseline_uses_fresh_copy() -> None:
+    fresh = conv_bn_net(seed=3)
+    before = snapshot(fresh)
+    train_images, train_labels = colour_images(20)
+    test_images, test_labels = colour_images(10, seed=1)
+    result = supervised_baseline(
+        fresh,
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        num_classes=3,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        epochs=8,
+        batch_size=16,
+        progress=False,
+    )
+    assert_bit_identical(before, fresh)
+    assert result["mode"] == SUPERVISED_MODE and result["head_lr"] == result["lr"]
+    assert result["top1"] > 50.0
+
+
+# --- label subsets ---------------------------------------------------------------------------------
+
+
+def imbalanced_labels() -> torch.Tensor:
+    counts = [120, 200, 300, 250, 130]  # N = 1000, 5 classes
+    labels = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    return labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(0))]
+
+
+@pytest.mark.parametrize(("percent", "per_class"), [(1, 2), (10, 20), (0.1, 1)])
+def test_balanced_subset_is_balanced(percent: float, per_class: int) -> None:
+    labels = imbalanced_labels()
+    idx = balanced_subset(labels, percent, seed=0)
+    assert idx.dtype == torch.long
+    assert torch.equal(idx, idx.sort().values) and idx.unique().numel() == idx.numel()
+    assert torch.bincount(labels[idx], minlength=5).tolist() == [per_class] * 5
+
+
+def test_balanced_subset_seeding_and_full_set() -> None:
+    labels = imbalanced_labels()
+    assert torch.equal(balanced_subset(labels, 10, seed=5), balanced_subset(labels, 10, seed=5))
+    assert not torch.equal(balanced_subset(labels, 10, seed=5), balanced_subset(labels, 10, seed=6))
+    assert torch.equal(balanced_subset(labels, 100), torch.arange(1000))
+    tiny = torch.tensor([0, 0, 0, 1])  # a class smaller than the quota gives all it has
+    assert torch.bincount(tiny[balanced_subset(tiny, 90)]).tolist() == [2, 1]
+
+
+def test_balanced_subset_rejects_bad_fraction() -> None:
+    for bad in (0, -1, 150):
+        with pytest.raises(ConfigError, match="label fraction"):
+            balanced_subset(imbalanced_labels(), bad)
+    with pytest.raises(DataError):
+        balanced_subset(None, 10)
+
+
+def test_saved_subset_round_trips(tmp_path) -> None:
+    labels = imbalanced_labels()
+    paths = [f"train/{i:04d},with comma.png" for i in range(labels.numel())]
+    idx = balanced_subset(labels, 1, seed=2)
+    written = save_subset(idx, paths, labels, tmp_path / "run" / "subset_1pct.csv")
+    assert written.read_text().splitlines()[0] == "index,path,label"
+    loaded_idx, loaded_paths, loaded_labels = load_subset(written)
+    assert torch.equal(loaded_idx, idx)
+    assert loaded_paths == [paths[i] for i in idx.tolist()]
+    assert torch.equal(loaded_labels, labels[idx])
+    no_paths = save_subset(idx, None, labels, tmp_path / "nopaths.csv")
+    assert load_subset(no_paths)[1] == [""] * idx.numel()
+    with pytest.raises(DataError, match="does not exist"):
+        load_subset(tmp_path / "missing.csv")
+
+
+def test_finetune_on_subset_end_to_end() -> None:
+    images, labels = colour_images(30)
+    idx = balanced_subset(labels, 20, seed=0)
+    net = warmed_net()
+    result = finetune(
+        copy.deepcopy(net),
+        images[idx],
+        labels[idx],
+        images,
+        labels,
+        num_classes=3,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        epochs=10,
+        lr=0.05,
+        batch_size=9,
+        progress=False,
+    )
+    assert result["n_train"] == 18 and result["n_test"] == 90
+    assert result["top1"] > 70.0

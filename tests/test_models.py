@@ -1,0 +1,139 @@
+"""Backbones (torchvision ResNets, small stem, resnet_tiny, user modules) and MLP heads."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from selfsup.errors import ConfigError
+from selfsup.models import (
+    PredictionHead,
+    ProjectionHead,
+    ResNetTiny,
+    backbone_to_torchvision,
+    build_backbone,
+)
+
+
+@pytest.mark.parametrize(
+    "name,dim,small_stem",
+    [("resnet18", 512, True), ("resnet18", 512, False), ("resnet_tiny", 128, True)],
+)
+def test_backbone_maps_images_to_pooled_features(name: str, dim: int, small_stem: bool) -> None:
+    backbone, feat_dim = build_backbone(name, small_stem=small_stem)
+    assert feat_dim == dim
+    assert isinstance(backbone.fc, nn.Identity)
+    assert backbone(torch.randn(2, 3, 16, 16)).shape == (2, dim)
+
+
+def test_resnet50_dim_and_torchvision_keys() -> None:
+    backbone, feat_dim = build_backbone("resnet50", small_stem=False)
+    assert feat_dim == 2048
+    reference = torchvision.models.resnet50(weights=None).state_dict()
+    expected = {k: v.shape for k, v in reference.items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in backbone.state_dict().items()} == expected
+
+
+def test_small_stem_is_3x3_stride_1_without_maxpool() -> None:
+    backbone, _ = build_backbone("resnet18", small_stem=True)
+    conv1 = backbone.conv1
+    assert conv1.kernel_size == (3, 3) and conv1.stride == (1, 1) and conv1.padding == (1, 1)
+    assert conv1.bias is None
+    assert isinstance(backbone.maxpool, nn.Identity)
+    # The stem keeps resolution: layer1 sees 16x16 for a 16x16 input (4x4 with the ImageNet stem).
+    seen = {}
+
+    def record_size(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        seen["hw"] = output.shape[-2:]
+
+    backbone.layer1.register_forward_hook(record_size)
+    backbone(torch.randn(1, 3, 16, 16))
+    assert tuple(seen["hw"]) == (16, 16)
+    standard, _ = build_backbone("resnet18", small_stem=False)
+    assert standard.conv1.kernel_size == (7, 7) and isinstance(standard.maxpool, nn.MaxPool2d)
+
+
+def test_resnet_tiny_is_a_narrow_torchvision_resnet() -> None:
+    backbone, feat_dim = build_backbone("resnet_tiny", small_stem=False)
+    assert isinstance(backbone, torchvision.models.ResNet)
+    assert [len(getattr(backbone, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    widths = [getattr(backbone, f"layer{i}")[0].conv2.out_channels for i in range(1, 5)]
+    assert widths == [16, 32, 64, 128] and feat_dim == 128
+    assert sum(p.numel() for p in backbone.parameters()) < 1_000_000
+    # Keys have torchvision's names: a resnet18 has the same first block key set.
+    resnet18_keys = torchvision.models.resnet18(weights=None).state_dict()
+    tv_keys = {k for k in resnet18_keys if not re.match(r"layer\d\.1\.", k)}
+    assert set(backbone.state_dict()) == tv_keys - {"fc.weight", "fc.bias"}
+
+
+@pytest.mark.parametrize(
+    "name,small_stem", [("resnet18", True), ("resnet_tiny", False), ("resnet_tiny", True)]
+)
+def test_encoder_state_dict_round_trips_into_torchvision_model(name: str, small_stem: bool) -> None:
+    backbone, _ = build_backbone(name, small_stem=small_stem)
+    backbone.eval()
+    exported = backbone_to_torchvision(name, small_stem, num_classes=10).eval()
+    result = exported.load_state_dict(backbone.state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+    assert result.unexpected_keys == []
+    exported.fc = nn.Identity()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), backbone(x))
+
+
+def test_resnet_tiny_classifier_has_right_input() -> None:
+    model = ResNetTiny(num_classes=7)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 7)
+
+
+def test_custom_module_dim_is_inferred_and_mode_restored() -> None:
+    module = nn.Sequential(
+        nn.Conv2d(3, 5, 3),
+        nn.BatchNorm2d(5),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 9),
+    )
+    module.train()
+    returned, dim = build_backbone(module)
+    assert returned is module and dim == 9 and module.training
+
+
+def test_custom_module_without_pooling_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="pooled features"):
+        build_backbone(nn.Conv2d(3, 4, 3))
+
+
+def test_unknown_backbone_names_the_choices() -> None:
+    with pytest.raises(ConfigError, match="resnet18, resnet50, resnet_tiny"):
+        build_backbone("vit_giant", small_stem=False)
+
+
+def test_projection_head_layouts() -> None:
+    simclr = ProjectionHead(32, 32, 8)
+    assert [type(m) for m in simclr] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    moco = ProjectionHead(32, 32, 8, batch_norm=False)
+    assert [type(m) for m in moco] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert moco[0].bias is not None  # no BN to absorb the bias
+    simsiam = ProjectionHead(32, 16, 8, num_layers=3, last_bn=True)
+    kinds = [type(m) for m in simsiam]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear, nn.BatchNorm1d]
+    assert not simsiam[-1].affine
+    out = simsiam(torch.randn(6, 32))
+    assert out.shape == (6, 8)
+    # Output BN in train mode: each output unit is standardised over the batch.
+    torch.testing.assert_close(out.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="num_layers"):
+        ProjectionHead(4, 4, 4, num_layers=0)
+
+
+def test_prediction_head_is_bottleneck_with_hidden_bn_only() -> None:
+    head = PredictionHead(64, 16, 64)
+    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert head[0].out_features == 16 and head[3].out_features == 64
+    assert head(torch.randn(4, 64)).shape == (4, 64)

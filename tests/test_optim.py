@@ -1,0 +1,92 @@
+"""LARS against the update rule of You et al. 2017, and the warm-up + cosine schedule."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from selfsup.train.optim import LARS, build_optimizer, scaled_lr, set_lr, warmup_cosine
+
+
+def lars_reference(w, g, v, lr, momentum, wd, eta, exclude):
+    """One LARS step written from the paper's formula, in float64."""
+    grad = g + wd * w
+    if not exclude:
+        wn, gn = w.norm(), grad.norm()
+        local = eta * wn / gn if wn > 0 and gn > 0 else 1.0
+        grad = grad * local
+    v = grad.clone() if v is None else momentum * v + grad
+    return w - lr * v, v
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_lars_matches_formula_over_steps(exclude):
+    torch.manual_seed(0)
+    w0 = torch.randn(7, 5, dtype=torch.float64)
+    p = nn.Parameter(w0.clone())
+    opt = LARS([{"params": [p], "lars_exclude": exclude}], lr=0.3, momentum=0.9,
+               weight_decay=1e-4, trust_coefficient=0.001)
+    w_ref, v_ref = w0.clone(), None
+    for _ in range(4):
+        g = torch.randn(7, 5, dtype=torch.float64)
+        p.grad = g.clone()
+        opt.step()
+        w_ref, v_ref = lars_reference(w_ref, g, v_ref, 0.3, 0.9, 1e-4, 0.001, exclude)
+        torch.testing.assert_close(p.detach(), w_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_lars_zero_weight_uses_plain_lr():
+    p = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = LARS([p], lr=0.5, momentum=0.0, weight_decay=0.0)
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), -0.5, dtype=torch.float64))
+
+
+def test_bias_and_norm_excluded_from_decay_and_adaptation():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    opt = build_optimizer(model, "lars", lr=0.1, momentum=0.9, weight_decay=1e-3,
+                          exclude_bias_norm=True)
+    by_exclusion = {g["lars_exclude"]: g for g in opt.param_groups}
+    excluded = {id(p) for p in by_exclusion[True]["params"]}
+    assert by_exclusion[True]["weight_decay"] == 0.0
+    assert by_exclusion[False]["weight_decay"] == 1e-3
+    for name, p in model.named_parameters():
+        assert (id(p) in excluded) == (p.ndim == 1), name
+
+
+def test_sgd_without_exclusion_keeps_one_group():
+    model = nn.Linear(3, 3)
+    opt = build_optimizer(model, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
+                          exclude_bias_norm=False)
+    assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == 1
+
+
+def test_warmup_cosine_endpoints_and_shape():
+    total, warm = 100, 10
+    assert warmup_cosine(0, total, warm) == pytest.approx(0.1)
+    assert warmup_cosine(9, total, warm) == pytest.approx(1.0)
+    assert warmup_cosine(10, total, warm) == pytest.approx(1.0)
+    mid = warm + (total - warm) // 2
+    assert warmup_cosine(mid, total, warm) == pytest.approx(0.5)
+    assert warmup_cosine(total, total, warm) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(total, total, warm, min_ratio=0.1) == pytest.approx(0.1)
+    values = [warmup_cosine(s, total, warm) for s in range(warm, total + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_fixed_lr_groups_keep_base_lr():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([{"params": [a], "base_lr": 0.2},
+                           {"params": [b], "base_lr": 0.2, "fixed_lr": True}], lr=0.2)
+    set_lr(opt, 0.25)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.2)
+
+
+def test_lr_scaling_rules():
+    assert scaled_lr(0.06, 512, 128, "linear") == pytest.approx(0.24)
+    assert scaled_lr(0.1, 1024, 256, "sqrt") == pytest.approx(0.2)
+    assert scaled_lr(0.1, 1024, 256, "none") == 0.1
+    assert math.isclose(scaled_lr(1.0, 256, 256, "linear"), 1.0)
