@@ -260,8 +260,12 @@ def test_tar_gz_with_top_level_folder_matches_the_folder(tmp_path):
     from_tar = load(archive, "train", image_size=8, cache_dir=tmp_path / "cache")
     from_dir = load(root, "train", image_size=8, cache_dir=tmp_path / "cache")
     assert from_tar.classes == from_dir.classes == ["cat", "dog"]
-    by_name = dict(zip([Path(p).name for p in from_tar.paths], from_tar.labels.tolist()))
-    assert by_name == dict(zip([Path(p).name for p in from_dir.paths], from_dir.labels.tolist()))
+    by_name = dict(
+        zip([Path(p).name for p in from_tar.paths], from_tar.labels.tolist(), strict=True)
+    )
+    assert by_name == dict(
+        zip([Path(p).name for p in from_dir.paths], from_dir.labels.tolist(), strict=True)
+    )
     assert all(p.startswith(f"{archive}/cifar10/train/") for p in from_tar.paths)
     order = [[Path(p).name for p in from_dir.paths].index(Path(p).name) for p in from_tar.paths]
     assert torch.equal(from_tar.images, from_dir.images[order])
@@ -291,7 +295,9 @@ def test_tar_links_are_skipped_and_corrupt_archive_is_a_data_error(tmp_path):
         tar.addfile(link)
     dataset = load(archive, image_size=6, cache_dir=tmp_path / "cache")
     assert len(dataset) == 2 and dataset.classes == ["a", "b"]
-    assert dataset.skipped == [(f"{archive}/f/a/link.png", "not a regular file: link or device in archive")]
+    assert dataset.skipped == [
+        (f"{archive}/f/a/link.png", "not a regular file: link or device in archive")
+    ]
 
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes(_make_tar(folder, tmp_path / "ok.tar.gz", "f").read_bytes()[:60])
@@ -415,7 +421,9 @@ def build_messy_folder(root: Path) -> dict[str, str | None]:
 
 def test_bad_files_are_skipped_with_reasons_and_good_ones_load(tmp_path):
     expected = build_messy_folder(tmp_path / "messy")
-    dataset = load(tmp_path / "messy", image_size=16, cache_dir=tmp_path / "cache", max_pixels=50_000)
+    dataset = load(
+        tmp_path / "messy", image_size=16, cache_dir=tmp_path / "cache", max_pixels=50_000
+    )
     loaded = sorted(Path(p).name for p in dataset.paths)
     assert loaded == sorted(name for name, category in expected.items() if category is None)
     assert dataset.images.shape == (len(loaded), 3, 16, 16)
@@ -424,7 +432,7 @@ def test_bad_files_are_skipped_with_reasons_and_good_ones_load(tmp_path):
     reasons = {Path(path).name: reason for path, reason in dataset.skipped}
     wanted = {n: c for n, c in expected.items() if c not in (None, "hidden")}
     assert {name: reason.split(":")[0] for name, reason in reasons.items()} == wanted
-    by_name = dict(zip([Path(p).name for p in dataset.paths], dataset.images))
+    by_name = dict(zip([Path(p).name for p in dataset.paths], dataset.images, strict=True))
     assert by_name["tiny.PNG"][:, 8, 8].tolist() == list(GREEN)
     assert by_name["rgba.png"][:, 0, 0].tolist() == list(GREEN)
     assert by_name["i16.png"][:, 0, 0].tolist() == [117] * 3  # 30000 / 257
@@ -657,9 +665,21 @@ def test_batch_stream_streaming_thread_stops_on_early_exit_and_reraises():
     assert not any(t.name == "selfsup-batch-prefetch" for t in threading.enumerate())
 
     broken = BatchStream(images, 5, resident=False)
-    broken.images = images[:3]  # indices up to 49 now fail inside the producer thread
-    with pytest.raises(IndexError):
-        list(broken)
+    real_gather = broken._gather
+    gathered = []
+
+    def failing_gather(indices):
+        gathered.append(indices)
+        if len(gathered) == 3:
+            raise RuntimeError("disk went away")
+        return real_gather(indices)
+
+    broken._gather = failing_gather
+    received = []
+    with pytest.raises(RuntimeError, match="disk went away"):
+        for indices, _ in broken:
+            received.append(indices)
+    assert len(received) == 2  # the error arrives in the training loop, in order
 
 
 def test_batch_stream_rejects_impossible_settings():

@@ -231,7 +231,7 @@ class FrozenEncoder:
         self._requires_grad = [(p, p.requires_grad) for p in self.backbone.parameters()]
         for param, _ in self._requires_grad:
             param.requires_grad_(False)
-        pass
+        self._eval.__enter__()
         return self.backbone
 
     def __exit__(self, *exc_info) -> None:

@@ -52,7 +52,9 @@ class MoCo(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.projector = ProjectionHead(feat_dim, proj_hidden or feat_dim, proj_dim, batch_norm=False)
+        self.projector = ProjectionHead(
+            feat_dim, proj_hidden or feat_dim, proj_dim, batch_norm=False
+        )
         self.key_backbone = EmaTarget(backbone)
         self.key_projector = EmaTarget(self.projector)
         self.temperature, self.symmetric = temperature, symmetric

@@ -1,0 +1,316 @@
+"""The four methods on a tiny ResNet: targets, EMA, queue, stop-gradient, losses, training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup.errors import ConfigError
+from selfsup.losses import byol_loss, info_nce_loss, negative_cosine_similarity, nt_xent_loss
+from selfsup.methods import METHODS, EmaTarget, build_method, cosine_tau, ema_update_
+from selfsup.models import build_backbone
+
+# Small heads so each step takes milliseconds on 2 CPU cores.
+SMALL = {
+    "simclr": {"proj_hidden": 64, "proj_dim": 32},
+    "moco": {"proj_hidden": 64, "proj_dim": 32, "queue_size": 16},
+    "byol": {"proj_hidden": 64, "proj_dim": 32, "pred_hidden": 64},
+    "simsiam": {"proj_hidden": 64, "proj_dim": 64, "pred_hidden": 16},
+}
+
+
+def make(name: str, seed: int = 0, **options) -> nn.Module:
+    torch.manual_seed(seed)
+    backbone, feat_dim = build_backbone("resnet_tiny", small_stem=True)
+    return build_method(name, backbone, feat_dim, **{**SMALL[name], **options})
+
+
+def views(batch: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 16, 16, generator=g)
+    return x, x + 0.1 * torch.randn(x.shape, generator=g)
+
+
+def grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_forward_contract(name: str) -> None:
+    method = make(name)
+    out = method(*views())
+    assert out["loss"].shape == () and out["loss"].requires_grad
+    assert out["z"].shape == (8, SMALL[name]["proj_dim"]) and not out["z"].requires_grad
+    assert all(not v.requires_grad for k, v in out.items() if k != "loss")
+    groups = method.param_groups()
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped})  # no parameter twice
+    assert {id(p) for p in grouped} == {id(p) for p in method.parameters() if p.requires_grad}
+    assert any(p is q for p in grouped for q in method.backbone.parameters())
+
+
+@pytest.mark.parametrize("name,target_attrs", [("byol", "target_"), ("moco", "key_")])
+def test_target_starts_equal_frozen_and_gets_no_gradient(name: str, target_attrs: str) -> None:
+    method = make(name)
+    target_backbone = getattr(method, target_attrs + "backbone")
+    target_projector = getattr(method, target_attrs + "projector")
+    for target, online in [
+        (target_backbone, method.backbone),
+        (target_projector, method.projector),
+    ]:
+        assert isinstance(target, EmaTarget)
+        online_state = online.state_dict()
+        for key, value in target.module.state_dict().items():
+            assert torch.equal(value, online_state[key])
+        assert all(not p.requires_grad for p in target.parameters())
+    method(*views())["loss"].backward()
+    assert all(p.grad is None for p in target_backbone.parameters())
+    assert all(p.grad is None for p in target_projector.parameters())
+    assert all(p.grad is not None for p in method.backbone.parameters())
+
+
+def test_ema_update_equals_formula() -> None:
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    target = copy.deepcopy(online).requires_grad_(False)
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    online(torch.randn(5, 4))  # moves the running statistics
+    tau = 0.9
+    expected = [
+        tau * xi + (1 - tau) * theta for xi, theta in zip(target.parameters(), online.parameters())
+    ]
+    ema_update_(target, online, tau)
+    for got, want in zip(target.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    for got, want in zip(target.buffers(), online.buffers()):
+        assert torch.equal(got, want)
+    assert not torch.equal(target[0].weight, online[0].weight)
+
+
+def test_cosine_tau_schedule() -> None:
+    assert cosine_tau(0.996, 0.0) == pytest.approx(0.996)
+    assert cosine_tau(0.99, 1.0) == pytest.approx(1.0)
+    assert cosine_tau(0.99, 0.5) == pytest.approx(0.995)
+    assert cosine_tau(0.99, 0.25) < cosine_tau(0.99, 0.75)
+    assert cosine_tau(0.99, 1.5) == pytest.approx(1.0) and cosine_tau(0.99, -1) == pytest.approx(
+        0.99
+    )
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.3, 1.0])
+def test_byol_update_target_uses_cosine_tau(progress: float) -> None:
+    method = make("byol", tau_base=0.9)
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    xi = [p.clone() for p in method.target_backbone.parameters()]
+    theta = list(method.backbone.parameters())
+    method.update_target(progress)
+    tau = cosine_tau(0.9, progress)
+    for got, x, t in zip(method.target_backbone.parameters(), xi, theta):
+        torch.testing.assert_close(got, tau * x + (1 - tau) * t, rtol=0, atol=1e-6)
+
+
+def test_byol_random_fixed_target_never_moves() -> None:
+    method = make("byol", target="random_fixed")
+    before = copy.deepcopy(method.target_backbone.state_dict())
+    with torch.no_grad():
+        method.backbone.conv1.weight.add_(1.0)
+    method.update_target(0.5)
+    for key, value in method.target_backbone.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_byol_loss_is_symmetric_online_vs_target() -> None:
+    method = make("byol")
+    x1, x2 = views()
+    with torch.no_grad():
+        method.backbone.conv1.weight.mul_(1.5)  # online != target
+    out = method(x1, x2)
+    with torch.no_grad():
+        p1, p2 = (method.predictor(method.projector(method.backbone(torch.cat([x1, x2]))))).chunk(2)
+        zt1, zt2 = method.target_projector(method.target_backbone(torch.cat([x1, x2]))).chunk(2)
+    torch.testing.assert_close(out["loss"].detach(), byol_loss(p1, zt2) + byol_loss(p2, zt1))
+    assert 0.0 < out["online_target_cos"] < 1.0
+    no_predictor = make("byol", predictor=False)
+    assert no_predictor.predictor is None and no_predictor(x1, x2)["loss"].requires_grad
+
+
+def test_moco_momentum_update_and_schedule() -> None:
+    method = make("moco", momentum=0.9)
+    with torch.no_grad():
+        method.projector[0].weight.add_(1.0)
+    key_before = method.key_projector.module[0].weight.clone()
+    method.update_target(1.0)  # constant momentum: progress is ignored
+    expected = 0.9 * key_before + 0.1 * method.projector[0].weight
+    torch.testing.assert_close(method.key_projector.module[0].weight, expected, rtol=0, atol=1e-6)
+    scheduled = make("moco", momentum=0.9, momentum_cosine=True)
+    with torch.no_grad():
+        scheduled.projector[0].weight.add_(1.0)
+    key_before = scheduled.key_projector.module[0].weight.clone()
+    scheduled.update_target(1.0)  # m = 1 at the end of training
+    assert torch.equal(scheduled.key_projector.module[0].weight, key_before)
+
+
+def test_moco_queue_is_fifo_with_wrap_around() -> None:
+    method = make("moco", queue_size=10, proj_dim=2)
+    batches = [torch.full((4, 2), float(i)) + torch.arange(4.0)[:, None] / 10 for i in range(1, 4)]
+    for keys in batches:
+        method._enqueue(keys)
+    # Batches 1 and 2 fill slots 0-7; batch 3 fills 8, 9 then wraps to 0, 1 (oldest overwritten).
+    expected = torch.cat([batches[2][2:], batches[0][2:], batches[1], batches[2][:2]])
+    assert torch.equal(method.queue, expected)
+    assert int(method.queue_ptr) == 2
+    # A batch larger than the queue keeps only its newest 10 keys, still in ring order.
+    big = torch.arange(24.0).view(12, 2)
+    method._enqueue(big)
+    assert int(method.queue_ptr) == (2 + 12) % 10
+    slots = [(4 + i) % 10 for i in range(10)]  # the last 10 keys land from slot 4 on
+    assert torch.equal(method.queue[slots], big[2:])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_moco_enqueues_normalised_detached_keys_after_the_loss(symmetric: bool) -> None:
+    method = make("moco", queue_size=32, symmetric=symmetric)
+    x1, x2 = views()
+    queue_before = method.queue.clone()
+    with torch.no_grad():
+        k1 = F.normalize(method.key_projector(method.key_backbone(x1)), dim=1)
+        k2 = F.normalize(method.key_projector(method.key_backbone(x2)), dim=1)
+        q1 = method.projector(method.backbone(x1))
+        q2 = method.projector(method.backbone(x2))
+    out = method(x1, x2)
+    expected_loss = info_nce_loss(q1, k2, queue_before, 0.2)
+    new_keys = k2
+    if symmetric:
+        expected_loss = expected_loss + info_nce_loss(q2, k1, queue_before, 0.2)
+        new_keys = torch.cat([k2, k1])
+    torch.testing.assert_close(out["loss"].detach(), expected_loss)
+    n = new_keys.shape[0]
+    torch.testing.assert_close(method.queue[:n], new_keys)
+    assert torch.equal(method.queue[n:], queue_before[n:])
+    assert int(method.queue_ptr) == n
+    assert not method.queue.requires_grad and method.queue.grad_fn is None
+    torch.testing.assert_close(method.queue.norm(dim=1), torch.ones(32))
+    out["loss"].backward()  # the in-place enqueue must not break the backward pass
+
+
+def _simsiam_manual_grads(method: nn.Module, x1, x2, detach: bool) -> dict[str, torch.Tensor]:
+    method.zero_grad()
+    z = method.projector(method.backbone(torch.cat([x1, x2])))
+    (z1, z2), (p1, p2) = z.chunk(2), method.predictor(z).chunk(2)
+    t1, t2 = (z1.detach(), z2.detach()) if detach else (z1, z2)
+    loss = -0.5 * (F.cosine_similarity(p1, t2).mean() + F.cosine_similarity(p2, t1).mean())
+    loss.backward()
+    return grads(method)
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_simsiam_stop_gradient(stop_gradient: bool) -> None:
+    method = make("simsiam", stop_gradient=stop_gradient)
+    x1, x2 = views()
+    method.zero_grad()
+    method(x1, x2)["loss"].backward()
+    got = grads(method)
+    with_stop = _simsiam_manual_grads(method, x1, x2, detach=True)
+    without_stop = _simsiam_manual_grads(method, x1, x2, detach=False)
+    expected, other = (with_stop, without_stop) if stop_gradient else (without_stop, with_stop)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6)
+    # The two manual versions differ in the encoder, so the check above can tell them apart.
+    conv = "backbone.conv1.weight"
+    assert not torch.allclose(with_stop[conv], without_stop[conv], rtol=1e-3, atol=1e-7)
+    assert not torch.allclose(got[conv], other[conv], rtol=1e-3, atol=1e-7)
+
+
+def test_simsiam_predictor_options_and_param_groups() -> None:
+    method = make("simsiam")
+    encoder, predictor = method.param_groups()
+    assert predictor["fixed_lr"] is True and "fixed_lr" not in encoder
+    assert {id(p) for p in predictor["params"]} == {id(p) for p in method.predictor.parameters()}
+    assert make("simsiam", fixed_predictor_lr=False).param_groups()[1]["fixed_lr"] is False
+    assert isinstance(make("simsiam", predictor="none").predictor, nn.Identity)
+    frozen = make("simsiam", predictor="random_fixed")
+    assert all(not p.requires_grad for p in frozen.predictor.parameters())
+    assert [g["name"] for g in frozen.param_groups()] == ["encoder"]
+    with pytest.raises(ConfigError, match="predictor"):
+        make("simsiam", predictor="linear")
+    with pytest.raises(ConfigError, match="target"):
+        make("byol", target="mean_teacher")
+
+
+def test_simclr_loss_is_nt_xent_of_the_projections() -> None:
+    method = make("simclr", temperature=0.3)
+    x1, x2 = views()
+    out = method(x1, x2)
+    with torch.no_grad():
+        z1, z2 = method.projector(method.backbone(torch.cat([x1, x2]))).chunk(2)
+    torch.testing.assert_close(out["loss"].detach(), nt_xent_loss(z1, z2, 0.3))
+    torch.testing.assert_close(out["z"], z1)
+
+
+def test_simsiam_loss_value() -> None:
+    method = make("simsiam")
+    x1, x2 = views()
+    out = method(x1, x2)
+    with torch.no_grad():
+        z = method.projector(method.backbone(torch.cat([x1, x2])))
+        (z1, z2), (p1, p2) = z.chunk(2), method.predictor(z).chunk(2)
+    expected = 0.5 * negative_cosine_similarity(p1, z2) + 0.5 * negative_cosine_similarity(p2, z1)
+    torch.testing.assert_close(out["loss"].detach(), expected)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_eval_mode_is_deterministic(name: str) -> None:
+    method = make(name).eval()
+    x1, x2 = views()
+    with torch.no_grad():
+        first, second = method(x1, x2), method(x1, x2)
+        features = method.backbone(x1), method.backbone(x1)
+    assert torch.equal(first["loss"], second["loss"]) and torch.equal(first["z"], second["z"])
+    assert torch.equal(*features)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_few_sgd_steps_lower_the_loss(name: str) -> None:
+    # Two fixed batches, alternated, so MoCo's queue (size 16 = batch) always holds the other
+    # batch's keys, never the positives. The loss on batch A must fall.
+    method = make(name)
+    batch_a, batch_b = views(16, seed=1), views(16, seed=2)
+    optimizer = torch.optim.SGD(method.param_groups(), lr=0.05, momentum=0.9)
+    with torch.no_grad():
+        method(*batch_b)  # fills MoCo's queue with real keys
+    losses_a = []
+    steps = 6
+    for step in range(steps):
+        out = method(*(batch_a if step % 2 == 0 else batch_b))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        method.update_target(step / steps)
+        if step % 2 == 0:
+            losses_a.append(out["loss"].item())
+    assert losses_a[-1] < losses_a[0] - 0.05, losses_a
+
+
+def test_build_method_errors_and_config_mapping() -> None:
+    backbone, dim = build_backbone("resnet_tiny", small_stem=True)
+    with pytest.raises(ConfigError, match="simclr, moco, byol, simsiam"):
+        build_method("barlow", backbone, dim)
+    with pytest.raises(ConfigError, match="queue_size"):
+        build_method("simclr", backbone, dim, queue_size=10)
+    with pytest.raises(ConfigError, match="tempreature"):
+        build_method("simclr", backbone, dim, {"tempreature": 0.1})
+    # A shared config section: other methods' options, `name` and None values are ignored.
+    cfg = {"name": "moco", "temperature": 0.1, "queue_size": 8, "proj_dim": 16, "tau_base": None}
+    moco = build_method("moco", backbone, dim, cfg, proj_hidden=32)
+    assert moco.temperature == 0.1 and moco.queue.shape == (8, 16)
+    simclr = build_method("simclr", backbone, dim, cfg)
+    assert simclr.temperature == 0.1
