@@ -371,6 +371,14 @@ def test_empty_or_unusable_sources_fail_before_training(tmp_path):
     assert "junk" in message and "no usable images" in message
     assert "skipped 3 of 3 files" in message and "zero-byte" in message
     assert "not an image extension" in message and "not an image" in message
+    assert f"{tmp_path / 'junk' / 'b.jpg'}: zero-byte" in message  # examples name the files
+
+
+def test_unwritable_cache_dir_is_a_data_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should go")
+    with pytest.raises(DataError, match="cannot write the data cache.*SELFSUP_CACHE"):
+        load(make_imagefolder(tmp_path / "pets"), image_size=8, cache_dir=blocker / "cache")
 
 
 # --------------------------------------------------------------------------- bad files

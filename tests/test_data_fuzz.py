@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -55,6 +56,7 @@ def _check(data: bytes) -> None:
     assert decoded.ndim == 3 and decoded.shape[2] == 3 and decoded.shape[0] * decoded.shape[1] > 0
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL's notes on damaged metadata
 @FUZZ_SETTINGS
 @given(st.binary(max_size=2048))
 def test_arbitrary_bytes_never_raise_anything_but_bad_image_error(data):
@@ -80,6 +82,7 @@ def mutated_images(draw) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @FUZZ_SETTINGS
 @given(mutated_images())
 def test_mutated_images_never_raise_anything_but_bad_image_error(data):

@@ -118,7 +118,7 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 def test_extract_features_eval_mode_and_state_restored() -> None:
     net = tiny_net()
     net.train()
-    net[1].eval()  # a child deliberately in another mode than its parent must stay so
+    net[2].eval()  # a child deliberately in another mode than its parent must stay so
     images = torch.randint(0, 256, (23, 3, 8, 8), dtype=torch.uint8)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     feats = extract_features(net, images, to_float, batch_size=5)
@@ -131,7 +131,7 @@ def test_extract_features_eval_mode_and_state_restored() -> None:
     torch.testing.assert_close(feats, extract_features(net, images, to_float, batch_size=100))
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats untouched
-    assert net.training and not net[1].training and net[0].training
+    assert net.training and net[1].training and not net[2].training
 
 
 def test_extract_features_normalize_and_errors() -> None:

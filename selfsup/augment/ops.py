@@ -79,7 +79,7 @@ def sample_crop_params(
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     draws = torch.rand(batch_size, attempts, 2, generator=generator, device=device)
     target_area = area * (scale[0] + (scale[1] - scale[0]) * draws[..., 0])
-    aspect = ratio[0] + (ratio[1] - ratio[0]) * draws[..., 1]
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * draws[..., 1])
     # torch.round rounds half to even like Python's round() in get_params.
     cand_w = torch.round(torch.sqrt(target_area * aspect))
     cand_h = torch.round(torch.sqrt(target_area / aspect))

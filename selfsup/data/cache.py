@@ -20,6 +20,7 @@ neither corrupt the cache nor crash on read-only memory.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -27,14 +28,16 @@ import os
 import re
 import struct
 import uuid
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from selfsup.data.decode import DEFAULT_MAX_PIXELS, BadImageError, decode_image, resize_shorter
@@ -177,7 +180,16 @@ def load_dataset(
     if cached is not None:
         return cached
 
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise DataError(
+            f"cannot write the data cache to {root} ({error.strerror or error}); pass a "
+            "writable cache_dir or set $SELFSUP_CACHE"
+        ) from error
     worker_count = workers if workers is not None else min(8, os.cpu_count() or 1)
     if spec.kind in ("folder", "tar"):
         if listed is None:
@@ -188,11 +200,13 @@ def load_dataset(
                 listed, writer, storage_size, max(1, worker_count), progress, max_pixels
             )
             if not kept:
+                every_skip = sorted(listed.skipped + skipped)
                 total = len(listed.paths) + len(listed.skipped)
+                examples = "; ".join(f"{path}: {reason}" for path, reason in every_skip[:5])
                 raise DataError(
                     f"data source {spec.location} (split '{split}') holds no usable images: "
-                    f"{summarize_skips(listed.skipped + skipped, total)}; see the reasons with "
-                    "write_skip_report or the run's skipped.csv"
+                    f"{summarize_skips(every_skip, total)} (e.g. {examples}); point it at a "
+                    "folder or archive of readable .jpg/.png images"
                 )
             shape = writer.commit()
         except BaseException:
@@ -234,7 +248,8 @@ def write_skip_report(dataset: ImageDataset, path: str | os.PathLike[str]) -> st
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "w", newline="", encoding="utf-8") as handle:
+    # backslashreplace: file names that are not valid UTF-8 still produce a readable CSV.
+    with open(target, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
         writer.writerows(dataset.skipped)
@@ -289,6 +304,7 @@ def _decode_into(
 
     description = f"decoding {listed.spec.name}"
     with (
+        _quiet_pil_warnings(),
         tqdm(total=len(listed.paths), desc=description, unit="img", disable=not progress) as bar,
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="selfsup-decode") as pool,
     ):
@@ -305,6 +321,20 @@ def _decode_into(
                 future.cancel()
             raise
     return kept, skipped
+
+
+@contextlib.contextmanager
+def _quiet_pil_warnings() -> Iterator[None]:
+    """Silence PIL's per-file warnings (damaged EXIF, oversized tags) during a bulk decode.
+
+    Entered only by the calling thread, around the worker pool, because
+    ``warnings.catch_warnings`` is not safe to enter from several threads at once. Our own
+    pixel limit replaces PIL's ``DecompressionBombWarning``.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        yield
 
 
 def _write_arrays(

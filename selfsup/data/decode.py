@@ -13,12 +13,13 @@ Every PIL mode is reduced to 8-bit RGB:
 
 EXIF orientation is applied (``PIL.ImageOps.exif_transpose``); a broken EXIF block is ignored
 rather than failing an otherwise good image. Multi-frame files (GIF, TIFF) use the first frame.
+PIL's warnings about damaged metadata pass through to the caller (``load_dataset`` silences
+them while it decodes a whole source; skipped files are reported in the skip list instead).
 """
 
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -104,9 +105,7 @@ def _decode(data: bytes, *, name: str, max_pixels: int | None) -> np.ndarray:
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Corrupt EXIF data" style warnings
-            transposed = ImageOps.exif_transpose(image)
+        transposed = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block should not lose an otherwise good image
         return image
     return transposed if transposed is not None else image
@@ -137,6 +136,11 @@ def _composite_on_white(rgba: Image.Image) -> np.ndarray:
 
 def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
     """Scale a single-channel 16/32-bit int or float image to 0..255 (rules in the module doc)."""
+    with np.errstate(all="ignore"):  # NaN/Inf in damaged float images are zeroed below
+        return _scale_high_depth(image)
+
+
+def _scale_high_depth(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode.startswith("I;16"):
         # np.asarray understands I;16 / I;16B / I;16L directly as uint16.
@@ -157,6 +161,7 @@ def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
         values = (values - low) / (high - low) * 255.0
     else:
         values = np.zeros_like(values)
+    values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 

@@ -53,8 +53,8 @@ def build_method(
 
     Options come from ``cfg`` (a mapping or dataclass such as the method section of the config)
     and ``kwargs`` (which win). ``cfg`` may hold options of other methods and a ``name`` key:
-    those are ignored, as are ``None`` values (the method's default); a key no method knows raises ``ConfigError``, as does any ``kwargs`` key
-    this method does not take.
+    those are ignored, as are ``None`` values (the method's default); a key no method knows
+    raises ``ConfigError``, as does any ``kwargs`` key this method does not take.
     """
     if name not in METHOD_CLASSES:
         raise ConfigError(

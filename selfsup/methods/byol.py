@@ -57,7 +57,7 @@ class BYOL(nn.Module):
         self.tau_base, self.target = tau_base, target
 
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
-        """Views [B, 3, S, S] -> {"loss", "z": z1 [B, d], "online_target_cos": mean cos(z1, z1')}."""
+        """Views [B, 3, S, S] -> {"loss", "z": z1 [B, d], "online_target_cos": cos(z1, z1')}."""
         x = torch.cat([x1, x2])
         z = self.projector(self.backbone(x))
         p = self.predictor(z) if self.predictor is not None else z

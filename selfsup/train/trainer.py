@@ -101,10 +101,14 @@ def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoVi
         if key not in ("view1", "view2", "both"):
             raise ConfigError(f"unknown setting 'augment.{key}'; use augment.view1.*, "
                               f"augment.view2.* or augment.both.*")
-    both = OmegaConf.to_container(cfg.augment.get("both", {}) or {}, resolve=True)
+    def plain(key: str) -> dict:
+        node = cfg.augment.get(key)
+        return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+    both = plain("both")
     views = []
-    for view_name, view_cfg in (("view1", preset.view1_cfg), ("view2", preset.view2_cfg)):
-        over = {**both, **OmegaConf.to_container(cfg.augment.get(view_name, {}) or {}, resolve=True)}
+    for view_name, view_cfg in (("view1", preset.view1.cfg), ("view2", preset.view2.cfg)):
+        over = {**both, **plain(view_name)}
         for key in over:
             if key not in names:
                 import difflib
