@@ -234,6 +234,15 @@ def test_color_jitter_applies_ops_in_each_samples_order_like_torchvision() -> No
             for op in order[i].tolist():
                 expected = JITTER_FNS[op](expected, params[op].item())
         torch.testing.assert_close(ours[i], expected, atol=ATOL, rtol=0)
+    # hue=None (ColorJitter(hue=0)) keeps the order of the other three ops.
+    no_hue = color_jitter(images, brightness, contrast, saturation, None, order, apply)
+    for i in range(n):
+        expected = images[i]
+        if apply[i]:
+            params = (brightness[i], contrast[i], saturation[i])
+            for op in [op for op in order[i].tolist() if op != 3]:
+                expected = JITTER_FNS[op](expected, params[op].item())
+        torch.testing.assert_close(no_hue[i], expected, atol=ATOL, rtol=0)
     # The order matters (clamping, hue vs saturation), so a fixed order would fail above.
     fixed = color_jitter(images, brightness, contrast, saturation, hue,
                          order[:1].expand(n, 4), apply)

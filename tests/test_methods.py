@@ -316,7 +316,7 @@ def test_build_method_errors_and_config_mapping() -> None:
         build_method("barlow", backbone, dim)
     with pytest.raises(ConfigError, match="queue_size"):
         build_method("simclr", backbone, dim, queue_size=10)
-    with pytest.raises(ConfigError, match="tempreature"):
+    with pytest.raises(ConfigError, match="tempreature.*did you mean 'temperature'"):
         build_method("simclr", backbone, dim, {"tempreature": 0.1})
     # A shared config section: other methods' options, `name` and None values are ignored.
     cfg = {"name": "moco", "temperature": 0.1, "queue_size": 8, "proj_dim": 16, "tau_base": None}
@@ -324,3 +324,21 @@ def test_build_method_errors_and_config_mapping() -> None:
     assert moco.temperature == 0.1 and moco.queue.shape == (8, 16)
     simclr = build_method("simclr", backbone, dim, cfg)
     assert simclr.temperature == 0.1
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_step_never_reads_a_tensor_on_the_host(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU each of these would block until the device catches up.
+    method = make(name, symmetric=True) if name == "moco" else make(name)
+    x1, x2 = views()
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host sync in the training step")
+
+    for attr in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, attr, host_read)
+    out = method(x1, x2)
+    out["loss"].backward()
+    method.update_target(0.5)
+    monkeypatch.undo()
+    assert torch.isfinite(out["loss"]).item()

@@ -221,6 +221,25 @@ def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
     return (maxc.unsqueeze(-3) - chroma.unsqueeze(-3) * ramp).clamp_(0.0, 1.0)
 
 
+def _jitter_schedule(order: Tensor, with_hue: bool) -> Tensor:
+    """Lay each sample's op order onto shared steps, ``-1`` marking "identity" (int64).
+
+    With hue: 7 steps ``[blend, blend, blend, hue, blend, blend, blend]``; op ``i`` of a sample
+    whose hue is at position ``p`` goes to step ``i + 3 - p``, so the ops before its hue end at
+    step 2 and those after it start at step 4. The expensive hue rotation then runs once per
+    batch instead of once per order position. Without hue: the 3 blend ops in their order.
+    """
+    batch = order.shape[0]
+    if not with_hue:
+        # Stable sort pushing hue (3) last keeps the relative order of the other three ops.
+        key = torch.where(order == HUE, 4, torch.arange(4, device=order.device))
+        return order.gather(1, key.argsort(dim=1))[:, :3]
+    hue_position = (order == HUE).to(torch.int64).argmax(dim=1, keepdim=True)
+    steps = torch.arange(4, device=order.device) + 3 - hue_position  # [B, 4] in 0..6
+    schedule = torch.full((batch, 7), -1, dtype=torch.int64, device=order.device)
+    return schedule.scatter_(1, steps, order)
+
+
 def color_jitter(
     images: Tensor,
     brightness: Tensor,
@@ -233,10 +252,10 @@ def color_jitter(
     """torchvision ``ColorJitter`` with per-sample factors and a per-sample op order.
 
     Sample b applies op ``order[b, 0]``, then ``order[b, 1]``, ... (0 brightness, 1 contrast,
-    2 saturation, 3 hue; torchvision draws ``fn_idx = randperm(4)`` per image). Each of the four
-    steps evaluates one fused blend for all samples, ``clamp(a x + (1 - a) ref)`` with the
-    sample's own op choosing ``a`` and ``ref`` (0, grayscale mean, or grayscale), plus the hue
-    rotation where that step is hue for the sample, so the op order costs no Python branching.
+    2 saturation, 3 hue), as torchvision does with ``fn_idx = randperm(4)`` per image. Brightness,
+    contrast and saturation are all ``clamp(lerp(ref, x, f))`` with ``ref`` = 0, the grayscale
+    mean or the grayscale image, so each step is one fused blend whose ``f`` and ``ref`` are
+    picked per sample (``f = 1`` is the identity); see :func:`_jitter_schedule` for the steps.
 
     Args:
         images: float ``[B, 3, H, W]`` in ``[0, 1]``.
@@ -248,24 +267,30 @@ def color_jitter(
     Returns:
         ``[B, 3, H, W]``.
     """
-    original = images
+    batch = images.shape[0]
     order = order.to(images.device)
-    factors = torch.stack((brightness, contrast, saturation), dim=1).to(images)  # [B, 3]
-    zero = images.new_zeros(())
-    for step in range(4):
-        op = order[:, step]
-        is_blend = op < HUE
-        a = factors.gather(1, op.clamp_max(SATURATION).unsqueeze(1)).squeeze(1)
-        a = torch.where(is_blend, a, torch.ones_like(a))
-        gray = rgb_to_grayscale(images)
-        mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
-        op4 = op.reshape(-1, 1, 1, 1)
-        reference = torch.where(op4 == CONTRAST, mean, torch.where(op4 == SATURATION, gray, zero))
-        images = _blend(images, reference, a)
-        if hue is not None:
-            images = torch.where(op4 == HUE, adjust_hue(images, hue), images)
+    schedule = _jitter_schedule(order, with_hue=hue is not None)
     if apply_mask is not None:
-        images = torch.where(_sample_mask(apply_mask), images, original)
+        off = ~apply_mask.to(device=images.device, dtype=torch.bool)
+        schedule = torch.where(off.unsqueeze(1), -1, schedule)
+    # factors[:, 3] = 1 makes steps marked -1 (or hue) an identity blend.
+    ones = torch.ones(batch, device=images.device, dtype=images.dtype)
+    factors = torch.stack((brightness.to(ones), contrast.to(ones), saturation.to(ones), ones), 1)
+    weights = torch.tensor(GRAY_WEIGHTS, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    for step in range(schedule.shape[1]):
+        op = schedule[:, step]
+        if hue is not None and step == 3:
+            # Step 3 is every sample's hue; samples with jitter off keep their pixels exactly.
+            hue_on = op == HUE
+            images = torch.where(hue_on.view(-1, 1, 1, 1), adjust_hue(images, hue), images)
+            continue
+        op = torch.where(op < 0, 3, op)
+        factor = factors.gather(1, op.unsqueeze(1)).view(-1, 1, 1, 1)
+        gray = (images * weights).sum(dim=1, keepdim=True)
+        mean = gray.mean(dim=(-2, -1), keepdim=True)
+        op4 = op.view(-1, 1, 1, 1)
+        reference = torch.where(op4 == SATURATION, gray, mean * (op4 == CONTRAST))
+        images = torch.lerp(reference, images, factor).clamp_(0.0, 1.0)
     return images
 
 

@@ -8,6 +8,7 @@ Every method is an ``nn.Module`` with ``backbone`` (the encoder to keep), ``forw
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -65,9 +66,11 @@ def build_method(
     options = _as_dict(cfg)
     unknown = sorted(set(options) - known) + sorted(set(kwargs) - own)
     if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(own), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"Unknown option(s) {', '.join(unknown)} for method {name!r} (settings `method.*`); "
-            f"valid options: {', '.join(sorted(own))}."
+            f"Unknown option(s) {', '.join(unknown)} for method {name!r} (settings `method.*`)"
+            f"{hint}; valid options: {', '.join(sorted(own))}."
         )
     # None in cfg means "the method's default".
     options = {k: v for k, v in options.items() if k in own and v is not None} | kwargs

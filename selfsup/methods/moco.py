@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup.errors import ConfigError
 from selfsup.losses import info_nce_loss
 from selfsup.methods.ema import EmaTarget, cosine_tau
 from selfsup.models.heads import ProjectionHead
@@ -51,6 +52,8 @@ class MoCo(nn.Module):
         symmetric: bool = False,
     ) -> None:
         super().__init__()
+        if queue_size < 1:
+            raise ConfigError(f"MoCo `method.queue_size` must be >= 1, got {queue_size}.")
         self.backbone = backbone
         self.projector = ProjectionHead(
             feat_dim, proj_hidden or feat_dim, proj_dim, batch_norm=False
@@ -67,7 +70,11 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:
-        """Write keys [B, d] at the pointer, wrapping around the end; no host sync."""
+        """FIFO ring buffer: write keys [B, d] at the pointer, wrapping past the end.
+
+        One ``index_copy_`` at slots (ptr + i) % K does the two-part write of a wrap-around
+        without reading the pointer on the host.
+        """
         size, n = self.queue.shape[0], min(keys.shape[0], self.queue.shape[0])
         # Only the newest K keys survive a batch larger than the queue.
         start = self.queue_ptr + (keys.shape[0] - n)

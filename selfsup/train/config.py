@@ -180,6 +180,8 @@ def resolve_config(
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.1)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    if cfg.train.collapse in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
+        cfg.train.collapse = "off"
     validate_config(cfg)
     return cfg
 

@@ -125,8 +125,9 @@ def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoVi
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
     backbone, feat_dim = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
-    return build_method(cfg.method.name, backbone, feat_dim, **kwargs)
+    # options of other methods are ignored, so one preset can serve every method
+    options = OmegaConf.to_container(cfg.method, resolve=True)
+    return build_method(cfg.method.name, backbone, feat_dim, cfg=options)
 
 
 class Trainer:
