@@ -16,6 +16,7 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -36,8 +37,47 @@ def _full_precision(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return wrapper
 
 
+def distributed_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group; ``(0, 1)`` when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(t: Tensor) -> Tensor:
+    """All-gather ``t`` [B, ...] from every rank into [world * B, ...] (rank-major), differentiable.
+
+    The SimCLR/lightly ``GatherLayer`` via ``torch.distributed.nn.functional.all_gather``: the
+    backward hands each rank the gradient of its own slice summed over all ranks (reduce-scatter
+    on NCCL, all-to-all + sum on gloo), i.e. the gradient of ``sum_r loss_r``. Every rank must hold
+    the same B. Identity when not distributed.
+    """
+    if distributed_world()[1] == 1:
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()))
+
+
+@torch.no_grad()
+def concat_all_gather(t: Tensor) -> Tensor:
+    """All-gather ``t`` [B, ...] into [world * B, ...] (rank 0's rows first), without gradient.
+
+    MoCo's ``concat_all_gather`` (keys before the enqueue). Identity when not distributed.
+    """
+    world = distributed_world()[1]
+    if world == 1:
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
 @_full_precision
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
+def nt_xent_loss(
+    z1: Tensor, z2: Tensor, temperature: float = 0.5, gather_distributed: bool = False
+) -> Tensor:
     """NT-Xent, the normalized temperature-scaled cross entropy of SimCLR [0], eq. 1.
 
     The 2N views are stacked as ``z = [z1; z2]``. For anchor ``i`` the positive is the other view
@@ -49,23 +89,38 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> Tensor:
     and the loss is the mean of l over all 2N anchors (both orderings of every pair).
     Computed as one [2N, 2N] matmul and a cross entropy with the diagonal masked out.
 
+    With ``gather_distributed`` and W > 1 processes each holding N pairs, the candidates are the
+    2WN views of the global batch, gathered with gradient (:func:`gather_with_grad`), so each
+    anchor sees 2(WN - 1) negatives; this rank's 2N anchors sit at columns ``rank * N + i`` (view 1)
+    and ``WN + rank * N + i`` (view 2). The mean over ranks of the returned per-rank losses equals
+    the single-process loss on the WN-pair batch, and after DDP averages the gradients across
+    ranks they equal the single-process gradients (the gather's backward sums over ranks, so each
+    rank holds W times its share and DDP's 1/W undoes it). Call it on every rank, every step.
+
     Args:
         z1: [N, d] projections of the first views.
         z2: [N, d] projections of the second views (row i is the positive of ``z1[i]``).
         temperature: T > 0.
+        gather_distributed: contrast against the views of all ranks (no-op in one process).
 
     Returns:
-        Scalar loss.
+        Scalar loss, the mean over this rank's 2N anchors.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"z1 and z2 must both be [N, d]; got {tuple(z1.shape)}, {tuple(z2.shape)}")
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)  # [2N, d]
-    logits = z @ z.T / temperature  # [2N, 2N] cosine similarities / T
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_mask, float("-inf"))  # k != i
-    # Row i < N has its positive at i + N, row i >= N at i - N.
-    targets = torch.arange(2 * n, device=z.device).roll(n)
+    rank, world = distributed_world() if gather_distributed else (0, 1)
+    anchors = F.normalize(torch.cat([z1, z2]), dim=1)  # [2N, d] this rank's views
+    if world == 1:
+        candidates = anchors
+    else:  # [2WN, d]: all view-1 rows (rank-major), then all view-2 rows
+        candidates = F.normalize(torch.cat([gather_with_grad(z1), gather_with_grad(z2)]), dim=1)
+    logits = anchors @ candidates.T / temperature  # [2N, 2WN] cosine similarities / T
+    own = torch.arange(n, device=z1.device) + rank * n  # this rank's rows among the WN pairs
+    self_cols = torch.cat([own, own + world * n])
+    logits = logits.scatter(1, self_cols[:, None], float("-inf"))  # k != i
+    # The positive of a view-1 anchor is its view 2 and vice versa.
+    targets = torch.cat([own + world * n, own])
     return F.cross_entropy(logits, targets)
 
 

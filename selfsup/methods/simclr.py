@@ -25,6 +25,8 @@ class SimCLR(nn.Module):
         proj_hidden: projector hidden width (default D, as in the paper).
         proj_dim: projection dim d (128).
         temperature: T of NT-Xent (0.5 for CIFAR-10 in the paper; 0.1 - 0.2 on ImageNet).
+        gather_distributed: under DDP, contrast against the views of all ranks (the global
+            batch, 2(NB - 1) negatives per view) rather than this rank's 2(B - 1).
     """
 
     def __init__(
@@ -34,16 +36,18 @@ class SimCLR(nn.Module):
         proj_hidden: int | None = None,
         proj_dim: int = 128,
         temperature: float = 0.5,
+        gather_distributed: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = ProjectionHead(feat_dim, proj_hidden or feat_dim, proj_dim)
         self.temperature = temperature
+        self.gather_distributed = gather_distributed
 
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
         """Views x1, x2: [B, 3, S, S] -> {"loss": scalar, "z": [B, d], "pos_cos": scalar}."""
         z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
-        loss = nt_xent_loss(z1, z2, self.temperature)
+        loss = nt_xent_loss(z1, z2, self.temperature, self.gather_distributed)
         pos_cos = F.cosine_similarity(z1.detach(), z2.detach(), dim=1).mean()
         return {"loss": loss, "z": z1.detach(), "pos_cos": pos_cos}
 

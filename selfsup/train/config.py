@@ -31,6 +31,7 @@ class DataConfig:
     mean: list[float] | None = None  # None: the dataset's own statistics
     std: list[float] | None = None
     workers: int | None = None  # decode workers while building the cache
+    limit: int | None = None  # use only the first N images of each split (quick trials, tests)
 
 
 @dataclass
@@ -215,6 +216,7 @@ def validate_config(cfg: DictConfig) -> None:
     _require(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
     _require(d.storage_size is None or d.storage_size >= d.image_size,
              f"data.storage_size ({d.storage_size}) must be >= data.image_size ({d.image_size})")
+    _require(d.limit is None or d.limit >= 2, f"data.limit must be >= 2, got {d.limit}")
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.knn_every >= 0, f"train.knn_every must be >= 0, got {t.knn_every}")
     _require(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
@@ -223,6 +225,52 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("mean", "std"):
         value = d[key]
         _require(value is None or len(value) == 3, f"data.{key} needs 3 values (RGB), got {value}")
+    validate_method_and_model(cfg)
+
+
+def validate_method_and_model(cfg: DictConfig) -> None:
+    """Method name, method options (against the method's constructor) and backbone, before any
+    data is read: ``build_method`` would only find these after the dataset is decoded."""
+    import inspect
+
+    from selfsup.methods import METHOD_CLASSES, method_options
+    from selfsup.models import BACKBONES
+
+    name = cfg.method.get("name")
+    _require(name in METHOD_CLASSES, f"method.name must be one of {list(METHOD_CLASSES)}, got "
+             f"{name!r}{_did_you_mean(str(name), list(METHOD_CLASSES))}")
+    backbone = cfg.model.backbone
+    _require(backbone in BACKBONES, f"model.backbone must be one of {list(BACKBONES)}, got "
+             f"{backbone!r}{_did_you_mean(str(backbone), list(BACKBONES))}")
+    own = method_options(name)
+    # options of other methods are allowed (and ignored), so one preset serves every method
+    known = sorted({k for m in METHOD_CLASSES for k in method_options(m)})
+    params = inspect.signature(METHOD_CLASSES[name].__init__).parameters
+    for key, value in cfg.method.items():
+        if key == "name":
+            continue
+        where = f"method.{key}"
+        _require(key in known, f"unknown setting {where!r} for method {name!r}"
+                 f"{_did_you_mean(str(key), list(own) + known)}; {name} takes "
+                 f"{[f'method.{k}' for k in own]}")
+        if key not in own:
+            continue
+        default = params[key].default
+        if value is None or default is None or default is inspect.Parameter.empty:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = isinstance(value, bool) if isinstance(default, bool) else (
+            number and (isinstance(value, int) or isinstance(default, float))
+            if isinstance(default, int | float) else isinstance(value, type(default)))
+        _require(ok, f"{where} must be of type {type(default).__name__} (default {default!r}), "
+                 f"got {value!r}")
+    if name == "moco":
+        queue = cfg.method.get("queue_size") or params["queue_size"].default
+        batch = cfg.train.batch_size
+        multiple = max(batch, round(queue / batch) * batch)
+        _require(queue % batch == 0, f"method.queue_size={queue} is not a multiple of "
+                 f"train.batch_size={batch} (MoCo enqueues whole batches); use "
+                 f"method.queue_size={multiple} or a batch size that divides {queue}")
 
 
 def config_hash(cfg: DictConfig, keys: tuple[str, ...] = ("method", "model", "augment")) -> str:

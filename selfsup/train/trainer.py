@@ -123,6 +123,10 @@ def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoVi
     return TwoViewAugment(views[0], views[1], cfg.data.image_size, mean=mean, std=std)
 
 
+def _limit(dataset: ImageDataset, limit: int | None) -> ImageDataset:
+    return dataset.subset(range(limit)) if limit and limit < len(dataset) else dataset
+
+
 def build_model(cfg: DictConfig) -> torch.nn.Module:
     backbone, feat_dim = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
     # options of other methods are ignored, so one preset can serve every method
@@ -145,7 +149,7 @@ class Trainer:
         d = self.cfg.data
         kwargs = dict(image_size=d.storage_size or d.image_size, cache_dir=d.cache_dir,
                       workers=d.workers, progress=self.cfg.train.progress)
-        train = load_dataset(d.source, "train", **kwargs)
+        train = _limit(load_dataset(d.source, "train", **kwargs), d.limit)
         summary = write_skip_report(train, self.run_dir / "skipped.csv")
         if train.skipped:
             print(f"selfsup: {summary} (list: {self.run_dir / 'skipped.csv'})", file=sys.stderr)
@@ -158,8 +162,9 @@ class Trainer:
         bank, query = None, None
         eval_source = d.eval_source or d.source
         try:
-            bank = train if eval_source == d.source else load_dataset(eval_source, "train", **kwargs)
-            query = load_dataset(eval_source, "test", **kwargs)
+            bank = train if eval_source == d.source else _limit(
+                load_dataset(eval_source, "train", **kwargs), d.limit)
+            query = _limit(load_dataset(eval_source, "test", **kwargs), d.limit)
         except DataError as exc:
             print(f"selfsup: kNN monitoring off: {exc}", file=sys.stderr)
             bank, query = None, None
