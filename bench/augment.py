@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +83,9 @@ def kornia_batched(cfg: ViewConfig, size: int, mean, std, device: str) -> Callab
     return lambda images: pipeline(images.float().div_(255.0))
 
 
-def crop_grid_sample(images: torch.Tensor, boxes: torch.Tensor, size: int,
-                     flip: torch.Tensor) -> torch.Tensor:
+def crop_grid_sample(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor
+) -> torch.Tensor:
     """The grid_sample alternative: one affine grid per sample, flip folded into its x scale."""
     batch, _, height, width = images.shape
     top, left, crop_h, crop_w = boxes.to(images.dtype).unbind(1)
@@ -94,8 +96,11 @@ def crop_grid_sample(images: torch.Tensor, boxes: torch.Tensor, size: int,
     theta[:, 1, 1] = crop_h / height
     theta[:, 1, 2] = (2 * top + crop_h) / height - 1
     grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _crop_only(crop_fn: Callable, boxes, size: int, flip, images: torch.Tensor) -> torch.Tensor:
+    return crop_fn(images, boxes, size, flip)
 
 
 def views_per_second(fn: Callable, images: torch.Tensor, iters: int, device: str) -> float:
@@ -123,34 +128,45 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = args.device
     gen = torch.Generator(device=device).manual_seed(0)
-    result: dict = {"device": device, "iters": args.iters, "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "unit": "views/s"}
+    result: dict = {
+        "device": device,
+        "iters": args.iters,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "unit": "views/s",
+    }
     for name, (size, batch, source, cfg, mean, std) in CASES.items():
-        images = torch.randint(0, 256, (batch, 3, source, source), dtype=torch.uint8,
-                               device=device)
+        images = torch.randint(0, 256, (batch, 3, source, source), dtype=torch.uint8, device=device)
         ours = ViewAugment(cfg, size, mean, std).to(device)
-        row = {"batch": batch, "source_px": source, "config": vars(cfg)}
-        row["ours"] = views_per_second(lambda x, ours=ours: ours(x, gen), images, args.iters,
-                                       device)
+        row = {"batch": batch, "source_px": source, "config": repr(cfg)}
+        row["ours"] = views_per_second(
+            lambda x, ours=ours: ours(x, gen), images, args.iters, device
+        )
         if args.compile:
             compiled = torch.compile(ours)
-            row["ours_compiled"] = views_per_second(lambda x, c=compiled: c(x, gen), images,
-                                                    args.iters, device)
+            row["ours_compiled"] = views_per_second(
+                lambda x, c=compiled: c(x, gen), images, args.iters, device
+            )
         tv = torchvision_per_image(cfg, size, mean, std)
-        row["torchvision_v2_per_image"] = views_per_second(tv, images, max(1, args.iters // 2),
-                                                           device)
+        row["torchvision_v2_per_image"] = views_per_second(
+            tv, images, max(1, args.iters // 2), device
+        )
         kornia_fn = kornia_batched(cfg, size, mean, std, device)
-        row["kornia"] = (views_per_second(kornia_fn, images, args.iters, device)
-                         if kornia_fn is not None else "kornia not installed")
+        row["kornia"] = (
+            views_per_second(kornia_fn, images, args.iters, device)
+            if kornia_fn is not None
+            else "kornia not installed"
+        )
         # Crop+resize alone: roi_align (adaptive taps = antialiased) vs grid_sample (not).
         x = images.float()
-        boxes = sample_crop_params(batch, source, source, cfg.crop_scale, cfg.crop_ratio,
-                                   generator=gen, device=device)
+        boxes = sample_crop_params(
+            batch, source, source, cfg.crop_scale, cfg.crop_ratio, generator=gen, device=device
+        )
         flip = torch.rand(batch, generator=gen, device=device) < 0.5
-        row["crop_roi_align"] = views_per_second(
-            lambda t: resized_crop(t, boxes, size, flip), x, args.iters, device)
-        row["crop_grid_sample"] = views_per_second(
-            lambda t: crop_grid_sample(t, boxes, size, flip), x, args.iters, device)
+        for label, crop_fn in (("roi_align", resized_crop), ("grid_sample", crop_grid_sample)):
+            row[f"crop_{label}"] = views_per_second(
+                partial(_crop_only, crop_fn, boxes, size, flip), x, args.iters, device
+            )
         result[name] = row
     print(json.dumps(result, indent=2))
 

@@ -7,6 +7,7 @@ fault and exits with status 2, before any long work where the error can be known
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -117,7 +118,7 @@ def register(name: str, adder, handler) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfsup import commands  # noqa: F401  (registers eval / embed / neighbors / export / ablate)
+    from selfsup import ablate, commands  # noqa: F401  (they register their subcommands)
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -133,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         return _HANDLERS[args.command](args)
     except SelfsupError as exc:
         print(f"selfsup: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        print(f"selfsup: error: {exc.strerror}: {exc.filename or 'writing the run'}; free disk "
+              f"space, or choose a writable --out (and data.cache_dir)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selfsup: interrupted", file=sys.stderr)

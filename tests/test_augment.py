@@ -75,8 +75,9 @@ def _images(batch: int, size: int, seed: int = 0, height: int | None = None) -> 
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (24, 40)])
 def test_crop_params_distribution_matches_torchvision_get_params(height: int, width: int) -> None:
     n = 3000
-    ours = sample_crop_params(n, height, width, (0.08, 1.0), (3 / 4, 4 / 3),
-                              generator=torch.Generator().manual_seed(1))
+    ours = sample_crop_params(
+        n, height, width, (0.08, 1.0), (3 / 4, 4 / 3), generator=torch.Generator().manual_seed(1)
+    )
     torch.manual_seed(2)
     image = torch.zeros(3, height, width)
     theirs = torch.tensor(
@@ -111,21 +112,28 @@ def test_crop_params_fall_back_to_torchvision_central_crop() -> None:
 
 def test_view_params_rates_and_ranges_match_torchvision_distributions() -> None:
     n = 4000
-    cfg = ViewConfig(brightness=0.4, contrast=0.3, saturation=1.5, hue=0.1, blur_p=0.4,
-                     solarize_p=0.2)
+    cfg = ViewConfig(
+        brightness=0.4, contrast=0.3, saturation=1.5, hue=0.1, blur_p=0.4, solarize_p=0.2
+    )
     p = sample_view_params(cfg, n, 64, 64, generator=torch.Generator().manual_seed(3))
-    for name, mask, rate in [("flip", p.flip, 0.5), ("jitter", p.jitter, 0.8),
-                             ("gray", p.gray, 0.2), ("blur", p.blur, 0.4),
-                             ("solarize", p.solarize, 0.2)]:
+    for name, mask, rate in [
+        ("flip", p.flip, 0.5),
+        ("jitter", p.jitter, 0.8),
+        ("gray", p.gray, 0.2),
+        ("blur", p.blur, 0.4),
+        ("solarize", p.solarize, 0.2),
+    ]:
         assert mask.dtype == torch.bool and mask.shape == (n,)
         assert abs(mask.float().mean().item() - rate) < 0.035, name
     # ColorJitter draws each factor from U[max(0, 1 - v), 1 + v] and hue from U[-h, h].
     reference = torch.rand(n, generator=torch.Generator().manual_seed(4))
-    for name, values, (low, high) in [("brightness", p.brightness, (0.6, 1.4)),
-                                      ("contrast", p.contrast, (0.7, 1.3)),
-                                      ("saturation", p.saturation, (0.0, 2.5)),
-                                      ("hue", p.hue, (-0.1, 0.1)),
-                                      ("sigma", p.sigma, (0.1, 2.0))]:
+    for name, values, (low, high) in [
+        ("brightness", p.brightness, (0.6, 1.4)),
+        ("contrast", p.contrast, (0.7, 1.3)),
+        ("saturation", p.saturation, (0.0, 2.5)),
+        ("hue", p.hue, (-0.1, 0.1)),
+        ("sigma", p.sigma, (0.1, 2.0)),
+    ]:
         assert values.min() >= low and values.max() <= high, name
         stat = _ks_statistic(values, low + (high - low) * reference)
         assert stat < _ks_critical(n, n), f"{name} is not uniform on [{low}, {high}]"
@@ -163,8 +171,16 @@ def _interior_mask(box: list[int], size: int) -> torch.Tensor:
 def test_resized_crop_upscaling_matches_torchvision_bilinear() -> None:
     images = _images(6, 20, seed=5)
     size = 32
-    boxes = torch.tensor([[0, 0, 20, 20], [3, 2, 12, 17], [10, 5, 9, 9], [0, 7, 20, 13],
-                          [4, 0, 16, 20], [11, 11, 9, 9]])
+    boxes = torch.tensor(
+        [
+            [0, 0, 20, 20],
+            [3, 2, 12, 17],
+            [10, 5, 9, 9],
+            [0, 7, 20, 13],
+            [4, 0, 16, 20],
+            [11, 11, 9, 9],
+        ]
+    )
     flip = torch.tensor([False, True, False, True, False, True])
     ours = resized_crop(images, boxes, size, flip)
     assert ours.shape == (6, 3, size, size)
@@ -191,8 +207,9 @@ def test_resized_crop_downscaling_is_antialiased() -> None:
     aliased = resized_crop(images, boxes, 32, antialias=False)
     assert (aliased - area).abs().mean() > 0.05
     # Against torchvision's antialiased bilinear on smooth content: close, not identical.
-    smooth = F.interpolate(_images(3, 8, seed=7), size=(96, 96), mode="bicubic",
-                           align_corners=False).clamp(0, 1)
+    smooth = F.interpolate(
+        _images(3, 8, seed=7), size=(96, 96), mode="bicubic", align_corners=False
+    ).clamp(0, 1)
     boxes = torch.tensor([[0, 0, 96, 96], [10, 20, 70, 60], [5, 5, 50, 80]])
     ours = resized_crop(smooth, boxes, 32)
     for i, box in enumerate(boxes.tolist()):
@@ -205,13 +222,17 @@ def test_brightness_contrast_saturation_hue_match_torchvision_per_sample() -> No
     images[0] = images[0, :1]  # a grey image: hue and saturation must leave it alone
     factors = torch.tensor([0.0, 0.3, 0.6, 0.95, 1.0, 1.2, 1.4, 2.5])
     hues = torch.tensor([-0.5, -0.3, -0.1, -0.01, 0.0, 0.05, 0.2, 0.5])
-    cases = [(adjust_brightness, TF.adjust_brightness, factors),
-             (adjust_contrast, TF.adjust_contrast, factors),
-             (adjust_saturation, TF.adjust_saturation, factors),
-             (adjust_hue, TF.adjust_hue, hues)]
+    cases = [
+        (adjust_brightness, TF.adjust_brightness, factors),
+        (adjust_contrast, TF.adjust_contrast, factors),
+        (adjust_saturation, TF.adjust_saturation, factors),
+        (adjust_hue, TF.adjust_hue, hues),
+    ]
     for ours_fn, tv_fn, values in cases:
         ours = ours_fn(images, values)
-        expected = torch.stack([tv_fn(img, v.item()) for img, v in zip(images, values)])
+        expected = torch.stack(
+            [tv_fn(img, v.item()) for img, v in zip(images, values, strict=True)]
+        )
         torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0, msg=tv_fn.__name__)
 
 
@@ -244,8 +265,9 @@ def test_color_jitter_applies_ops_in_each_samples_order_like_torchvision() -> No
                 expected = JITTER_FNS[op](expected, params[op].item())
         torch.testing.assert_close(no_hue[i], expected, atol=ATOL, rtol=0)
     # The order matters (clamping, hue vs saturation), so a fixed order would fail above.
-    fixed = color_jitter(images, brightness, contrast, saturation, hue,
-                         order[:1].expand(n, 4), apply)
+    fixed = color_jitter(
+        images, brightness, contrast, saturation, hue, order[:1].expand(n, 4), apply
+    )
     assert (fixed - ours).abs().max() > 1e-3
 
 
@@ -285,8 +307,9 @@ def test_blur_kernel_size_is_odd_and_about_ten_percent() -> None:
 # --------------------------------------------------------------------------- pipeline
 
 
-def _reference_view(image: torch.Tensor, p: ViewParams, i: int, cfg: ViewConfig, size: int,
-                    mean, std) -> torch.Tensor:
+def _reference_view(
+    image: torch.Tensor, p: ViewParams, i: int, cfg: ViewConfig, size: int, mean, std
+) -> torch.Tensor:
     """One sample through torchvision's per-image functional ops, in SimCLR/BYOL order."""
     x = TF.to_dtype(image, torch.float32, scale=True)
     x = TF.resized_crop(x, *p.crop[i].tolist(), [size, size], antialias=True)
@@ -339,8 +362,9 @@ def test_seeded_generator_reproduces_and_outputs_have_contract_shape() -> None:
 
 
 def test_identity_config_only_normalises() -> None:
-    cfg = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0,
-                     gray_p=0.0)
+    cfg = ViewConfig(
+        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0
+    )
     images = (_images(4, 20, seed=15) * 255).to(torch.uint8)
     out = ViewAugment(cfg, 20, CIFAR10_MEAN, CIFAR10_STD)(images)
     mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
@@ -358,8 +382,7 @@ def test_presets_follow_the_published_recipes() -> None:
     small = augment_preset("byol", 32)
     assert small.view1.cfg.blur_p == 0.0 and small.view2.cfg.solarize_p == 0.2
     simclr = augment_preset("SimCLR", 224).view1.cfg
-    assert (simclr.brightness, simclr.saturation, simclr.hue, simclr.blur_p) == (0.8, 0.8, 0.2,
-                                                                                0.5)
+    assert (simclr.brightness, simclr.saturation, simclr.hue, simclr.blur_p) == (0.8, 0.8, 0.2, 0.5)
     simclr32 = augment_preset("simclr", 32).view1.cfg
     assert (simclr32.brightness, simclr32.hue, simclr32.blur_p) == (0.4, 0.1, 0.0)
     for method in ("moco", "simsiam"):
@@ -401,3 +424,18 @@ def test_eval_transform_matches_torchvision_resize_center_crop() -> None:
         EvalTransform(32, IMAGENET_MEAN, IMAGENET_STD)(same_size),
         normalize(same_size.float() / 255, IMAGENET_MEAN, IMAGENET_STD),
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_views_match_cpu_views_with_same_params() -> None:
+    aug = ViewAugment(ViewConfig(blur_p=0.5, solarize_p=0.5), 32, CIFAR10_MEAN, CIFAR10_STD)
+    images = (_images(16, 40, seed=18) * 255).to(torch.uint8)
+    params = aug.sample_params(images, torch.Generator().manual_seed(19))
+    on_cpu = aug.apply(images, params)
+    moved = ViewParams(**{k: v.cuda() for k, v in vars(params).items()})
+    on_gpu = aug.cuda().apply(images.cuda(), moved)
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    v1, v2 = augment_preset("byol", 32)(images.cuda(), gen)
+    assert v1.device.type == "cuda" and v2.shape == (16, 3, 32, 32)

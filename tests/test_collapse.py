@@ -265,3 +265,19 @@ def test_monitor_ignores_non_finite_metrics_and_validates_settings() -> None:
         CollapseMonitor(mode="panic")
     with pytest.raises(ConfigError, match="patience"):
         CollapseMonitor(patience=0)
+
+
+def test_collapse_metrics_tolerate_non_finite_outputs() -> None:
+    z = gaussian(32, 8)
+    z[3, 2] = float("nan")
+    metrics = collapse_metrics(z, h=gaussian(32, 4), z_target=gaussian(32, 8))
+    assert math.isnan(metrics["z_erank"]) and math.isnan(metrics["target_cos"])
+    assert "h_erank" in metrics and metrics["z_dim"] == 8.0
+    assert not CollapseMonitor(mode="stop", patience=1).check(metrics).collapsed
+
+
+def test_condition_number_ignores_unavoidable_zero_tail() -> None:
+    # N = 65 < d = 128: 64 eigenvalues can be non-zero, the rest are zero by construction.
+    z = gaussian(65, 128)
+    assert condition_number(z) < 1e3
+    assert condition_number(rank_k(65, 128, 10)) > 1e6

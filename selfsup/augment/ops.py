@@ -346,7 +346,9 @@ def solarize(images: Tensor, threshold: float = 0.5, mask: Tensor | None = None)
     return torch.where(_sample_mask(mask), solarized, images)
 
 
-def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+def normalize(
+    images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor
+) -> Tensor:
     """``(x - mean) / std`` per channel; mean and std have 3 entries."""
     mean_t = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(-1, 1, 1)
     std_t = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(-1, 1, 1)

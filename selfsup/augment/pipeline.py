@@ -127,6 +127,9 @@ def _uniform(u: Tensor, low: float, high: float) -> Tensor:
     return low + (high - low) * u
 
 
+# Dynamo cannot trace torch.rand(generator=...): keep sampling eager (a few tiny kernels) so
+# torch.compile(view_augment) compiles `apply`, which compiles with fullgraph=True.
+@torch.compiler.disable
 def sample_view_params(
     cfg: ViewConfig,
     batch_size: int,
@@ -207,9 +210,7 @@ class ViewAugment(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
-    def sample_params(
-        self, images: Tensor, generator: torch.Generator | None = None
-    ) -> ViewParams:
+    def sample_params(self, images: Tensor, generator: torch.Generator | None = None) -> ViewParams:
         """Per-sample parameters for ``images`` ``[B, 3, H, W]``, drawn on its device."""
         batch, _, height, width = images.shape
         return sample_view_params(
@@ -248,7 +249,7 @@ class ViewAugment(nn.Module):
         return ops.normalize(x, self.mean, self.std)
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``[B, 3, H, W]`` uint8/float -> normalised ``[B, 3, S, S]``; randomness from generator."""
+        """``[B, 3, H, W]`` uint8/float -> normalised ``[B, 3, S, S]``, random via ``generator``."""
         _check_images(images)
         return self.apply(images, self.sample_params(images, generator))
 

@@ -57,6 +57,28 @@ def feature_std(z: Tensor) -> float:
     return F.normalize(z, dim=1).std(dim=0).mean().item()
 
 
+def centred_singular_values(z: Tensor) -> Tensor:
+    """Singular values of the batch-centred ``z``, descending, float64 on the CPU.
+
+    ``[N, d]`` -> ``[min(N, d)]``. Computed in float64 on the CPU: for a monitoring batch
+    (e.g. 256 x 2048) that is ~0.1 s, exact enough to tell a zero singular value from a small one,
+    and independent of the training device.
+    """
+    z = _as_matrix(z).cpu().double()
+    return torch.linalg.svdvals(z - z.mean(dim=0, keepdim=True))
+
+
+def _effective_rank_from(sigma: Tensor) -> float:
+    p = sigma / sigma.sum().clamp_min(torch.finfo(sigma.dtype).tiny) + RANKME_EPS
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def _spectrum_from(sigma: Tensor, n: int, d: int) -> Tensor:
+    eig = torch.zeros(d, dtype=torch.float64)
+    eig[: sigma.numel()] = sigma.square() / (n - 1)
+    return eig.float()
+
+
 def effective_rank(z: Tensor, *, center: bool = True) -> float:
     """Effective rank: exp of the Shannon entropy of the normalised singular values.
 
@@ -78,42 +100,44 @@ def effective_rank(z: Tensor, *, center: bool = True) -> float:
     Returns:
         effective rank (float).
     """
-    z = _as_matrix(z)
     if center:
-        z = z - z.mean(dim=0, keepdim=True)
-    sigma = torch.linalg.svdvals(z.double())
-    p = sigma / sigma.sum().clamp_min(torch.finfo(torch.float64).tiny) + RANKME_EPS
-    return math.exp(-(p * p.log()).sum().item())
+        return _effective_rank_from(centred_singular_values(z))
+    return _effective_rank_from(torch.linalg.svdvals(_as_matrix(z).cpu().double()))
 
 
 def eigenvalue_spectrum(z: Tensor) -> Tensor:
     """Eigenvalues of the batch covariance of ``z``, descending (Jing et al. 2022, Fig. 1).
 
+    Computed from the singular values of the centred batch (``lambda_k = sigma_k^2 / (N - 1)``),
+    which costs ``O(N^2 d)`` instead of the ``O(d^3)`` of a ``d x d`` eigendecomposition.
+
     Args:
         z: ``[N, d]`` embeddings, ``N >= 2``.
 
     Returns:
-        float32 ``[d]`` eigenvalues of ``cov(z) = (z - mean)^T (z - mean) / (N - 1)``, clamped at 0
-        (round-off can make zero eigenvalues slightly negative). Only ``min(N - 1, d)`` can be
-        non-zero, so a batch smaller than ``d`` always has a zero tail.
+        float32 ``[d]`` eigenvalues of ``cov(z) = (z - mean)^T (z - mean) / (N - 1)`` on the CPU.
+        Only ``min(N - 1, d)`` can be non-zero, so a batch smaller than ``d`` has a zero tail.
     """
-    z = _as_matrix(z).double()
-    if z.shape[0] < 2:
+    n, d = _as_matrix(z).shape
+    if n < 2:
         raise ValueError("eigenvalue_spectrum needs at least 2 samples")
-    cov = torch.cov(z.T).reshape(z.shape[1], z.shape[1])
-    eig = torch.linalg.eigvalsh(cov).clamp_min(0.0)
-    return eig.flip(0).float()
+    return _spectrum_from(centred_singular_values(z), n, d)
+
+
+def _condition_from(eig: Tensor, n: int, eps: float) -> float:
+    last = min(n - 1, eig.numel()) - 1  # the smallest eigenvalue this batch size can resolve
+    return (eig[0] / eig[last].clamp_min(eps)).item()
 
 
 def condition_number(z: Tensor, *, eps: float = 1e-12) -> float:
-    """``lambda_max / max(lambda_min, eps)`` of the covariance spectrum.
+    """``lambda_1 / max(lambda_r, eps)`` of the covariance spectrum, ``r = min(N - 1, d)``.
 
-    Large values (``> 1e3`` in the BYOL notes) mean a few directions dominate. A batch with
-    ``N <= d`` is rank deficient, so its ratio is ``lambda_max / eps``; compare it across steps of
-    one run rather than against a fixed threshold.
+    Large values (``> 1e3`` in the BYOL notes) mean a few directions dominate. Only the ``r``
+    eigenvalues a batch of ``N`` can make non-zero enter the ratio, so a batch smaller than ``d``
+    is not flagged for its unavoidable zero tail; a genuinely rank-deficient batch gets
+    ``lambda_1 / eps``.
     """
-    eig = eigenvalue_spectrum(z)
-    return (eig[0] / eig[-1].clamp_min(eps)).item()
+    return _condition_from(eigenvalue_spectrum(z), _as_matrix(z).shape[0], eps)
 
 
 def alignment(z1: Tensor, z2: Tensor, alpha: float = 2.0) -> float:
@@ -161,29 +185,40 @@ def collapse_metrics(
     Returns:
         ``z_std`` (:func:`feature_std`), ``z_std_healthy`` (``1/sqrt(d)``), ``z_std_ratio``
         (``z_std * sqrt(d)``: ~1 healthy, 0 collapsed), ``z_erank``, ``z_dim``,
-        ``z_condition``, ``z_uniformity``; with ``h``: ``h_std``, ``h_std_ratio``, ``h_erank``;
+        ``z_condition``, ``z_uniformity`` (all NaN but ``z_dim`` and ``z_std_healthy`` when ``z``
+        holds NaN/Inf); with ``h``: ``h_std``, ``h_std_ratio``, ``h_erank``;
         with ``z_target``: ``target_cos`` (mean cosine similarity of matching rows) and
         ``alignment``.
     """
     with torch.no_grad():
         z = _as_matrix(z)
-        d = z.shape[1]
+        n, d = z.shape
+        if not torch.isfinite(z).all():
+            # NaN/Inf outputs are the NaN-loss guard's business; the SVD would fail on them.
+            nan = float("nan")
+            keys = ["z_std", "z_std_ratio", "z_erank", "z_condition", "z_uniformity"]
+            keys += ["h_std", "h_std_ratio", "h_erank"] if h is not None else []
+            keys += ["target_cos", "alignment"] if z_target is not None else []
+            return {k: nan for k in keys} | {"z_std_healthy": 1.0 / math.sqrt(d), "z_dim": float(d)}
         std = feature_std(z)
+        sigma = centred_singular_values(z)  # one SVD serves the rank and the spectrum
         metrics = {
             "z_std": std,
             "z_std_healthy": 1.0 / math.sqrt(d),
             "z_std_ratio": std * math.sqrt(d),
-            "z_erank": effective_rank(z),
+            "z_erank": _effective_rank_from(sigma),
             "z_dim": float(d),
-            "z_condition": condition_number(z),
+            "z_condition": _condition_from(_spectrum_from(sigma, n, d), n, 1e-12),
             "z_uniformity": uniformity(z),
         }
         if h is not None:
             h = _as_matrix(h, "h")
-            h_std = feature_std(h)
-            metrics.update(
-                h_std=h_std, h_std_ratio=h_std * math.sqrt(h.shape[1]), h_erank=effective_rank(h)
-            )
+            if torch.isfinite(h).all():
+                h_std = feature_std(h)
+                h_ratio, h_erank = h_std * math.sqrt(h.shape[1]), effective_rank(h)
+            else:
+                h_std = h_ratio = h_erank = float("nan")
+            metrics.update(h_std=h_std, h_std_ratio=h_ratio, h_erank=h_erank)
         if z_target is not None:
             z_target = _as_matrix(z_target, "z_target")
             metrics["target_cos"] = F.cosine_similarity(z, z_target, dim=1).mean().item()

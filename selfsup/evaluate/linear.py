@@ -6,9 +6,9 @@ pooled features with cross-entropy, report top-1 / top-5 on the test split.
 
 Two modes:
 
-* ``linear_probe_features`` ("fast"): features are extracted once, without augmentation, and the
-  classifier is trained on the cached ``[N, D]`` tensor. Seconds on a CPU; typically within a few
-  points of the full protocol, and what the quickstart and ``selfsup eval`` default to.
+* ``linear_probe_features`` ("fast"): features are extracted once, without augmentation, and an
+  L2-regularised logistic regression is fitted on the cached ``[N, D]`` tensor with L-BFGS.
+  Seconds on a CPU; typically within a few points of the full protocol.
 * ``linear_probe`` ("full"): the papers' protocol. Each epoch re-augments the training images
   (random resized crop + flip from ``train_transform``), passes them through the frozen encoder
   (eval mode, so BatchNorm running statistics never change; no gradients) and trains the
@@ -137,29 +137,36 @@ def linear_probe_features(
     *,
     num_classes: int | None = None,
     epochs: int = 100,
-    lr: float = 0.1,
-    weight_decay: float = 0.0,
-    batch_size: int = 256,
+    lr: float = 1.0,
+    weight_decay: float = 1e-4,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
 ) -> dict[str, float | int | str]:
-    """Fast linear evaluation on cached (un-augmented) features.
+    """Fast linear evaluation: L2-regularised multinomial logistic regression on cached features.
 
     Features are standardised with the training mean and std (per dimension), then an
-    ``nn.Linear(D, C)`` is trained with cross-entropy, SGD momentum 0.9 and a cosine schedule over
-    ``epochs`` passes of shuffled mini-batches. Everything stays on ``device``; seeded runs give
-    identical results.
+    ``nn.Linear(D, C)`` minimises the full-batch objective
+    ``mean_i CE(W x_i + b, y_i) + weight_decay / 2 * ||W||^2`` with L-BFGS (strong-Wolfe line
+    search), the solver of scikit-learn's ``LogisticRegression``. The problem is convex, so this
+    converges in tens of iterations without a learning-rate schedule to tune, and the result is
+    deterministic: seconds for 50k x 2048 features on a CPU, where mini-batch SGD for 100 epochs
+    takes minutes.
 
     Args:
         train_feats: float ``[N_train, D]``; train_labels: int64 ``[N_train]``.
         test_feats: float ``[N_test, D]``; test_labels: int64 ``[N_test]``.
         num_classes: ``C``; defaults to ``max label + 1``.
-        epochs, lr, weight_decay, batch_size: the classifier's training schedule.
+        epochs: L-BFGS iterations (each is one or a few full passes over the features).
+        lr: L-BFGS step scale (1.0 with the line search).
+        weight_decay: L2 coefficient on ``W`` (the same gradient ``weight_decay * W`` as SGD's).
+        batch_size: rows per forward chunk inside one full-batch evaluation, to bound memory for
+            very large feature sets; ``None`` = all at once. Does not change the result.
         device: defaults to ``train_feats.device``.
-        seed: seeds initialisation and shuffling.
+        seed: seeds the initialisation.
 
     Returns:
-        ``{"top1": %, "top5": %, "train_top1": %, "mode": FAST_MODE, ...settings}``.
+        ``{"top1": %, "top5": %, "train_top1": %, "final_loss": ..., "mode": FAST_MODE, ...}``.
     """
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(
@@ -180,35 +187,49 @@ def linear_probe_features(
     x_train = (x_train - mean) / std
     x_test = (test_feats.to(run_device, torch.float32) - mean) / std
     y_train = train_labels.to(run_device)
+    n_train = x_train.shape[0]
+    chunk = n_train if batch_size is None else max(1, batch_size)
 
     head = make_linear_head(x_train.shape[1], num_classes, generator=generator).to(run_device)
-    steps_per_epoch = math.ceil(x_train.shape[0] / batch_size)
-    optimizer, schedule = cosine_sgd(
-        head.parameters(), lr=lr, total_steps=epochs * steps_per_epoch, weight_decay=weight_decay
+    optimizer = torch.optim.LBFGS(
+        head.parameters(),
+        lr=lr,
+        max_iter=max(1, epochs),
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
     )
-    for _ in range(epochs):
-        for idx in batch_indices(x_train.shape[0], batch_size, generator):
-            idx = idx.to(run_device)
-            loss = F.cross_entropy(head(x_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+
+    def closure() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=run_device)
+        for start in range(0, n_train, chunk):  # sum of chunk losses = full-batch mean loss
+            logits = head(x_train[start : start + chunk])
+            part = F.cross_entropy(logits, y_train[start : start + chunk], reduction="sum")
+            (part / n_train).backward()
+            total += part.detach() / n_train
+        penalty = 0.5 * weight_decay * head.weight.pow(2).sum()
+        penalty.backward()
+        return total + penalty.detach()
+
+    optimizer.step(closure)
 
     with torch.no_grad():
+        final_loss = F.cross_entropy(head(x_train), y_train).item()
         top1, top5 = topk_accuracy(head(x_test), test_labels, (1, 5))
         (train_top1,) = topk_accuracy(head(x_train), train_labels, (1,))
     return {
         "top1": top1,
         "top5": top5,
         "train_top1": train_top1,
+        "final_loss": final_loss,
         "mode": FAST_MODE,
+        "solver": "lbfgs",
         "epochs": epochs,
-        "lr": lr,
         "weight_decay": weight_decay,
-        "batch_size": batch_size,
         "num_classes": num_classes,
-        "n_train": int(train_feats.shape[0]),
+        "n_train": int(n_train),
         "n_test": int(test_feats.shape[0]),
     }
 

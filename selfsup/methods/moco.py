@@ -8,13 +8,41 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.errors import ConfigError
-from selfsup.losses import info_nce_loss
+from selfsup.losses import concat_all_gather, distributed_world, info_nce_loss
 from selfsup.methods.ema import EmaTarget, cosine_tau
 from selfsup.models.heads import ProjectionHead
+
+
+@torch.no_grad()
+def batch_shuffle_ddp(x: Tensor) -> tuple[Tensor, Tensor]:
+    """MoCo's shuffle-BN, step 1: a random permutation of the global batch, sharded over ranks.
+
+    Gathers x [B, ...] from all W ranks, permutes the W*B rows with a permutation drawn on rank 0
+    and broadcast, and returns this rank's B rows of the shuffled batch plus ``idx_unshuffle``
+    [W*B] for :func:`batch_unshuffle_ddp`. The key encoder's BatchNorm then sees a different
+    sub-batch than the query encoder's, so it cannot leak which key matches which query ([0] 3.3).
+    Every rank must hold the same B.
+    """
+    rank, world = distributed_world()
+    x_all = concat_all_gather(x)
+    idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+    dist.broadcast(idx_shuffle, src=0)  # one permutation for all ranks
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    own = idx_shuffle.view(world, -1)[rank]
+    return x_all[own], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle_ddp(x: Tensor, idx_unshuffle: Tensor) -> Tensor:
+    """MoCo's shuffle-BN, step 2: undo :func:`batch_shuffle_ddp`; x [B, ...] -> this rank's rows."""
+    rank, world = distributed_world()
+    x_all = concat_all_gather(x)
+    return x_all[idx_unshuffle.view(world, -1)[rank]]
 
 
 class MoCo(nn.Module):
@@ -25,7 +53,9 @@ class MoCo(nn.Module):
     loss of (q2, k1) and enqueues both key batches [2]. The key encoder follows the query encoder
     by theta_k <- m theta_k + (1 - m) theta_q (eq. 2) in ``update_target``, after the optimizer
     step, which equals the paper's update before computing the next keys. Views go through each
-    encoder separately (single device: no shuffle-BN).
+    encoder separately. Under DDP the keys of all ranks are gathered (rank 0's first) before the
+    enqueue, so every rank holds the same queue, and ``shuffle_bn`` runs the key encoder on a
+    randomly permuted global batch ([0] sec. 3.3); both are no-ops in one process.
 
     Args:
         backbone: query encoder f_q, [B, 3, S, S] -> [B, feat_dim].
@@ -37,6 +67,8 @@ class MoCo(nn.Module):
         momentum: m (0.999 in the paper; 0.99 for short runs on small datasets).
         momentum_cosine: raise m to 1 with BYOL's cosine schedule over training.
         symmetric: loss(q1, k2) + loss(q2, k1).
+        shuffle_bn: under DDP, shuffle the batch across ranks for the key encoder (not needed
+            with SyncBatchNorm).
     """
 
     def __init__(
@@ -50,6 +82,7 @@ class MoCo(nn.Module):
         momentum: float = 0.99,
         momentum_cosine: bool = False,
         symmetric: bool = False,
+        shuffle_bn: bool = True,
     ) -> None:
         super().__init__()
         if queue_size < 1:
@@ -61,12 +94,17 @@ class MoCo(nn.Module):
         self.key_backbone = EmaTarget(backbone)
         self.key_projector = EmaTarget(self.projector)
         self.temperature, self.symmetric = temperature, symmetric
+        self.shuffle_bn = shuffle_bn
         self.momentum, self.momentum_cosine = momentum, momentum_cosine
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def _keys(self, x: Tensor) -> Tensor:
-        return F.normalize(self.key_projector(self.key_backbone(x)), dim=1)
+        shuffle = self.shuffle_bn and self.training and distributed_world()[1] > 1
+        if shuffle:
+            x, idx_unshuffle = batch_shuffle_ddp(x)
+        k = F.normalize(self.key_projector(self.key_backbone(x)), dim=1)
+        return batch_unshuffle_ddp(k, idx_unshuffle) if shuffle else k
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:
@@ -89,14 +127,15 @@ class MoCo(nn.Module):
         q1 = self.projector(self.backbone(x1))
         k2 = self._keys(x2)
         loss = info_nce_loss(q1, k2, queue, self.temperature)
-        keys = k2
+        keys = [k2]
         if self.symmetric:
             q2 = self.projector(self.backbone(x2))
             k1 = self._keys(x1)
             loss = loss + info_nce_loss(q2, k1, queue, self.temperature)
-            keys = torch.cat([k2, k1])
+            keys.append(k1)
         if self.training:  # evaluation must not change the queue
-            self._enqueue(keys)
+            # All ranks' keys, per view, so every rank's queue equals the single-process one.
+            self._enqueue(torch.cat([concat_all_gather(k) for k in keys]))
         pos_cos = (F.normalize(q1.detach(), dim=1) * k2).sum(dim=1).mean()
         return {"loss": loss, "z": q1.detach(), "pos_cos": pos_cos}
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 import selfsup
 from selfsup.augment import EvalTransform, TwoViewAugment, ViewConfig, augment_preset
 from selfsup.data import BatchStream, ImageDataset, load_dataset, write_skip_report
-from selfsup.errors import ConfigError, DataError, NumericalError
+from selfsup.errors import CheckpointError, ConfigError, DataError, NumericalError
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_accuracy
@@ -66,10 +66,12 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"{out} already holds a run (config.yaml); pass --resume to continue it, --overwrite "
             f"to replace it, or choose another --out"
         )
-    if resume and not (out / "checkpoints" / "last.pt").exists() and not (
+    if resume and not marker.exists() and not (out / "checkpoints" / "last.pt").exists() and not (
         out / "checkpoints" / "prev.pt"
     ).exists():
-        raise ConfigError(f"--resume: {out} has no checkpoints/last.pt; start without --resume")
+        # with config.yaml but no checkpoint yet (killed early), --resume restarts from step 0
+        raise ConfigError(f"--resume: {out} holds no run (no config.yaml, no checkpoints/last.pt); "
+                          f"start without --resume")
     if overwrite and not resume and out.exists():
         for name in ("metrics.jsonl", "results.json", "encoder.pt", "skipped.csv"):
             (out / name).unlink(missing_ok=True)
@@ -241,7 +243,10 @@ class Trainer:
         results: dict[str, Any] = {"method": cfg.method.name, "data": cfg.data.source,
                                    "backbone": cfg.model.backbone, "epochs": t.epochs,
                                    "batch_size": batch_size, "selfsup_version": selfsup.__version__}
-        if self.resume:
+        if self.resume and not any((ckpt_dir / n).exists() for n in ("last.pt", "prev.pt")):
+            print(f"selfsup: {ckpt_dir} holds no checkpoint yet (the run stopped before its "
+                  f"first); starting from step 0", file=sys.stderr)
+        elif self.resume:
             state, path = load_checkpoint(ckpt_dir, method=cfg.method.name, config_hash=chash)
             method.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -257,6 +262,17 @@ class Trainer:
         monitor = CollapseMonitor(cfg.method.name, mode=t.collapse, patience=t.collapse_patience)
 
         def checkpoint(epoch: int, step_in_epoch: int) -> Path:
+            try:
+                return _save(epoch, step_in_epoch)
+            except OSError as exc:  # full disk, quota, read-only remount: the old one is intact
+                kept = ckpt_dir / "last.pt"
+                raise CheckpointError(
+                    f"cannot write a checkpoint to {ckpt_dir} ({exc.strerror or exc}); "
+                    + (f"{kept} from before is intact. " if kept.exists() else "")
+                    + f"Free disk space, then: selfsup pretrain --out {self.run_dir} --resume"
+                ) from None
+
+        def _save(epoch: int, step_in_epoch: int) -> Path:
             return save_checkpoint({
                 "model": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
@@ -312,13 +328,17 @@ class Trainer:
                     window_steps += 1
                     bar.update(1)
 
-                    if global_step % t.log_every == 0 or step_in_epoch == steps_per_epoch - 1:
+                    # also before a stop checkpoint, so no checkpoint holds NaN weights
+                    if (global_step % t.log_every == 0 or step_in_epoch == steps_per_epoch - 1
+                            or self._stop_reason is not None):
                         n_bad = int(bad_steps)
                         if n_bad and t.on_nan == "stop":
+                            good = ckpt_dir / "last.pt"
                             raise NumericalError(
                                 f"loss became NaN/Inf at or before step {global_step} (epoch "
-                                f"{epoch + 1}); the last good checkpoint is "
-                                f"{ckpt_dir / 'last.pt'}. Likely causes: learning rate too high "
+                                f"{epoch + 1}); " + (f"the last good checkpoint is {good}"
+                                if good.exists() else "no checkpoint was written yet") +
+                                f". Likely causes: learning rate too high "
                                 f"(optim.lr={cfg.optim.lr}), fp16/bf16 overflow "
                                 f"(try train.precision=fp32), or a collapsed batch. Resume with a "
                                 f"lower lr, or set train.on_nan=skip to skip such steps"

@@ -1,0 +1,614 @@
+"""Data-parallel training: 2 CPU processes (gloo) against 1 process on the same samples.
+
+All multi-process scenarios run in one ``torch.multiprocessing`` spawn (a module fixture) to pay
+the interpreter start-up once; each test then checks its scenario's results against a
+single-process reference computed here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import selfsup.train.trainer
+from selfsup.data.batches import BatchStream
+from selfsup.errors import ConfigError
+from selfsup.evaluate.features import extract_features
+from selfsup.evaluate.knn import knn_accuracy
+from selfsup.losses import concat_all_gather, gather_with_grad, nt_xent_loss
+from selfsup.methods import BYOL, MoCo, SimCLR
+from selfsup.methods.moco import batch_shuffle_ddp, batch_unshuffle_ddp
+from selfsup.train.distributed import (
+    DistEnv,
+    DistributedBatchStream,
+    all_ranks_true,
+    all_reduce_mean,
+    any_rank,
+    cleanup,
+    convert_sync_batchnorm,
+    distributed_extract_features,
+    distributed_knn,
+    gather_rows,
+    init_distributed,
+    is_main,
+    per_rank_batch_size,
+    rank_seed,
+    save_on_main,
+    shard_indices,
+    shard_range,
+    strip_devices_flag,
+    wrap_ddp,
+)
+
+WORLD = 2
+B = 3  # per-rank batch; the single-process reference uses WORLD * B
+TEMPERATURE = 0.5
+SPAWN_TIMEOUT_S = 120
+
+
+# ----------------------------------------------------------------------------- shared set-up
+def views(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 2, 2, generator=g), torch.randn(n, 3, 2, 2, generator=g)
+
+
+def rows(rank: int) -> slice:
+    return slice(rank * B, (rank + 1) * B)
+
+
+def tiny_backbone(batch_norm: bool = False) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(12, 8)]
+    if batch_norm:
+        layers += [nn.BatchNorm1d(8), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def tiny_simclr() -> SimCLR:
+    torch.manual_seed(0)
+    return SimCLR(tiny_backbone(), 8, proj_hidden=8, proj_dim=4, temperature=TEMPERATURE)
+
+
+def tiny_moco(symmetric: bool, shuffle_bn: bool) -> MoCo:
+    torch.manual_seed(0)
+    return MoCo(
+        tiny_backbone(),
+        8,
+        proj_hidden=8,
+        proj_dim=4,
+        queue_size=10,
+        momentum=0.9,
+        symmetric=symmetric,
+        shuffle_bn=shuffle_bn,
+    )
+
+
+def tiny_byol() -> BYOL:
+    torch.manual_seed(0)
+    return BYOL(
+        tiny_backbone(batch_norm=True), 8, proj_hidden=8, proj_dim=4, pred_hidden=8, tau_base=0.9
+    )
+
+
+def trainable_grads(module: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in module.parameters() if p.requires_grad]
+
+
+def bn_backbone(running_mean: float) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12), nn.Linear(12, 5))
+    net[1].running_mean.fill_(running_mean)
+    return net
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255
+
+
+def eval_images() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    bank = torch.randint(0, 256, (7, 3, 2, 2), dtype=torch.uint8, generator=g)
+    query = torch.randint(0, 256, (5, 3, 2, 2), dtype=torch.uint8, generator=g)
+    return (
+        bank,
+        torch.randint(0, 3, (7,), generator=g),
+        query,
+        torch.randint(0, 3, (5,), generator=g),
+    )
+
+
+MOCO_STEPS = 2
+MOCO_VARIANTS = {"plain": (False, False), "symmetric_shuffle_bn": (True, True)}
+
+
+def run_moco(method: MoCo, model: nn.Module, data: list, progress_steps: int) -> list:
+    """SGD steps of ``model`` (``method`` or its DDP wrapper) on ``data`` [(x1, x2), ...]."""
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for step, (x1, x2) in enumerate(data):
+        out = model(x1, x2)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        method.update_target((step + 1) / progress_steps)
+        losses.append(out["loss"].detach())
+    return losses
+
+
+# ----------------------------------------------------------------------------- the workers
+def scenario_simclr(env: DistEnv, out_dir: Path) -> dict:
+    x1, x2 = views(WORLD * B, seed=1)
+    torch.manual_seed(3)
+    projector = nn.Linear(12, 5)
+    ddp = wrap_ddp(projector, env)
+    a, b = x1[rows(env.rank)].flatten(1), x2[rows(env.rank)].flatten(1)
+    loss = nt_xent_loss(ddp(a), ddp(b), TEMPERATURE, gather_distributed=True)
+    loss.backward()
+    result = {
+        "loss": loss.detach(),
+        "loss_mean": all_reduce_mean(loss.detach()),
+        "grads": trainable_grads(projector),
+    }
+    method = tiny_simclr()
+    out = wrap_ddp(method, env)(x1[rows(env.rank)], x2[rows(env.rank)])
+    out["loss"].backward()
+    result.update(
+        method_loss_mean=all_reduce_mean(out["loss"].detach()), method_grads=trainable_grads(method)
+    )
+    return result
+
+
+def scenario_moco(env: DistEnv, out_dir: Path) -> dict:
+    result = {}
+    for name, (symmetric, shuffle_bn) in MOCO_VARIANTS.items():
+        method = tiny_moco(symmetric, shuffle_bn)
+        # No buffer broadcast: the queues must agree by construction, not by DDP's copy.
+        model = wrap_ddp(method, env, broadcast_buffers=False)
+        data = [views(WORLD * B, seed=10 + s) for s in range(MOCO_STEPS)]
+        local = [(x1[rows(env.rank)], x2[rows(env.rank)]) for x1, x2 in data]
+        losses = run_moco(method, model, local, MOCO_STEPS)
+        result[name] = {
+            "queue": method.queue.clone(),
+            "ptr": method.queue_ptr.clone(),
+            "losses": [all_reduce_mean(v) for v in losses],
+        }
+    ids = torch.arange(B, dtype=torch.float32)[:, None] + env.rank * B  # global row ids [B, 1]
+    torch.manual_seed(1)
+    shuffled, idx_unshuffle = batch_shuffle_ddp(ids)
+    result["shuffle"] = {
+        "shuffled": shuffled,
+        "idx_unshuffle": idx_unshuffle,
+        "restored": batch_unshuffle_ddp(shuffled, idx_unshuffle),
+        "ids": ids,
+    }
+    return result
+
+
+def scenario_ema(env: DistEnv, out_dir: Path) -> dict:
+    method = tiny_byol()
+    initial = [p.clone() for p in method.target_backbone.parameters()]
+    model = wrap_ddp(method, env)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+    for step in range(3):  # DDP raises on step 2 if a registered parameter got no gradient
+        x1, x2 = views(4, seed=100 * env.rank + step)  # different images on each rank
+        out = model(x1, x2)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        method.update_target((step + 1) / 3)
+    targets = list(method.target_backbone.parameters()) + list(method.target_projector.parameters())
+    return {
+        "target": [p.detach().clone() for p in targets],
+        "target_grads": [p.grad for p in targets],
+        "online": [p.detach().clone() for p in method.parameters() if p.requires_grad],
+        "initial_target": initial,
+    }
+
+
+def scenario_collectives(env: DistEnv, out_dir: Path) -> dict:
+    rank = env.rank
+    t = (torch.arange(B * 2, dtype=torch.float32).view(B, 2) + 100 * rank).requires_grad_()
+    weights = torch.randn(WORLD * B, 2, generator=torch.Generator().manual_seed(10 + rank))
+    gathered = gather_with_grad(t)
+    (gathered * weights).sum().backward()
+    no_grad = concat_all_gather(t * 2)
+
+    bank, bank_labels, query, query_labels = eval_images()
+    backbone = bn_backbone(running_mean=float(rank))  # rank 1's BN stats differ until synced
+    feats = distributed_extract_features(backbone, bank, to_float, batch_size=2)
+    knn = distributed_knn(
+        bn_backbone(float(rank)),
+        bank,
+        bank_labels,
+        query,
+        query_labels,
+        to_float,
+        batch_size=2,
+        k=3,
+        temperature=0.1,
+    )
+    saved = save_on_main(lambda: (out_dir / f"written_by_{rank}").write_text("x") or rank)
+    marker_seen = (out_dir / "written_by_0").exists()  # after the barrier in save_on_main
+    n = 5  # uneven shards: 3 rows and 2 rows
+    own = torch.arange(n, dtype=torch.float32)[shard_range(n, rank, WORLD)]
+    return {
+        "t": t.detach(),
+        "grad": t.grad,
+        "weights": weights,
+        "gathered": gathered.detach(),
+        "no_grad": no_grad,
+        "no_grad_requires_grad": no_grad.requires_grad,
+        "mean": all_reduce_mean(torch.tensor(float(rank))),
+        "all_true": all_ranks_true(torch.tensor(rank == 0)),
+        "any": any_rank(rank == 1),
+        "none": any_rank(False),
+        "is_main": is_main(),
+        "saved": saved,
+        "marker_seen": marker_seen,
+        "rows": gather_rows(own[:, None].repeat(1, 2), n),
+        "feats": feats,
+        "knn": knn,
+        "env": (env.rank, env.world_size, env.local_rank),
+    }
+
+
+SCENARIOS = {
+    "simclr": scenario_simclr,
+    "moco": scenario_moco,
+    "ema": scenario_ema,
+    "collectives": scenario_collectives,
+}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    results: dict = {}
+    try:
+        for name, scenario in SCENARIOS.items():
+            try:
+                results[name] = scenario(env, Path(out_dir))
+            except Exception:  # reported by the test that owns the scenario
+                results[name] = {"error": traceback.format_exc()}
+    finally:
+        cleanup()
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("ddp")
+    context = mp.start_processes(
+        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} gloo workers did not finish in {SPAWN_TIMEOUT_S} s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def scenario(results: list[dict], name: str) -> list[dict]:
+    for rank, result in enumerate(results):
+        if "error" in result[name]:
+            pytest.fail(f"rank {rank}, scenario {name}:\n{result[name]['error']}")
+    return [result[name] for result in results]
+
+
+def assert_close_lists(got: list, want: list, **tol) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+# ----------------------------------------------------------------------------- 2 processes
+def nt_xent_loop(z1: torch.Tensor, z2: torch.Tensor, t: float) -> torch.Tensor:
+    """SimCLR eq. 1 term by term over all 2N views."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n2 = z.shape[0]
+    terms = []
+    for i in range(n2):
+        j = (i + n2 // 2) % n2
+        denominator = sum(torch.exp(z[i] @ z[k] / t) for k in range(n2) if k != i)
+        terms.append(-torch.log(torch.exp(z[i] @ z[j] / t) / denominator))
+    return torch.stack(terms).mean()
+
+
+def test_simclr_two_processes_equal_one_process_of_double_batch(dist_results):
+    results = scenario(dist_results, "simclr")
+    x1, x2 = views(WORLD * B, seed=1)
+    torch.manual_seed(3)
+    projector = nn.Linear(12, 5)
+    z1, z2 = projector(x1.flatten(1)), projector(x2.flatten(1))
+    loss = nt_xent_loss(z1, z2, TEMPERATURE)
+    torch.testing.assert_close(loss, nt_xent_loop(z1, z2, TEMPERATURE))
+    loss.backward()
+    per_rank = torch.stack([r["loss"] for r in results])
+    # Each rank's loss covers its own anchors only, so the ranks differ; their mean is the loss.
+    assert not torch.allclose(per_rank[0], per_rank[1])
+    torch.testing.assert_close(per_rank.mean(), loss.detach())
+    for r in results:
+        torch.testing.assert_close(r["loss_mean"], loss.detach())
+        # The gather's backward sums over ranks and DDP averages: the single-process gradient.
+        assert_close_lists(r["grads"], trainable_grads(projector), atol=1e-6, rtol=1e-5)
+
+    # The SimCLR module under DDP: BN in the projector normalises each rank's 2B views, so the
+    # reference runs the network per half and contrasts the concatenated projections.
+    method = tiny_simclr()
+    halves = [
+        method.projector(method.backbone(torch.cat([x1[rows(r)], x2[rows(r)]])))
+        for r in range(WORLD)
+    ]
+    z1 = torch.cat([h.chunk(2)[0] for h in halves])
+    z2 = torch.cat([h.chunk(2)[1] for h in halves])
+    ref = nt_xent_loss(z1, z2, TEMPERATURE)
+    ref.backward()
+    for r in results:
+        torch.testing.assert_close(r["method_loss_mean"], ref.detach())
+        assert_close_lists(r["method_grads"], trainable_grads(method), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(MOCO_VARIANTS))
+def test_moco_queue_on_every_rank_equals_single_process_queue(dist_results, variant):
+    results = [r[variant] for r in scenario(dist_results, "moco")]
+    method = tiny_moco(*MOCO_VARIANTS[variant])
+    data = [views(WORLD * B, seed=10 + s) for s in range(MOCO_STEPS)]
+    losses = run_moco(method, method, data, MOCO_STEPS)
+    keys_per_step = WORLD * B * (2 if MOCO_VARIANTS[variant][0] else 1)
+    assert keys_per_step * MOCO_STEPS > method.queue.shape[0]  # the ring buffer wrapped
+    for r in results:
+        torch.testing.assert_close(r["queue"], method.queue, atol=1e-6, rtol=1e-5)
+        assert int(r["ptr"]) == int(method.queue_ptr)
+        assert_close_lists(r["losses"], losses, atol=1e-6, rtol=1e-5)
+
+
+def test_moco_shuffle_bn_permutes_the_global_batch_and_restores_it(dist_results):
+    results = [r["shuffle"] for r in scenario(dist_results, "moco")]
+    torch.testing.assert_close(results[0]["idx_unshuffle"], results[1]["idx_unshuffle"])
+    shuffled = torch.cat([r["shuffled"] for r in results]).flatten()
+    assert sorted(shuffled.tolist()) == list(range(WORLD * B))  # a permutation of all ranks' rows
+    assert shuffled.tolist() != list(range(WORLD * B))
+    # idx_unshuffle inverts the permutation: row i of the shuffled global batch goes back home.
+    restored = shuffled[results[0]["idx_unshuffle"]]
+    torch.testing.assert_close(restored, torch.arange(WORLD * B, dtype=torch.float32))
+    for r in results:
+        torch.testing.assert_close(r["restored"], r["ids"])
+
+
+def test_ema_targets_stay_identical_across_ranks(dist_results):
+    rank0, rank1 = scenario(dist_results, "ema")
+    assert all(g is None for g in rank0["target_grads"])  # DDP left the frozen targets alone
+    assert_close_lists(rank0["online"], rank1["online"], atol=0, rtol=0)
+    assert_close_lists(rank0["target"], rank1["target"], atol=0, rtol=0)
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(rank0["target"], rank0["initial_target"], strict=False)
+    ]
+    assert any(moved)  # the EMA update ran
+
+
+def test_gather_with_grad_forward_and_backward(dist_results):
+    results = scenario(dist_results, "collectives")
+    everything = torch.cat([r["t"] for r in results])  # rank 0's rows first
+    for r in results:
+        torch.testing.assert_close(r["gathered"], everything)
+        torch.testing.assert_close(r["no_grad"], everything * 2)
+        assert r["no_grad_requires_grad"] is False
+    # loss_r = sum(gathered * w_r); d(sum_r loss_r) / d t_r = sum_s w_s[rows of r].
+    total_weight = sum(r["weights"] for r in results)
+    for rank, r in enumerate(results):
+        torch.testing.assert_close(r["grad"], total_weight[rows(rank)])
+
+
+def test_metric_reductions_checkpoint_on_main_and_env(dist_results):
+    results = scenario(dist_results, "collectives")
+    for rank, r in enumerate(results):
+        assert r["env"] == (rank, WORLD, rank)
+        torch.testing.assert_close(r["mean"], torch.tensor(0.5))
+        assert bool(r["all_true"]) is False
+        assert r["any"] is True and r["none"] is False
+        assert r["is_main"] is (rank == 0)
+        assert r["marker_seen"]  # rank 1 waited for rank 0's write
+        torch.testing.assert_close(r["rows"], torch.arange(5.0)[:, None].repeat(1, 2))
+    assert results[0]["saved"] == 0 and results[1]["saved"] is None
+
+
+def test_distributed_features_and_knn_match_one_process(dist_results):
+    results = scenario(dist_results, "collectives")
+    bank, bank_labels, query, query_labels = eval_images()
+    reference = bn_backbone(running_mean=0.0)  # rank 0's statistics are broadcast
+    feats = extract_features(reference, bank, to_float, batch_size=2)
+    knn = knn_accuracy(
+        feats,
+        bank_labels,
+        extract_features(reference, query, to_float, batch_size=2),
+        query_labels,
+        k=3,
+        temperature=0.1,
+    )
+    for r in results:
+        torch.testing.assert_close(r["feats"], feats)
+        assert r["knn"] == knn
+
+
+# ----------------------------------------------------------------------------- one process
+def test_single_process_env_and_no_op_collectives(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    env = init_distributed("cpu")
+    assert env == DistEnv(0, 1, 0, torch.device("cpu")) and not env.distributed and env.is_main
+    t = torch.randn(4, 3, requires_grad=True)
+    assert gather_with_grad(t) is t and concat_all_gather(t) is t
+    assert all_reduce_mean(t) is t and any_rank(True) and is_main()
+    method = tiny_simclr()
+    assert wrap_ddp(method, env) is method
+    assert convert_sync_batchnorm(method, True, env) is method
+    assert save_on_main(lambda: 5) == 5
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(
+        nt_xent_loss(z1, z2, 0.5, gather_distributed=True), nt_xent_loop(z1, z2, 0.5)
+    )
+
+
+def test_init_distributed_rejects_a_fixed_gpu_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError, match="train.device=cuda"):
+        init_distributed("cuda:1")
+
+
+def test_sync_batchnorm_on_cpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.sync_bn"):
+        convert_sync_batchnorm(tiny_byol(), True, DistEnv(0, 2, 0, torch.device("cpu")))
+
+
+def test_shard_indices_split_each_global_batch_into_rank_blocks():
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(0))
+    shards = [shard_indices(order, r, WORLD, B) for r in range(WORLD)]
+    steps = 23 // (WORLD * B)
+    for s in range(steps):
+        global_batch = torch.cat([shard[s * B : (s + 1) * B] for shard in shards])
+        torch.testing.assert_close(global_batch, order[s * WORLD * B : (s + 1) * WORLD * B])
+    assert len(set(torch.cat(shards).tolist())) == steps * WORLD * B  # disjoint
+    with pytest.raises(ValueError):
+        shard_indices(order, WORLD, WORLD, B)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_distributed_batch_stream_matches_single_process_global_batches(world):
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 3, 1, 1).clone()
+    single = BatchStream(images, batch_size=world * 2, seed=4)
+    streams = [
+        DistributedBatchStream(images, 2, rank=r, world_size=world, seed=4) for r in range(world)
+    ]
+    for epoch, start in ((0, 0), (1, 1)):  # a resumed epoch skips the same global steps
+        single.set_epoch(epoch, start)
+        for stream in streams:
+            stream.set_epoch(epoch, start)
+            assert stream.steps_per_epoch == single.steps_per_epoch == 20 // (world * 2)
+        per_rank = [list(stream) for stream in streams]
+        for step, (indices, batch) in enumerate(single):
+            torch.testing.assert_close(torch.cat([p[step][0] for p in per_rank]), indices)
+            torch.testing.assert_close(torch.cat([p[step][1] for p in per_rank]), batch)
+
+
+def test_global_batch_split_and_rank_seeds():
+    assert per_rank_batch_size(64, 4) == 16
+    with pytest.raises(ConfigError, match="train.batch_size=30"):
+        per_rank_batch_size(30, 4)
+    with pytest.raises(ConfigError, match="larger than the dataset"):
+        DistributedBatchStream(torch.zeros(5, 3, 1, 1, dtype=torch.uint8), 3, rank=0, world_size=2)
+    seeds = [rank_seed(0, r) for r in range(4)]
+    assert seeds[0] == 0 and len(set(seeds)) == 4 and rank_seed(1, 1) != seeds[1]
+
+
+def test_shard_range_covers_rows_in_order_and_gather_rows_is_identity_in_one_process():
+    for n, world in ((5, 2), (2, 3), (9, 3)):
+        parts = [range(n)[shard_range(n, r, world)] for r in range(world)]
+        assert [i for part in parts for i in part] == list(range(n))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    t = torch.randn(3, 2)
+    assert gather_rows(t, 3) is t
+
+
+def test_strip_devices_flag():
+    argv = ["pretrain", "--devices", "4", "--out", "x", "--devices=2", "train.epochs=1"]
+    assert strip_devices_flag(argv) == ["pretrain", "--out", "x", "train.epochs=1"]
+
+
+# ----------------------------------------------------------------------------- end to end
+def _checkpoint_epoch(run: Path) -> int:
+    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)[
+        "epoch"
+    ]
+
+
+@pytest.mark.skipif(
+    not hasattr(selfsup.train.trainer, "DISTRIBUTED_READY"),
+    reason="the trainer's torchrun integration is not in yet",
+)
+def test_two_process_run_resumes(tmp_path):
+    from selfsup.train.config import DataConfig
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    overrides = [
+        "data.source=mnist5k",
+        "data.image_size=16",
+        "model.backbone=resnet_tiny",
+        "train.batch_size=32",
+        "train.device=cpu",
+        "train.progress=false",
+        "train.knn_every=0",
+        "method.queue_size=64",
+    ]
+    if "limit" in DataConfig.__dataclass_fields__:
+        overrides.append("data.limit=256")
+
+    def pretrain(nproc: int, run: Path, *extra: str) -> None:
+        launcher = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={nproc}",
+            ]
+            if nproc > 1
+            else [sys.executable]
+        )
+        cmd = [
+            *launcher,
+            "-m",
+            "selfsup",
+            "pretrain",
+            "--method",
+            "moco",
+            "--out",
+            str(run),
+            *extra,
+            *overrides,
+        ]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    first = tmp_path / "run"
+    pretrain(2, first, "train.epochs=2")
+    assert _checkpoint_epoch(first) == 2 and (first / "encoder.pt").exists()
+    for nproc in (1, 2):
+        run = tmp_path / f"resume{nproc}"
+        shutil.copytree(first, run)
+        pretrain(nproc, run, "--resume", "train.epochs=3")
+        assert _checkpoint_epoch(run) == 3
+        assert (run / "results.json").exists() and (run / "encoder.pt").exists()

@@ -1,0 +1,655 @@
+"""Robustness end to end through the CLI: messy data, bad settings, interruptions, NaN losses.
+
+Every training run here is tiny (resnet_tiny at 16 px with the ImageNet stem, batch 16, 2 epochs
+of 4 steps) so the file runs in about a minute on 2 CPU cores. Runs are in-process
+(``selfsup.cli.main``) except where a signal must reach a separate process. The reference for
+"nothing lost" is one uninterrupted run (``baseline``): every interrupted-and-resumed run must end
+with exactly its weights (``torch.equal``), which holds on CPU because the batch order, the
+augmentation generator, the torch RNG, the optimizer state and the step counter are all in the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import os
+import pathlib
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import selfsup.data.sources as sources
+import selfsup.train.trainer as trainer
+from selfsup.cli import main
+from selfsup.data import load_dataset
+from selfsup.data.sources import skip_category
+from selfsup.errors import CheckpointError
+from selfsup.train.checkpoint import load_checkpoint, save_checkpoint
+
+IMAGE_SIZE = 16
+BATCH = 16
+EPOCHS = 2
+GOOD_PER_CLASS = 32  # 64 images: 4 steps per epoch, 8 in all
+TOTAL_STEPS = EPOCHS * (2 * GOOD_PER_CLASS // BATCH)
+TINY = [
+    "--no-progress",
+    "model.backbone=resnet_tiny",
+    "model.small_stem=false",  # stride-4 stem: 16 px images become 4x4 maps, fast on CPU
+    f"data.image_size={IMAGE_SIZE}",
+    f"train.batch_size={BATCH}",
+    f"train.epochs={EPOCHS}",
+    "train.knn_every=0",
+    "train.collapse=off",
+    "train.log_every=1",  # one metrics line per step: the subprocess tests watch them
+]
+RESUME_HINT = "Resume with: selfsup pretrain --out"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _shape_image(rng: np.random.Generator, shape: str, size: tuple[int, int] = (16, 16)):
+    background = tuple(int(v) for v in rng.integers(0, 256, 3))
+    image = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(image)
+    x, y = (int(v) for v in rng.integers(0, max(1, min(size) // 2), 2))
+    box = [x, y, x + min(size) // 2, y + min(size) // 2]
+    fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+    (draw.ellipse if shape == "circles" else draw.rectangle)(box, fill=fill)
+    return image
+
+
+def _write_good_folder(root: Path, per_class: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    written = []
+    for shape in ("circles", "squares"):
+        (root / shape).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            path = root / shape / f"{i:03d}.png"
+            _shape_image(rng, shape).save(path)
+            written.append(path)
+    return written
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width x height`` pixels, with almost no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def pretrain(out: Path, *args: str, data: Path | None, cache: Path) -> int:
+    argv = ["pretrain", "--out", str(out)]
+    if data is not None:
+        argv += ["--data", str(data), *TINY, f"data.cache_dir={cache}"]
+    return main(argv + list(args))
+
+
+def resume(out: Path, *args: str) -> int:
+    return main(["pretrain", "--out", str(out), "--resume", *args])
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def train_steps_logged(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+        if "train/loss" in record:
+            steps.append(record["step"])
+    return steps
+
+
+def assert_no_training(run: Path) -> None:
+    """Nothing of a training step happened: no step logged, no checkpoint written."""
+    assert train_steps_logged(run) == []
+    assert not (run / "checkpoints").exists()
+    assert not (run / "encoder.pt").exists()
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def good_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    _write_good_folder(root, GOOD_PER_CLASS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, good_folder, cache) -> Path:
+    """One uninterrupted run: the result every interrupted run must reproduce exactly."""
+    out = tmp_path_factory.mktemp("baseline") / "run"
+    assert pretrain(out, data=good_folder, cache=cache) == 0
+    assert train_steps_logged(out) == list(range(1, TOTAL_STEPS + 1))
+    return out
+
+
+@pytest.fixture
+def copy_of_baseline(baseline, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(baseline, out)
+    return out
+
+
+# --------------------------------------------------------------------------- messy data
+
+
+def _write_messy_folder(root: Path) -> tuple[set[str], dict[str, str]]:
+    """Good images in every PIL mode and size next to every kind of bad file.
+
+    Returns:
+        (paths of the usable files relative to ``root``, {bad file or folder name: expected
+        skip category}).
+    """
+    good = {p.relative_to(root).as_posix() for p in _write_good_folder(root, 8, seed=1)}
+    rng = np.random.default_rng(2)
+    a = root / "circles"
+    rgb = _shape_image(rng, "circles", (20, 12))
+    variants = {
+        "mode_L.png": _encode(rgb.convert("L"), "PNG"),
+        "mode_LA.png": _encode(rgb.convert("LA"), "PNG"),
+        "mode_P.gif": _encode(rgb.convert("P"), "GIF"),
+        "mode_RGBA.png": _encode(rgb.convert("RGBA"), "PNG"),
+        "mode_CMYK.jpg": _encode(rgb.convert("CMYK"), "JPEG"),
+        "mode_I16.png": _encode(Image.new("I;16", (14, 9), 40000), "PNG"),
+        "mode_F.tiff": _encode(Image.new("F", (14, 9), 0.5), "TIFF"),
+        "mode_1.bmp": _encode(rgb.convert("1"), "BMP"),
+        "tiny_3x5.png": _encode(_shape_image(rng, "circles", (3, 5)), "PNG"),
+        "large_640x480.jpg": _encode(_shape_image(rng, "circles", (640, 480)), "JPEG"),
+    }
+    # EXIF orientation 6 (display rotated 90 degrees clockwise): a red-left / blue-right
+    # 20x10 photo shows red on top once rotated.
+    halves = Image.new("RGB", (20, 10), (0, 0, 255))
+    halves.paste((255, 0, 0), (0, 0, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    variants["exif_rotated.jpg"] = _encode(halves, "JPEG", quality=95, exif=exif.tobytes())
+    for name, data in variants.items():
+        (a / name).write_bytes(data)
+    good |= {f"circles/{name}" for name in variants}
+
+    png = _encode(rgb, "PNG")
+    jpeg = _encode(_shape_image(rng, "squares", (64, 64)), "JPEG")
+    b = root / "squares"
+    bad = {
+        "zero_bytes.png": "zero-byte",
+        "notes.txt": "not an image extension",
+        "text_named.jpg": "not an image",
+        "truncated.png": "corrupt",
+        "truncated.jpg": "corrupt",
+        "bomb.png": "decompression bomb",
+        "unreadable.png": "unreadable",
+    }
+    (b / "zero_bytes.png").write_bytes(b"")
+    (b / "notes.txt").write_text("not a picture\n")
+    (b / "text_named.jpg").write_text("<html>a web page saved as .jpg</html>\n")
+    (b / "truncated.png").write_bytes(png[: len(png) // 2])
+    (b / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (b / "bomb.png").write_bytes(_png_declaring(40_000, 40_000))
+    (b / "unreadable.png").write_bytes(png)  # reading it fails: see the test's monkeypatch
+    os.symlink("..", b / "loop")  # a folder link back to the root
+    os.symlink("self_link.png", b / "self_link.png")  # a file link to itself
+    os.symlink("missing.png", b / "broken_link.png")
+    (root / "empty_class").mkdir()
+    (root / "empty_class" / "readme.md").write_text("no images here\n")
+    bad.update(
+        {
+            "loop": "symlink loop",
+            "self_link.png": "symlink loop",
+            "broken_link.png": "broken symlink",
+            "empty_class": "empty class folder",
+            "readme.md": "not an image extension",
+        }
+    )
+    return good, bad
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or sys.platform == "win32", reason="symlinks")
+def test_messy_folder_trains_on_the_usable_images_and_lists_each_bad_file(
+    tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "messy"
+    good, bad = _write_messy_folder(data)
+    real_read = sources.read_file_bytes
+
+    def read(path: str) -> bytes:  # root ignores chmod 000, so deny the read here instead
+        if path.endswith("unreadable.png"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_read(path)
+
+    monkeypatch.setattr(sources, "read_file_bytes", read)
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert pretrain(out, data=data, cache=cache) == 0
+    assert (out / "encoder.pt").exists()
+
+    with open(out / "skipped.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    listed = {Path(row["path"]).name: skip_category(row["reason"]) for row in rows}
+    assert listed == bad
+    assert all(Path(row["path"]).is_absolute() for row in rows)
+
+    summaries = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert len(summaries) == 1, summaries
+    assert f"skipped {len(bad)} of {len(bad) + len(good)} files" in summaries[0]
+    assert "2 not an image extension" in summaries[0] and "2 corrupt" in summaries[0]
+    assert str(out / "skipped.csv") in summaries[0]
+
+    # the run used exactly the usable files (the same cache key: this is a cache hit)
+    used = load_dataset(data, image_size=IMAGE_SIZE, cache_dir=cache, progress=False)
+    relative = [Path(p).relative_to(data).as_posix() for p in used.paths]
+    assert set(relative) == good and len(relative) == len(good)
+    assert used.classes == ["circles", "squares"]
+    steps_per_epoch = len(good) // BATCH
+    assert train_steps_logged(out) == list(range(1, EPOCHS * steps_per_epoch + 1))
+    # EXIF orientation applied: red (the photo's left half) ends up on top
+    exif = used.images[relative.index("circles/exif_rotated.jpg")]
+    top, bottom = exif[:, 1].float(), exif[:, -2].float()
+    assert top[0].mean() > 200 and top[2].mean() < 60
+    assert bottom[2].mean() > 200 and bottom[0].mean() < 60
+
+
+def test_empty_source_is_a_clear_error_before_training(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    assert pretrain(out, data=empty, cache=tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert "selfsup: error:" in err and str(empty) in err and "no usable image" in err
+    assert "Traceback" not in err
+    assert_no_training(out)
+
+
+def test_source_with_nothing_usable_is_a_clear_error_before_training(tmp_path, capsys):
+    data = tmp_path / "bad"
+    (data / "cats").mkdir(parents=True)
+    (data / "cats" / "a.png").write_bytes(b"")
+    (data / "cats" / "b.jpg").write_text("not a jpeg")
+    (data / "cats" / "c.txt").write_text("notes")
+    out = tmp_path / "run"
+    assert pretrain(out, data=data, cache=tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert "holds no usable images" in err
+    assert "1 zero-byte" in err and "1 not an image" in err  # what was wrong, counted
+    assert_no_training(out)
+    assert not (out / "config.yaml").exists()
+
+
+def test_missing_source_names_the_accepted_forms(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain(out, data=tmp_path / "nowhere", cache=tmp_path / "cache") == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "accepted forms" in err
+    assert_no_training(out)
+
+
+# --------------------------------------------------------------------------- bad settings
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["optim.lrr=0.1"], "did you mean 'optim.lr'"),
+        (["trian.epochs=3"], "did you mean 'train'"),
+        (["train.epochs=many"], "train.epochs"),
+        (["train.batch_size=3.5"], "train.batch_size"),
+        (["optim.lr=0"], "optim.lr must be > 0"),
+        (["optim.lr=-0.1"], "optim.lr must be > 0"),
+        (["train.epochs=0"], "train.epochs must be >= 1"),
+        (["train.batch_size=1000"], "larger than the 64 usable images"),
+        (["--method", "moco", "method.queue_size=100"], "not a multiple of train.batch_size=16"),
+        (["method.name=simclrr"], "did you mean 'simclr'"),
+        (["model.backbone=resnet19"], "did you mean 'resnet18'"),
+        (["method.temprature=0.2"], "did you mean 'temperature'"),
+        (["method.temperature=hot"], "method.temperature must be of type float"),
+        (["augment.view1.blurr_p=0.5"], "did you mean 'blur_p'"),
+        (["train.on_nan=ignore"], "train.on_nan must be one of"),
+        (["--preset", "cifar01"], "did you mean 'cifar10'"),
+        (["train.device=cuda:7"] if not torch.cuda.is_available() else ["train.device=tpu"],
+         "train.device"),
+    ],
+)
+def test_bad_setting_is_named_and_exits_before_any_training_step(
+    args, message, tmp_path, good_folder, cache, capsys
+):
+    out = tmp_path / "run"
+    assert pretrain(out, *args, data=good_folder, cache=cache) == 2
+    err = capsys.readouterr().err
+    assert "selfsup: error:" in err and message in err, err
+    assert "Traceback" not in err
+    assert_no_training(out)
+
+
+def test_unknown_method_flag_is_refused_by_the_parser(tmp_path, good_folder, cache, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain(tmp_path / "run", "--method", "simclr2", data=good_folder, cache=cache)
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'simclr2'" in capsys.readouterr().err
+    assert_no_training(tmp_path / "run")
+
+
+def test_output_directory_holding_a_run_is_refused_unless_resume_or_overwrite(
+    copy_of_baseline, good_folder, cache, capsys
+):
+    out = copy_of_baseline
+    before = (out / "encoder.pt").read_bytes()
+    steps_before = train_steps_logged(out)
+    assert pretrain(out, data=good_folder, cache=cache) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "encoder.pt").read_bytes() == before
+    assert train_steps_logged(out) == steps_before
+
+    assert pretrain(out, "--overwrite", data=good_folder, cache=cache) == 0
+    assert train_steps_logged(out) == list(range(1, TOTAL_STEPS + 1))  # a fresh log, not appended
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+def test_unwritable_output_directory_is_refused_before_any_work(
+    code, tmp_path, good_folder, cache, monkeypatch, capsys
+):
+    real_write = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):  # a read-only or full disk, seen by the writability probe
+        if self.name == ".write_test":
+            raise OSError(code, os.strerror(code), str(self))
+        return real_write(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    out = tmp_path / "run"
+    assert pretrain(out, data=good_folder, cache=cache) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to output directory {out}" in err and os.strerror(code) in err
+    assert_no_training(out)
+    assert not (out / "skipped.csv").exists()  # refused before the data was even read
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint_and_resumes(
+    tmp_path, good_folder, cache, baseline, monkeypatch, capsys
+):
+    real_save = torch.save
+    saved = []
+
+    def save_on_a_filling_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "optimizer" in obj:  # a training checkpoint
+            saved.append(obj["epoch"])
+            if len(saved) > 1:  # the disk fills while the second one is written
+                f.write(b"\x80partial")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_filling_disk)
+    out = tmp_path / "run"
+    assert pretrain(out, data=good_folder, cache=cache) == 2
+    err = capsys.readouterr().err
+    assert "cannot write a checkpoint" in err and "No space left on device" in err
+    assert f"selfsup pretrain --out {out} --resume" in err and "is intact" in err
+    assert "Traceback" not in err
+    ckpt = out / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.pt"]  # no torn temp file left
+    assert torch.load(ckpt / "last.pt", weights_only=False)["epoch"] == 1
+
+    monkeypatch.setattr(torch, "save", real_save)  # space freed
+    assert resume(out) == 0
+    assert_same_weights(out / "encoder.pt", baseline / "encoder.pt")
+
+
+# --------------------------------------------------------------------------- interruptions
+
+
+def _start(out: Path, data: Path, cache: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "selfsup", "pretrain", "--data", str(data), "--out",
+               str(out), *TINY, f"data.cache_dir={cache}"]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _signal_after(process: subprocess.Popen, out: Path, steps: int, delay: float, sig: int):
+    """Send ``sig`` once ``steps`` training steps are logged, plus ``delay`` seconds."""
+    deadline = time.monotonic() + 120
+    while len(train_steps_logged(out)) < steps:
+        if process.poll() is not None:
+            pytest.fail(f"run ended before step {steps}: {process.communicate()[1][-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("no training progress within 120 s")
+        time.sleep(0.005)
+    time.sleep(delay)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
+
+
+@pytest.mark.parametrize(
+    ("sig", "seed"),
+    [(signal.SIGTERM, 0), (signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGINT, 3)],
+)
+def test_sigterm_checkpoints_and_resume_is_bit_identical(
+    sig, seed, tmp_path, good_folder, cache, baseline
+):
+    rng = np.random.default_rng(seed)
+    steps = int(rng.integers(1, TOTAL_STEPS - 2))  # leaves the run steps to be stopped in
+    out = tmp_path / "run"
+    rc, err = _signal_after(_start(out, good_folder, cache), out, steps, rng.uniform(0, 0.05), sig)
+    assert rc == 3, err[-2000:]
+    assert f"{RESUME_HINT} {out} --resume" in err and signal.Signals(sig).name in err
+    assert not (out / "encoder.pt").exists()
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert steps <= state["global_step"] < TOTAL_STEPS  # the step in progress was finished
+
+    assert resume(out) == 0
+    assert_same_weights(out / "encoder.pt", baseline / "encoder.pt")
+    final = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["model"]
+    expected = torch.load(baseline / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(final[k], expected[k]) for k in expected)  # heads too
+    # every step after the stop was trained exactly once more
+    assert train_steps_logged(out)[-(TOTAL_STEPS - state["global_step"]) :] == list(
+        range(state["global_step"] + 1, TOTAL_STEPS + 1)
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_any_point_resumes_to_the_same_result(
+    seed, tmp_path, good_folder, cache, baseline
+):
+    # A kill gives no chance to checkpoint: resume goes back to the last epoch checkpoint
+    # (or prev.pt if last.pt was being replaced, or step 0 before the first one) and replays the
+    # lost steps. The replay is deterministic on CPU, so the result is still bit-identical.
+    rng = np.random.default_rng(100 + seed)
+    steps = int(rng.integers(1, TOTAL_STEPS - 1))
+    out = tmp_path / "run"
+    rc, _ = _signal_after(
+        _start(out, good_folder, cache), out, steps, rng.uniform(0, 0.1), signal.SIGKILL
+    )
+    assert rc == -signal.SIGKILL
+    assert resume(out) == 0
+    assert_same_weights(out / "encoder.pt", baseline / "encoder.pt")
+
+
+def test_torn_last_checkpoint_falls_back_to_prev(copy_of_baseline, baseline, capsys):
+    out = copy_of_baseline
+    last = out / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # e.g. copied back from a failing disk
+    for name in ("encoder.pt", "results.json"):
+        (out / name).unlink()
+    assert resume(out) == 0
+    assert "prev.pt" in capsys.readouterr().err  # resumed from epoch 1, trained epoch 2 again
+    assert_same_weights(out / "encoder.pt", baseline / "encoder.pt")
+
+
+def test_crash_while_writing_a_checkpoint_leaves_last_and_prev_intact(
+    copy_of_baseline, monkeypatch
+):
+    ckpt = copy_of_baseline / "checkpoints"
+    before = {name: (ckpt / name).read_bytes() for name in ("last.pt", "prev.pt")}
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"\x80half a checkpoint")
+        raise KeyboardInterrupt  # the process dies in the middle of the write
+
+    monkeypatch.setattr(torch, "save", crash)
+    state = torch.load(ckpt / "last.pt", weights_only=False)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(state, ckpt)
+    assert {p.name for p in ckpt.iterdir()} == set(before)
+    assert {name: (ckpt / name).read_bytes() for name in before} == before
+    loaded, path = load_checkpoint(ckpt, method="simclr", config_hash=state["config_hash"])
+    assert path.name == "last.pt" and loaded["epoch"] == EPOCHS
+
+
+def _rewrite(path: Path, **changes) -> None:
+    state = torch.load(path, weights_only=False)
+    state.update(changes)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize(
+    ("args", "tamper", "message"),
+    [
+        (["--method", "byol"], {}, "is a simclr run; --method byol cannot resume it"),
+        (["method.temperature=0.3"], {}, "another method/model/augmentation config"),
+        (["model.backbone=resnet18"], {}, "another method/model/augmentation config"),
+        ([], {"format_version": 99}, "checkpoint format 99"),
+        ([], {"method": "byol"}, "written by method 'byol'"),
+    ],
+)
+def test_checkpoint_of_another_config_method_or_version_is_refused(
+    args, tamper, message, copy_of_baseline, capsys
+):
+    out = copy_of_baseline
+    for name in ("last.pt", "prev.pt"):
+        if tamper:
+            _rewrite(out / "checkpoints" / name, **tamper)
+    encoder = (out / "encoder.pt").read_bytes()
+    assert resume(out, *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert (out / "encoder.pt").read_bytes() == encoder
+
+
+def test_unreadable_checkpoints_are_refused_with_both_reasons(copy_of_baseline, capsys):
+    for name in ("last.pt", "prev.pt"):
+        (copy_of_baseline / "checkpoints" / name).write_bytes(b"garbage")
+    assert resume(copy_of_baseline) == 2
+    err = capsys.readouterr().err
+    assert "no readable checkpoint" in err and "last.pt" in err and "prev.pt" in err
+
+
+def test_resume_without_a_run_says_to_start_without_resume(tmp_path, capsys):
+    assert resume(tmp_path / "never") == 2
+    assert "start without --resume" in capsys.readouterr().err
+
+
+def test_checkpoint_loader_reports_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="start without --resume"):
+        load_checkpoint(tmp_path, method="simclr", config_hash="x")
+
+
+# --------------------------------------------------------------------------- numerical faults
+
+
+def _nan_loss_at(monkeypatch, bad_calls: set[int]):
+    """Make the method's loss NaN on the given (1-based) forward calls; returns the real builder."""
+    real_build = trainer.build_model
+
+    def build(cfg):
+        method = real_build(cfg)
+        forward, calls = method.forward, [0]
+
+        def nan_forward(x1, x2):
+            calls[0] += 1
+            out = forward(x1, x2)
+            if calls[0] in bad_calls:
+                out = {**out, "loss": out["loss"] * float("nan")}
+            return out
+
+        method.forward = nan_forward
+        return method
+
+    monkeypatch.setattr(trainer, "build_model", build)
+    return real_build
+
+
+def test_exploding_lr_stops_with_step_and_likely_causes(tmp_path, good_folder, cache, capsys):
+    out = tmp_path / "run"
+    assert pretrain(out, "optim.lr=1e30", data=good_folder, cache=cache) == 2
+    err = capsys.readouterr().err
+    assert "loss became NaN/Inf at or before step" in err
+    assert "optim.lr=1e+30" in err and "train.precision=fp32" in err
+    assert "train.on_nan=skip" in err
+    assert "no checkpoint was written yet" in err  # it blew up within the first epoch
+    assert not (out / "checkpoints").exists() and not (out / "encoder.pt").exists()
+
+
+def test_nan_stops_naming_the_last_good_checkpoint_which_resumes(
+    tmp_path, good_folder, cache, baseline, monkeypatch, capsys
+):
+    bad_step = TOTAL_STEPS // 2 + 2  # in epoch 2, after the epoch-1 checkpoint
+    real_build = _nan_loss_at(monkeypatch, {bad_step})
+    out = tmp_path / "run"
+    assert pretrain(out, data=good_folder, cache=cache) == 2
+    err = capsys.readouterr().err
+    last = out / "checkpoints" / "last.pt"
+    assert f"at or before step {bad_step} (epoch 2)" in err
+    assert f"the last good checkpoint is {last}" in err
+    state = torch.load(last, weights_only=False)
+    assert state["epoch"] == 1 and all(v.isfinite().all() for v in state["model"].values())
+
+    monkeypatch.setattr(trainer, "build_model", real_build)
+    assert resume(out) == 0  # the transient fault is gone: the run ends as if it never happened
+    assert_same_weights(out / "encoder.pt", baseline / "encoder.pt")
+
+
+def test_on_nan_skip_skips_the_bad_steps_and_finishes(tmp_path, good_folder, cache, monkeypatch):
+    _nan_loss_at(monkeypatch, {2, 5})
+    out = tmp_path / "run"
+    assert pretrain(out, "train.on_nan=skip", data=good_folder, cache=cache) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = {r["step"]: r["train/skipped_steps"] for r in records if "train/loss" in r}
+    assert skipped == {s: float(s in (2, 5)) for s in range(1, TOTAL_STEPS + 1)}
+    # a NaN step that reached the optimizer would have made every weight NaN
+    assert all(v.float().isfinite().all() for v in weights(out / "encoder.pt").values())
