@@ -44,19 +44,36 @@ def distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """SimCLR's / lightly's ``GatherLayer``: all-gather forward; backward all-reduces (sums) the
+    gradient of the gathered tensor over ranks and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:  # noqa: ANN001
+        t = t.contiguous()
+        out = t.new_empty((dist.get_world_size() * t.shape[0], *t.shape[1:]))
+        dist.all_gather_into_tensor(out, t)
+        ctx.rows = t.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
 def gather_with_grad(t: Tensor) -> Tensor:
     """All-gather ``t`` [B, ...] from every rank into [world * B, ...] (rank-major), differentiable.
 
-    The SimCLR/lightly ``GatherLayer`` via ``torch.distributed.nn.functional.all_gather``: the
-    backward hands each rank the gradient of its own slice summed over all ranks (reduce-scatter
-    on NCCL, all-to-all + sum on gloo), i.e. the gradient of ``sum_r loss_r``. Every rank must hold
-    the same B. Identity when not distributed.
+    Rank r's rows get, in the backward, the gradient summed over all ranks, i.e. each rank holds
+    the gradient of ``sum_r loss_r`` with respect to its own inputs. Every rank must hold the same
+    B. Identity when not distributed.
     """
     if distributed_world()[1] == 1:
         return t
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(t.contiguous()))
+    return _GatherWithGrad.apply(t)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ def rank_k(n: int, d: int, k: int, scale: float = 3.0, seed: int = 0) -> torch.T
     return scale * left @ right.T
 
 
-# --- loop references of the papers' formulas ---------------------------------------------------
+# --- loop references of the papers' formulas ---
 
 
 def feature_std_reference(z: torch.Tensor) -> float:
@@ -92,7 +92,7 @@ def test_statistics_match_loop_references() -> None:
     assert effective_rank(z1) == pytest.approx(effective_rank_reference(z1), rel=1e-6)
 
 
-# --- constant (fully collapsed) representation ----------------------------------------------------
+# --- constant (fully collapsed) representation ---
 
 
 def test_constant_representation_is_fully_collapsed() -> None:
@@ -103,7 +103,7 @@ def test_constant_representation_is_fully_collapsed() -> None:
     assert eigenvalue_spectrum(z).abs().max().item() < 1e-10
 
 
-# --- rank-k representation ------------------------------------------------------------------------
+# --- rank-k representation ---
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
@@ -115,7 +115,8 @@ def test_rank_k_representation(k: int) -> None:
     assert spectrum.shape == (d,)
     assert torch.all(spectrum[:-1] >= spectrum[1:])  # descending
     # k non-zero eigenvalues, all equal to sigma^2 / (N - 1); the rest vanish.
-    torch.testing.assert_close(spectrum[:k], torch.full((k,), scale**2 / (n - 1)), rtol=1e-4, atol=0)
+    expected = torch.full((k,), scale**2 / (n - 1))
+    torch.testing.assert_close(spectrum[:k], expected, rtol=1e-4, atol=0)
     assert spectrum[k:].max().item() < 1e-6
     assert condition_number(z) > 1e3  # rank deficient -> lambda_min clamped to eps
 
@@ -126,7 +127,7 @@ def test_condition_number_of_known_spectrum() -> None:
     assert condition_number(z) == pytest.approx(100.0, rel=0.05)
 
 
-# --- isotropic Gaussian (healthy) -----------------------------------------------------------------
+# --- isotropic Gaussian (healthy) ---
 
 
 def test_isotropic_gaussian_is_healthy() -> None:
@@ -183,7 +184,7 @@ def test_collapse_metrics_work_under_autograd_and_bf16() -> None:
     assert z.grad is None
 
 
-# --- monitor ---------------------------------------------------------------------------------------
+# --- monitor ---
 
 HEALTHY = collapse_metrics(gaussian(256, 32))
 COLLAPSED = collapse_metrics(constant(256, 32))
@@ -221,7 +222,7 @@ def test_monitor_stop_mode_respects_patience_and_explains() -> None:
     assert "step 600" in message
     assert f"{COLLAPSED['z_erank']:.3g}" in message  # the numbers seen
     assert "stop-gradient" in message and "predictor" in message  # SimSiam's likely causes
-    assert "'warn'" in message  # how to keep going
+    assert "train.collapse=warn" in message  # the setting that keeps training going
 
 
 @pytest.mark.parametrize(

@@ -161,7 +161,8 @@ def scenario_simclr(env: DistEnv, out_dir: Path) -> dict:
         "grads": trainable_grads(projector),
     }
     method = tiny_simclr()
-    out = wrap_ddp(method, env)(x1[rows(env.rank)], x2[rows(env.rank)])
+    model = wrap_ddp(method, env)  # kept alive: its reducer all-reduces in the backward
+    out = model(x1[rows(env.rank)], x2[rows(env.rank)])
     out["loss"].backward()
     result.update(
         method_loss_mean=all_reduce_mean(out["loss"].detach()), method_grads=trainable_grads(method)
@@ -174,7 +175,7 @@ def scenario_moco(env: DistEnv, out_dir: Path) -> dict:
     for name, (symmetric, shuffle_bn) in MOCO_VARIANTS.items():
         method = tiny_moco(symmetric, shuffle_bn)
         # No buffer broadcast: the queues must agree by construction, not by DDP's copy.
-        model = wrap_ddp(method, env, broadcast_buffers=False)
+        model = wrap_ddp(method, env, sync_buffers=False)
         data = [views(WORLD * B, seed=10 + s) for s in range(MOCO_STEPS)]
         local = [(x1[rows(env.rank)], x2[rows(env.rank)]) for x1, x2 in data]
         losses = run_moco(method, model, local, MOCO_STEPS)

@@ -14,7 +14,7 @@ from selfsup.evaluate.knn import knn_accuracy, knn_predict, topk_accuracy
 
 
 def knn_scores_reference(test, train, train_labels, num_classes, k, temperature):
-    """InstDisc Eq. 8 one query at a time: top-k cosine neighbours vote exp(s / T) for their class."""
+    """InstDisc Eq. 8, one query at a time: the top-k cosine neighbours vote exp(s / T)."""
     scores = []
     for query in test.tolist():
         sims = []
@@ -97,7 +97,7 @@ def test_knn_rejects_bad_inputs() -> None:
         knn_predict(torch.ones(2, 3), torch.ones(4, 5), torch.zeros(4, dtype=torch.long), 2)
 
 
-# --- extract_features ------------------------------------------------------------------------------
+# --- extract_features ---
 
 
 def tiny_net() -> nn.Module:

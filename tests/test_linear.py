@@ -19,7 +19,7 @@ from selfsup.evaluate.linear import (
 )
 from selfsup.evaluate.subsets import balanced_subset, load_subset, save_subset
 
-# --- synthetic data --------------------------------------------------------------------------------
+# --- synthetic data ---
 
 
 def blobs(n_per_class: int, num_classes: int = 5, dim: int = 32, seed: int = 0):
@@ -90,18 +90,47 @@ def assert_bit_identical(before: dict[str, torch.Tensor], module: nn.Module) -> 
         assert torch.equal(before[key], after[key]), f"{key} changed"
 
 
-# --- fast mode --------------------------------------------------------------------------------------
+# --- fast mode ---
 
 
 def test_fast_linear_probe_separable_features() -> None:
     train_x, train_y = blobs(40)
     test_x, test_y = blobs(20, seed=1)
-    result = linear_probe_features(train_x, train_y, test_x, test_y, epochs=30, batch_size=64)
+    result = linear_probe_features(train_x, train_y, test_x, test_y, epochs=30)
     assert result["mode"] == FAST_MODE
     assert result["top1"] >= 98.0 and result["top5"] == 100.0
     assert result["train_top1"] >= 98.0
-    again = linear_probe_features(train_x, train_y, test_x, test_y, epochs=30, batch_size=64)
-    assert again["top1"] == result["top1"]  # seeded
+    chunked = linear_probe_features(train_x, train_y, test_x, test_y, epochs=30, batch_size=7)
+    assert chunked["top1"] == result["top1"]
+    assert chunked["final_loss"] == pytest.approx(result["final_loss"], rel=1e-3, abs=1e-6)
+
+
+def test_fast_linear_probe_reaches_the_regularised_optimum() -> None:
+    """The L-BFGS fit must reach the minimiser of mean CE + wd/2 ||W||^2 on standardised features,
+    here found independently by plain full-batch gradient descent written out step by step."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=g) * torch.tensor([1.0, 2, 3, 4, 5, 6]) + 7
+    y = torch.randint(0, 3, (120,), generator=g)  # random labels: no separable shortcut
+    wd = 0.05
+    result = linear_probe_features(x, y, x, y, num_classes=3, weight_decay=wd)
+    xs = (x - x.mean(0)) / x.std(0, correction=0)
+    weight = torch.zeros(3, 6, requires_grad=True)
+    bias = torch.zeros(3, requires_grad=True)
+    for _ in range(3000):
+        loss = 0.0
+        for i in range(xs.shape[0]):  # the objective exactly as written, one sample at a time
+            logits = weight @ xs[i] + bias
+            loss = loss - torch.log_softmax(logits, dim=0)[y[i]] / xs.shape[0]
+        loss = loss + 0.5 * wd * weight.pow(2).sum()
+        gw, gb = torch.autograd.grad(loss, (weight, bias))
+        with torch.no_grad():
+            weight -= 1.0 * gw
+            bias -= 1.0 * gb
+        if gw.norm() < 1e-6:
+            break
+    with torch.no_grad():
+        reference_ce = nn.functional.cross_entropy(xs @ weight.T + bias, y).item()
+    assert result["final_loss"] == pytest.approx(reference_ce, abs=1e-4)
 
 
 def test_fast_linear_probe_beats_chance_only_with_signal() -> None:
@@ -109,7 +138,7 @@ def test_fast_linear_probe_beats_chance_only_with_signal() -> None:
     noise_train, noise_test = torch.randn(200, 8, generator=g), torch.randn(400, 8, generator=g)
     labels_train = torch.randint(0, 4, (200,), generator=g)
     labels_test = torch.randint(0, 4, (400,), generator=g)
-    result = linear_probe_features(noise_train, labels_train, noise_test, labels_test, epochs=20)
+    result = linear_probe_features(noise_train, labels_train, noise_test, labels_test)
     assert result["top1"] < 40.0  # chance is 25%: no leak of test labels
 
 
@@ -121,7 +150,7 @@ def test_fast_linear_probe_rejects_bad_labels() -> None:
         linear_probe_features(train_x, train_y, train_x, train_y, num_classes=3)
 
 
-# --- full mode --------------------------------------------------------------------------------------
+# --- full mode ---
 
 
 def test_full_linear_probe_keeps_encoder_bit_identical_and_learns() -> None:
@@ -187,12 +216,12 @@ def test_fast_and_full_modes_agree_on_easy_task() -> None:
     )
     train_feats = extract_features(net, train_images, eval_transform)
     test_feats = extract_features(net, test_images, eval_transform)
-    fast = linear_probe_features(train_feats, train_labels, test_feats, test_labels, epochs=20)
+    fast = linear_probe_features(train_feats, train_labels, test_feats, test_labels)
     assert fast["top1"] > 80.0 and full["top1"] > 80.0
     assert abs(fast["top1"] - full["top1"]) <= 5.0
 
 
-# --- fine-tuning -----------------------------------------------------------------------------------
+# --- fine-tuning ---
 
 
 def test_finetune_leaves_callers_backbone_untouched_and_learns() -> None:
@@ -236,8 +265,9 @@ def test_finetune_trains_the_encoder_copy() -> None:
         batch_size=10,
         progress=False,
     )
-    frozen = finetune(net, train_images, train_labels, train_images, train_labels, lr=0.0, **kwargs)
-    trained = finetune(net, train_images, train_labels, train_images, train_labels, lr=0.1, **kwargs)
+    data = (train_images, train_labels, train_images, train_labels)
+    frozen = finetune(net, *data, lr=0.0, **kwargs)
+    trained = finetune(net, *data, lr=0.1, **kwargs)
     assert trained["final_loss"] < frozen["final_loss"]
 
 
@@ -264,7 +294,7 @@ def test_supervised_baseline_uses_fresh_copy() -> None:
     assert result["top1"] > 50.0
 
 
-# --- label subsets ---------------------------------------------------------------------------------
+# --- label subsets ---
 
 
 def imbalanced_labels() -> torch.Tensor:
@@ -309,6 +339,10 @@ def test_saved_subset_round_trips(tmp_path) -> None:
     assert torch.equal(loaded_idx, idx)
     assert loaded_paths == [paths[i] for i in idx.tolist()]
     assert torch.equal(loaded_labels, labels[idx])
+    aligned = save_subset(idx, [paths[i] for i in idx.tolist()], labels[idx], tmp_path / "a.csv")
+    assert aligned.read_text() == written.read_text()  # subset-aligned inputs, same file
+    with pytest.raises(DataError, match="entries"):
+        save_subset(idx, paths[:5], labels, tmp_path / "bad.csv")
     no_paths = save_subset(idx, None, labels, tmp_path / "nopaths.csv")
     assert load_subset(no_paths)[1] == [""] * idx.numel()
     with pytest.raises(DataError, match="does not exist"):

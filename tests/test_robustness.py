@@ -103,10 +103,9 @@ def _png_declaring(width: int, height: int) -> bytes:
 
 
 def pretrain(out: Path, *args: str, data: Path | None, cache: Path) -> int:
-    argv = ["pretrain", "--out", str(out)]
-    if data is not None:
-        argv += ["--data", str(data), *TINY, f"data.cache_dir={cache}"]
-    return main(argv + list(args))
+    # argparse takes a single run of positional overrides: the test's own go just before TINY
+    argv = ["pretrain", "--out", str(out)] + (["--data", str(data)] if data is not None else [])
+    return main([*argv, *args, *TINY, f"data.cache_dir={cache}"])
 
 
 def resume(out: Path, *args: str) -> int:
@@ -147,6 +146,16 @@ def assert_no_training(run: Path) -> None:
 
 
 # --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here and in the subprocesses (``OMP_NUM_THREADS=1``): the runs
+    compared bit for bit use the same kernels, and a loaded CI machine does not oversubscribe."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -445,7 +454,10 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint_and_resumes
 def _start(out: Path, data: Path, cache: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "selfsup", "pretrain", "--data", str(data), "--out",
                str(out), *TINY, f"data.cache_dir={cache}"]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def _signal_after(process: subprocess.Popen, out: Path, steps: int, delay: float, sig: int):

@@ -374,6 +374,5 @@ class CollapseMonitor:
             f"Representation collapse detected for {self.consecutive} consecutive checks: "
             f"{verdict.reason}. A collapsed encoder maps every image to (nearly) the same "
             f"embedding and is useless downstream. Likely causes for {name}: {causes}. "
-            f"Try: {fixes}. To keep training anyway, set the collapse monitor mode to 'warn' "
-            "or 'off'."
+            f"Try: {fixes}. To keep training anyway, set train.collapse=warn (or off)."
         )

@@ -15,9 +15,10 @@ Two modes:
   classifier with SGD momentum 0.9 and a cosine schedule.
 
 Both standardise the features before the linear layer (fast: train mean/std; full: a
-``BatchNorm1d(affine=False)`` in the head, as in MAE Sec. A.2 / MoCo v3), which makes one learning
-rate work across backbones whose feature scales differ by orders of magnitude. A normalisation
-without affine parameters followed by a linear layer is still a linear classifier.
+``BatchNorm1d(affine=False)`` in the head, as in MAE Sec. A.2 / MoCo v3), so that one learning rate
+(full) or one L2 strength (fast) works across backbones whose feature scales differ by orders of
+magnitude. A normalisation without affine parameters followed by a linear layer is still a linear
+classifier.
 """
 
 from __future__ import annotations

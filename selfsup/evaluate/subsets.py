@@ -66,23 +66,40 @@ def save_subset(
 ) -> Path:
     """Write the subset as CSV ``index,path,label`` (one row per chosen image).
 
+    ``paths`` and ``labels`` may be given for the whole dataset (length ``N``, looked up at
+    ``indices``) or already restricted to the subset (length ``M``, aligned with ``indices``).
+    When ``N == M`` both readings agree, since ``indices`` is then every index in order.
+
     Args:
         indices: int64 ``[M]`` indices into the dataset.
-        paths: the dataset's per-image paths (``ImageDataset.paths``); ``None`` writes empty paths.
-        labels: the dataset's full label tensor ``[N]`` (indexed by ``indices``).
+        paths: per-image paths (``ImageDataset.paths``), ``[N]`` or ``[M]``; ``None`` writes
+            empty paths.
+        labels: labels ``[N]`` or ``[M]``.
         path: CSV file to write; parent folders are created.
 
     Returns:
         the written path.
     """
+    index_list = indices.tolist()
+
+    def pick(values: Sequence, name: str) -> list:
+        if len(values) == len(index_list):
+            return list(values)
+        if index_list and max(index_list) >= len(values):
+            raise DataError(
+                f"save_subset: {name} has {len(values)} entries; give one per dataset image or "
+                f"one per chosen index ({len(index_list)})."
+            )
+        return [values[i] for i in index_list]
+
+    label_list = pick(labels.tolist() if isinstance(labels, Tensor) else list(labels), "labels")
+    path_list = pick(list(paths), "paths") if paths is not None else [""] * len(index_list)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    label_list = labels.tolist() if isinstance(labels, Tensor) else list(labels)
     with out.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(SUBSET_HEADER)
-        for index in indices.tolist():
-            writer.writerow((index, paths[index] if paths is not None else "", label_list[index]))
+        writer.writerows(zip(index_list, path_list, label_list, strict=True))
     return out
 
 

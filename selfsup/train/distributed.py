@@ -32,6 +32,7 @@ Semantics, chosen so that a run is the same run whatever the number of processes
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import subprocess
@@ -279,14 +280,15 @@ def convert_sync_batchnorm(model: nn.Module, enabled: bool, env: DistEnv) -> nn.
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def wrap_ddp(method: nn.Module, env: DistEnv, *, broadcast_buffers: bool = True) -> nn.Module:
+def wrap_ddp(method: nn.Module, env: DistEnv, *, sync_buffers: bool = True) -> nn.Module:
     """``DistributedDataParallel(method)`` for the training forward (``method`` in one process).
 
     Only parameters with ``requires_grad`` are registered with DDP's reducer, so the frozen EMA
     targets are neither all-reduced nor reported unused, and ``find_unused_parameters=False``
-    (no extra graph traversal) is valid for all four methods. ``broadcast_buffers`` copies rank
-    0's buffers (BN statistics; MoCo's queue, already identical) at each forward so the
-    checkpointed state is the state of every rank. Keep using the unwrapped ``method`` for
+    (no extra graph traversal) is valid for all four methods. ``sync_buffers`` copies rank 0's
+    buffers (BN statistics; MoCo's queue, already identical) at each forward so the checkpointed
+    state is the state of every rank. Keep a reference to the returned module until after the
+    backward (its reducer does the gradient all-reduce), and use the unwrapped ``method`` for
     ``update_target``, ``state_dict`` and evaluation.
     """
     if not env.distributed:
@@ -294,11 +296,14 @@ def wrap_ddp(method: nn.Module, env: DistEnv, *, broadcast_buffers: bool = True)
     if not any(p.requires_grad for p in method.parameters()):
         raise ValueError("wrap_ddp: the method has no trainable parameters")
     device_ids = [env.local_rank] if env.device.type == "cuda" else None
+    # torch >= 2.14 renames broadcast_buffers (deprecated) to forward_sync_buffers.
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    buffers_kwarg = "forward_sync_buffers" if renamed else "broadcast_buffers"
     return DistributedDataParallel(
         method,
         device_ids=device_ids,
         find_unused_parameters=False,
-        broadcast_buffers=broadcast_buffers,
+        **{buffers_kwarg: sync_buffers},
     )
 
 

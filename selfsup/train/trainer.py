@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 import selfsup
 from selfsup.augment import EvalTransform, TwoViewAugment, ViewConfig, augment_preset
 from selfsup.data import BatchStream, ImageDataset, load_dataset, write_skip_report
-from selfsup.errors import CheckpointError, ConfigError, DataError, NumericalError
+from selfsup.errors import (
+    CheckpointError,
+    CollapseError,
+    ConfigError,
+    DataError,
+    NumericalError,
+)
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_accuracy
@@ -361,7 +367,14 @@ class Trainer:
                             if key in out:
                                 metrics[key] = float(out[key])
                         logger.log(global_step, metrics, prefix="collapse")
-                        monitor.check(metrics, step=global_step)
+                        try:
+                            monitor.check(metrics, step=global_step)
+                        except CollapseError as exc:
+                            # the event is recorded; checkpoints/last.pt (the last epoch) is kept
+                            write_json(self.run_dir / "collapse.json", {
+                                "step": global_step, "epoch": epoch + 1, "metrics": metrics,
+                                "message": str(exc), "last_checkpoint": str(ckpt_dir / "last.pt")})
+                            raise
 
                     if self._stop_reason is None and t.time_limit_min and (
                         time.monotonic() - started > 60 * t.time_limit_min

@@ -1,0 +1,46 @@
+"""Collapse detection in real runs: SimSiam without stop-gradient is stopped, the standard run is not."""
+
+import pytest
+import torch
+
+from selfsup.cli import main
+from selfsup.train.logging import read_metrics
+
+TINY = [
+    "model.backbone=resnet_tiny", "data.image_size=16", "data.limit=512", "train.batch_size=64",
+    "train.knn_every=0", "train.log_every=8", "train.progress=false", "train.epochs=6",
+    "train.collapse=stop", "train.collapse_every=8", "train.collapse_patience=3",
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_simsiam_without_stop_gradient_is_stopped_and_keeps_its_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nostop"
+    code = main(["pretrain", "--method", "simsiam", "--out", str(out), *TINY,
+                 f"data.cache_dir={tmp_path / 'cache'}", "method.stop_gradient=false"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "collapse" in err.lower() and "stop-gradient" in err
+    assert (out / "collapse.json").exists()
+    assert (out / "checkpoints" / "last.pt").exists()
+    ratios = [r["collapse/z_std_ratio"] for r in read_metrics(out / "metrics.jsonl")
+              if "collapse/z_std_ratio" in r]
+    assert ratios and ratios[-1] < 0.2
+
+
+def test_standard_simsiam_run_is_not_stopped(tmp_path):
+    out = tmp_path / "std"
+    code = main(["pretrain", "--method", "simsiam", "--out", str(out), *TINY,
+                 f"data.cache_dir={tmp_path / 'cache'}"])
+    assert code == 0
+    assert not (out / "collapse.json").exists()
+    ratios = [r["collapse/z_std_ratio"] for r in read_metrics(out / "metrics.jsonl")
+              if "collapse/z_std_ratio" in r]
+    assert ratios and min(ratios) > 0.2
