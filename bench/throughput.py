@@ -284,7 +284,7 @@ def measure_ours(
             )
     result = {name: summarize(w, steps, batch_size) for name, w in timed.items()}
     for name in result:
-        result[name]["last_loss"] = round(float(last[name]), 5)
+        result[name]["last_loss"] = round(float(last[name].detach()), 5)
     result["ours"]["optimizer_steps_total"] = state.global_step  # both modes, warm-up included
     return result
 

@@ -52,7 +52,9 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, t: Tensor) -> Tensor:  # noqa: ANN001
         t = t.contiguous()
         out = t.new_empty((dist.get_world_size() * t.shape[0], *t.shape[1:]))
-        dist.all_gather_into_tensor(out, t)
+        # torch >= 2.14 renames all_gather_into_tensor (deprecated) to all_gather_single.
+        gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather_into(out, t)
         ctx.rows = t.shape[0]
         return out
 

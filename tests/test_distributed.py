@@ -35,6 +35,7 @@ from selfsup.train.distributed import (
     DistributedBatchStream,
     all_ranks_true,
     all_reduce_mean,
+    all_reduce_sum,
     any_rank,
     cleanup,
     convert_sync_batchnorm,
@@ -239,7 +240,12 @@ def scenario_collectives(env: DistEnv, out_dir: Path) -> dict:
         k=3,
         temperature=0.1,
     )
-    saved = save_on_main(lambda: (out_dir / f"written_by_{rank}").write_text("x") or rank)
+
+    def write_marker() -> int:
+        (out_dir / f"written_by_{rank}").write_text("x")
+        return rank
+
+    saved = save_on_main(write_marker)
     marker_seen = (out_dir / "written_by_0").exists()  # after the barrier in save_on_main
     n = 5  # uneven shards: 3 rows and 2 rows
     own = torch.arange(n, dtype=torch.float32)[shard_range(n, rank, WORLD)]
@@ -251,6 +257,7 @@ def scenario_collectives(env: DistEnv, out_dir: Path) -> dict:
         "no_grad": no_grad,
         "no_grad_requires_grad": no_grad.requires_grad,
         "mean": all_reduce_mean(torch.tensor(float(rank))),
+        "sum": all_reduce_sum(torch.tensor(rank + 1)),
         "all_true": all_ranks_true(torch.tensor(rank == 0)),
         "any": any_rank(rank == 1),
         "none": any_rank(False),
@@ -432,6 +439,7 @@ def test_metric_reductions_checkpoint_on_main_and_env(dist_results):
     for rank, r in enumerate(results):
         assert r["env"] == (rank, WORLD, rank)
         torch.testing.assert_close(r["mean"], torch.tensor(0.5))
+        torch.testing.assert_close(r["sum"], torch.tensor(3))
         assert bool(r["all_true"]) is False
         assert r["any"] is True and r["none"] is False
         assert r["is_main"] is (rank == 0)

@@ -61,8 +61,8 @@ def test_knn_accuracy_matches_reference_and_chunking() -> None:
     ref = knn_scores_reference(test, train, labels, 7, 40, 0.1)
     assert (ref > 0).all()
     ranked = ref.argsort(dim=1, descending=True)
-    top1 = (ranked[:, 0] == test_labels).float().mean().item() * 100
-    top5 = (ranked[:, :5] == test_labels[:, None]).any(dim=1).float().mean().item() * 100
+    top1 = (ranked[:, 0] == test_labels).float().mean().item()
+    top5 = (ranked[:, :5] == test_labels[:, None]).any(dim=1).float().mean().item()
     for chunk in (1, 4, 1024):
         result = knn_accuracy(
             train, labels, test, test_labels, k=40, num_classes=7, chunk_size=chunk
@@ -79,14 +79,14 @@ def test_knn_on_separable_clusters() -> None:
     train = centers[train_labels] + torch.randn(200, 16, generator=g)
     test = centers[test_labels] + torch.randn(50, 16, generator=g)
     result = knn_accuracy(train, train_labels, test, test_labels)  # num_classes inferred
-    assert result["top1"] == 100.0 and result["top5"] == 100.0
+    assert result["top1"] == 1.0 and result["top5"] == 1.0
 
 
 def test_top5_with_fewer_than_five_classes() -> None:
     scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
     labels = torch.tensor([2, 0])
     top1, top5 = topk_accuracy(scores, labels, (1, 5))
-    assert top1 == 50.0 and top5 == 100.0  # top-5 of 3 classes is top-3
+    assert top1 == 0.5 and top5 == 1.0  # top-5 of 3 classes is top-3
 
 
 def test_knn_rejects_bad_inputs() -> None:

@@ -99,16 +99,16 @@ def knn_predict(
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[float]:
-    """Percentage of rows whose true label is among the ``k`` highest scores, for each ``k``.
+    """Fraction of rows whose true label is among the ``k`` highest scores, for each ``k``.
 
-    ``k`` is clamped to the number of classes (top-5 of a 3-class problem is top-3 = 100%).
+    ``k`` is clamped to the number of classes (top-5 of a 3-class problem is top-3 = 1.0).
 
     Args:
         scores: ``[N, C]`` logits or scores.
         labels: int64 ``[N]``.
 
     Returns:
-        one accuracy in percent (0..100) per entry of ``ks``.
+        one accuracy as a fraction in [0, 1] per entry of ``ks``.
     """
     if scores.shape[0] == 0:
         raise DataError("accuracy needs at least one labelled test image; got none.")
@@ -116,7 +116,7 @@ def topk_accuracy(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) 
     max_k = min(max(ks), scores.shape[1])
     pred = scores.topk(max_k, dim=1).indices  # [N, max_k], best first
     hit = pred.eq(labels[:, None])
-    return [hit[:, : min(k, max_k)].any(dim=1).float().mean().item() * 100.0 for k in ks]
+    return [hit[:, : min(k, max_k)].any(dim=1).float().mean().item() for k in ks]
 
 
 def knn_accuracy(
@@ -131,7 +131,7 @@ def knn_accuracy(
     chunk_size: int = 1024,
     device: torch.device | str | None = None,
 ) -> dict[str, float | int]:
-    """Top-1 / top-5 accuracy (percent) of the weighted kNN classifier (InstDisc Eq. 8).
+    """Top-1 / top-5 accuracy (fractions in [0, 1]) of the weighted kNN classifier (InstDisc Eq. 8).
 
     Args:
         train_feats: ``[N_train, D]``; train_labels: int64 ``[N_train]``.

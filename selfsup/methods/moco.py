@@ -67,6 +67,9 @@ class MoCo(nn.Module):
         momentum: m (0.999 in the paper; 0.99 for short runs on small datasets).
         momentum_cosine: raise m to 1 with BYOL's cosine schedule over training.
         symmetric: loss(q1, k2) + loss(q2, k1).
+        proj_batch_norm: BatchNorm in the projector's hidden layer (MoCo v3's head). MoCo v2's
+            head has none; on small networks and short runs BN keeps the keys centred, which
+            measured on the quickstart digits stops the slide of all keys onto one direction.
         shuffle_bn: under DDP, shuffle the batch across ranks for the key encoder (not needed
             with SyncBatchNorm).
     """
@@ -83,13 +86,14 @@ class MoCo(nn.Module):
         momentum_cosine: bool = False,
         symmetric: bool = False,
         shuffle_bn: bool = True,
+        proj_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if queue_size < 1:
             raise ConfigError(f"MoCo `method.queue_size` must be >= 1, got {queue_size}.")
         self.backbone = backbone
         self.projector = ProjectionHead(
-            feat_dim, proj_hidden or feat_dim, proj_dim, batch_norm=False
+            feat_dim, proj_hidden or feat_dim, proj_dim, batch_norm=proj_batch_norm
         )
         self.key_backbone = EmaTarget(backbone)
         self.key_projector = EmaTarget(self.projector)

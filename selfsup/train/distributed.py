@@ -60,6 +60,7 @@ __all__ = [
     "DistributedBatchStream",
     "all_ranks_true",
     "all_reduce_mean",
+    "all_reduce_sum",
     "any_rank",
     "barrier",
     "broadcast_buffers",
@@ -202,6 +203,15 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     out = t.detach().to(_comm_device(t), dtype).clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.div_(world).to(t.device)
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum of ``t`` over ranks (a new tensor on ``t``'s device), e.g. skipped-step counts."""
+    if distributed_world()[1] == 1:
+        return t
+    out = t.detach().to(_comm_device(t)).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
 
 
 def all_ranks_true(flag: Tensor) -> Tensor:

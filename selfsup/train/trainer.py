@@ -351,13 +351,18 @@ class Trainer:
                             )
                         elapsed = time.monotonic() - window_start
                         images_per_s = window_steps * batch_size / max(elapsed, 1e-9)
-                        mean_loss = float(loss_sum) / max(1, window_steps - n_bad)
+                        # NaN when every step of the window was skipped: there is no loss to show
+                        mean_loss = (float(loss_sum) / (window_steps - n_bad)
+                                     if window_steps > n_bad else float("nan"))
+                        if n_bad:
+                            results["skipped_steps"] = results.get("skipped_steps", 0) + n_bad
                         logger.log(global_step, {"loss": mean_loss, "lr": current_lr,
                                                  "images_per_s": images_per_s, "epoch": epoch + 1,
                                                  "skipped_steps": n_bad})
                         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{current_lr:.3g}",
                                         img_s=f"{images_per_s:.0f}", epoch=epoch + 1)
                         loss_sum.zero_()
+                        bad_steps.zero_()  # skipped_steps is per logging window, like the loss
                         window_steps, window_start = 0, time.monotonic()
 
                     if t.collapse != "off" and global_step % t.collapse_every == 0:
