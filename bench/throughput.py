@@ -301,7 +301,9 @@ def measure_lightly(
     scratch: str | None,
 ) -> dict[str, Any]:
     """lightly's standard setting for ``cfg``'s method; ``{"error": ...}`` if it cannot run."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # bench/ is a folder of scripts, not a package
+        sys.path.insert(0, here)
     try:
         import lightly_baseline as lb
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help=f"run directory (default {QUICKSTART_OUT} or runs/<method>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--devices", type=int, default=None,
+                   help="run N processes on this machine (one per GPU) via torchrun")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     p.add_argument("overrides", nargs="*", help="key=value settings")
 
@@ -51,7 +54,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from selfsup.train.config import resolve_config
+    from selfsup.train.distributed import barrier, cleanup, init_distributed, launch_local
     from selfsup.train.trainer import Trainer, prepare_run_dir
+
+    if args.devices and args.devices > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_local(args.devices, sys.argv[1:])
 
     out = Path(args.out) if args.out else None
     saved = out / "config.yaml" if out else None
@@ -76,8 +83,16 @@ def _pretrain(args: argparse.Namespace) -> int:
         cfg = resolve_config(method, preset=preset, flags=flags, overrides=args.overrides)
     out = out or Path(QUICKSTART_OUT if args.data is None else f"runs/{method}")
     cfg.out = str(out)
-    prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite)
-    result = Trainer(cfg, out, resume=args.resume).fit()
+    env = init_distributed(cfg.train.device)
+    try:
+        if env.is_main:
+            prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+        barrier()
+        result = Trainer(cfg, out, resume=args.resume).fit()
+    finally:
+        cleanup()
+    if not env.is_main:
+        return 0 if result.finished else 3
     if not result.finished:
         return 3
     r = result.results

@@ -72,6 +72,7 @@ class TrainConfig:
     collapse_every: int = 200  # steps between collapse checks
     collapse_patience: int = 3
     on_nan: str = "stop"  # stop or skip
+    sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm (BN over the global batch)
     progress: bool = True
     time_limit_min: float | None = None  # checkpoint and stop after this many minutes (resume later)
     stop_after_epochs: int | None = None  # checkpoint and stop after this many epochs (resume later)

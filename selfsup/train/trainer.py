@@ -40,6 +40,13 @@ from selfsup.methods import build_method
 from selfsup.models import build_backbone
 from selfsup.train.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from selfsup.train.config import config_hash, to_yaml
+from selfsup.train.distributed import (
+    DistributedBatchStream, all_ranks_true, all_reduce_mean, all_reduce_sum, any_rank,
+    concat_all_gather, convert_sync_batchnorm, distributed_knn, init_distributed,
+    main_process_first, per_rank_batch_size, rank_seed, save_on_main, wrap_ddp,
+)
+
+DISTRIBUTED_READY = True
 from selfsup.train.logging import MetricsLogger
 from selfsup.train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
 
@@ -149,7 +156,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
-        self.device = resolve_device(cfg.train.device)
+        self.env = init_distributed(cfg.train.device)
+        self.device = self.env.device
         self._stop_reason: str | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -157,9 +165,10 @@ class Trainer:
         d = self.cfg.data
         kwargs = dict(image_size=d.storage_size or d.image_size, cache_dir=d.cache_dir,
                       workers=d.workers, progress=self.cfg.train.progress)
-        train = _limit(load_dataset(d.source, "train", **kwargs), d.limit)
-        summary = write_skip_report(train, self.run_dir / "skipped.csv")
-        if train.skipped:
+        with main_process_first():  # rank 0 builds the cache, the others then read it
+            train = _limit(load_dataset(d.source, "train", **kwargs), d.limit)
+        summary = write_skip_report(train, self.run_dir / "skipped.csv") if self.env.is_main else ""
+        if train.skipped and self.env.is_main:
             print(f"selfsup: {summary} (list: {self.run_dir / 'skipped.csv'})", file=sys.stderr)
         n = train.images.shape[0]
         if self.cfg.train.batch_size > n:
@@ -170,6 +179,7 @@ class Trainer:
         bank, query = None, None
         eval_source = d.eval_source or d.source
         try:
+          with main_process_first():
             bank = train if eval_source == d.source else _limit(
                 load_dataset(eval_source, "train", **kwargs), d.limit)
             query = _limit(load_dataset(eval_source, "test", **kwargs), d.limit)
@@ -184,12 +194,9 @@ class Trainer:
         t = self.cfg.train
         bs = max(256, t.batch_size)
         with self._autocast():
-            train_feats = extract_features(backbone, bank.images, self.eval_transform,
-                                           batch_size=bs, device=self.device)
-            test_feats = extract_features(backbone, query.images, self.eval_transform,
-                                          batch_size=bs, device=self.device)
-        return knn_accuracy(train_feats, bank.labels, test_feats, query.labels,
-                            k=t.knn_k, temperature=t.knn_temperature)
+            return distributed_knn(backbone, bank.images, bank.labels, query.images, query.labels,
+                                   self.eval_transform, batch_size=bs, device=self.device,
+                                   k=t.knn_k, temperature=t.knn_temperature)
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -223,11 +230,13 @@ class Trainer:
             train.images)
         if cfg.data.mean is None or cfg.data.std is None:
             cfg.data.mean, cfg.data.std = mean, std
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        env = self.env
+        if env.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.augment = build_augment(cfg, mean, std).to(self.device)
         self.eval_transform = EvalTransform(cfg.data.image_size, mean=mean, std=std).to(self.device)
 
-        method = build_model(cfg).to(self.device)
+        method = convert_sync_batchnorm(build_model(cfg), t.sync_bn, env).to(self.device)
         if self.device.type == "cuda" and t.channels_last:
             method = method.to(memory_format=torch.channels_last)
         batch_size = t.batch_size
@@ -235,13 +244,14 @@ class Trainer:
         optimizer = build_optimizer(method, cfg.optim.name, lr, cfg.optim.momentum,
                                     cfg.optim.weight_decay, cfg.optim.exclude_bias_norm,
                                     cfg.optim.trust_coefficient)
-        stream = BatchStream(train.images, batch_size=batch_size, device=self.device, shuffle=True,
-                             seed=t.seed, drop_last=True)
+        stream = DistributedBatchStream(train.images, per_rank_batch_size(batch_size, env.world_size),
+                                        rank=env.rank, world_size=env.world_size,
+                                        device=self.device, shuffle=True, seed=t.seed)
         steps_per_epoch = stream.steps_per_epoch
         total_steps = steps_per_epoch * t.epochs
         warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(t.seed)
+        generator.manual_seed(rank_seed(t.seed, env.rank))
         chash = config_hash(cfg)
 
         ckpt_dir = self.run_dir / "checkpoints"
@@ -256,15 +266,20 @@ class Trainer:
             state, path = load_checkpoint(ckpt_dir, method=cfg.method.name, config_hash=chash)
             method.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"].to(generator.get_state().device)
-                                if hasattr(state["generator"], "to") else state["generator"])
+            if env.world_size == 1 and state.get("world_size", 1) == 1:
+                generator.set_state(state["generator"].to(generator.get_state().device)
+                                    if hasattr(state["generator"], "to") else state["generator"])
+            else:  # only rank 0's stream was saved: fresh per-rank streams at this step
+                generator.manual_seed(rank_seed(t.seed + state["global_step"], env.rank))
             torch.set_rng_state(state["torch_rng"])
             start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
             results.update(state.get("results", {}))
-            print(f"selfsup: resumed from {path} at epoch {start_epoch + 1}, step {global_step}",
-                  file=sys.stderr)
-        logger = MetricsLogger(self.run_dir)
-        step_fn = torch.compile(method) if t.compile else method
+            if env.is_main:
+                print(f"selfsup: resumed from {path} at epoch {start_epoch + 1}, step {global_step}",
+                      file=sys.stderr)
+        logger = MetricsLogger(self.run_dir, enabled=env.is_main)
+        model = wrap_ddp(method, env)
+        step_fn = torch.compile(model) if t.compile else model
         monitor = CollapseMonitor(cfg.method.name, mode=t.collapse, patience=t.collapse_patience)
 
         def checkpoint(epoch: int, step_in_epoch: int) -> Path:
@@ -279,13 +294,13 @@ class Trainer:
                 ) from None
 
         def _save(epoch: int, step_in_epoch: int) -> Path:
-            return save_checkpoint({
+            return save_on_main(save_checkpoint, {
                 "model": method.state_dict(), "optimizer": optimizer.state_dict(),
                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                 "method": cfg.method.name, "config_hash": chash, "results": results,
                 "config": OmegaConf.to_container(cfg, resolve=True),
-                "selfsup_version": selfsup.__version__,
+                "selfsup_version": selfsup.__version__, "world_size": env.world_size,
             }, ckpt_dir)
 
         if bank is not None and "knn_top1_random_init" not in results:
@@ -296,7 +311,7 @@ class Trainer:
 
         previous_handlers = self._install_signal_handlers()
         started = time.monotonic()
-        bar = tqdm(total=total_steps, initial=global_step, disable=not t.progress, unit="step",
+        bar = tqdm(total=total_steps, initial=global_step, disable=not (t.progress and env.is_main), unit="step",
                    dynamic_ncols=True, desc=f"{cfg.method.name}")
         loss_sum = torch.zeros((), device=self.device)
         bad_steps = torch.zeros((), device=self.device, dtype=torch.int64)
@@ -320,7 +335,7 @@ class Trainer:
                         out = step_fn(v1, v2)
                     loss = out["loss"]
                     finite = torch.isfinite(loss)
-                    if t.on_nan == "skip" and not bool(finite):  # the one per-step sync, opt-in
+                    if t.on_nan == "skip" and not bool(all_ranks_true(finite)):  # the one per-step sync, opt-in
                         optimizer.zero_grad(set_to_none=True)
                         bad_steps += 1
                     else:
@@ -334,10 +349,19 @@ class Trainer:
                     window_steps += 1
                     bar.update(1)
 
+                    if self._stop_reason is None and t.time_limit_min and (
+                        time.monotonic() - started > 60 * t.time_limit_min
+                    ):
+                        self._stop_reason = f"time limit of {t.time_limit_min} min"
+                    sync_step = global_step % t.log_every == 0 or step_in_epoch == steps_per_epoch - 1
+                    stop = self._stop_reason is not None
+                    if env.distributed:  # all ranks must agree, on the steps that sync anyway
+                        stop = sync_step and any_rank(stop)
+                        if stop and self._stop_reason is None:
+                            self._stop_reason = "stop requested on another rank"
                     # also before a stop checkpoint, so no checkpoint holds NaN weights
-                    if (global_step % t.log_every == 0 or step_in_epoch == steps_per_epoch - 1
-                            or self._stop_reason is not None):
-                        n_bad = int(bad_steps)
+                    if sync_step or stop:
+                        n_bad = int(all_reduce_sum(bad_steps))
                         if n_bad and t.on_nan == "stop":
                             good = ckpt_dir / "last.pt"
                             raise NumericalError(
@@ -352,8 +376,9 @@ class Trainer:
                         elapsed = time.monotonic() - window_start
                         images_per_s = window_steps * batch_size / max(elapsed, 1e-9)
                         # NaN when every step of the window was skipped: there is no loss to show
-                        mean_loss = (float(loss_sum) / (window_steps - n_bad)
-                                     if window_steps > n_bad else float("nan"))
+                        counted = window_steps * env.world_size - n_bad
+                        mean_loss = (float(all_reduce_sum(loss_sum)) / counted
+                                     if counted > 0 else float("nan"))
                         if n_bad:
                             results["skipped_steps"] = results.get("skipped_steps", 0) + n_bad
                         logger.log(global_step, {"loss": mean_loss, "lr": current_lr,
@@ -367,25 +392,25 @@ class Trainer:
 
                     if t.collapse != "off" and global_step % t.collapse_every == 0:
                         with torch.no_grad():
-                            metrics = collapse_metrics(out["z"].float(), z_target=out.get("z_target"))
+                            z_target = out.get("z_target")
+                            metrics = collapse_metrics(
+                                concat_all_gather(out["z"]).float(),
+                                z_target=None if z_target is None else concat_all_gather(z_target))
                         for key in ("online_target_cos",):
                             if key in out:
-                                metrics[key] = float(out[key])
+                                metrics[key] = float(all_reduce_mean(out[key]))
                         logger.log(global_step, metrics, prefix="collapse")
                         try:
                             monitor.check(metrics, step=global_step)
                         except CollapseError as exc:
                             # the event is recorded; checkpoints/last.pt (the last epoch) is kept
-                            write_json(self.run_dir / "collapse.json", {
+                            if env.is_main:
+                              write_json(self.run_dir / "collapse.json", {
                                 "step": global_step, "epoch": epoch + 1, "metrics": metrics,
                                 "message": str(exc), "last_checkpoint": str(ckpt_dir / "last.pt")})
                             raise
 
-                    if self._stop_reason is None and t.time_limit_min and (
-                        time.monotonic() - started > 60 * t.time_limit_min
-                    ):
-                        self._stop_reason = f"time limit of {t.time_limit_min} min"
-                    if self._stop_reason is not None:
+                    if stop:
                         checkpoint(epoch, step_in_epoch + 1)
                         raise StopRequested(self._stop_reason)
 
@@ -396,7 +421,8 @@ class Trainer:
                     results.update(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_epoch=done_epochs)
                     logger.log(global_step, {"knn_top1": knn["top1"], "knn_top5": knn["top5"],
                                              "epoch": done_epochs}, prefix="eval")
-                    bar.write(f"epoch {done_epochs}: kNN top-1 {knn['top1']:.4f}")
+                    if env.is_main:
+                        bar.write(f"epoch {done_epochs}: kNN top-1 {knn['top1']:.4f}")
                 if last_epoch or done_epochs % t.checkpoint_every == 0:
                     checkpoint(done_epochs, 0)
                 if t.stop_after_epochs and done_epochs >= t.stop_after_epochs and not last_epoch:
@@ -404,7 +430,8 @@ class Trainer:
             finished = True
         except StopRequested as stop:
             bar.close()
-            print(f"\nselfsup: stopped ({stop}); checkpoint saved in {ckpt_dir}.\n"
+            if env.is_main:
+              print(f"\nselfsup: stopped ({stop}); checkpoint saved in {ckpt_dir}.\n"
                   f"Resume with: selfsup pretrain --out {self.run_dir} --resume", file=sys.stderr)
         finally:
             bar.close()
@@ -412,7 +439,7 @@ class Trainer:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
 
-        if finished:
+        if finished and env.is_main:
             results["train_time_s"] = round(time.monotonic() - started, 2)
             results["images_per_s_last"] = round(images_per_s, 1)
             atomic_torch_save(method.backbone.state_dict(), self.run_dir / "encoder.pt")
