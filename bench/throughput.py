@@ -269,10 +269,10 @@ def measure_ours(
     last: dict[str, Tensor] = {}
 
     def ours() -> None:
-        last["ours"] = train_step(state, batch=next(batches))["loss"]
+        last["ours"] = train_step(state, batch=next(batches))["loss"].detach()
 
     def compute_limit() -> None:
-        last["compute_limit"] = train_step(state, views=views)["loss"]
+        last["compute_limit"] = train_step(state, views=views)["loss"].detach()
 
     runners: dict[str, Callable[[], None]] = {"compute_limit": compute_limit, "ours": ours}
     for _ in range(repeats):
@@ -284,7 +284,7 @@ def measure_ours(
             )
     result = {name: summarize(w, steps, batch_size) for name, w in timed.items()}
     for name in result:
-        result[name]["last_loss"] = round(float(last[name].detach()), 5)
+        result[name]["last_loss"] = round(float(last[name]), 5)
     result["ours"]["optimizer_steps_total"] = state.global_step  # both modes, warm-up included
     return result
 
