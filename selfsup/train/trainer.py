@@ -232,7 +232,10 @@ class Trainer:
             cfg.data.mean, cfg.data.std = mean, std
         env = self.env
         if env.is_main:
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            # limits of this invocation are not part of the run: a --resume must not inherit them
+            saved = cfg.copy()
+            saved.train.stop_after_epochs, saved.train.time_limit_min = None, None
+            (self.run_dir / "config.yaml").write_text(to_yaml(saved))
         self.augment = build_augment(cfg, mean, std).to(self.device)
         self.eval_transform = EvalTransform(cfg.data.image_size, mean=mean, std=std).to(self.device)
 
