@@ -1,4 +1,10 @@
-"""``selfsup eval / embed / neighbors / export / table``: use and judge a trained encoder."""
+"""``selfsup eval / embed / neighbors / export / table``: use and judge a trained encoder.
+
+``eval`` runs the papers' protocols on a labeled dataset (the pre-training data, or another one
+with other classes: transfer) and writes ``eval_<data>_<protocol>.json`` into the run directory
+plus one line per number to a results CSV; ``table`` turns that CSV into a runs x protocols table.
+Accuracies are fractions in [0, 1].
+"""
 
 from __future__ import annotations
 
@@ -16,37 +22,77 @@ from selfsup.cli import register
 from selfsup.errors import ConfigError, DataError
 
 PROTOCOLS = ("knn", "linear", "finetune", "all")
-RESULT_FIELDS = ("time", "run", "method", "pretrain_data", "epochs", "eval_data", "protocol",
-                 "encoder", "metric", "value", "config_hash")
+LINEAR_MODES = ("fast", "full", "both")
+TEST_SPLITS = ("test", "val", "valid", "validation")  # tried in this order for the held-out split
+RESULT_FIELDS = (
+    "time",
+    "run",
+    "method",
+    "pretrain_data",
+    "epochs",
+    "eval_data",
+    "protocol",
+    "encoder",
+    "metric",
+    "value",
+    "config_hash",
+)
+CSV_METRICS = ("top1", "top5", "seconds")  # the numbers of a result that get a CSV line
+PAPER_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop area range of the papers' linear protocol
 
 
 # ---------------------------------------------------------------------------- shared helpers
 def _run_info(target: Path) -> dict[str, Any]:
-    """What the run directory says of an encoder: method, data, epochs, mean/std, image size."""
+    """What is known of an encoder: its run directory, and (from config.yaml or export metadata)
+    method, pre-training data, epochs, mean/std, image size, architecture, config hash."""
+    from selfsup.export import encoder_metadata
+
     run_dir = target if target.is_dir() else target.parent
-    info: dict[str, Any] = {"run_dir": run_dir}
+    return {**encoder_metadata(target), "run_dir": run_dir}
+
+
+def _pretrain_crop_scale(run_dir: Path) -> tuple[float, float] | None:
+    """``augment.both.crop_scale`` of the run's config, when the user set one for this data."""
     config = run_dir / "config.yaml"
-    if config.exists():
-        from omegaconf import OmegaConf
+    if not config.exists():
+        return None
+    from omegaconf import OmegaConf
 
-        from selfsup.train.config import config_hash
-
-        cfg = OmegaConf.load(config)
-        info.update(method=cfg.method.name, pretrain_data=cfg.data.source, epochs=cfg.train.epochs,
-                    image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std,
-                    config_hash=config_hash(cfg))
-    return info
+    scale = OmegaConf.select(OmegaConf.load(config), "augment.both.crop_scale")
+    return (float(scale[0]), float(scale[1])) if scale is not None else None
 
 
-def _transforms(image_size: int, mean, std, device: torch.device):
+def _transforms(
+    image_size: int,
+    mean,
+    std,
+    device: torch.device,
+    crop_scale: tuple[float, float] = PAPER_CROP_SCALE,
+    flip_p: float = 0.5,
+):
     from selfsup.augment import EvalTransform, ViewAugment, ViewConfig
 
     # the papers' linear / fine-tuning augmentation: random resized crop and flip only
-    crop_flip = ViewConfig(crop_scale=(0.08, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0,
-                           solarize_p=0.0)
+    crop_flip = ViewConfig(
+        crop_scale=tuple(crop_scale),
+        flip_p=flip_p,
+        jitter_p=0.0,
+        gray_p=0.0,
+        blur_p=0.0,
+        solarize_p=0.0,
+    )
     train_t = ViewAugment(crop_flip, image_size, mean, std).to(device)
     eval_t = EvalTransform(image_size, mean=mean, std=std).to(device)
     return train_t, eval_t
+
+
+def _normalisation(info: dict[str, Any], images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """The pre-training mean/std (the encoder expects them), else the data's own statistics."""
+    from selfsup.train.trainer import dataset_stats
+
+    if info.get("mean") and info.get("std"):
+        return [float(v) for v in info["mean"]], [float(v) for v in info["std"]]
+    return dataset_stats(images)
 
 
 def _device(name: str | None) -> torch.device:
@@ -55,17 +101,60 @@ def _device(name: str | None) -> torch.device:
     return resolve_device(name or "auto")
 
 
-def _load_split(source: str, split: str, image_size: int, cache_dir: str | None):
+def _limit(ds, limit: int | None):
+    """The first ``limit`` images of a dataset (all of them for ``None``)."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be a positive number of images, got {limit}")
+    return ds.subset(range(limit)) if limit and limit < len(ds) else ds
+
+
+def _load(
+    source: str,
+    split: str,
+    image_size: int,
+    cache_dir: str | None,
+    limit: int | None,
+    progress: bool = False,
+):
     from selfsup.data import load_dataset
 
-    ds = load_dataset(source, split, image_size=image_size, cache_dir=cache_dir)
-    if ds.labels is None:
-        raise DataError(f"{source!r} ({split} split) has no labels; evaluation needs an ImageFolder "
-                        f"layout (<class>/<image>) with train/ and test/ splits")
-    return ds
+    ds = load_dataset(source, split, image_size=image_size, cache_dir=cache_dir, progress=progress)
+    return _limit(ds, limit)
+
+
+def _load_labeled_splits(
+    source: str, image_size: int, cache_dir: str | None, limit: int | None, progress: bool
+):
+    """(train, test) of a labeled source; the held-out split is test/, else val/ (a folder)."""
+    train = _load(source, "train", image_size, cache_dir, limit, progress)
+    test, first_error = None, None
+    for split in TEST_SPLITS:
+        try:
+            test = _load(source, split, image_size, cache_dir, limit, progress)
+            break
+        except DataError as exc:
+            first_error = first_error or exc
+    if test is None:
+        raise DataError(
+            f"{source!r} has no held-out split to evaluate on ({first_error}); "
+            f"arrange it as DIR/train/<class>/* and DIR/test/<class>/*"
+        )
+    for split, ds in (("train", train), ("test", test)):
+        if ds.labels is None:
+            raise DataError(
+                f"{source!r} ({split} split) has no labels; evaluation needs an "
+                f"ImageFolder layout (<split>/<class>/<image>) with train/ and test/"
+            )
+    if train.classes and test.classes and list(train.classes) != list(test.classes):
+        raise DataError(
+            f"{source!r}: the train and test splits have different class folders "
+            f"({train.classes} vs {test.classes}); give both the same classes"
+        )
+    return train, test
 
 
 def append_results(csv_path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` (keys ``RESULT_FIELDS``) to ``csv_path``, writing the header if new."""
     new = not csv_path.exists()
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "a", newline="") as fh:
@@ -75,214 +164,481 @@ def append_results(csv_path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-# ---------------------------------------------------------------------------- eval
-def _add_eval(sub, name: str) -> None:
-    p = sub.add_parser(name, help="evaluate an encoder: kNN, linear probe, fine-tuning, transfer",
-                       description="Evaluate a run directory or an encoder file on a labeled "
-                       "dataset (the pre-training data, or another one: transfer).")
-    p.add_argument("encoder", help="run directory or encoder file")
-    p.add_argument("--data", default=None, help="labeled source (default: the run's own data)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="knn")
-    p.add_argument("--label-fraction", type=float, nargs="+", default=[1, 10],
-                   help="fine-tuning label fractions in percent (default: 1 10)")
-    p.add_argument("--linear-mode", choices=("fast", "full", "both"), default="fast")
-    p.add_argument("--linear-epochs", type=int, default=100)
-    p.add_argument("--finetune-epochs", type=int, default=30)
-    p.add_argument("--knn-k", type=int, default=200)
-    p.add_argument("--knn-temperature", type=float, default=0.1)
-    p.add_argument("--baselines", action="store_true",
-                   help="also evaluate a random-init encoder and a supervised one (same budget)")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--results-csv", default=None,
-                   help="append one line per number here (default: <run dir>/../results.csv)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
-    from selfsup.evaluate.features import extract_features
-    from selfsup.evaluate.finetune import finetune, supervised_baseline
-    from selfsup.evaluate.knn import knn_accuracy
-    from selfsup.evaluate.linear import linear_probe, linear_probe_features
-    from selfsup.evaluate.subsets import balanced_subset, save_subset
-    from selfsup.export import load_encoder
-    from selfsup.train.trainer import dataset_stats, write_json
-
-    target = Path(args.encoder)
-    info = _run_info(target)
-    source = args.data or info.get("pretrain_data")
-    if source is None:
-        raise ConfigError(f"{target}: no config.yaml beside the encoder; pass --data")
-    image_size = args.image_size or info.get("image_size") or 32
-    device = _device(args.device)
-    encoder = load_encoder(target)
-    if not isinstance(encoder, torch.nn.Module):
-        raise ConfigError(f"{target} did not load as a torch module")
-    train = _load_split(source, "train", image_size, args.cache_dir)
-    test = _load_split(source, "test", image_size, args.cache_dir)
-    mean, std = (info["mean"], info["std"]) if info.get("mean") else dataset_stats(train.images)
-    train_t, eval_t = _transforms(image_size, list(mean), list(std), device)
-    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    progress = not args.no_progress
-    protocols = ("knn", "linear", "finetune") if args.protocol == "all" else (args.protocol,)
-
-    encoders = {"ssl": encoder}
-    if args.baselines:
-        from selfsup.models import build_backbone
-
-        torch.manual_seed(args.seed)
-        encoders["random_init"] = build_backbone(*_arch(target, encoder))[0]
-    results: dict[str, Any] = {"encoder": str(target), "eval_data": source, "image_size": image_size,
-                               "num_classes": num_classes, "protocols": {}}
-    rows: list[dict[str, Any]] = []
-
-    def record(enc: str, protocol: str, metrics: dict[str, Any]) -> None:
-        results["protocols"].setdefault(protocol, {})[enc] = metrics
-        for key, value in metrics.items():
-            if isinstance(value, float | int) and key in ("top1", "top5", "seconds"):
-                rows.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                             "run": str(info["run_dir"]), "method": info.get("method", ""),
-                             "pretrain_data": info.get("pretrain_data", ""),
-                             "epochs": info.get("epochs", ""), "eval_data": source,
-                             "protocol": protocol, "encoder": enc, "metric": key, "value": value,
-                             "config_hash": info.get("config_hash", "")})
-
-    for enc_name, enc in encoders.items():
-        feats = None
-        if "knn" in protocols or ("linear" in protocols and args.linear_mode in ("fast", "both")):
-            t0 = time.monotonic()
-            feats = (extract_features(enc, train.images, eval_t, batch_size=args.batch_size,
-                                      device=device),
-                     extract_features(enc, test.images, eval_t, batch_size=args.batch_size,
-                                      device=device))
-            feat_seconds = time.monotonic() - t0
-        if "knn" in protocols:
-            m = knn_accuracy(feats[0], train.labels, feats[1], test.labels, k=args.knn_k,
-                             temperature=args.knn_temperature, num_classes=num_classes)
-            record(enc_name, "knn", {**m, "k": args.knn_k, "temperature": args.knn_temperature})
-        if "linear" in protocols:
-            if args.linear_mode in ("fast", "both"):
-                t0 = time.monotonic()
-                m = linear_probe_features(feats[0], train.labels, feats[1], test.labels,
-                                          num_classes=num_classes, epochs=args.linear_epochs,
-                                          device=device, seed=args.seed)
-                m = {**m, "seconds": round(time.monotonic() - t0 + feat_seconds, 2)}
-                record(enc_name, "linear_fast", m)
-            if args.linear_mode in ("full", "both"):
-                t0 = time.monotonic()
-                m = linear_probe(enc, train.images, train.labels, test.images, test.labels,
-                                 train_transform=train_t, eval_transform=eval_t,
-                                 num_classes=num_classes, epochs=args.linear_epochs,
-                                 batch_size=args.batch_size, device=device, seed=args.seed,
-                                 progress=progress)
-                record(enc_name, "linear_full", {**m, "seconds": round(time.monotonic() - t0, 2)})
-        if "finetune" in protocols:
-            for fraction in args.label_fraction:
-                idx = balanced_subset(train.labels, fraction, seed=args.seed)
-                subset_file = info["run_dir"] / f"subset_{_slug(source)}_{fraction:g}pct_seed{args.seed}.csv"
-                save_subset(idx, [train.paths[i] for i in idx.tolist()] if train.paths else None,
-                            train.labels[idx], subset_file)
-                t0 = time.monotonic()
-                m = finetune(enc, train.images[idx], train.labels[idx], test.images, test.labels,
-                             num_classes=num_classes, train_transform=train_t, eval_transform=eval_t,
-                             epochs=args.finetune_epochs, batch_size=args.batch_size, device=device,
-                             seed=args.seed, progress=progress)
-                m = {**m, "seconds": round(time.monotonic() - t0, 2), "subset_file": subset_file.name,
-                     "labeled_images": int(idx.numel())}
-                record(enc_name, f"finetune_{fraction:g}pct", m)
-                if args.baselines and enc_name == "ssl":
-                    from selfsup.models import build_backbone
-
-                    torch.manual_seed(args.seed)
-                    fresh = build_backbone(*_arch(target, encoder))[0]
-                    m = supervised_baseline(fresh, train.images[idx], train.labels[idx], test.images,
-                                            test.labels, num_classes=num_classes,
-                                            train_transform=train_t, eval_transform=eval_t,
-                                            epochs=args.finetune_epochs, batch_size=args.batch_size,
-                                            device=device, seed=args.seed, progress=progress)
-                    record("supervised", f"finetune_{fraction:g}pct", m)
-
-    out_json = info["run_dir"] / f"eval_{_slug(source)}_{args.protocol}.json"
-    write_json(out_json, results)
-    csv_path = Path(args.results_csv) if args.results_csv else info["run_dir"].parent / "results.csv"
-    append_results(csv_path, rows)
-    results["_json"], results["_csv"] = str(out_json), str(csv_path)
-    return results
-
-
-def _arch(target: Path, encoder: torch.nn.Module) -> tuple[str, bool]:
+def _architecture(info: dict[str, Any], encoder: torch.nn.Module) -> tuple[str, bool]:
+    """(backbone name, small_stem) of the encoder, for building same-architecture baselines."""
     from selfsup.export import infer_architecture
 
-    name, small = infer_architecture(encoder.state_dict())
-    return name, small
+    if isinstance(info.get("backbone"), str) and "small_stem" in info:
+        return info["backbone"], bool(info["small_stem"])
+    return infer_architecture(encoder.state_dict())
+
+
+def _fresh_backbone(name: str, small_stem: bool, seed: int) -> torch.nn.Module:
+    """A seeded random-init backbone of the architecture, leaving the global RNG as it was."""
+    from selfsup.models import build_backbone
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_backbone(name, small_stem=small_stem)[0]
 
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(text).name or text)[:40]
 
 
+# ---------------------------------------------------------------------------- eval
+def _add_eval(sub, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="evaluate an encoder: kNN, linear probe, fine-tuning, transfer",
+        description="Evaluate a run directory or an encoder file on a labeled dataset (the "
+        "pre-training data, or another one with other classes: transfer). Accuracies are "
+        "fractions in [0, 1].",
+    )
+    p.add_argument("encoder", help="run directory or encoder file")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="labeled source with train/ and test/ splits "
+        "(default: the run's own pre-training data)",
+    )
+    p.add_argument("--protocol", choices=PROTOCOLS, default="knn")
+    p.add_argument(
+        "--label-fraction",
+        type=float,
+        nargs="+",
+        default=[1, 10],
+        help="fine-tuning label fractions in percent, e.g. 1 10 100 (default: 1 10)",
+    )
+    p.add_argument(
+        "--linear-mode",
+        choices=LINEAR_MODES,
+        default="fast",
+        help="fast: L-BFGS logistic regression on cached features; full: the papers' "
+        "protocol (augmented crops and flips, SGD, cosine); both (default: fast)",
+    )
+    p.add_argument("--linear-epochs", type=int, default=100, help="full linear probe epochs")
+    p.add_argument("--linear-lr", type=float, default=0.1, help="full linear probe SGD lr")
+    p.add_argument("--lbfgs-iters", type=int, default=100, help="fast linear probe iterations")
+    p.add_argument("--finetune-epochs", type=int, default=30)
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=0.01,
+        help="encoder lr when fine-tuning (the head gets 10x)",
+    )
+    p.add_argument(
+        "--supervised-lr",
+        type=float,
+        default=0.1,
+        help="lr of the supervised baseline (encoder and head)",
+    )
+    p.add_argument(
+        "--crop-scale",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="random-resized-crop area range of the full linear probe and fine-tuning "
+        "(default: the run's augment.both.crop_scale if set, else the papers' 0.08 1)",
+    )
+    p.add_argument(
+        "--flip-p",
+        type=float,
+        default=0.5,
+        help="horizontal flip probability there (0 for data that flipping changes)",
+    )
+    p.add_argument("--knn-k", type=int, default=200)
+    p.add_argument("--knn-temperature", type=float, default=0.1)
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also evaluate the random-init encoder (kNN, linear) and, per label "
+        "fraction, a supervised ResNet trained with the same budget (finetune)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use only the first N images of each split (quick checks)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="default: the pre-training image size (else 32)",
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--results-csv",
+        default=None,
+        help="append one line per number here (default: <run dir>/../results.csv)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Refuse impossible settings before loading data or training anything."""
+    positive = {
+        "--linear-epochs": args.linear_epochs,
+        "--lbfgs-iters": args.lbfgs_iters,
+        "--finetune-epochs": args.finetune_epochs,
+        "--knn-k": args.knn_k,
+        "--batch-size": args.batch_size,
+    }
+    for flag, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (
+        ("--knn-temperature", args.knn_temperature),
+        ("--linear-lr", args.linear_lr),
+        ("--finetune-lr", args.finetune_lr),
+        ("--supervised-lr", args.supervised_lr),
+    ):
+        if not value > 0:
+            raise ConfigError(f"{flag} must be > 0, got {value}")
+    if not 0 <= args.flip_p <= 1:
+        raise ConfigError(f"--flip-p must be in [0, 1], got {args.flip_p}")
+    if args.crop_scale is not None and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise ConfigError(f"--crop-scale MIN MAX needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
+    for fraction in args.label_fraction:
+        if not 0 < fraction <= 100:
+            raise ConfigError(
+                f"--label-fraction is in percent, in (0, 100] (e.g. 1 10 100); got {fraction:g}"
+            )
+
+
+def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the protocols of ``args`` (the ``selfsup eval`` options); write JSON and CSV.
+
+    Returns the results dict: ``protocols[protocol][encoder] -> metrics`` with protocols
+    ``knn``, ``linear_fast``, ``linear_full``, ``finetune_<f>pct`` and encoders ``ssl``,
+    ``random_init``, ``supervised``; plus ``_json`` / ``_csv``, the written paths.
+    """
+    from selfsup.evaluate.features import extract_features
+    from selfsup.evaluate.finetune import finetune, supervised_baseline
+    from selfsup.evaluate.knn import knn_accuracy
+    from selfsup.evaluate.linear import linear_probe, linear_probe_features
+    from selfsup.evaluate.subsets import balanced_subset, save_subset
+    from selfsup.export import load_encoder
+    from selfsup.train.trainer import write_json
+
+    _check_eval_args(args)
+    target = Path(args.encoder)
+    info = _run_info(target)
+    run_dir: Path = info["run_dir"]
+    source = args.data or info.get("pretrain_data")
+    if source is None:
+        raise ConfigError(
+            f"{target}: no config.yaml or export.json beside the encoder says what "
+            f"it was trained on; pass --data"
+        )
+    image_size = int(args.image_size or info.get("image_size") or 32)
+    device = _device(args.device)
+    encoder = load_encoder(target)
+    progress = not args.no_progress
+    train, test = _load_labeled_splits(source, image_size, args.cache_dir, args.limit, progress)
+    mean, std = _normalisation(info, train.images)
+    crop_scale = tuple(args.crop_scale or _pretrain_crop_scale(run_dir) or PAPER_CROP_SCALE)
+    train_t, eval_t = _transforms(image_size, mean, std, device, crop_scale, args.flip_p)
+    if train.classes:
+        num_classes = len(train.classes)
+    else:
+        num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    protocols = ("knn", "linear", "finetune") if args.protocol == "all" else (args.protocol,)
+    linear_modes = ("fast", "full") if args.linear_mode == "both" else (args.linear_mode,)
+
+    encoders: dict[str, torch.nn.Module] = {"ssl": encoder}
+    arch = None
+    if args.baselines:
+        arch = _architecture(info, encoder)
+        encoders["random_init"] = _fresh_backbone(*arch, seed=args.seed)
+    results: dict[str, Any] = {
+        "encoder": str(target),
+        "method": info.get("method"),
+        "pretrain_data": info.get("pretrain_data"),
+        "pretrain_epochs": info.get("epochs"),
+        "config_hash": info.get("config_hash"),
+        "eval_data": source,
+        "image_size": image_size,
+        "num_classes": num_classes,
+        "n_train": len(train),
+        "n_test": len(test),
+        "limit": args.limit,
+        "seed": args.seed,
+        "mean": mean,
+        "std": std,
+        "train_augment": {"crop_scale": list(crop_scale), "flip_p": args.flip_p},
+        "protocols": {},
+    }
+    rows: list[dict[str, Any]] = []
+
+    def record(enc: str, protocol: str, metrics: dict[str, Any]) -> None:
+        results["protocols"].setdefault(protocol, {})[enc] = metrics
+        for key in CSV_METRICS:
+            if key in metrics:
+                rows.append(
+                    {
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "run": str(run_dir),
+                        "method": info.get("method", ""),
+                        "pretrain_data": info.get("pretrain_data", ""),
+                        "epochs": info.get("epochs", ""),
+                        "eval_data": source,
+                        "protocol": protocol,
+                        "encoder": enc,
+                        "metric": key,
+                        "value": metrics[key],
+                        "config_hash": info.get("config_hash", ""),
+                    }
+                )
+
+    subsets = {}
+    if "finetune" in protocols:
+        # the labelled subsets are drawn and saved first: one per fraction, shared by all encoders
+        for fraction in args.label_fraction:
+            idx = balanced_subset(train.labels, fraction, seed=args.seed)
+            # the name says what drew it (a --limit changes the pool, hence the subset)
+            pool = f"_first{args.limit}" if args.limit else ""
+            name = f"subset_{_slug(source)}{pool}_{fraction:g}pct_seed{args.seed}.csv"
+            subset_file = run_dir / name
+            save_subset(idx, train.paths, train.labels, subset_file)
+            subsets[fraction] = (idx, subset_file)
+
+    for enc_name, enc in encoders.items():
+        feats, feat_seconds = None, 0.0
+        if "knn" in protocols or ("linear" in protocols and "fast" in linear_modes):
+            t0 = time.monotonic()
+            feats = tuple(
+                extract_features(enc, ds.images, eval_t, batch_size=args.batch_size, device=device)
+                for ds in (train, test)
+            )
+            feat_seconds = time.monotonic() - t0
+        if "knn" in protocols:
+            t0 = time.monotonic()
+            m = knn_accuracy(
+                feats[0],
+                train.labels,
+                feats[1],
+                test.labels,
+                k=args.knn_k,
+                temperature=args.knn_temperature,
+                num_classes=num_classes,
+            )
+            m = {
+                **m,
+                "mode": f"weighted kNN (k={m['k']}, T={m['temperature']:g})",
+                "seconds": round(time.monotonic() - t0 + feat_seconds, 2),
+            }
+            record(enc_name, "knn", m)
+        if "linear" in protocols and "fast" in linear_modes:
+            t0 = time.monotonic()
+            m = linear_probe_features(
+                feats[0],
+                train.labels,
+                feats[1],
+                test.labels,
+                num_classes=num_classes,
+                epochs=args.lbfgs_iters,
+                device=device,
+                seed=args.seed,
+            )
+            record(
+                enc_name,
+                "linear_fast",
+                {**m, "seconds": round(time.monotonic() - t0 + feat_seconds, 2)},
+            )
+        if "linear" in protocols and "full" in linear_modes:
+            t0 = time.monotonic()
+            m = linear_probe(
+                enc,
+                train.images,
+                train.labels,
+                test.images,
+                test.labels,
+                train_transform=train_t,
+                eval_transform=eval_t,
+                num_classes=num_classes,
+                epochs=args.linear_epochs,
+                lr=args.linear_lr,
+                batch_size=args.batch_size,
+                device=device,
+                seed=args.seed,
+                progress=progress,
+            )
+            record(enc_name, "linear_full", {**m, "seconds": round(time.monotonic() - t0, 2)})
+        if "finetune" in protocols and enc_name == "ssl":
+            # the random-init encoder trained end to end is the supervised baseline below
+            for fraction, (idx, subset_file) in subsets.items():
+                common = dict(
+                    num_classes=num_classes,
+                    train_transform=train_t,
+                    eval_transform=eval_t,
+                    epochs=args.finetune_epochs,
+                    batch_size=args.batch_size,
+                    device=device,
+                    seed=args.seed,
+                    progress=progress,
+                )
+                extra = {
+                    "subset_file": subset_file.name,
+                    "labeled_images": int(idx.numel()),
+                    "label_fraction": fraction,
+                }
+                t0 = time.monotonic()
+                m = finetune(
+                    enc,
+                    train.images[idx],
+                    train.labels[idx],
+                    test.images,
+                    test.labels,
+                    lr=args.finetune_lr,
+                    **common,
+                )
+                m = {**m, **extra, "seconds": round(time.monotonic() - t0, 2)}
+                record("ssl", f"finetune_{fraction:g}pct", m)
+                if arch is not None:
+                    t0 = time.monotonic()
+                    fresh = _fresh_backbone(*arch, seed=args.seed)
+                    m = supervised_baseline(
+                        fresh,
+                        train.images[idx],
+                        train.labels[idx],
+                        test.images,
+                        test.labels,
+                        lr=args.supervised_lr,
+                        **common,
+                    )
+                    m = {**m, **extra, "seconds": round(time.monotonic() - t0, 2)}
+                    record("supervised", f"finetune_{fraction:g}pct", m)
+
+    out_json = run_dir / f"eval_{_slug(source)}_{args.protocol}.json"
+    write_json(out_json, results)
+    csv_path = Path(args.results_csv) if args.results_csv else run_dir.parent / "results.csv"
+    append_results(csv_path, rows)
+    results["_json"], results["_csv"] = str(out_json), str(csv_path)
+    return results
+
+
 def _eval(args: argparse.Namespace) -> int:
     results = evaluate_encoder(args)
     print(format_eval_table(results))
-    print(f"selfsup: results in {results['_json']}; one line per number appended to {results['_csv']}")
+    print(
+        f"selfsup: results in {results['_json']}; one line per number appended to {results['_csv']}"
+    )
     return 0
 
 
 def format_eval_table(results: dict[str, Any]) -> str:
-    lines = ["| protocol | encoder | top-1 | top-5 | note |", "| --- | --- | --- | --- | --- |"]
+    """A markdown table of one evaluation: one row per (protocol, encoder), mode in the note."""
+    head = (
+        f"eval data: {results['eval_data']} ({results['n_train']} train / "
+        f"{results['n_test']} test images, {results['num_classes']} classes); augmented "
+        f"protocols crop {results['train_augment']['crop_scale']}, flip "
+        f"{results['train_augment']['flip_p']:g}"
+    )
+    lines = [
+        head,
+        "| protocol | encoder | top-1 | top-5 | note |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for protocol, by_encoder in results["protocols"].items():
         for enc, m in by_encoder.items():
-            note = m.get("mode", "") if isinstance(m.get("mode"), str) else ""
-            lines.append(f"| {protocol} | {enc} | {m.get('top1', float('nan')):.4f} | "
-                         f"{m.get('top5', float('nan')):.4f} | {note} |")
+            note = m.get("mode", "")
+            if "labeled_images" in m:
+                note += f"; {m['labeled_images']} labeled images ({m['subset_file']})"
+            lines.append(f"| {protocol} | {enc} | {m['top1']:.4f} | {m['top5']:.4f} | {note} |")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- embed / neighbors
 def _add_embed(sub, name: str) -> None:
-    p = sub.add_parser(name, help="write embeddings (+ paths and labels) of a dataset")
+    p = sub.add_parser(
+        name,
+        help="write embeddings (+ paths and labels) of a dataset",
+        description="Write the encoder's features of every image of a dataset. "
+        ".npz holds arrays embeddings [N, D] float32, paths [N], and labels [N] "
+        "and classes when the data has labels; .npy holds the embeddings only, "
+        "with paths and labels in a CSV of the same name beside it.",
+    )
     p.add_argument("encoder", help="run directory or encoder file")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="train")
     p.add_argument("--out", required=True, help="output .npz (embeddings, paths, labels) or .npy")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)
 
 
-def embed_dataset(encoder_path: str, source: str, split: str, image_size: int | None,
-                  batch_size: int, device: str | None, cache_dir: str | None):
-    from selfsup.data import load_dataset
+def embed_dataset(
+    encoder_path: str | Path,
+    source: str,
+    split: str = "train",
+    image_size: int | None = None,
+    batch_size: int = 256,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    limit: int | None = None,
+    encoder: torch.nn.Module | None = None,
+):
+    """(features float32 ``[N, D]`` on the CPU, the ``ImageDataset``) of ``source``/``split``.
+
+    Images are resized to the encoder's pre-training size and normalised with its pre-training
+    mean/std (from the run or export metadata; the data's own statistics for a bare file).
+    ``encoder``, when given, is used instead of loading ``encoder_path`` again.
+    """
     from selfsup.evaluate.features import extract_features
     from selfsup.export import load_encoder
-    from selfsup.train.trainer import dataset_stats
 
     info = _run_info(Path(encoder_path))
-    size = image_size or info.get("image_size") or 32
-    ds = load_dataset(source, split, image_size=size, cache_dir=cache_dir)
-    mean, std = (info["mean"], info["std"]) if info.get("mean") else dataset_stats(ds.images)
+    size = int(image_size or info.get("image_size") or 32)
+    ds = _load(source, split, size, cache_dir, limit)
+    mean, std = _normalisation(info, ds.images)
     dev = _device(device)
-    _, eval_t = _transforms(size, list(mean), list(std), dev)
-    feats = extract_features(load_encoder(encoder_path), ds.images, eval_t, batch_size=batch_size,
-                             device=dev)
+    _, eval_t = _transforms(size, mean, std, dev)
+    model = encoder if encoder is not None else load_encoder(encoder_path)
+    feats = extract_features(model, ds.images, eval_t, batch_size=batch_size, device=dev)
     return feats, ds
 
 
+def _write_index_csv(path: Path, ds) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(("index", "path", "label"))
+        for i in range(len(ds)):
+            label = "" if ds.labels is None else int(ds.labels[i])
+            writer.writerow((i, ds.paths[i] if ds.paths else "", label))
+
+
 def _embed(args: argparse.Namespace) -> int:
-    feats, ds = embed_dataset(args.encoder, args.data, args.split, args.image_size, args.batch_size,
-                              args.device, args.cache_dir)
     out = Path(args.out)
+    if out.suffix not in (".npz", ".npy"):
+        raise ConfigError(f"--out {out}: use a .npz (embeddings, paths, labels) or .npy file name")
+    feats, ds = embed_dataset(
+        args.encoder,
+        args.data,
+        args.split,
+        args.image_size,
+        args.batch_size,
+        args.device,
+        args.cache_dir,
+        args.limit,
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, feats.numpy())
+        _write_index_csv(out.with_suffix(".csv"), ds)
     else:
-        np.savez(out, embeddings=feats.numpy(), paths=np.array(ds.paths or [], dtype=str),
-                 labels=(ds.labels.numpy() if ds.labels is not None else np.array([], dtype=np.int64)),
-                 classes=np.array(ds.classes or [], dtype=str))
+        arrays = {"embeddings": feats.numpy(), "paths": np.array(ds.paths or [], dtype=str)}
+        if ds.labels is not None:
+            arrays["labels"] = ds.labels.numpy()
+            arrays["classes"] = np.array(ds.classes or [], dtype=str)
+        np.savez(out, **arrays)
     print(f"selfsup: {feats.shape[0]} embeddings of dim {feats.shape[1]} written to {out}")
     return 0
 
@@ -291,62 +647,108 @@ def _add_neighbors(sub, name: str) -> None:
     p = sub.add_parser(name, help="the most similar images of a dataset to query images")
     p.add_argument("encoder")
     p.add_argument("--data", required=True, help="the images to search")
-    p.add_argument("--query", required=True, nargs="+",
-                   help="query image files, or one text file listing image paths")
+    p.add_argument("--split", default="train")
+    p.add_argument(
+        "--query",
+        required=True,
+        nargs="+",
+        help="query image files, or one .txt file listing image paths (one a line)",
+    )
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--limit", type=int, default=None, help="search only the first N images")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def nearest_neighbors(encoder_path: str, source: str, queries: list[str], k: int,
-                      image_size: int | None, device: str | None, cache_dir: str | None):
+def nearest_neighbors(
+    encoder_path: str | Path,
+    source: str,
+    queries: list[str],
+    k: int = 5,
+    image_size: int | None = None,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """The ``k`` images of ``source`` most cosine-similar to each query image.
+
+    Returns one ``{"query": path, "neighbors": [{"path", "similarity", "label"}, ...]}`` per
+    query, neighbors best first.
+    """
     from selfsup.data.decode import decode_image, resize_shorter
     from selfsup.evaluate.features import extract_features
     from selfsup.export import load_encoder
 
+    if k < 1:
+        raise ConfigError(f"-k must be >= 1, got {k}")
     if len(queries) == 1 and queries[0].endswith(".txt"):
-        queries = [q.strip() for q in Path(queries[0]).read_text().splitlines() if q.strip()]
+        listing = Path(queries[0])
+        if not listing.is_file():
+            raise DataError(f"query list {listing} does not exist")
+        queries = [q.strip() for q in listing.read_text().splitlines() if q.strip()]
+        if not queries:
+            raise DataError(f"query list {listing} names no images; write one path a line")
     info = _run_info(Path(encoder_path))
-    size = image_size or info.get("image_size") or 32
-    feats, ds = embed_dataset(encoder_path, source, "train", size, 256, device, cache_dir)
+    size = int(image_size or info.get("image_size") or 32)
     arrays = []
-    for q in queries:
+    for q in queries:  # decode the queries first: a bad query fails before any encoding
         path = Path(q)
         if not path.is_file():
             raise DataError(f"query image {q} does not exist")
         img = resize_shorter(decode_image(path.read_bytes(), name=q), size)
-        arrays.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
-    from selfsup.train.trainer import dataset_stats
-
-    mean, std = (info["mean"], info["std"]) if info.get("mean") else dataset_stats(ds.images)
+        arrays.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # a writable copy
+    encoder = load_encoder(encoder_path)
+    feats, ds = embed_dataset(
+        encoder_path, source, split, size, 256, device, cache_dir, limit, encoder=encoder
+    )
+    mean, std = _normalisation(info, ds.images)
     dev = _device(device)
-    _, eval_t = _transforms(size, list(mean), list(std), dev)
-    qf = extract_features(load_encoder(encoder_path), torch.stack(arrays), eval_t, device=dev)
+    _, eval_t = _transforms(size, mean, std, dev)
+    qf = extract_features(encoder, torch.stack(arrays), eval_t, device=dev)
     sims = torch.nn.functional.normalize(qf, dim=1) @ torch.nn.functional.normalize(feats, dim=1).T
     top = sims.topk(min(k, feats.shape[0]), dim=1)
     out = []
     for qi, q in enumerate(queries):
         hits = []
         for score, idx in zip(top.values[qi].tolist(), top.indices[qi].tolist(), strict=True):
-            label = ds.classes[int(ds.labels[idx])] if ds.labels is not None and ds.classes else None
-            hits.append({"path": ds.paths[idx] if ds.paths else str(idx), "similarity": round(score, 4),
-                         "label": label})
+            label = None
+            if ds.labels is not None:
+                value = int(ds.labels[idx])
+                label = ds.classes[value] if ds.classes else str(value)
+            hits.append(
+                {
+                    "path": ds.paths[idx] if ds.paths else str(idx),
+                    "similarity": round(score, 4),
+                    "label": label,
+                }
+            )
         out.append({"query": q, "neighbors": hits})
     return out
 
 
 def _neighbors(args: argparse.Namespace) -> int:
-    out = nearest_neighbors(args.encoder, args.data, args.query, args.k, args.image_size,
-                            args.device, args.cache_dir)
+    out = nearest_neighbors(
+        args.encoder,
+        args.data,
+        args.query,
+        args.k,
+        args.image_size,
+        args.device,
+        args.cache_dir,
+        args.split,
+        args.limit,
+    )
     if args.json:
         print(json.dumps(out, indent=2))
     else:
         for item in out:
             print(item["query"])
             for h in item["neighbors"]:
-                print(f"  {h['similarity']:.4f}  {h['path']}" + (f"  [{h['label']}]" if h["label"] else ""))
+                label = f"  [{h['label']}]" if h["label"] is not None else ""
+                print(f"  {h['similarity']:.4f}  {h['path']}{label}")
     return 0
 
 
@@ -354,19 +756,28 @@ def _neighbors(args: argparse.Namespace) -> int:
 def _add_export(sub, name: str) -> None:
     from selfsup.export import EXPORT_FORMATS
 
-    p = sub.add_parser(name, help="export the encoder of a run")
+    p = sub.add_parser(
+        name,
+        help="export the encoder of a run",
+        description="torchvision: a torchvision ResNet state_dict (fresh fc); "
+        "safetensors: the encoder state_dict with its metadata; torchscript: a "
+        "traced module that loads without selfsup.",
+    )
     p.add_argument("run", help="run directory or encoder file")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="torchvision")
     p.add_argument("--out", default=None, help="output folder (default <run>/export)")
-    p.add_argument("--image-size", type=int, default=None, help="example input size for TorchScript")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="example input size for TorchScript (default: the pre-training size)",
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
     from selfsup.export import export_encoder
 
-    info = _run_info(Path(args.run))
-    path = export_encoder(args.run, args.format, args.out,
-                          image_size=args.image_size or info.get("image_size") or 32)
+    path = export_encoder(args.run, args.format, args.out, image_size=args.image_size)
     print(f"selfsup: exported {args.format} encoder to {path}")
     return 0
 
@@ -374,27 +785,46 @@ def _export(args: argparse.Namespace) -> int:
 def _add_table(sub, name: str) -> None:
     p = sub.add_parser(name, help="a markdown table of a results CSV (runs x protocols)")
     p.add_argument("csv", nargs="?", default="runs/results.csv")
-    p.add_argument("--metric", default="top1")
+    p.add_argument("--metric", default="top1", choices=CSV_METRICS)
 
 
 def results_table(csv_path: Path, metric: str = "top1") -> str:
+    """Markdown table of a results CSV: one row per (run, encoder, eval data), one column per
+    protocol; the newest line of each cell wins."""
     if not csv_path.exists():
-        raise DataError(f"{csv_path} does not exist; run `selfsup eval` first")
+        raise DataError(f"{csv_path} does not exist; run `selfsup eval` first (or pass the CSV)")
     with open(csv_path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["metric"] == metric]
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not set(RESULT_FIELDS) <= set(reader.fieldnames):
+            raise DataError(
+                f"{csv_path} is not a results CSV written by `selfsup eval` (its "
+                f"header must hold {', '.join(RESULT_FIELDS)})"
+            )
+        rows = [r for r in reader if r["metric"] == metric]
     latest: dict[tuple, dict] = {}
     for r in rows:  # the newest line of each (run, encoder, eval data, protocol) wins
         latest[(r["run"], r["encoder"], r["eval_data"], r["protocol"])] = r
     protocols = sorted({k[3] for k in latest})
-    keys = sorted({k[:3] for k in latest})
-    lines = ["| run | method | epochs | encoder | eval data | " + " | ".join(protocols) + " |",
-             "| " + " | ".join(["---"] * (5 + len(protocols))) + " |"]
-    for run, enc, data in keys:
-        any_row = next(v for k, v in latest.items() if k[:3] == (run, enc, data))
-        cells = [f"{float(latest[(run, enc, data, p)]['value']):.4f}" if (run, enc, data, p) in latest
-                 else "" for p in protocols]
-        lines.append(f"| {run} | {any_row['method']} | {any_row['epochs']} | {enc} | {data} | "
-                     + " | ".join(cells) + " |")
+    first: dict[tuple, dict] = {}
+    for key, row in latest.items():
+        first.setdefault(key[:3], row)
+    lines = [
+        "| run | method | epochs | encoder | eval data | " + " | ".join(protocols) + " |",
+        "| " + " | ".join(["---"] * (5 + len(protocols))) + " |",
+    ]
+    for run, enc, data in sorted(first):
+        row = first[(run, enc, data)]
+        cells = [
+            f"{float(latest[(run, enc, data, p)]['value']):.4f}"
+            if (run, enc, data, p) in latest
+            else ""
+            for p in protocols
+        ]
+        lines.append(
+            f"| {run} | {row['method']} | {row['epochs']} | {enc} | {data} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -404,10 +834,19 @@ def _table(args: argparse.Namespace) -> int:
 
 
 for _name, _adder, _handler in (
-    ("eval", _add_eval, _eval), ("embed", _add_embed, _embed),
-    ("neighbors", _add_neighbors, _neighbors), ("export", _add_export, _export),
+    ("eval", _add_eval, _eval),
+    ("embed", _add_embed, _embed),
+    ("neighbors", _add_neighbors, _neighbors),
+    ("export", _add_export, _export),
     ("table", _add_table, _table),
 ):
     register(_name, _adder, _handler)
 
-__all__ = ["evaluate_encoder", "embed_dataset", "nearest_neighbors", "results_table"]
+__all__ = [
+    "append_results",
+    "embed_dataset",
+    "evaluate_encoder",
+    "format_eval_table",
+    "nearest_neighbors",
+    "results_table",
+]

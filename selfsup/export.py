@@ -1,14 +1,22 @@
 """Load a trained encoder anywhere, and export it as torchvision / safetensors / TorchScript.
 
 ``encoder.pt`` is a plain backbone ``state_dict`` (torchvision key names, no ``fc``). Its
-architecture is read from the run's ``config.yaml`` when one is beside it, else inferred from the
+architecture is read from the run's ``config.yaml`` when one is beside it, from the metadata of an
+exported file (``export.json`` beside it, or the ``.safetensors`` header), else inferred from the
 tensors themselves (stem kernel size, block type, widths), so a bare file loads too.
+
+Exports also record what an encoder needs to be *used* correctly besides its weights: the input
+normalisation (``mean``/``std``) and the image size of pre-training, in ``export.json`` and, for
+safetensors, in the file's own metadata.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,10 +25,15 @@ from selfsup.errors import CheckpointError, ConfigError
 from selfsup.models import backbone_to_torchvision, build_backbone
 
 EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript")
+EXPORT_INFO = "export.json"  # written beside exported files: backbone, small_stem, mean, std, size
 
 
 def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
-    """(backbone name, small_stem) of a ResNet ``state_dict`` written by selfsup."""
+    """(backbone name, small_stem) of a ResNet ``state_dict`` written by selfsup.
+
+    The CIFAR stem has a 3x3 ``conv1`` (7x7 otherwise); ``resnet_tiny`` starts with 16 channels;
+    ResNet-50's bottleneck blocks have a ``conv3``.
+    """
     if "conv1.weight" not in state:
         raise CheckpointError("not a ResNet encoder state_dict (no conv1.weight)")
     conv1 = state["conv1.weight"]
@@ -30,91 +43,216 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     return ("resnet50" if "layer1.0.conv3.weight" in state else "resnet18"), small_stem
 
 
-def architecture_of(path: Path, state: dict[str, torch.Tensor]) -> tuple[str, bool]:
-    config = path.parent / "config.yaml"
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``constants.pkl`` and code)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def encoder_metadata(path: str | Path) -> dict[str, Any]:
+    """What is known of an encoder file besides its weights.
+
+    Keys (each optional): ``backbone``, ``small_stem`` (bool), ``mean``, ``std`` (3 floats),
+    ``image_size`` (int), ``method``, ``pretrain_data``, ``epochs``, ``config_hash``. Read from the
+    run's ``config.yaml`` beside the file, else ``export.json`` beside it, else the
+    ``.safetensors`` header; ``{}`` when there is none.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    config = folder / "config.yaml"
     if config.exists():
         from omegaconf import OmegaConf
 
+        from selfsup.train.config import config_hash
+
         cfg = OmegaConf.load(config)
+        meta: dict[str, Any] = {}
         if "model" in cfg and isinstance(cfg.model.get("backbone"), str):
-            return cfg.model.backbone, bool(cfg.model.small_stem)
-    return infer_architecture(state)
+            meta.update(backbone=cfg.model.backbone, small_stem=bool(cfg.model.small_stem))
+        if "data" in cfg:
+            meta.update(pretrain_data=cfg.data.get("source"), image_size=cfg.data.get("image_size"))
+            if cfg.data.get("mean") is not None and cfg.data.get("std") is not None:
+                meta.update(mean=list(cfg.data.mean), std=list(cfg.data.std))
+        if "method" in cfg:
+            meta["method"] = cfg.method.get("name")
+        if "train" in cfg:
+            meta["epochs"] = cfg.train.get("epochs")
+        if all(k in cfg for k in ("method", "model", "augment")):
+            meta["config_hash"] = config_hash(cfg)
+        return {k: v for k, v in meta.items() if v is not None}
+    info = folder / EXPORT_INFO
+    if info.exists():
+        try:
+            meta = json.loads(info.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{info} is not valid JSON ({exc}); re-export the run") from None
+        meta.pop("format", None), meta.pop("file", None)
+        return meta
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+        return _decode_header(raw)
+    return {}
+
+
+def _encode_header(meta: dict[str, Any]) -> dict[str, str]:
+    # safetensors metadata is str -> str: store every value as JSON
+    return {key: json.dumps(value) for key, value in meta.items()}
+
+
+def _decode_header(raw: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    if isinstance(meta.get("small_stem"), str):  # files written before values were JSON
+        meta["small_stem"] = meta["small_stem"] == "true"
+    return meta
 
 
 def _encoder_path(path: Path) -> Path:
     if path.is_dir():
         candidate = path / "encoder.pt"
         if not candidate.exists():
-            raise CheckpointError(f"{path} has no encoder.pt: the run has not finished; "
-                                  f"resume it with `selfsup pretrain --out {path} --resume`")
+            raise CheckpointError(
+                f"{path} has no encoder.pt: the run has not finished; "
+                f"resume it with `selfsup pretrain --out {path} --resume`"
+            )
         return candidate
     if not path.exists():
-        raise CheckpointError(f"encoder file {path} does not exist")
+        raise CheckpointError(
+            f"encoder file {path} does not exist; pass a run directory, an "
+            f"encoder.pt, or a file written by `selfsup export`"
+        )
     return path
 
 
-def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """A ready backbone ``[B, 3, S, S] -> [B, D]`` in eval mode, from a run directory, an
-    ``encoder.pt``, an exported ``.safetensors`` or a TorchScript file."""
-    path = _encoder_path(Path(path))
+def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
+    """(state_dict on the CPU, backbone name, small_stem) of a state-dict or safetensors file."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        state = load_file(str(path), device=str(map_location))
-        name = meta.get("backbone") or infer_architecture(state)[0]
-        small = meta["small_stem"] == "true" if "small_stem" in meta else infer_architecture(state)[1]
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
     else:
         try:
-            loaded = torch.load(path, map_location=map_location, weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            try:  # a TorchScript archive
-                return torch.jit.load(str(path), map_location=map_location).eval()
-            except Exception:
-                raise CheckpointError(f"{path} is neither an encoder state_dict nor TorchScript "
-                                      f"({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{path} is neither an encoder state_dict, a safetensors file "
+                f"nor TorchScript ({type(exc).__name__}: {exc})"
+            ) from None
         state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path} does not hold a state_dict")
-        name, small = architecture_of(path, state)
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
+            raise CheckpointError(
+                f"{path} does not hold an encoder state_dict; pass encoder.pt "
+                f"(a training checkpoint is in checkpoints/, not an encoder)"
+            )
+    meta = encoder_metadata(path)
+    if isinstance(meta.get("backbone"), str) and "small_stem" in meta:
+        return state, meta["backbone"], bool(meta["small_stem"])
+    name, small = infer_architecture(state)
+    return state, name, small
+
+
+def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """A ready backbone ``[B, 3, S, S] -> [B, D]`` in eval mode.
+
+    Args:
+        path: a run directory, an ``encoder.pt`` (plain state_dict), a torchvision export (its
+            random ``fc`` is dropped), a ``.safetensors`` export or a TorchScript export.
+        map_location: device to put the module on.
+
+    Returns:
+        the torchvision ResNet with ``fc = nn.Identity()`` (a ``torch.jit.ScriptModule`` for a
+        TorchScript file), in eval mode.
+    """
+    path = _encoder_path(Path(path))
+    if is_torchscript(path):
+        with warnings.catch_warnings():  # deprecated in torch >= 2.9, still the way to load it
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location=map_location).eval()
+    state, name, small = _load_state(path)
     model, _ = build_backbone(name, small_stem=small)
     missing, unexpected = model.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.startswith("fc.")]
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not match a {name} encoder: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{path} does not match a {name} encoder: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     return model.to(map_location).eval()
 
 
-def export_encoder(source: str | Path, fmt: str, out: str | Path | None = None,
-                   image_size: int = 32) -> Path:
-    """Write the encoder of a run (or an encoder file) in ``fmt``; returns the written path."""
+def export_encoder(
+    source: str | Path, fmt: str, out: str | Path | None = None, image_size: int | None = None
+) -> Path:
+    """Write the encoder of a run (or an encoder file) in ``fmt``; returns the written path.
+
+    * ``torchvision``: ``<backbone>_torchvision.pt``, the ``state_dict`` of
+      ``backbone_to_torchvision(backbone, small_stem)`` (for resnet18/50 without the small stem,
+      plain ``torchvision.models.resnet18/50``). Its ``fc`` is the fresh, untrained classifier of
+      that model, so the file loads with ``strict=True``; replace ``fc`` for a new task.
+    * ``safetensors``: ``encoder.safetensors``, the backbone ``state_dict`` (no ``fc``) with
+      backbone, small_stem, mean, std and image size in the header.
+    * ``torchscript``: ``encoder.torchscript.pt``, the traced backbone in eval mode
+      (``torch.jit.load`` it; no selfsup needed). Traced on a ``[1, 3, S, S]`` example; the
+      pooling is adaptive, so other sizes work too.
+
+    ``export.json`` beside the file records the same metadata.
+    """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
     src = _encoder_path(Path(source))
-    state = torch.load(src, map_location="cpu", weights_only=True)
-    name, small = architecture_of(src, state)
+    if is_torchscript(src):
+        raise ConfigError(
+            f"{src} is TorchScript, which holds no architecture to re-export; "
+            f"export from the run directory or its encoder.pt"
+        )
+    state, name, small = _load_state(src)
     model = load_encoder(src)
+    source_meta = encoder_metadata(src)
+    size = int(image_size or source_meta.get("image_size") or 32)
     base = Path(out) if out else src.parent / "export"
     base.mkdir(parents=True, exist_ok=True)
-    meta = {"backbone": name, "small_stem": "true" if small else "false"}
+    meta = {k: v for k, v in source_meta.items() if k not in ("backbone", "small_stem")}
+    meta.update(backbone=name, small_stem=small, image_size=size)
     if fmt == "torchvision":
-        # a full torchvision model state_dict: fc is a fresh (random) classifier, documented
         tv = backbone_to_torchvision(name, small)
-        tv.load_state_dict(model.state_dict(), strict=False)
+        missing, unexpected = tv.load_state_dict(model.state_dict(), strict=False)
+        if sorted(missing) != ["fc.bias", "fc.weight"] or unexpected:
+            raise CheckpointError(
+                f"{src} does not map onto torchvision {name}: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}"
+            )
         target = base / f"{name}_torchvision.pt"
         torch.save(tv.state_dict(), target)
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 
         target = base / "encoder.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target), metadata=meta)
+        tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(target), metadata=_encode_header(meta))
     else:
         target = base / "encoder.torchscript.pt"
-        example = torch.zeros(1, 3, image_size, image_size)
-        scripted = torch.jit.trace(model, example)
+        example = torch.zeros(1, 3, size, size)
+        with warnings.catch_warnings():
+            # torch >= 2.9 marks jit.trace deprecated; TorchScript is still what this format is
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.trace(model, example)
         scripted.save(str(target))
-    (base / "export.json").write_text(json.dumps({**meta, "format": fmt, "file": target.name}, indent=2))
+    (base / EXPORT_INFO).write_text(
+        json.dumps({**meta, "format": fmt, "file": target.name}, indent=2) + "\n"
+    )
     return target

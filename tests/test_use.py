@@ -1,0 +1,507 @@
+"""Evaluation and use of a trained encoder, end to end through the CLI: ``selfsup eval`` (kNN,
+linear fast/full, fine-tuning on 1%/10% subsets, baselines, transfer), the results CSV and
+``selfsup table``, ``selfsup embed`` / ``neighbors``, ``selfsup.load_encoder`` and
+``selfsup export`` round trips.
+
+One tiny SimCLR run on the first 1,024 quickstart digits (16 px, ``resnet_tiny``, 3 epochs) is
+trained once for the module; evaluations use ``--limit 1000`` (1,000 train / all 1,000 test
+digits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch import nn
+
+import selfsup
+from selfsup.augment import EvalTransform, ViewAugment, ViewConfig
+from selfsup.cli import main
+from selfsup.data import load_dataset
+from selfsup.evaluate.features import extract_features
+from selfsup.evaluate.linear import linear_probe
+from selfsup.evaluate.subsets import balanced_subset, load_subset
+from selfsup.models import backbone_to_torchvision
+from selfsup.train.config import config_hash
+
+LIMIT = 1000
+EVAL_ALL = [
+    "--protocol",
+    "all",
+    "--linear-mode",
+    "both",
+    "--baselines",
+    "--label-fraction",
+    "1",
+    "10",
+    "--linear-epochs",
+    "5",
+    "--finetune-epochs",
+    "2",
+    "--batch-size",
+    "64",
+    "--limit",
+    str(LIMIT),
+    # 16 px digits: keep most of the digit, and do not mirror it (a mirrored 2 is no digit)
+    "--crop-scale",
+    "0.8",
+    "1.0",
+    "--flip-p",
+    "0",
+    "--no-progress",
+]
+EXPECTED_CELLS = {
+    ("knn", "ssl"),
+    ("knn", "random_init"),
+    ("linear_fast", "ssl"),
+    ("linear_fast", "random_init"),
+    ("linear_full", "ssl"),
+    ("linear_full", "random_init"),
+    ("finetune_1pct", "ssl"),
+    ("finetune_1pct", "supervised"),
+    ("finetune_10pct", "ssl"),
+    ("finetune_10pct", "supervised"),
+}
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    """``selfsup *argv`` in-process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """One tiny trained SimCLR run: its directory, the data cache, and encoder.pt's hash."""
+    root = tmp_path_factory.mktemp("use")
+    run, cache = root / "runs" / "simclr", root / "cache"
+    rc = main(
+        [
+            "pretrain",
+            "--method",
+            "simclr",
+            "--out",
+            str(run),
+            "model.backbone=resnet_tiny",
+            "data.image_size=16",
+            "data.limit=1024",
+            "train.batch_size=64",
+            "train.epochs=3",
+            "train.knn_every=0",
+            "train.collapse=off",
+            "train.progress=false",
+            "optim.lr=0.1",
+            "augment.both.crop_scale=[0.5,1.0]",
+            f"data.cache_dir={cache}",
+        ]
+    )
+    assert rc == 0
+    return {
+        "root": root,
+        "run": run,
+        "cache": str(cache),
+        "encoder_sha": sha256(run / "encoder.pt"),
+    }
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained) -> dict:
+    """``selfsup eval RUN --protocol all --linear-mode both --baselines`` on 1% and 10%."""
+    csv_path = trained["root"] / "runs" / "results.csv"
+    rc, out, err = cli("eval", str(trained["run"]), *EVAL_ALL, "--cache-dir", trained["cache"])
+    assert rc == 0, err
+    json_path = trained["run"] / "eval_mnist5k_all.json"
+    return {"stdout": out, "results": json.loads(json_path.read_text()), "csv": csv_path}
+
+
+def digits(trained, split: str = "train", n: int = LIMIT):
+    ds = load_dataset("mnist5k", split, image_size=16, cache_dir=trained["cache"], progress=False)
+    return ds.subset(range(n))
+
+
+def run_transform(run: Path) -> EvalTransform:
+    cfg = OmegaConf.load(run / "config.yaml")
+    return EvalTransform(cfg.data.image_size, mean=list(cfg.data.mean), std=list(cfg.data.std))
+
+
+# ---------------------------------------------------------------------------- eval
+def test_eval_all_prints_every_protocol_and_baseline(evaluated) -> None:
+    results, stdout = evaluated["results"], evaluated["stdout"]
+    cells = {(p, enc) for p, by_enc in results["protocols"].items() for enc in by_enc}
+    assert cells == EXPECTED_CELLS
+    table_rows = [line for line in stdout.splitlines() if line.startswith("| ")][2:]
+    assert {tuple(c.strip() for c in row.split("|")[1:3]) for row in table_rows} == EXPECTED_CELLS
+    for protocol, encoder in EXPECTED_CELLS:
+        m = results["protocols"][protocol][encoder]
+        assert 0.0 <= m["top1"] <= m["top5"] <= 1.0, (protocol, encoder, m)
+    # the linear modes say which they are, in the JSON and the printed table
+    assert results["protocols"]["linear_fast"]["ssl"]["mode"].startswith("fast (cached features")
+    assert results["protocols"]["linear_full"]["ssl"]["mode"].startswith("full (augmented")
+    assert "| linear_full | ssl |" in stdout and "full (augmented, frozen encoder)" in stdout
+    knn = results["protocols"]["knn"]["ssl"]
+    assert (knn["k"], knn["temperature"]) == (200, 0.1)
+    assert results["n_train"] == LIMIT and results["num_classes"] == 10
+    assert results["train_augment"] == {"crop_scale": [0.8, 1.0], "flip_p": 0.0}
+
+
+def test_knn_settings_are_configurable(trained) -> None:
+    rc, _, err = cli(
+        "eval",
+        str(trained["run"]),
+        "--protocol",
+        "knn",
+        "--knn-k",
+        "7",
+        "--knn-temperature",
+        "0.5",
+        "--limit",
+        "300",
+        "--cache-dir",
+        trained["cache"],
+        "--results-csv",
+        str(trained["root"] / "knn_only.csv"),
+    )
+    assert rc == 0, err
+    knn = json.loads((trained["run"] / "eval_mnist5k_knn.json").read_text())["protocols"]["knn"]
+    assert (knn["ssl"]["k"], knn["ssl"]["temperature"]) == (7, 0.5)
+
+
+def test_trained_encoder_beats_random_init(evaluated) -> None:
+    protocols = evaluated["results"]["protocols"]
+    for protocol in ("knn", "linear_fast", "linear_full"):
+        ssl, random_init = protocols[protocol]["ssl"]["top1"], protocols[protocol]["random_init"]
+        assert ssl > random_init["top1"], (protocol, ssl, random_init)
+
+
+def test_fast_and_full_linear_modes_agree(evaluated) -> None:
+    protocols = evaluated["results"]["protocols"]
+    fast, full = protocols["linear_fast"]["ssl"]["top1"], protocols["linear_full"]["ssl"]["top1"]
+    assert abs(fast - full) < 0.05, (fast, full)
+
+
+def test_finetune_subsets_are_balanced_seeded_and_saved(trained, evaluated) -> None:
+    train = digits(trained)
+    protocols = evaluated["results"]["protocols"]
+    for fraction, per_class in ((1, 1), (10, 10)):
+        m = protocols[f"finetune_{fraction}pct"]["ssl"]
+        subset_file = trained["run"] / m["subset_file"]
+        assert subset_file.name == f"subset_mnist5k_first{LIMIT}_{fraction}pct_seed0.csv"
+        indices, paths, labels = load_subset(subset_file)
+        assert Counter(labels.tolist()) == {c: per_class for c in range(10)}
+        assert torch.equal(indices, balanced_subset(train.labels, fraction, seed=0))
+        assert not torch.equal(indices, balanced_subset(train.labels, fraction, seed=1))
+        assert paths == [train.paths[i] for i in indices.tolist()]
+        assert torch.equal(labels, train.labels[indices])
+        assert m["labeled_images"] == indices.numel() == 10 * per_class
+        # evaluated on the full test split; the supervised baseline used the same subset
+        assert m["n_test"] == 1000 and m["n_train"] == indices.numel()
+        baseline = protocols[f"finetune_{fraction}pct"]["supervised"]
+        assert baseline["subset_file"] == m["subset_file"]
+        assert baseline["mode"].startswith("supervised baseline")
+        # same subset, budget and augmentation: the pre-trained start is what makes the difference
+        assert m["top1"] > baseline["top1"], (fraction, m["top1"], baseline["top1"])
+
+
+def test_evaluation_leaves_the_encoder_file_untouched(trained, evaluated) -> None:
+    assert sha256(trained["run"] / "encoder.pt") == trained["encoder_sha"]
+
+
+def test_frozen_resnet_bit_identical_after_full_linear_probe(trained) -> None:
+    encoder = selfsup.load_encoder(trained["run"])
+    encoder.train()  # the probe must switch it to eval itself, and switch it back
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    train = digits(trained, n=128)
+    cfg = OmegaConf.load(trained["run"] / "config.yaml")
+    augment = ViewAugment(
+        ViewConfig(crop_scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0),
+        16,
+        list(cfg.data.mean),
+        list(cfg.data.std),
+    )
+    linear_probe(
+        encoder,
+        train.images,
+        train.labels,
+        train.images[:64],
+        train.labels[:64],
+        train_transform=augment,
+        eval_transform=run_transform(trained["run"]),
+        num_classes=10,
+        epochs=1,
+        batch_size=32,
+        progress=False,
+    )
+    after = encoder.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert all(p.requires_grad for p in encoder.parameters())
+    assert all(m.training for m in encoder.modules())
+
+
+# ---------------------------------------------------------------------------- results CSV, table
+def test_results_csv_has_one_line_per_number(trained, evaluated) -> None:
+    with open(evaluated["csv"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ours = [
+        r
+        for r in rows
+        if r["run"] == str(trained["run"])
+        and r["eval_data"] == "mnist5k"
+        and (r["protocol"], r["encoder"]) in EXPECTED_CELLS
+    ]
+    assert Counter((r["protocol"], r["encoder"], r["metric"]) for r in ours) == {
+        (p, e, metric): 1 for p, e in EXPECTED_CELLS for metric in ("top1", "top5", "seconds")
+    }
+    expected_hash = config_hash(OmegaConf.load(trained["run"] / "config.yaml"))
+    results = evaluated["results"]["protocols"]
+    for r in ours:
+        assert (r["method"], r["pretrain_data"], r["epochs"]) == ("simclr", "mnist5k", "3")
+        assert r["config_hash"] == expected_hash
+        if r["metric"] == "top1":
+            assert float(r["value"]) == pytest.approx(results[r["protocol"]][r["encoder"]]["top1"])
+
+
+def test_table_prints_a_row_per_run(trained, evaluated) -> None:
+    # a second run: the same weights under another name, evaluated with kNN only
+    second = trained["root"] / "runs" / "simclr_copy"
+    second.mkdir(exist_ok=True)
+    for name in ("config.yaml", "encoder.pt"):
+        shutil.copy(trained["run"] / name, second / name)
+    rc, _, err = cli(
+        "eval", str(second), "--protocol", "knn", "--limit", "200", "--cache-dir", trained["cache"]
+    )
+    assert rc == 0, err
+    rc, out, err = cli("table", str(evaluated["csv"]))
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    assert header[:5] == ["run", "method", "epochs", "encoder", "eval data"]
+    assert set(header[5:]) == {p for p, _ in EXPECTED_CELLS}
+    rows = {
+        (cells[0], cells[3]): cells
+        for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])
+    }
+    assert set(rows) == {
+        (str(trained["run"]), "ssl"),
+        (str(trained["run"]), "random_init"),
+        (str(trained["run"]), "supervised"),
+        (str(second), "ssl"),
+    }
+    knn_col = header.index("knn")
+    ssl_knn = evaluated["results"]["protocols"]["knn"]["ssl"]["top1"]
+    assert rows[(str(trained["run"]), "ssl")][knn_col] == f"{ssl_knn:.4f}"
+    assert rows[(str(second), "ssl")][header.index("linear_fast")] == ""  # not evaluated
+
+
+# ---------------------------------------------------------------------------- transfer
+def colour_folder(root: Path) -> Path:
+    """train/ and val/ splits of 3 classes (red, green, blue squares on noise): other classes
+    and other images than the digits the encoder was trained on."""
+    g = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 6)):
+        for channel, name in enumerate(("red", "green", "blue")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                img = g.integers(0, 60, (20, 20, 3), dtype=np.uint8)
+                img[4:16, 4:16, channel] = 230
+                Image.fromarray(img).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_transfer_to_another_labeled_dataset(trained, tmp_path) -> None:
+    folder = colour_folder(tmp_path / "colours")
+    csv_path = tmp_path / "transfer.csv"
+    rc, out, err = cli(
+        "eval",
+        str(trained["run"]),
+        "--data",
+        str(folder),
+        "--protocol",
+        "linear",
+        "--knn-k",
+        "5",
+        "--cache-dir",
+        trained["cache"],
+        "--results-csv",
+        str(csv_path),
+    )
+    assert rc == 0, err
+    results = json.loads((trained["run"] / "eval_colours_linear.json").read_text())
+    assert results["num_classes"] == 3 and (results["n_train"], results["n_test"]) == (36, 18)
+    assert results["eval_data"] == str(folder) and results["pretrain_data"] == "mnist5k"
+    assert results["protocols"]["linear_fast"]["ssl"]["top1"] >= 0.9
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["eval_data"] for r in rows} == {str(folder)}
+    assert {r["pretrain_data"] for r in rows} == {"mnist5k"}
+    assert "| linear_fast | ssl |" in out
+
+
+# ---------------------------------------------------------------------------- embed / neighbors
+def test_embed_then_load_then_embed_gives_the_same_vectors(trained, tmp_path) -> None:
+    npz, npy = tmp_path / "emb.npz", tmp_path / "emb.npy"
+    for out in (npz, npy):
+        rc, stdout, err = cli(
+            "embed",
+            str(trained["run"]),
+            "--data",
+            "mnist5k",
+            "--out",
+            str(out),
+            "--limit",
+            "200",
+            "--cache-dir",
+            trained["cache"],
+        )
+        assert rc == 0, err
+        assert "200 embeddings of dim 128" in stdout
+    saved = np.load(npz)
+    train = digits(trained, n=200)
+    assert saved["embeddings"].shape == (200, 128) and saved["embeddings"].dtype == np.float32
+    assert saved["paths"].tolist() == train.paths
+    assert saved["labels"].tolist() == train.labels.tolist()
+    assert saved["classes"].tolist() == [str(c) for c in range(10)]
+    assert np.array_equal(np.load(npy), saved["embeddings"])
+    with open(npy.with_suffix(".csv"), newline="") as fh:
+        index = list(csv.DictReader(fh))
+    assert [r["path"] for r in index] == train.paths
+    # the Python API gives a ready module that reproduces the saved vectors
+    encoder = selfsup.load_encoder(trained["run"] / "encoder.pt")
+    assert isinstance(encoder, nn.Module) and not encoder.training
+    again = extract_features(encoder, train.images, run_transform(trained["run"]), batch_size=64)
+    assert torch.equal(again, torch.from_numpy(saved["embeddings"]))
+
+
+def test_neighbors_of_a_dataset_image_start_with_itself(trained, tmp_path) -> None:
+    train = digits(trained, n=200)
+    queries = []
+    for i in (5, 17):
+        path = tmp_path / f"query{i}.png"
+        Image.fromarray(train.images[i].permute(1, 2, 0).numpy()).save(path)
+        queries.append(path)
+    listing = tmp_path / "queries.txt"
+    listing.write_text("\n".join(str(q) for q in queries) + "\n")
+    for query_args in ([str(queries[0]), str(queries[1])], [str(listing)]):
+        rc, out, err = cli(
+            "neighbors",
+            str(trained["run"]),
+            "--data",
+            "mnist5k",
+            "--query",
+            *query_args,
+            "-k",
+            "3",
+            "--limit",
+            "200",
+            "--cache-dir",
+            trained["cache"],
+            "--json",
+        )
+        assert rc == 0, err
+        found = json.loads(out)
+        assert [item["query"] for item in found] == [str(q) for q in queries]
+        for item, i in zip(found, (5, 17), strict=True):
+            hits = item["neighbors"]
+            assert len(hits) == 3
+            assert hits[0]["path"] == f"mnist5k/train/{i}"
+            assert hits[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+            assert hits[0]["label"] == str(int(train.labels[i]))
+            sims = [h["similarity"] for h in hits]
+            assert sims == sorted(sims, reverse=True)
+
+
+# ---------------------------------------------------------------------------- export
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_round_trips(trained, tmp_path) -> None:
+    run = trained["run"]
+    images = digits(trained, "test", n=64).images
+    transform = run_transform(run)
+    reference = extract_features(selfsup.load_encoder(run), images, transform)
+    written = {}
+    for fmt in ("torchvision", "safetensors", "torchscript"):
+        rc, out, err = cli("export", str(run), "--format", fmt, "--out", str(tmp_path / "export"))
+        assert rc == 0, err
+        written[fmt] = Path(out.strip().rsplit(" ", 1)[-1])
+        assert written[fmt].is_file()
+
+    # torchvision: a plain torchvision ResNet state_dict (strict load, fc included)
+    tv = backbone_to_torchvision("resnet_tiny", small_stem=True)
+    tv.load_state_dict(torch.load(written["torchvision"], weights_only=True))
+    tv.fc = nn.Identity()
+    assert torch.equal(extract_features(tv, images, transform), reference)
+
+    # safetensors: loads alone (architecture and normalisation in its header)
+    lone = tmp_path / "lone" / "encoder.safetensors"
+    lone.parent.mkdir()
+    shutil.copy(written["safetensors"], lone)
+    assert torch.equal(extract_features(selfsup.load_encoder(lone), images, transform), reference)
+    emb = tmp_path / "lone.npz"
+    rc, _, err = cli(
+        "embed",
+        str(lone),
+        "--data",
+        "mnist5k",
+        "--split",
+        "test",
+        "--out",
+        str(emb),
+        "--limit",
+        "64",
+        "--cache-dir",
+        trained["cache"],
+    )
+    assert rc == 0, err
+    assert torch.equal(torch.from_numpy(np.load(emb)["embeddings"]), reference)
+
+    # torchscript: torch.jit.load without selfsup, and through selfsup.load_encoder
+    scripted = torch.jit.load(str(written["torchscript"]))
+    assert torch.allclose(extract_features(scripted, images, transform), reference, atol=1e-5)
+    loaded = selfsup.load_encoder(written["torchscript"])
+    assert torch.allclose(extract_features(loaded, images, transform), reference, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_user_errors_name_the_file_or_setting(trained, tmp_path) -> None:
+    rc, _, err = cli("eval", str(tmp_path / "missing_run"))
+    assert rc == 2 and "missing_run" in err
+    bare = tmp_path / "bare" / "encoder.pt"
+    bare.parent.mkdir()
+    shutil.copy(trained["run"] / "encoder.pt", bare)
+    rc, _, err = cli("eval", str(bare))
+    assert rc == 2 and "pass --data" in err
+    rc, _, err = cli(
+        "eval", str(trained["run"]), "--protocol", "finetune", "--label-fraction", "150"
+    )
+    assert rc == 2 and "--label-fraction" in err
+    unlabeled = tmp_path / "flat"
+    unlabeled.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(unlabeled / f"{i}.png")
+    rc, _, err = cli(
+        "eval", str(trained["run"]), "--data", str(unlabeled), "--cache-dir", trained["cache"]
+    )
+    assert rc == 2 and str(unlabeled) in err
+    rc, _, err = cli(
+        "embed", str(trained["run"]), "--data", "mnist5k", "--out", str(tmp_path / "emb.txt")
+    )
+    assert rc == 2 and "--out" in err
