@@ -38,9 +38,14 @@ def _batch_variants(quick: bool) -> tuple[Variant, ...]:
     sizes = (32, 64, 128, 256) if quick else (64, 128, 256, 512, 1024)
     seed = {64: "66.1", 128: "67.3", 256: "68.1", 512: "68.1", 1024: "68.0"}  # SimSiam Table 2
     return tuple(
-        Variant(f"{m} batch {b}", m, (f"train.batch_size={b}",),
-                seed_value=f"SimSiam {seed[b]}" if m == "simsiam" and b in seed else "")
-        for m in ("simclr", "byol") for b in sizes
+        Variant(
+            f"{m} batch {b}",
+            m,
+            (f"train.batch_size={b}",),
+            seed_value=f"SimSiam {seed[b]}" if m == "simsiam" and b in seed else "",
+        )
+        for m in ("simclr", "byol")
+        for b in sizes
     )
 
 
@@ -48,28 +53,48 @@ NO_COLOUR = ("augment.both.jitter_p=0.0", "augment.both.gray_p=0.0")
 
 ABLATIONS: dict[str, Ablation] = {
     "simsiam-stopgrad": Ablation(
-        "SimSiam: stop-gradient", "SimSiam (Chen & He 2021) Sec. 4.1, ImageNet linear acc. %",
-        (Variant("with stop-gradient", "simsiam", (), "67.7"),
-         Variant("without stop-gradient", "simsiam", ("method.stop_gradient=false",), "0.1"))),
+        "SimSiam: stop-gradient",
+        "SimSiam (Chen & He 2021) Sec. 4.1, ImageNet linear acc. %",
+        (
+            Variant("with stop-gradient", "simsiam", (), "67.7"),
+            Variant("without stop-gradient", "simsiam", ("method.stop_gradient=false",), "0.1"),
+        ),
+    ),
     "simsiam-predictor": Ablation(
-        "SimSiam: predictor", "SimSiam Table 1, ImageNet linear acc. %",
-        (Variant("MLP predictor", "simsiam", (), "67.7"),
-         Variant("no predictor", "simsiam", ("method.predictor=none",), "0.1"),
-         Variant("fixed random predictor", "simsiam", ("method.predictor=random_fixed",), "1.5"))),
+        "SimSiam: predictor",
+        "SimSiam Table 1, ImageNet linear acc. %",
+        (
+            Variant("MLP predictor", "simsiam", (), "67.7"),
+            Variant("no predictor", "simsiam", ("method.predictor=none",), "0.1"),
+            Variant("fixed random predictor", "simsiam", ("method.predictor=random_fixed",), "1.5"),
+        ),
+    ),
     "byol-target": Ablation(
-        "BYOL: EMA target vs fixed random target", "BYOL Sec. 3.1, ImageNet linear acc. %",
-        (Variant("EMA target", "byol", (), "74.3 (1000 ep)"),
-         Variant("fixed random-init target", "byol", ("method.target=random_fixed",), "18.8"))),
+        "BYOL: EMA target vs fixed random target",
+        "BYOL Sec. 3.1, ImageNet linear acc. %",
+        (
+            Variant("EMA target", "byol", (), "74.3 (1000 ep)"),
+            Variant("fixed random-init target", "byol", ("method.target=random_fixed",), "18.8"),
+        ),
+    ),
     "byol-predictor": Ablation(
-        "BYOL: predictor", "BYOL Table 5(b): removing the predictor collapses with an EMA target",
-        (Variant("with predictor", "byol", (), "74.3"),
-         Variant("without predictor", "byol", ("method.predictor=false",), "collapses"))),
+        "BYOL: predictor",
+        "BYOL Table 5(b): removing the predictor collapses with an EMA target",
+        (
+            Variant("with predictor", "byol", (), "74.3"),
+            Variant("without predictor", "byol", ("method.predictor=false",), "collapses"),
+        ),
+    ),
     "augment": Ablation(
-        "Colour distortion removed", "BYOL Fig. 3b: SimCLR loses far more than BYOL without colour",
-        (Variant("SimCLR, full augmentation", "simclr"),
-         Variant("SimCLR, no colour jitter / grayscale", "simclr", NO_COLOUR, "large drop"),
-         Variant("BYOL, full augmentation", "byol"),
-         Variant("BYOL, no colour jitter / grayscale", "byol", NO_COLOUR, "smaller drop"))),
+        "Colour distortion removed",
+        "BYOL Fig. 3b: SimCLR loses far more than BYOL without colour",
+        (
+            Variant("SimCLR, full augmentation", "simclr"),
+            Variant("SimCLR, no colour jitter / grayscale", "simclr", NO_COLOUR, "large drop"),
+            Variant("BYOL, full augmentation", "byol"),
+            Variant("BYOL, no colour jitter / grayscale", "byol", NO_COLOUR, "smaller drop"),
+        ),
+    ),
 }
 BATCH = "batch-size"
 NAMES = (*ABLATIONS, BATCH)
@@ -77,9 +102,11 @@ NAMES = (*ABLATIONS, BATCH)
 
 def ablation(name: str, quick: bool) -> Ablation:
     if name == BATCH:
-        return Ablation("Batch size: SimCLR vs BYOL",
-                        "BYOL Fig. 3a: SimCLR degrades faster at small batches; SimSiam Table 2",
-                        _batch_variants(quick))
+        return Ablation(
+            "Batch size: SimCLR vs BYOL",
+            "BYOL Fig. 3a: SimCLR degrades faster at small batches; SimSiam Table 2",
+            _batch_variants(quick),
+        )
     if name not in ABLATIONS:
         raise ConfigError(f"unknown ablation {name!r}; choose one of {list(NAMES)}")
     return ABLATIONS[name]
@@ -95,8 +122,16 @@ def _last_collapse(run_dir: Path) -> dict[str, float]:
     return last
 
 
-def run_ablation(name: str, *, quick: bool, data: str | None, epochs: int | None, out: Path,
-                 extra: list[str], progress: bool) -> str:
+def run_ablation(
+    name: str,
+    *,
+    quick: bool,
+    data: str | None,
+    epochs: int | None,
+    out: Path,
+    extra: list[str],
+    progress: bool,
+) -> str:
     """Train every variant (skipping finished ones, resuming interrupted ones); return the table."""
     from selfsup.evaluate.collapse import CollapseMonitor
     from selfsup.train.config import resolve_config
@@ -123,16 +158,23 @@ def run_ablation(name: str, *, quick: bool, data: str | None, epochs: int | None
         verdict = CollapseMonitor(v.method, mode="off")._symptoms(monitors) if monitors else []
         rows.append((v, results, monitors, bool(verdict)))
 
-    lines = [f"### {spec.title}", "",
-             f"Ours: {preset} preset, {size[1].split('=')[1]} epochs"
-             + (f", data {data}" if data else "") + f". Seeds: {spec.source}.", "",
-             "| variant | kNN top-1 | random-init kNN | z std x sqrt(d) | eff. rank | collapsed | seeds |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"### {spec.title}",
+        "",
+        f"Ours: {preset} preset, {size[1].split('=')[1]} epochs"
+        + (f", data {data}" if data else "")
+        + f". Seeds: {spec.source}.",
+        "",
+        "| variant | kNN top-1 | random-init kNN | z std x sqrt(d) | eff. rank | collapsed "
+        "| seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for v, results, mon, collapsed in rows:
         lines.append(
             f"| {v.label} | {_fmt(results.get('knn_top1'))} | "
             f"{_fmt(results.get('knn_top1_random_init'))} | {_fmt(mon.get('z_std_ratio'), 3)} | "
-            f"{_fmt(mon.get('z_erank'), 1)} | {'yes' if collapsed else 'no'} | {v.seed_value} |")
+            f"{_fmt(mon.get('z_erank'), 1)} | {'yes' if collapsed else 'no'} | {v.seed_value} |"
+        )
     table = "\n".join(lines) + "\n"
     (out / name).mkdir(parents=True, exist_ok=True)
     (out / name / "table.md").write_text(table)
@@ -146,8 +188,11 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def _add(sub, name: str) -> None:
-    p = sub.add_parser(name, help="run a named collapse ablation and write a markdown table",
-                       description="Ablations: " + ", ".join(NAMES))
+    p = sub.add_parser(
+        name,
+        help="run a named collapse ablation and write a markdown table",
+        description="Ablations: " + ", ".join(NAMES),
+    )
     p.add_argument("name", choices=(*NAMES, "all"))
     p.add_argument("--quick", action="store_true", help="CPU size: quickstart preset, digits")
     p.add_argument("--data", default=None, help="data source (default: the preset's)")
@@ -160,9 +205,17 @@ def _add(sub, name: str) -> None:
 def _handle(args: argparse.Namespace) -> int:
     names = NAMES if args.name == "all" else (args.name,)
     for name in names:
-        print(run_ablation(name, quick=args.quick, data=args.data, epochs=args.epochs,
-                           out=Path(args.out), extra=list(args.overrides),
-                           progress=not args.no_progress))
+        print(
+            run_ablation(
+                name,
+                quick=args.quick,
+                data=args.data,
+                epochs=args.epochs,
+                out=Path(args.out),
+                extra=list(args.overrides),
+                progress=not args.no_progress,
+            )
+        )
     return 0
 
 

@@ -28,25 +28,45 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         epilog="Overrides: any setting as key=value, e.g. optim.lr=0.3 train.knn_every=5 "
         "method.temperature=0.2 augment.both.jitter_p=0. See `selfsup config` for all keys.",
     )
-    p.add_argument("--method", choices=METHOD_NAMES, default=None,
-                   help="default: simclr (or the method of the run being resumed)")
-    p.add_argument("--data", default=None,
-                   help="image folder (ImageFolder layout gives labels), .tar/.tar.gz of one, "
-                   "cifar10, cifar100, or mnist5k (default: the offline quickstart)")
-    p.add_argument("--preset", default=None,
-                   help="recipe: quickstart, cifar10, imagenette, or a .yaml path "
-                   "(default: quickstart without --data, else none)")
+    p.add_argument(
+        "--method",
+        choices=METHOD_NAMES,
+        default=None,
+        help="default: simclr (or the method of the run being resumed)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="image folder (ImageFolder layout gives labels), .tar/.tar.gz of one, "
+        "cifar10, cifar100, or mnist5k (default: the offline quickstart)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="recipe: quickstart, cifar10, imagenette, or a .yaml path "
+        "(default: quickstart without --data, else none)",
+    )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--backbone", default=None, help="resnet18, resnet50 or resnet_tiny")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--out", default=None, help=f"run directory (default {QUICKSTART_OUT} or runs/<method>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--out", default=None, help=f"run directory (default {QUICKSTART_OUT} or runs/<method>)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    p.add_argument("--devices", type=int, default=None,
-                   help="run N processes on this machine (one per GPU) via torchrun")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="run N processes on this machine (one per GPU) via torchrun",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (logs still written)"
+    )
     p.add_argument("overrides", nargs="*", help="key=value settings")
 
 
@@ -63,17 +83,22 @@ def _pretrain(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     saved = out / "config.yaml" if out else None
     flags = {
-        "data.source": args.data, "train.epochs": args.epochs, "train.batch_size": args.batch_size,
-        "model.backbone": args.backbone, "data.image_size": args.image_size,
-        "train.device": args.device, "train.progress": False if args.no_progress else None,
+        "data.source": args.data,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "model.backbone": args.backbone,
+        "data.image_size": args.image_size,
+        "train.device": args.device,
+        "train.progress": False if args.no_progress else None,
     }
     if args.resume and saved is not None and saved.exists():
         # resume from the run's own resolved config; flags and overrides given now still apply
         base = OmegaConf.load(saved)
         method = args.method or base.method.name
         if args.method and args.method != base.method.name:
-            raise SelfsupError(f"{saved} is a {base.method.name} run; --method {args.method} "
-                               f"cannot resume it")
+            raise SelfsupError(
+                f"{saved} is a {base.method.name} run; --method {args.method} cannot resume it"
+            )
         cfg = resolve_config(method, preset=str(saved), flags=flags, overrides=args.overrides)
     else:
         method = args.method or "simclr"
@@ -153,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
-        print(f"selfsup: error: {exc.strerror}: {exc.filename or 'writing the run'}; free disk "
-              f"space, or choose a writable --out (and data.cache_dir)", file=sys.stderr)
+        print(
+            f"selfsup: error: {exc.strerror}: {exc.filename or 'writing the run'}; free disk "
+            f"space, or choose a writable --out (and data.cache_dir)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("selfsup: interrupted", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Collapse detection in real runs: SimSiam without stop-gradient is stopped, the standard run is not."""
+"""Collapse detection in real runs: SimSiam without stop-gradient is stopped; not the standard."""
 
 import pytest
 import torch
@@ -7,9 +7,18 @@ from selfsup.cli import main
 from selfsup.train.logging import read_metrics
 
 TINY = [
-    "model.backbone=resnet_tiny", "data.image_size=16", "data.limit=512", "train.batch_size=64",
-    "train.knn_every=0", "train.log_every=8", "train.progress=false", "train.epochs=6",
-    "train.collapse=stop", "train.collapse_every=8", "train.collapse_patience=3", "optim.lr=0.5",
+    "model.backbone=resnet_tiny",
+    "data.image_size=16",
+    "data.limit=512",
+    "train.batch_size=64",
+    "train.knn_every=0",
+    "train.log_every=8",
+    "train.progress=false",
+    "train.epochs=6",
+    "train.collapse=stop",
+    "train.collapse_every=8",
+    "train.collapse_patience=3",
+    "optim.lr=0.5",
 ]
 
 
@@ -23,22 +32,44 @@ def _threads():
 
 def test_simsiam_without_stop_gradient_is_stopped_and_keeps_its_checkpoint(tmp_path, capsys):
     out = tmp_path / "nostop"
-    code = main(["pretrain", "--method", "simsiam", "--out", str(out), *TINY,
-                 f"data.cache_dir={tmp_path / 'cache'}", "method.stop_gradient=false"])
+    code = main(
+        [
+            "pretrain",
+            "--method",
+            "simsiam",
+            "--out",
+            str(out),
+            *TINY,
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "method.stop_gradient=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert "collapse" in err.lower() and "stop-gradient" in err
     assert (out / "collapse.json").exists()
     assert (out / "checkpoints" / "last.pt").exists()
-    ranks = [r["collapse/z_erank"] for r in read_metrics(out / "metrics.jsonl")
-             if "collapse/z_erank" in r]
+    ranks = [
+        r["collapse/z_erank"]
+        for r in read_metrics(out / "metrics.jsonl")
+        if "collapse/z_erank" in r
+    ]
     assert len(ranks) >= 3 and max(ranks[-3:]) < 3.0  # collapsed onto one or two directions
 
 
 def test_standard_simsiam_run_is_not_stopped(tmp_path):
     out = tmp_path / "std"
-    code = main(["pretrain", "--method", "simsiam", "--out", str(out), *TINY,
-                 f"data.cache_dir={tmp_path / 'cache'}"])
+    code = main(
+        [
+            "pretrain",
+            "--method",
+            "simsiam",
+            "--out",
+            str(out),
+            *TINY,
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     assert code == 0
     assert not (out / "collapse.json").exists()
     metrics = [r for r in read_metrics(out / "metrics.jsonl") if "collapse/z_erank" in r]

@@ -25,8 +25,13 @@ def test_lars_matches_formula_over_steps(exclude):
     torch.manual_seed(0)
     w0 = torch.randn(7, 5, dtype=torch.float64)
     p = nn.Parameter(w0.clone())
-    opt = LARS([{"params": [p], "lars_exclude": exclude}], lr=0.3, momentum=0.9,
-               weight_decay=1e-4, trust_coefficient=0.001)
+    opt = LARS(
+        [{"params": [p], "lars_exclude": exclude}],
+        lr=0.3,
+        momentum=0.9,
+        weight_decay=1e-4,
+        trust_coefficient=0.001,
+    )
     w_ref, v_ref = w0.clone(), None
     for _ in range(4):
         g = torch.randn(7, 5, dtype=torch.float64)
@@ -46,8 +51,9 @@ def test_lars_zero_weight_uses_plain_lr():
 
 def test_bias_and_norm_excluded_from_decay_and_adaptation():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    opt = build_optimizer(model, "lars", lr=0.1, momentum=0.9, weight_decay=1e-3,
-                          exclude_bias_norm=True)
+    opt = build_optimizer(
+        model, "lars", lr=0.1, momentum=0.9, weight_decay=1e-3, exclude_bias_norm=True
+    )
     by_exclusion = {g["lars_exclude"]: g for g in opt.param_groups}
     excluded = {id(p) for p in by_exclusion[True]["params"]}
     assert by_exclusion[True]["weight_decay"] == 0.0
@@ -58,8 +64,9 @@ def test_bias_and_norm_excluded_from_decay_and_adaptation():
 
 def test_sgd_without_exclusion_keeps_one_group():
     model = nn.Linear(3, 3)
-    opt = build_optimizer(model, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-                          exclude_bias_norm=False)
+    opt = build_optimizer(
+        model, "sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, exclude_bias_norm=False
+    )
     assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == 1
 
 
@@ -78,8 +85,9 @@ def test_warmup_cosine_endpoints_and_shape():
 
 def test_fixed_lr_groups_keep_base_lr():
     a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
-    opt = torch.optim.SGD([{"params": [a], "base_lr": 0.2},
-                           {"params": [b], "base_lr": 0.2, "fixed_lr": True}], lr=0.2)
+    opt = torch.optim.SGD(
+        [{"params": [a], "base_lr": 0.2}, {"params": [b], "base_lr": 0.2, "fixed_lr": True}], lr=0.2
+    )
     set_lr(opt, 0.25)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
     assert opt.param_groups[1]["lr"] == pytest.approx(0.2)

@@ -11,9 +11,16 @@ from selfsup.cli import main
 from selfsup.train.logging import read_metrics
 
 TINY = [
-    "model.backbone=resnet_tiny", "data.image_size=16", "data.limit=1024", "train.batch_size=64",
-    "train.knn_every=0", "train.log_every=4", "train.collapse=off", "train.progress=false",
-    "optim.lr=0.1", "augment.both.crop_scale=[0.5,1.0]",  # 16 px digits: keep most of the digit
+    "model.backbone=resnet_tiny",
+    "data.image_size=16",
+    "data.limit=1024",
+    "train.batch_size=64",
+    "train.knn_every=0",
+    "train.log_every=4",
+    "train.collapse=off",
+    "train.progress=false",
+    "optim.lr=0.1",
+    "augment.both.crop_scale=[0.5,1.0]",  # 16 px digits: keep most of the digit
 ]
 
 
@@ -26,8 +33,16 @@ def _threads():
 
 
 def run(tmp_path, method, *extra, out="run"):
-    argv = ["pretrain", "--method", method, "--out", str(tmp_path / out), *TINY,
-            f"data.cache_dir={tmp_path / 'cache'}", *extra]
+    argv = [
+        "pretrain",
+        "--method",
+        method,
+        "--out",
+        str(tmp_path / out),
+        *TINY,
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *extra,
+    ]
     return main(argv)
 
 
@@ -44,8 +59,11 @@ def test_method_learns_on_real_digits(tmp_path, method):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0.0 <= results["knn_top1_random_init"] <= 1.0
     assert results["knn_top1"] > results["knn_top1_random_init"], results
-    losses = [r["train/loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
-              if "train/loss" in r]
+    losses = [
+        r["train/loss"]
+        for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+        if "train/loss" in r
+    ]
     assert len(losses) >= 4
     if method == "moco":
         assert max(losses[-2:]) < math.log(256 + 1), losses

@@ -33,7 +33,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to ``path`` via temp file + fsync + rename: readers see the old or the new file."""
+    """torch.save via temp file + fsync + rename: readers see the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -73,7 +73,9 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # a torn or foreign file: let the caller fall back
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a selfsup checkpoint")
     return state

@@ -1,6 +1,6 @@
-"""The run configuration: OmegaConf structured dataclasses, presets (YAML) and ``key=value`` overrides.
+"""The run configuration: OmegaConf structured dataclasses, YAML presets, ``key=value`` overrides.
 
-Resolution order, later wins: dataclass defaults -> preset YAML -> CLI flags -> ``key=value`` overrides.
+Resolution order, later wins: dataclass defaults -> preset YAML -> CLI flags -> overrides.
 Unknown keys and wrong types are :class:`~selfsup.errors.ConfigError` with a "did you mean" hint,
 raised before any data is read.
 """
@@ -50,7 +50,9 @@ class OptimConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
-    exclude_bias_norm: bool = False  # bias and norm params: no weight decay (and no LARS adaptation)
+    exclude_bias_norm: bool = (
+        False  # bias and norm params: no weight decay (and no LARS adaptation)
+    )
     trust_coefficient: float = 0.001  # LARS eta
 
 
@@ -74,8 +76,12 @@ class TrainConfig:
     on_nan: str = "stop"  # stop or skip
     sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm (BN over the global batch)
     progress: bool = True
-    time_limit_min: float | None = None  # checkpoint and stop after this many minutes (resume later)
-    stop_after_epochs: int | None = None  # checkpoint and stop after this many epochs (resume later)
+    time_limit_min: float | None = (
+        None  # checkpoint and stop after this many minutes (resume later)
+    )
+    stop_after_epochs: int | None = (
+        None  # checkpoint and stop after this many epochs (resume later)
+    )
 
 
 @dataclass
@@ -105,7 +111,7 @@ def available_presets() -> list[str]:
 
 
 def preset_text(preset: str, method: str) -> str:
-    """YAML text of a preset: ``presets/<preset>/<method>.yaml``, ``presets/<preset>.yaml``, or a path."""
+    """YAML of a preset: ``presets/<preset>/<method>.yaml``, ``presets/<preset>.yaml`` or a path."""
     path = Path(preset)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
@@ -133,7 +139,7 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 
 
 def _check_keys(node: Any, schema: Any, prefix: str) -> None:
-    """Raise ConfigError for keys of ``node`` absent from ``schema`` (free-form dicts are skipped)."""
+    """ConfigError for keys of ``node`` absent from ``schema`` (free-form dicts are skipped)."""
     if not isinstance(node, dict) or not isinstance(schema, DictConfig):
         return
     for key, value in node.items():
@@ -148,7 +154,9 @@ def _check_keys(node: Any, schema: Any, prefix: str) -> None:
 
 def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
     try:
-        _check_keys(OmegaConf.to_container(update) if isinstance(update, DictConfig) else update, base, "")
+        _check_keys(
+            OmegaConf.to_container(update) if isinstance(update, DictConfig) else update, base, ""
+        )
         return OmegaConf.merge(base, update)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -197,13 +205,18 @@ def validate_config(cfg: DictConfig) -> None:
     """Impossible values, named with the setting and a fix."""
     t, o, d = cfg.train, cfg.optim, cfg.data
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _require(t.batch_size >= 2, f"train.batch_size must be >= 2 (two views need pairs), got {t.batch_size}")
+    _require(
+        t.batch_size >= 2,
+        f"train.batch_size must be >= 2 (two views need pairs), got {t.batch_size}",
+    )
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _require(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
     _require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
-    _require(o.warmup_epochs < t.epochs or o.warmup_epochs == 0,
-             f"optim.warmup_epochs ({o.warmup_epochs}) must be below train.epochs ({t.epochs})")
+    _require(
+        o.warmup_epochs < t.epochs or o.warmup_epochs == 0,
+        f"optim.warmup_epochs ({o.warmup_epochs}) must be below train.epochs ({t.epochs})",
+    )
     choices = {
         "optim.name": (o.name, ("sgd", "lars")),
         "optim.lr_scaling": (o.lr_scaling, ("linear", "sqrt", "none")),
@@ -212,17 +225,26 @@ def validate_config(cfg: DictConfig) -> None:
         "train.on_nan": (t.on_nan, ("stop", "skip")),
     }
     for key, (value, allowed) in choices.items():
-        _require(value in allowed, f"{key} must be one of {list(allowed)}, got {value!r}"
-                 f"{_did_you_mean(str(value), list(allowed))}")
+        _require(
+            value in allowed,
+            f"{key} must be one of {list(allowed)}, got {value!r}"
+            f"{_did_you_mean(str(value), list(allowed))}",
+        )
     _require(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
-    _require(d.storage_size is None or d.storage_size >= d.image_size,
-             f"data.storage_size ({d.storage_size}) must be >= data.image_size ({d.image_size})")
+    _require(
+        d.storage_size is None or d.storage_size >= d.image_size,
+        f"data.storage_size ({d.storage_size}) must be >= data.image_size ({d.image_size})",
+    )
     _require(d.limit is None or d.limit >= 2, f"data.limit must be >= 2, got {d.limit}")
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.knn_every >= 0, f"train.knn_every must be >= 0, got {t.knn_every}")
-    _require(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
-    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-             f"train.device must be auto, cpu or cuda[:N], got {t.device!r}")
+    _require(
+        t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}"
+    )
+    _require(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        f"train.device must be auto, cpu or cuda[:N], got {t.device!r}",
+    )
     for key in ("mean", "std"):
         value = d[key]
         _require(value is None or len(value) == 3, f"data.{key} needs 3 values (RGB), got {value}")
@@ -238,11 +260,17 @@ def validate_method_and_model(cfg: DictConfig) -> None:
     from selfsup.models import BACKBONES
 
     name = cfg.method.get("name")
-    _require(name in METHOD_CLASSES, f"method.name must be one of {list(METHOD_CLASSES)}, got "
-             f"{name!r}{_did_you_mean(str(name), list(METHOD_CLASSES))}")
+    _require(
+        name in METHOD_CLASSES,
+        f"method.name must be one of {list(METHOD_CLASSES)}, got "
+        f"{name!r}{_did_you_mean(str(name), list(METHOD_CLASSES))}",
+    )
     backbone = cfg.model.backbone
-    _require(backbone in BACKBONES, f"model.backbone must be one of {list(BACKBONES)}, got "
-             f"{backbone!r}{_did_you_mean(str(backbone), list(BACKBONES))}")
+    _require(
+        backbone in BACKBONES,
+        f"model.backbone must be one of {list(BACKBONES)}, got "
+        f"{backbone!r}{_did_you_mean(str(backbone), list(BACKBONES))}",
+    )
     own = method_options(name)
     # options of other methods are allowed (and ignored), so one preset serves every method
     known = sorted({k for m in METHOD_CLASSES for k in method_options(m)})
@@ -251,27 +279,42 @@ def validate_method_and_model(cfg: DictConfig) -> None:
         if key == "name":
             continue
         where = f"method.{key}"
-        _require(key in known, f"unknown setting {where!r} for method {name!r}"
-                 f"{_did_you_mean(str(key), list(own) + known)}; {name} takes "
-                 f"{[f'method.{k}' for k in own]}")
+        _require(
+            key in known,
+            f"unknown setting {where!r} for method {name!r}"
+            f"{_did_you_mean(str(key), list(own) + known)}; {name} takes "
+            f"{[f'method.{k}' for k in own]}",
+        )
         if key not in own:
             continue
         default = params[key].default
         if value is None or default is None or default is inspect.Parameter.empty:
             continue
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        ok = isinstance(value, bool) if isinstance(default, bool) else (
-            number and (isinstance(value, int) or isinstance(default, float))
-            if isinstance(default, int | float) else isinstance(value, type(default)))
-        _require(ok, f"{where} must be of type {type(default).__name__} (default {default!r}), "
-                 f"got {value!r}")
+        ok = (
+            isinstance(value, bool)
+            if isinstance(default, bool)
+            else (
+                number and (isinstance(value, int) or isinstance(default, float))
+                if isinstance(default, int | float)
+                else isinstance(value, type(default))
+            )
+        )
+        _require(
+            ok,
+            f"{where} must be of type {type(default).__name__} (default {default!r}), "
+            f"got {value!r}",
+        )
     if name == "moco":
         queue = cfg.method.get("queue_size") or params["queue_size"].default
         batch = cfg.train.batch_size
         multiple = max(batch, round(queue / batch) * batch)
-        _require(queue % batch == 0, f"method.queue_size={queue} is not a multiple of "
-                 f"train.batch_size={batch} (MoCo enqueues whole batches); use "
-                 f"method.queue_size={multiple} or a batch size that divides {queue}")
+        _require(
+            queue % batch == 0,
+            f"method.queue_size={queue} is not a multiple of "
+            f"train.batch_size={batch} (MoCo enqueues whole batches); use "
+            f"method.queue_size={multiple} or a batch size that divides {queue}",
+        )
 
 
 def config_hash(cfg: DictConfig, keys: tuple[str, ...] = ("method", "model", "augment")) -> str:

@@ -19,7 +19,9 @@ class MetricsLogger:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
+            except (
+                ImportError
+            ):  # tensorboard is a dependency, but a broken install must not stop training
                 SummaryWriter = None  # noqa: N806
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
@@ -27,9 +29,14 @@ class MetricsLogger:
     def log(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
             return
-        record = {"time": round(time.time(), 3), "step": step, **{
-            f"{prefix}/{k}": (float(v) if isinstance(v, float | int) else v) for k, v in values.items()
-        }}
+        record = {
+            "time": round(time.time(), 3),
+            "step": step,
+            **{
+                f"{prefix}/{k}": (float(v) if isinstance(v, float | int) else v)
+                for k, v in values.items()
+            },
+        }
         assert self._fh is not None
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()

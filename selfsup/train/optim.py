@@ -34,8 +34,13 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         trust_coefficient: float = 0.001,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, lars_exclude=False)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            lars_exclude=False,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -78,7 +83,7 @@ def is_bias_or_norm(name: str, param: torch.Tensor) -> bool:
 def split_decay_groups(
     module_groups: list[dict], named: dict[int, str], exclude_bias_norm: bool
 ) -> list[dict]:
-    """Split each method param group into weights and bias/norm params (the latter: no decay, no LARS)."""
+    """Split each param group into weights and bias/norm params (the latter: no decay, no LARS)."""
     groups: list[dict] = []
     for group in module_groups:
         params = [p for p in group["params"] if p.requires_grad]
@@ -105,20 +110,32 @@ def scaled_lr(base_lr: float, batch_size: int, reference: int, rule: str) -> flo
 
 
 def build_optimizer(
-    method: nn.Module, name: str, lr: float, momentum: float, weight_decay: float,
-    exclude_bias_norm: bool, trust_coefficient: float = 0.001,
+    method: nn.Module,
+    name: str,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    exclude_bias_norm: bool,
+    trust_coefficient: float = 0.001,
 ) -> torch.optim.Optimizer:
     """SGD or LARS over the method's param groups (``method.param_groups()`` if it has one)."""
-    module_groups = method.param_groups() if hasattr(method, "param_groups") else [
-        {"params": list(method.parameters())}
-    ]
+    module_groups = (
+        method.param_groups()
+        if hasattr(method, "param_groups")
+        else [{"params": list(method.parameters())}]
+    )
     named = {id(p): n for n, p in method.named_parameters()}
     groups = split_decay_groups(module_groups, named, exclude_bias_norm)
     for g in groups:
         g["base_lr"] = lr
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                    trust_coefficient=trust_coefficient)
+        return LARS(
+            groups,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+        )
     for g in groups:
         g.pop("lars_exclude", None)
     kwargs = {"fused": True} if _all_cuda(groups) else {}
@@ -143,7 +160,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
-    """Set every group's lr to base_lr * factor, except groups marked ``fixed_lr``; returns the lr."""
+    """Set each group's lr to base_lr * factor, except groups marked ``fixed_lr``; return the lr."""
     lr = 0.0
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] if g.get("fixed_lr") else g["base_lr"] * factor

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 import selfsup
 from selfsup.augment import EvalTransform, TwoViewAugment, ViewConfig, augment_preset
-from selfsup.data import BatchStream, ImageDataset, load_dataset, write_skip_report
+from selfsup.data import ImageDataset, load_dataset, write_skip_report
 from selfsup.errors import (
     CheckpointError,
     CollapseError,
@@ -34,19 +34,26 @@ from selfsup.errors import (
     NumericalError,
 )
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
-from selfsup.evaluate.features import extract_features
-from selfsup.evaluate.knn import knn_accuracy
 from selfsup.methods import build_method
 from selfsup.models import build_backbone
 from selfsup.train.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from selfsup.train.config import config_hash, to_yaml
 from selfsup.train.distributed import (
-    DistributedBatchStream, all_ranks_true, all_reduce_mean, all_reduce_sum, any_rank,
-    concat_all_gather, convert_sync_batchnorm, distributed_knn, init_distributed,
-    main_process_first, per_rank_batch_size, rank_seed, save_on_main, wrap_ddp,
+    DistributedBatchStream,
+    all_ranks_true,
+    all_reduce_mean,
+    all_reduce_sum,
+    any_rank,
+    concat_all_gather,
+    convert_sync_batchnorm,
+    distributed_knn,
+    init_distributed,
+    main_process_first,
+    per_rank_batch_size,
+    rank_seed,
+    save_on_main,
+    wrap_ddp,
 )
-
-DISTRIBUTED_READY = True
 from selfsup.train.logging import MetricsLogger
 from selfsup.train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
 
@@ -79,12 +86,17 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"{out} already holds a run (config.yaml); pass --resume to continue it, --overwrite "
             f"to replace it, or choose another --out"
         )
-    if resume and not marker.exists() and not (out / "checkpoints" / "last.pt").exists() and not (
-        out / "checkpoints" / "prev.pt"
-    ).exists():
+    if (
+        resume
+        and not marker.exists()
+        and not (out / "checkpoints" / "last.pt").exists()
+        and not (out / "checkpoints" / "prev.pt").exists()
+    ):
         # with config.yaml but no checkpoint yet (killed early), --resume restarts from step 0
-        raise ConfigError(f"--resume: {out} holds no run (no config.yaml, no checkpoints/last.pt); "
-                          f"start without --resume")
+        raise ConfigError(
+            f"--resume: {out} holds no run (no config.yaml, no checkpoints/last.pt); "
+            f"start without --resume"
+        )
     if overwrite and not resume and out.exists():
         for name in ("metrics.jsonl", "results.json", "encoder.pt", "skipped.csv"):
             (out / name).unlink(missing_ok=True)
@@ -96,7 +108,9 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
+        raise ConfigError(
+            f"cannot write to output directory {out}: {exc.strerror or exc}"
+        ) from None
 
 
 def dataset_stats(images: torch.Tensor, limit: int = 10_000) -> tuple[list[float], list[float]]:
@@ -114,8 +128,11 @@ def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoVi
     names = {f.name for f in fields(ViewConfig)}
     for key in cfg.augment:
         if key not in ("view1", "view2", "both"):
-            raise ConfigError(f"unknown setting 'augment.{key}'; use augment.view1.*, "
-                              f"augment.view2.* or augment.both.*")
+            raise ConfigError(
+                f"unknown setting 'augment.{key}'; use augment.view1.*, "
+                f"augment.view2.* or augment.both.*"
+            )
+
     def plain(key: str) -> dict:
         node = cfg.augment.get(key)
         return OmegaConf.to_container(node, resolve=True) if node is not None else {}
@@ -127,10 +144,12 @@ def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoVi
         for key in over:
             if key not in names:
                 import difflib
+
                 close = difflib.get_close_matches(key, sorted(names), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(f"unknown setting 'augment.{view_name}.{key}'{hint}; "
-                                  f"valid: {sorted(names)}")
+                raise ConfigError(
+                    f"unknown setting 'augment.{view_name}.{key}'{hint}; valid: {sorted(names)}"
+                )
         values = {f.name: getattr(view_cfg, f.name) for f in fields(ViewConfig)}
         for key, value in over.items():
             values[key] = tuple(value) if isinstance(value, list) else value
@@ -163,8 +182,12 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _load_data(self) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
         d = self.cfg.data
-        kwargs = dict(image_size=d.storage_size or d.image_size, cache_dir=d.cache_dir,
-                      workers=d.workers, progress=self.cfg.train.progress)
+        kwargs = dict(
+            image_size=d.storage_size or d.image_size,
+            cache_dir=d.cache_dir,
+            workers=d.workers,
+            progress=self.cfg.train.progress,
+        )
         with main_process_first():  # rank 0 builds the cache, the others then read it
             train = _limit(load_dataset(d.source, "train", **kwargs), d.limit)
         summary = write_skip_report(train, self.run_dir / "skipped.csv") if self.env.is_main else ""
@@ -173,16 +196,20 @@ class Trainer:
         n = train.images.shape[0]
         if self.cfg.train.batch_size > n:
             raise ConfigError(
-                f"train.batch_size={self.cfg.train.batch_size} is larger than the {n} usable images "
+                f"train.batch_size={self.cfg.train.batch_size} is larger than the {n} usable "
+                f"images "
                 f"of {d.source!r}; lower --batch-size"
             )
         bank, query = None, None
         eval_source = d.eval_source or d.source
         try:
-          with main_process_first():
-            bank = train if eval_source == d.source else _limit(
-                load_dataset(eval_source, "train", **kwargs), d.limit)
-            query = _limit(load_dataset(eval_source, "test", **kwargs), d.limit)
+            with main_process_first():
+                bank = (
+                    train
+                    if eval_source == d.source
+                    else _limit(load_dataset(eval_source, "train", **kwargs), d.limit)
+                )
+                query = _limit(load_dataset(eval_source, "test", **kwargs), d.limit)
         except DataError as exc:
             print(f"selfsup: kNN monitoring off: {exc}", file=sys.stderr)
             bank, query = None, None
@@ -194,9 +221,18 @@ class Trainer:
         t = self.cfg.train
         bs = max(256, t.batch_size)
         with self._autocast():
-            return distributed_knn(backbone, bank.images, bank.labels, query.images, query.labels,
-                                   self.eval_transform, batch_size=bs, device=self.device,
-                                   k=t.knn_k, temperature=t.knn_temperature)
+            return distributed_knn(
+                backbone,
+                bank.images,
+                bank.labels,
+                query.images,
+                query.labels,
+                self.eval_transform,
+                batch_size=bs,
+                device=self.device,
+                k=t.knn_k,
+                temperature=t.knn_temperature,
+            )
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -222,12 +258,18 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
-        self.precision = t.precision if t.precision != "auto" else (
-            "bf16" if self.device.type == "cuda" else "fp32")
+        self.precision = (
+            t.precision
+            if t.precision != "auto"
+            else ("bf16" if self.device.type == "cuda" else "fp32")
+        )
         train, bank, query = self._load_data()
 
-        mean, std = (list(cfg.data.mean), list(cfg.data.std)) if cfg.data.mean else dataset_stats(
-            train.images)
+        mean, std = (
+            (list(cfg.data.mean), list(cfg.data.std))
+            if cfg.data.mean
+            else dataset_stats(train.images)
+        )
         if cfg.data.mean is None or cfg.data.std is None:
             cfg.data.mean, cfg.data.std = mean, std
         env = self.env
@@ -244,12 +286,24 @@ class Trainer:
             method = method.to(memory_format=torch.channels_last)
         batch_size = t.batch_size
         lr = scaled_lr(cfg.optim.lr, batch_size, cfg.optim.lr_reference_batch, cfg.optim.lr_scaling)
-        optimizer = build_optimizer(method, cfg.optim.name, lr, cfg.optim.momentum,
-                                    cfg.optim.weight_decay, cfg.optim.exclude_bias_norm,
-                                    cfg.optim.trust_coefficient)
-        stream = DistributedBatchStream(train.images, per_rank_batch_size(batch_size, env.world_size),
-                                        rank=env.rank, world_size=env.world_size,
-                                        device=self.device, shuffle=True, seed=t.seed)
+        optimizer = build_optimizer(
+            method,
+            cfg.optim.name,
+            lr,
+            cfg.optim.momentum,
+            cfg.optim.weight_decay,
+            cfg.optim.exclude_bias_norm,
+            cfg.optim.trust_coefficient,
+        )
+        stream = DistributedBatchStream(
+            train.images,
+            per_rank_batch_size(batch_size, env.world_size),
+            rank=env.rank,
+            world_size=env.world_size,
+            device=self.device,
+            shuffle=True,
+            seed=t.seed,
+        )
         steps_per_epoch = stream.steps_per_epoch
         total_steps = steps_per_epoch * t.epochs
         warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -259,27 +313,44 @@ class Trainer:
 
         ckpt_dir = self.run_dir / "checkpoints"
         start_epoch, start_step, global_step = 0, 0, 0
-        results: dict[str, Any] = {"method": cfg.method.name, "data": cfg.data.source,
-                                   "backbone": cfg.model.backbone, "epochs": t.epochs,
-                                   "batch_size": batch_size, "selfsup_version": selfsup.__version__}
+        results: dict[str, Any] = {
+            "method": cfg.method.name,
+            "data": cfg.data.source,
+            "backbone": cfg.model.backbone,
+            "epochs": t.epochs,
+            "batch_size": batch_size,
+            "selfsup_version": selfsup.__version__,
+        }
         if self.resume and not any((ckpt_dir / n).exists() for n in ("last.pt", "prev.pt")):
-            print(f"selfsup: {ckpt_dir} holds no checkpoint yet (the run stopped before its "
-                  f"first); starting from step 0", file=sys.stderr)
+            print(
+                f"selfsup: {ckpt_dir} holds no checkpoint yet (the run stopped before its "
+                f"first); starting from step 0",
+                file=sys.stderr,
+            )
         elif self.resume:
             state, path = load_checkpoint(ckpt_dir, method=cfg.method.name, config_hash=chash)
             method.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if env.world_size == 1 and state.get("world_size", 1) == 1:
-                generator.set_state(state["generator"].to(generator.get_state().device)
-                                    if hasattr(state["generator"], "to") else state["generator"])
+                generator.set_state(
+                    state["generator"].to(generator.get_state().device)
+                    if hasattr(state["generator"], "to")
+                    else state["generator"]
+                )
             else:  # only rank 0's stream was saved: fresh per-rank streams at this step
                 generator.manual_seed(rank_seed(t.seed + state["global_step"], env.rank))
             torch.set_rng_state(state["torch_rng"])
-            start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+            start_epoch, start_step, global_step = (
+                state["epoch"],
+                state["step_in_epoch"],
+                state["global_step"],
+            )
             results.update(state.get("results", {}))
             if env.is_main:
-                print(f"selfsup: resumed from {path} at epoch {start_epoch + 1}, step {global_step}",
-                      file=sys.stderr)
+                print(
+                    f"selfsup: resumed from {path} at epoch {start_epoch + 1}, step {global_step}",
+                    file=sys.stderr,
+                )
         logger = MetricsLogger(self.run_dir, enabled=env.is_main)
         model = wrap_ddp(method, env)
         step_fn = torch.compile(model) if t.compile else model
@@ -297,14 +368,25 @@ class Trainer:
                 ) from None
 
         def _save(epoch: int, step_in_epoch: int) -> Path:
-            return save_on_main(save_checkpoint, {
-                "model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                "method": cfg.method.name, "config_hash": chash, "results": results,
-                "config": OmegaConf.to_container(cfg, resolve=True),
-                "selfsup_version": selfsup.__version__, "world_size": env.world_size,
-            }, ckpt_dir)
+            return save_on_main(
+                save_checkpoint,
+                {
+                    "model": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                    "step_in_epoch": step_in_epoch,
+                    "global_step": global_step,
+                    "method": cfg.method.name,
+                    "config_hash": chash,
+                    "results": results,
+                    "config": OmegaConf.to_container(cfg, resolve=True),
+                    "selfsup_version": selfsup.__version__,
+                    "world_size": env.world_size,
+                },
+                ckpt_dir,
+            )
 
         if bank is not None and "knn_top1_random_init" not in results:
             knn0 = self._knn(method.backbone, bank, query)
@@ -314,8 +396,14 @@ class Trainer:
 
         previous_handlers = self._install_signal_handlers()
         started = time.monotonic()
-        bar = tqdm(total=total_steps, initial=global_step, disable=not (t.progress and env.is_main), unit="step",
-                   dynamic_ncols=True, desc=f"{cfg.method.name}")
+        bar = tqdm(
+            total=total_steps,
+            initial=global_step,
+            disable=not (t.progress and env.is_main),
+            unit="step",
+            dynamic_ncols=True,
+            desc=f"{cfg.method.name}",
+        )
         loss_sum = torch.zeros((), device=self.device)
         bad_steps = torch.zeros((), device=self.device, dtype=torch.int64)
         window_steps, window_start = 0, time.monotonic()
@@ -327,8 +415,9 @@ class Trainer:
                 first = start_step if epoch == start_epoch else 0
                 stream.set_epoch(epoch, start_step=first)
                 for step_in_epoch, (_, batch) in enumerate(stream, first):
-                    factor = warmup_cosine(global_step, total_steps, warmup_steps,
-                                           cfg.optim.min_lr_ratio)
+                    factor = warmup_cosine(
+                        global_step, total_steps, warmup_steps, cfg.optim.min_lr_ratio
+                    )
                     current_lr = set_lr(optimizer, factor)
                     v1, v2 = self.augment(batch, generator=generator)
                     if self.device.type == "cuda" and t.channels_last:
@@ -338,7 +427,9 @@ class Trainer:
                         out = step_fn(v1, v2)
                     loss = out["loss"]
                     finite = torch.isfinite(loss)
-                    if t.on_nan == "skip" and not bool(all_ranks_true(finite)):  # the one per-step sync, opt-in
+                    if t.on_nan == "skip" and not bool(
+                        all_ranks_true(finite)
+                    ):  # the one per-step sync, opt-in
                         optimizer.zero_grad(set_to_none=True)
                         bad_steps += 1
                     else:
@@ -352,11 +443,15 @@ class Trainer:
                     window_steps += 1
                     bar.update(1)
 
-                    if self._stop_reason is None and t.time_limit_min and (
-                        time.monotonic() - started > 60 * t.time_limit_min
+                    if (
+                        self._stop_reason is None
+                        and t.time_limit_min
+                        and (time.monotonic() - started > 60 * t.time_limit_min)
                     ):
                         self._stop_reason = f"time limit of {t.time_limit_min} min"
-                    sync_step = global_step % t.log_every == 0 or step_in_epoch == steps_per_epoch - 1
+                    sync_step = (
+                        global_step % t.log_every == 0 or step_in_epoch == steps_per_epoch - 1
+                    )
                     stop = self._stop_reason is not None
                     if env.distributed:  # all ranks must agree, on the steps that sync anyway
                         stop = sync_step and any_rank(stop)
@@ -369,9 +464,13 @@ class Trainer:
                             good = ckpt_dir / "last.pt"
                             raise NumericalError(
                                 f"loss became NaN/Inf at or before step {global_step} (epoch "
-                                f"{epoch + 1}); " + (f"the last good checkpoint is {good}"
-                                if good.exists() else "no checkpoint was written yet") +
-                                f". Likely causes: learning rate too high "
+                                f"{epoch + 1}); "
+                                + (
+                                    f"the last good checkpoint is {good}"
+                                    if good.exists()
+                                    else "no checkpoint was written yet"
+                                )
+                                + f". Likely causes: learning rate too high "
                                 f"(optim.lr={cfg.optim.lr}), fp16/bf16 overflow "
                                 f"(try train.precision=fp32), or a collapsed batch. Resume with a "
                                 f"lower lr, or set train.on_nan=skip to skip such steps"
@@ -380,15 +479,29 @@ class Trainer:
                         images_per_s = window_steps * batch_size / max(elapsed, 1e-9)
                         # NaN when every step of the window was skipped: there is no loss to show
                         counted = window_steps * env.world_size - n_bad
-                        mean_loss = (float(all_reduce_sum(loss_sum)) / counted
-                                     if counted > 0 else float("nan"))
+                        mean_loss = (
+                            float(all_reduce_sum(loss_sum)) / counted
+                            if counted > 0
+                            else float("nan")
+                        )
                         if n_bad:
                             results["skipped_steps"] = results.get("skipped_steps", 0) + n_bad
-                        logger.log(global_step, {"loss": mean_loss, "lr": current_lr,
-                                                 "images_per_s": images_per_s, "epoch": epoch + 1,
-                                                 "skipped_steps": n_bad})
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{current_lr:.3g}",
-                                        img_s=f"{images_per_s:.0f}", epoch=epoch + 1)
+                        logger.log(
+                            global_step,
+                            {
+                                "loss": mean_loss,
+                                "lr": current_lr,
+                                "images_per_s": images_per_s,
+                                "epoch": epoch + 1,
+                                "skipped_steps": n_bad,
+                            },
+                        )
+                        bar.set_postfix(
+                            loss=f"{mean_loss:.4f}",
+                            lr=f"{current_lr:.3g}",
+                            img_s=f"{images_per_s:.0f}",
+                            epoch=epoch + 1,
+                        )
                         loss_sum.zero_()
                         bad_steps.zero_()  # skipped_steps is per logging window, like the loss
                         window_steps, window_start = 0, time.monotonic()
@@ -398,7 +511,8 @@ class Trainer:
                             z_target = out.get("z_target")
                             metrics = collapse_metrics(
                                 concat_all_gather(out["z"]).float(),
-                                z_target=None if z_target is None else concat_all_gather(z_target))
+                                z_target=None if z_target is None else concat_all_gather(z_target),
+                            )
                         for key in ("online_target_cos",):
                             if key in out:
                                 metrics[key] = float(all_reduce_mean(out[key]))
@@ -408,9 +522,16 @@ class Trainer:
                         except CollapseError as exc:
                             # the event is recorded; checkpoints/last.pt (the last epoch) is kept
                             if env.is_main:
-                              write_json(self.run_dir / "collapse.json", {
-                                "step": global_step, "epoch": epoch + 1, "metrics": metrics,
-                                "message": str(exc), "last_checkpoint": str(ckpt_dir / "last.pt")})
+                                write_json(
+                                    self.run_dir / "collapse.json",
+                                    {
+                                        "step": global_step,
+                                        "epoch": epoch + 1,
+                                        "metrics": metrics,
+                                        "message": str(exc),
+                                        "last_checkpoint": str(ckpt_dir / "last.pt"),
+                                    },
+                                )
                             raise
 
                     if stop:
@@ -419,11 +540,18 @@ class Trainer:
 
                 done_epochs = epoch + 1
                 last_epoch = done_epochs == t.epochs
-                if bank is not None and (last_epoch or (t.knn_every and done_epochs % t.knn_every == 0)):
+                if bank is not None and (
+                    last_epoch or (t.knn_every and done_epochs % t.knn_every == 0)
+                ):
                     knn = self._knn(method.backbone, bank, query)
-                    results.update(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_epoch=done_epochs)
-                    logger.log(global_step, {"knn_top1": knn["top1"], "knn_top5": knn["top5"],
-                                             "epoch": done_epochs}, prefix="eval")
+                    results.update(
+                        knn_top1=knn["top1"], knn_top5=knn["top5"], knn_epoch=done_epochs
+                    )
+                    logger.log(
+                        global_step,
+                        {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "epoch": done_epochs},
+                        prefix="eval",
+                    )
                     if env.is_main:
                         bar.write(f"epoch {done_epochs}: kNN top-1 {knn['top1']:.4f}")
                 if last_epoch or done_epochs % t.checkpoint_every == 0:
@@ -434,8 +562,11 @@ class Trainer:
         except StopRequested as stop:
             bar.close()
             if env.is_main:
-              print(f"\nselfsup: stopped ({stop}); checkpoint saved in {ckpt_dir}.\n"
-                  f"Resume with: selfsup pretrain --out {self.run_dir} --resume", file=sys.stderr)
+                print(
+                    f"\nselfsup: stopped ({stop}); checkpoint saved in {ckpt_dir}.\n"
+                    f"Resume with: selfsup pretrain --out {self.run_dir} --resume",
+                    file=sys.stderr,
+                )
         finally:
             bar.close()
             logger.close()
@@ -454,5 +585,3 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
