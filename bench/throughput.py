@@ -52,7 +52,14 @@ from selfsup.evaluate.collapse import collapse_metrics
 from selfsup.models import build_backbone
 from selfsup.train.config import resolve_config
 from selfsup.train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
-from selfsup.train.trainer import build_augment, build_model, dataset_stats, resolve_device
+from selfsup.train.trainer import (
+    build_augment,
+    build_model,
+    dataset_stats,
+    make_views,
+    optimizer_step,
+    resolve_device,
+)
 
 METHODS = ("simclr", "moco", "byol", "simsiam")
 # The bar for the BYOL cifar10 preset.
@@ -168,26 +175,21 @@ def train_step(
     set_lr(state.optimizer, factor)
     if views is None:
         assert batch is not None
-        v1, v2 = state.augment(batch, generator=state.generator)
-        if state.channels_last:
-            v1 = v1.contiguous(memory_format=torch.channels_last)
-            v2 = v2.contiguous(memory_format=torch.channels_last)
-    else:
-        v1, v2 = views
-    with state.autocast():
-        out = state.step_fn(v1, v2)
-    loss = out["loss"]
-    finite = torch.isfinite(loss)
-    if t.on_nan == "skip" and not bool(finite):  # the trainer's one opt-in per-step sync
-        state.optimizer.zero_grad(set_to_none=True)
-        state.bad_steps += 1
-    else:
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
-        state.method.update_target((state.global_step + 1) / state.total_steps)
+        views = make_views(state.augment, batch, state.generator, state.channels_last)
+    out, finite, applied = optimizer_step(
+        state.method,
+        state.step_fn,
+        state.optimizer,
+        *views,
+        autocast=state.autocast,
+        progress=(state.global_step + 1) / state.total_steps,
+        skip_nonfinite=t.on_nan == "skip",
+    )
+    if applied:
         state.bad_steps += (~finite).long()
-        state.loss_sum += loss.detach().float()
+        state.loss_sum += out["loss"].detach().float()
+    else:
+        state.bad_steps += 1
     state.global_step += 1
     steps_per_epoch = state.stream.steps_per_epoch
     if state.global_step % t.log_every == 0 or state.global_step % steps_per_epoch == 0:

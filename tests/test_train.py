@@ -13,6 +13,7 @@ from selfsup.train.logging import read_metrics
 TINY = [
     "model.backbone=resnet_tiny",
     "data.image_size=16",
+    "data.storage_size=16",
     "data.limit=1024",
     "train.batch_size=64",
     "train.knn_every=0",

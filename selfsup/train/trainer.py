@@ -168,6 +168,47 @@ def build_model(cfg: DictConfig) -> torch.nn.Module:
     return build_method(cfg.method.name, backbone, feat_dim, cfg=options)
 
 
+def make_views(
+    augment: TwoViewAugment, batch: torch.Tensor, generator: torch.Generator, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two augmented views of a uint8 batch, on the batch's device."""
+    v1, v2 = augment(batch, generator=generator)
+    if channels_last:
+        v1 = v1.contiguous(memory_format=torch.channels_last)
+        v2 = v2.contiguous(memory_format=torch.channels_last)
+    return v1, v2
+
+
+def optimizer_step(
+    method: torch.nn.Module,
+    step_fn,
+    optimizer: torch.optim.Optimizer,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    *,
+    autocast,
+    progress: float,
+    skip_nonfinite: bool = False,
+    all_finite=lambda finite: finite,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
+    """Forward, backward, optimizer step and target update: one training step.
+
+    ``step_fn`` is the (possibly compiled or DDP-wrapped) ``method``. Returns the method's output,
+    whether its loss is finite (a device tensor: no host sync) and whether the update was applied.
+    Only ``skip_nonfinite`` reads the loss on the host, to skip a NaN/Inf step on every rank.
+    """
+    with autocast():
+        out = step_fn(v1, v2)
+    finite = torch.isfinite(out["loss"])
+    optimizer.zero_grad(set_to_none=True)
+    if skip_nonfinite and not bool(all_finite(finite)):
+        return out, finite, False
+    out["loss"].backward()
+    optimizer.step()
+    method.update_target(progress)
+    return out, finite, True
+
+
 class Trainer:
     """Pre-trains ``cfg.method`` on ``cfg.data`` into ``run_dir``; see :meth:`fit`."""
 
@@ -295,6 +336,7 @@ class Trainer:
             cfg.optim.exclude_bias_norm,
             cfg.optim.trust_coefficient,
         )
+        channels_last = self.device.type == "cuda" and t.channels_last
         stream = DistributedBatchStream(
             train.images,
             per_rank_batch_size(batch_size, env.world_size),
@@ -419,26 +461,23 @@ class Trainer:
                         global_step, total_steps, warmup_steps, cfg.optim.min_lr_ratio
                     )
                     current_lr = set_lr(optimizer, factor)
-                    v1, v2 = self.augment(batch, generator=generator)
-                    if self.device.type == "cuda" and t.channels_last:
-                        v1 = v1.contiguous(memory_format=torch.channels_last)
-                        v2 = v2.contiguous(memory_format=torch.channels_last)
-                    with self._autocast():
-                        out = step_fn(v1, v2)
-                    loss = out["loss"]
-                    finite = torch.isfinite(loss)
-                    if t.on_nan == "skip" and not bool(
-                        all_ranks_true(finite)
-                    ):  # the one per-step sync, opt-in
-                        optimizer.zero_grad(set_to_none=True)
-                        bad_steps += 1
-                    else:
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        method.update_target((global_step + 1) / total_steps)
+                    v1, v2 = make_views(self.augment, batch, generator, channels_last)
+                    out, finite, applied = optimizer_step(
+                        method,
+                        step_fn,
+                        optimizer,
+                        v1,
+                        v2,
+                        autocast=self._autocast,
+                        progress=(global_step + 1) / total_steps,
+                        skip_nonfinite=t.on_nan == "skip",
+                        all_finite=all_ranks_true,
+                    )
+                    if applied:
                         bad_steps += (~finite).long()
-                        loss_sum += loss.detach().float()
+                        loss_sum += out["loss"].detach().float()
+                    else:
+                        bad_steps += 1
                     global_step += 1
                     window_steps += 1
                     bar.update(1)
