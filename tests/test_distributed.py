@@ -614,3 +614,35 @@ def test_two_process_run_resumes(tmp_path):
         pretrain(nproc, run, "--resume", "train.epochs=3")
         assert _checkpoint_epoch(run) == 3
         assert (run / "results.json").exists() and (run / "encoder.pt").exists()
+
+
+def test_torchrun_with_one_process_matches_the_plain_run(tmp_path):
+    """The same run launched plainly and through torchrun (1 process, gloo, DDP-wrapped) ends with
+    bit-identical weights: the distributed path adds no change of its own."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    settings = [
+        "pretrain",
+        "--method",
+        "simclr",
+        "data.source=mnist5k",
+        "data.image_size=16",
+        "data.storage_size=16",
+        "data.limit=256",
+        "model.backbone=resnet_tiny",
+        "train.batch_size=32",
+        "train.epochs=1",
+        "train.device=cpu",
+        "train.progress=false",
+        "train.knn_every=0",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    for name, launcher in (("plain", [sys.executable]), ("torchrun", torchrun)):
+        cmd = [*launcher, "-m", "selfsup", *settings, "--out", str(tmp_path / name)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+    plain = torch.load(tmp_path / "plain" / "encoder.pt", weights_only=True)
+    launched = torch.load(tmp_path / "torchrun" / "encoder.pt", weights_only=True)
+    assert plain.keys() == launched.keys()
+    for key in plain:
+        assert torch.equal(plain[key], launched[key]), key
