@@ -139,9 +139,9 @@ def run_ablation(
 
     spec = ablation(name, quick)
     preset = "quickstart" if quick else "cifar10"
-    size = ["train.collapse=warn", f"train.epochs={epochs or (4 if quick else 30)}"]
-    if quick:
-        size += ["data.limit=1024", "train.knn_every=0"]
+    size = ["train.collapse=warn", f"train.epochs={epochs or (8 if quick else 30)}"]
+    if quick:  # about 130 steps per variant: enough for the collapsing variants to collapse
+        size += ["data.limit=2048", "train.knn_every=0", "train.collapse_every=8"]
     rows = []
     for i, v in enumerate(spec.variants):
         run_dir = out / name / f"{i:02d}_{v.method}"
@@ -196,7 +196,7 @@ def _add(sub, name: str) -> None:
     p.add_argument("name", choices=(*NAMES, "all"))
     p.add_argument("--quick", action="store_true", help="CPU size: quickstart preset, digits")
     p.add_argument("--data", default=None, help="data source (default: the preset's)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per variant (30; quick: 4)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per variant (30; quick: 8)")
     p.add_argument("--out", default="runs/ablations")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="key=value settings applied to every variant")

@@ -161,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     from selfsup import ablate, commands  # noqa: F401  (they register their subcommands)
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may stand anywhere, also after options (argparse alone rejects that)
+    args, extra = parser.parse_known_args(argv)
+    misplaced = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in misplaced]
+    if unknown or (misplaced and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or misplaced)}")
+    if misplaced:
+        args.overrides = [*(args.overrides or []), *misplaced]
     if args.version:
         from selfsup import __version__
 
