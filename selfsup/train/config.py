@@ -107,23 +107,22 @@ def available_presets() -> list[str]:
             names.append(entry.name[: -len(".yaml")])
         elif entry.is_dir() and not entry.name.startswith("_"):
             names.append(entry.name)
-    return sorted(names)
+    return sorted(set(names))
 
 
-def preset_text(preset: str, method: str) -> str:
-    """YAML of a preset: ``presets/<preset>/<method>.yaml``, ``presets/<preset>.yaml`` or a path."""
+def preset_texts(preset: str, method: str) -> list[str]:
+    """YAML texts of a preset, merged in order: a path; or ``presets/<preset>.yaml`` (shared by
+    every method) then ``presets/<preset>/<method>.yaml`` (the method's recipe), either optional."""
     path = Path(preset)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"preset file {preset!r} does not exist")
-        return path.read_text()
+        return [path.read_text()]
     root = resources.files("selfsup") / PRESET_DIR
-    per_method = root / preset / f"{method}.yaml"
-    if per_method.is_file():
-        return per_method.read_text()
-    single = root / f"{preset}.yaml"
-    if single.is_file():
-        return single.read_text()
+    texts = [f.read_text() for f in (root / f"{preset}.yaml", root / preset / f"{method}.yaml")
+             if f.is_file()]
+    if texts:
+        return texts
     if (root / preset).is_dir():
         have = sorted(p.name[:-5] for p in (root / preset).iterdir() if p.name.endswith(".yaml"))
         raise ConfigError(f"preset {preset!r} has no recipe for method {method!r}; it has: {have}")
@@ -176,12 +175,12 @@ def resolve_config(
     cfg = OmegaConf.structured(RunConfig)
     cfg.method = {"name": method}
     if preset:
-        text = preset_text(preset, method)
-        try:
-            loaded = OmegaConf.create(text)
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"preset {preset!r} is not valid YAML: {exc}") from None
-        cfg = _merge(cfg, loaded, f"preset {preset!r}")
+        for text in preset_texts(preset, method):
+            try:
+                loaded = OmegaConf.create(text)
+            except OmegaConfBaseException as exc:
+                raise ConfigError(f"preset {preset!r} is not valid YAML: {exc}") from None
+            cfg = _merge(cfg, loaded, f"preset {preset!r}")
         cfg.method.name = method
     if flags:
         dotlist = [f"{k}={v}" for k, v in flags.items() if v is not None]
