@@ -16,24 +16,15 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.evaluate.features import (
     Transform,
     apply_transform,
     autocast_context,
-    extract_features,
     resolve_device,
 )
-from selfsup.evaluate.knn import topk_accuracy
-from selfsup.evaluate.linear import (
-    batch_indices,
-    check_labels,
-    cosine_sgd,
-    make_linear_head,
-    progress_bar,
-)
+from selfsup.evaluate.linear import check_labels, make_linear_head, train_and_test_head
 
 FINETUNE_MODE = "finetune (encoder + linear head, augmented)"
 SUPERVISED_MODE = "supervised baseline (random init encoder + linear head, augmented)"
@@ -58,6 +49,7 @@ def finetune(
     seed: int = 0,
     amp: bool = True,
     progress: bool = True,
+    mode: str = FINETUNE_MODE,
 ) -> dict[str, float | int | str]:
     """Fine-tune a deep copy of ``backbone`` plus a linear head; evaluate on the full test split.
 
@@ -81,29 +73,60 @@ def finetune(
         seed: seeds head initialisation, shuffling and (when supported) augmentation.
         amp: bf16 autocast on CUDA.
         progress: show a tqdm bar over steps.
+        mode: the result's ``mode`` label; its part before `` (`` names the progress bar
+            (:func:`supervised_baseline` passes ``SUPERVISED_MODE``).
 
     Returns:
-        ``{"top1": %, "top5": %, "final_loss": ..., "mode": FINETUNE_MODE, ...settings}``.
+        ``{"top1": %, "top5": %, "final_loss": ..., "mode": mode, ...settings}``.
     """
-    return _train_end_to_end(
-        copy.deepcopy(backbone),
+    model = copy.deepcopy(backbone)
+    head_lr = 10 * lr if head_lr is None else head_lr
+    train_labels = check_labels(train_labels, train_images.shape[0], num_classes, "train")
+    test_labels = check_labels(test_labels, test_images.shape[0], num_classes, "test")
+    run_device = resolve_device(model, device)
+    model.to(run_device)
+    for transform in (train_transform, eval_transform):
+        if isinstance(transform, nn.Module):
+            transform.to(run_device)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    cpu_generator = torch.Generator().manual_seed(seed)
+    aug_generator = torch.Generator(device=run_device).manual_seed(seed + 1)
+
+    model.eval()  # probing the feature size must not touch BatchNorm statistics
+    with torch.no_grad(), autocast_context(run_device, amp):
+        probe = train_images[:2].to(run_device)
+        feat_dim = model(apply_transform(eval_transform, probe)).shape[1]
+    head = make_linear_head(feat_dim, num_classes, generator=cpu_generator).to(run_device)
+
+    def encode(images: Tensor) -> Tensor:
+        with autocast_context(run_device, amp):
+            feats = model(apply_transform(train_transform, images, aug_generator))
+        return feats.float()
+
+    model.train()
+    return train_and_test_head(
+        encode,
+        model,
+        head,
         train_images,
         train_labels,
         test_images,
         test_labels,
-        num_classes=num_classes,
-        train_transform=train_transform,
         eval_transform=eval_transform,
+        num_classes=num_classes,
         epochs=epochs,
         lr=lr,
-        head_lr=10 * lr if head_lr is None else head_lr,
+        head_lr=head_lr,
         weight_decay=weight_decay,
+        nesterov=True,
         batch_size=batch_size,
-        device=device,
-        seed=seed,
+        device=run_device,
         amp=amp,
+        generator=cpu_generator,
+        mode=mode,
+        progress_desc=mode.split(" (")[0],
         progress=progress,
-        mode=FINETUNE_MODE,
     )
 
 
@@ -137,8 +160,8 @@ def supervised_baseline(
     Returns:
         same keys as :func:`finetune`, with ``mode`` = ``SUPERVISED_MODE``.
     """
-    return _train_end_to_end(
-        copy.deepcopy(fresh_backbone),
+    return finetune(
+        fresh_backbone,
         train_images,
         train_labels,
         test_images,
@@ -157,101 +180,3 @@ def supervised_baseline(
         progress=progress,
         mode=SUPERVISED_MODE,
     )
-
-
-def _train_end_to_end(
-    model: nn.Module,
-    train_images: Tensor,
-    train_labels: Tensor,
-    test_images: Tensor,
-    test_labels: Tensor,
-    *,
-    num_classes: int,
-    train_transform: Transform,
-    eval_transform: Transform,
-    epochs: int,
-    lr: float,
-    head_lr: float,
-    weight_decay: float,
-    batch_size: int,
-    device: torch.device | str | None,
-    seed: int,
-    amp: bool,
-    progress: bool,
-    mode: str,
-) -> dict[str, float | int | str]:
-    """The loop shared by :func:`finetune` and :func:`supervised_baseline`; trains ``model``."""
-    train_labels = check_labels(train_labels, train_images.shape[0], num_classes, "train")
-    test_labels = check_labels(test_labels, test_images.shape[0], num_classes, "test")
-    run_device = resolve_device(model, device)
-    model.to(run_device)
-    for transform in (train_transform, eval_transform):
-        if isinstance(transform, nn.Module):
-            transform.to(run_device)
-    for param in model.parameters():
-        param.requires_grad_(True)
-    cpu_generator = torch.Generator().manual_seed(seed)
-    aug_generator = torch.Generator(device=run_device).manual_seed(seed + 1)
-
-    model.eval()  # probing the feature size must not touch BatchNorm statistics
-    with torch.no_grad(), autocast_context(run_device, amp):
-        probe = train_images[:2].to(run_device)
-        feat_dim = model(apply_transform(eval_transform, probe)).shape[1]
-    head = make_linear_head(feat_dim, num_classes, generator=cpu_generator).to(run_device)
-
-    n_train = train_images.shape[0]
-    steps_per_epoch = len(batch_indices(n_train, batch_size, torch.Generator(), min_batch=2))
-    optimizer, schedule = cosine_sgd(
-        [
-            {"params": list(model.parameters()), "lr": lr},
-            {"params": list(head.parameters()), "lr": head_lr},
-        ],
-        lr=lr,
-        total_steps=epochs * steps_per_epoch,
-        weight_decay=weight_decay,
-        nesterov=True,
-    )
-    bar = progress_bar(epochs * steps_per_epoch, mode.split(" (")[0], progress)
-    final_loss = float("nan")
-    model.train()
-    head.train()
-    try:
-        for _ in range(epochs):
-            for idx in batch_indices(n_train, batch_size, cpu_generator, min_batch=2):
-                images = train_images[idx].to(run_device, non_blocking=True)
-                with autocast_context(run_device, amp):
-                    feats = model(apply_transform(train_transform, images, aug_generator))
-                logits = head(feats.float())
-                loss = F.cross_entropy(logits, train_labels[idx].to(run_device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                final_loss = loss.item()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{final_loss:.3f}")
-    finally:
-        if bar is not None:
-            bar.close()
-
-    test_feats = extract_features(
-        model, test_images, eval_transform, batch_size=batch_size, device=run_device, amp=amp
-    )
-    head.eval()
-    with torch.no_grad():
-        top1, top5 = topk_accuracy(head(test_feats.to(run_device)), test_labels, (1, 5))
-    return {
-        "top1": top1,
-        "top5": top5,
-        "final_loss": final_loss,
-        "mode": mode,
-        "epochs": epochs,
-        "lr": lr,
-        "head_lr": head_lr,
-        "weight_decay": weight_decay,
-        "batch_size": batch_size,
-        "num_classes": num_classes,
-        "n_train": int(n_train),
-        "n_test": int(test_images.shape[0]),
-    }

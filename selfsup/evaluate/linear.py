@@ -24,6 +24,7 @@ classifier.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,118 @@ def progress_bar(total: int, desc: str, enabled: bool):
     except ImportError:  # tqdm is a declared dependency, but progress output is never essential
         return None
     return tqdm(total=total, desc=desc, leave=False)
+
+
+def train_and_test_head(
+    encode: Callable[[Tensor], Tensor],
+    encoder: nn.Module,
+    head: nn.Module,
+    train_images: Tensor,
+    train_labels: Tensor,
+    test_images: Tensor,
+    test_labels: Tensor,
+    *,
+    eval_transform: Transform,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    head_lr: float | None,
+    weight_decay: float,
+    nesterov: bool,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+    generator: torch.Generator,
+    mode: str,
+    progress_desc: str,
+    progress: bool,
+) -> dict[str, float | int | str]:
+    """Train ``head`` on ``encode``-d training batches, then classify the test split.
+
+    The loop shared by the full linear probe and fine-tuning (SimCLR Sec. B.5 / B.6): ``epochs``
+    passes over the training images in shuffled batches (a trailing batch of 1 is dropped, for
+    BatchNorm), cross-entropy on ``head(encode(batch))``, SGD momentum 0.9 with a per-step cosine
+    schedule (:func:`cosine_sgd`). The test images are then encoded by ``encoder`` with
+    ``eval_transform`` (:func:`extract_features`, eval mode) and scored by ``head`` in eval mode.
+
+    Args:
+        encode: uint8 ``[B, 3, H, W]`` batch on ``device`` -> float32 ``[B, D]`` training features
+            (augmentation included; the caller decides whether gradients reach the encoder).
+        encoder: the module ``encode`` runs, used again for the test features.
+        head: ``[B, D] -> [B, C]`` logits, already on ``device``; put in train mode here (the
+            caller sets the encoder's mode).
+        train_images / test_images: uint8 ``[N, 3, H, W]``; train_labels / test_labels: int64
+            ``[N]``, already checked.
+        eval_transform: deterministic uint8 batch -> normalised float batch.
+        num_classes, epochs, weight_decay, batch_size: the run's settings.
+        lr: the head's learning rate when ``head_lr`` is None (linear evaluation, only the head's
+            parameters are optimised); otherwise the encoder's, with the head at ``head_lr``
+            (fine-tuning, reported as ``head_lr`` in the result).
+        nesterov: Nesterov momentum.
+        device: where to train; amp: bf16 autocast for the test features on CUDA.
+        generator: CPU generator for the shuffling.
+        mode: the result's ``mode``; progress_desc / progress: the tqdm bar's label / switch.
+
+    Returns:
+        ``{"top1", "top5", "final_loss", "mode", "epochs", "lr", ["head_lr",] "weight_decay",
+        "batch_size", "num_classes", "n_train", "n_test"}``; accuracies as fractions.
+    """
+    n_train = train_images.shape[0]
+    steps_per_epoch = len(batch_indices(n_train, batch_size, torch.Generator(), min_batch=2))
+    if head_lr is None:
+        params = head.parameters()
+    else:
+        params = [
+            {"params": list(encoder.parameters()), "lr": lr},
+            {"params": list(head.parameters()), "lr": head_lr},
+        ]
+    optimizer, schedule = cosine_sgd(
+        params,
+        lr=lr,
+        total_steps=epochs * steps_per_epoch,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+    )
+    bar = progress_bar(epochs * steps_per_epoch, progress_desc, progress)
+    final_loss = float("nan")
+    head.train()
+    try:
+        for _ in range(epochs):
+            for idx in batch_indices(n_train, batch_size, generator, min_batch=2):
+                images = train_images[idx].to(device, non_blocking=True)
+                loss = F.cross_entropy(head(encode(images)), train_labels[idx].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                final_loss = loss.item()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{final_loss:.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+    test_feats = extract_features(
+        encoder, test_images, eval_transform, batch_size=batch_size, device=device, amp=amp
+    )
+    head.eval()
+    with torch.no_grad():
+        top1, top5 = topk_accuracy(head(test_feats.to(device)), test_labels, (1, 5))
+    learning_rates = {"lr": lr} if head_lr is None else {"lr": lr, "head_lr": head_lr}
+    return {
+        "top1": top1,
+        "top5": top5,
+        "final_loss": final_loss,
+        "mode": mode,
+        "epochs": epochs,
+        **learning_rates,
+        "weight_decay": weight_decay,
+        "batch_size": batch_size,
+        "num_classes": num_classes,
+        "n_train": int(n_train),
+        "n_test": int(test_images.shape[0]),
+    }
 
 
 def linear_probe_features(
@@ -322,62 +435,40 @@ def linear_probe(
     cpu_generator = torch.Generator().manual_seed(seed)
     aug_generator = torch.Generator(device=run_device).manual_seed(seed + 1)
 
-    n_train = train_images.shape[0]
-    steps_per_epoch = len(batch_indices(n_train, batch_size, torch.Generator(), min_batch=2))
-    bar = progress_bar(epochs * steps_per_epoch, "linear probe", progress)
-    final_loss = float("nan")
     with FrozenEncoder(backbone):
 
-        def encode(images: Tensor, transform: Transform, generator=None) -> Tensor:
+        def encode(images: Tensor) -> Tensor:
             with torch.no_grad(), autocast_context(run_device, amp):
-                return backbone(apply_transform(transform, images, generator)).float()
+                return backbone(apply_transform(train_transform, images, aug_generator)).float()
 
-        feat_dim = encode(train_images[:2].to(run_device), eval_transform).shape[1]
+        with torch.no_grad(), autocast_context(run_device, amp):
+            probe = apply_transform(eval_transform, train_images[:2].to(run_device))
+            feat_dim = backbone(probe).float().shape[1]
         head = nn.Sequential(
             nn.BatchNorm1d(feat_dim, affine=False),
             make_linear_head(feat_dim, num_classes, generator=cpu_generator),
         ).to(run_device)
-        optimizer, schedule = cosine_sgd(
-            head.parameters(),
+        # extract the test features while the encoder is still frozen
+        return train_and_test_head(
+            encode,
+            backbone,
+            head,
+            train_images,
+            train_labels,
+            test_images,
+            test_labels,
+            eval_transform=eval_transform,
+            num_classes=num_classes,
+            epochs=epochs,
             lr=lr,
-            total_steps=epochs * steps_per_epoch,
+            head_lr=None,
             weight_decay=weight_decay,
+            nesterov=False,
+            batch_size=batch_size,
+            device=run_device,
+            amp=amp,
+            generator=cpu_generator,
+            mode=FULL_MODE,
+            progress_desc="linear probe",
+            progress=progress,
         )
-        head.train()
-        try:
-            for _ in range(epochs):
-                for idx in batch_indices(n_train, batch_size, cpu_generator, min_batch=2):
-                    images = train_images[idx].to(run_device, non_blocking=True)
-                    feats = encode(images, train_transform, aug_generator)
-                    loss = F.cross_entropy(head(feats), train_labels[idx].to(run_device))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    final_loss = loss.item()
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{final_loss:.3f}")
-        finally:
-            if bar is not None:
-                bar.close()
-
-        test_feats = extract_features(
-            backbone, test_images, eval_transform, batch_size=batch_size, device=run_device, amp=amp
-        )
-    head.eval()
-    with torch.no_grad():
-        top1, top5 = topk_accuracy(head(test_feats.to(run_device)), test_labels, (1, 5))
-    return {
-        "top1": top1,
-        "top5": top5,
-        "final_loss": final_loss,
-        "mode": FULL_MODE,
-        "epochs": epochs,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "batch_size": batch_size,
-        "num_classes": num_classes,
-        "n_train": int(n_train),
-        "n_test": int(test_images.shape[0]),
-    }
