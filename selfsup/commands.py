@@ -488,32 +488,24 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                     "labeled_images": int(idx.numel()),
                     "label_fraction": fraction,
                 }
-                t0 = time.monotonic()
-                m = finetune(
-                    enc,
-                    train.images[idx],
-                    train.labels[idx],
-                    test.images,
-                    test.labels,
-                    lr=args.finetune_lr,
-                    **common,
-                )
-                m = {**m, **extra, "seconds": round(time.monotonic() - t0, 2)}
-                record("ssl", f"finetune_{fraction:g}pct", m)
+                trainers = {"ssl": (finetune, args.finetune_lr)}
                 if arch is not None:
+                    trainers["supervised"] = (supervised_baseline, args.supervised_lr)
+                for label, (train_fn, lr) in trainers.items():
                     t0 = time.monotonic()
-                    fresh = _fresh_backbone(*arch, seed=args.seed)
-                    m = supervised_baseline(
-                        fresh,
+                    # the baseline's seeded random-init encoder is built inside its timing
+                    start = enc if label == "ssl" else _fresh_backbone(*arch, seed=args.seed)
+                    m = train_fn(
+                        start,
                         train.images[idx],
                         train.labels[idx],
                         test.images,
                         test.labels,
-                        lr=args.supervised_lr,
+                        lr=lr,
                         **common,
                     )
                     m = {**m, **extra, "seconds": round(time.monotonic() - t0, 2)}
-                    record("supervised", f"finetune_{fraction:g}pct", m)
+                    record(label, f"finetune_{fraction:g}pct", m)
 
     out_json = run_dir / f"eval_{_slug(source)}_{args.protocol}.json"
     write_json(out_json, results)

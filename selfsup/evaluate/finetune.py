@@ -22,9 +22,8 @@ from selfsup.evaluate.features import (
     Transform,
     apply_transform,
     autocast_context,
-    resolve_device,
 )
-from selfsup.evaluate.linear import check_labels, make_linear_head, train_and_test_head
+from selfsup.evaluate.linear import make_linear_head, prepare_run, train_and_test_head
 
 FINETUNE_MODE = "finetune (encoder + linear head, augmented)"
 SUPERVISED_MODE = "supervised baseline (random init encoder + linear head, augmented)"
@@ -81,17 +80,19 @@ def finetune(
     """
     model = copy.deepcopy(backbone)
     head_lr = 10 * lr if head_lr is None else head_lr
-    train_labels = check_labels(train_labels, train_images.shape[0], num_classes, "train")
-    test_labels = check_labels(test_labels, test_images.shape[0], num_classes, "test")
-    run_device = resolve_device(model, device)
-    model.to(run_device)
-    for transform in (train_transform, eval_transform):
-        if isinstance(transform, nn.Module):
-            transform.to(run_device)
+    train_labels, test_labels, run_device, cpu_generator, aug_generator = prepare_run(
+        model,
+        (train_transform, eval_transform),
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        num_classes=num_classes,
+        device=device,
+        seed=seed,
+    )
     for param in model.parameters():
         param.requires_grad_(True)
-    cpu_generator = torch.Generator().manual_seed(seed)
-    aug_generator = torch.Generator(device=run_device).manual_seed(seed + 1)
 
     model.eval()  # probing the feature size must not touch BatchNorm statistics
     with torch.no_grad(), autocast_context(run_device, amp):

@@ -131,6 +131,40 @@ def progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False)
 
 
+def prepare_run(
+    encoder: nn.Module,
+    transforms: tuple[Transform, ...],
+    train_images: Tensor,
+    train_labels: Tensor | None,
+    test_images: Tensor,
+    test_labels: Tensor | None,
+    *,
+    num_classes: int,
+    device: torch.device | str | None,
+    seed: int,
+) -> tuple[Tensor, Tensor, torch.device, torch.Generator, torch.Generator]:
+    """Common set-up of the augmented protocols (full linear probe, fine-tuning).
+
+    Checks both label tensors (:func:`check_labels`), moves ``encoder`` and the module transforms
+    to the run device (``device``, else the encoder's) and seeds two generators: a CPU one from
+    ``seed`` (head initialisation, shuffling) and one on the device from ``seed + 1``
+    (augmentation).
+
+    Returns:
+        ``(train_labels, test_labels, run_device, cpu_generator, aug_generator)``.
+    """
+    train_labels = check_labels(train_labels, train_images.shape[0], num_classes, "train")
+    test_labels = check_labels(test_labels, test_images.shape[0], num_classes, "test")
+    run_device = resolve_device(encoder, device)
+    encoder.to(run_device)
+    for transform in transforms:
+        if isinstance(transform, nn.Module):
+            transform.to(run_device)
+    cpu_generator = torch.Generator().manual_seed(seed)
+    aug_generator = torch.Generator(device=run_device).manual_seed(seed + 1)
+    return train_labels, test_labels, run_device, cpu_generator, aug_generator
+
+
 def train_and_test_head(
     encode: Callable[[Tensor], Tensor],
     encoder: nn.Module,
@@ -425,15 +459,17 @@ def linear_probe(
     """
     if num_classes is None:
         num_classes = infer_num_classes(train_labels, test_labels)
-    train_labels = check_labels(train_labels, train_images.shape[0], num_classes, "train")
-    test_labels = check_labels(test_labels, test_images.shape[0], num_classes, "test")
-    run_device = resolve_device(backbone, device)
-    backbone.to(run_device)
-    for transform in (train_transform, eval_transform):
-        if isinstance(transform, nn.Module):
-            transform.to(run_device)
-    cpu_generator = torch.Generator().manual_seed(seed)
-    aug_generator = torch.Generator(device=run_device).manual_seed(seed + 1)
+    train_labels, test_labels, run_device, cpu_generator, aug_generator = prepare_run(
+        backbone,
+        (train_transform, eval_transform),
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        num_classes=num_classes,
+        device=device,
+        seed=seed,
+    )
 
     with FrozenEncoder(backbone):
 
