@@ -51,7 +51,7 @@ from selfsup.data import BatchStream, ImageDataset, load_dataset
 from selfsup.evaluate.collapse import collapse_metrics
 from selfsup.models import build_backbone
 from selfsup.train.config import resolve_config
-from selfsup.train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+from selfsup.train.optim import optimizer_from_config, set_lr, warmup_cosine
 from selfsup.train.trainer import (
     build_augment,
     build_model,
@@ -59,6 +59,7 @@ from selfsup.train.trainer import (
     make_views,
     optimizer_step,
     resolve_device,
+    resolve_precision,
 )
 
 METHODS = ("simclr", "moco", "byol", "simsiam")
@@ -103,9 +104,7 @@ def build_step_state(cfg: DictConfig, train: ImageDataset) -> StepState:
     t = cfg.train
     device = resolve_device(t.device)
     torch.manual_seed(t.seed)
-    precision = (
-        t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    )
+    precision = resolve_precision(t.precision, device)
     if cfg.data.mean is not None and cfg.data.std is not None:
         mean, std = list(cfg.data.mean), list(cfg.data.std)
     else:
@@ -115,16 +114,7 @@ def build_step_state(cfg: DictConfig, train: ImageDataset) -> StepState:
     channels_last = device.type == "cuda" and bool(t.channels_last)
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
-    lr = scaled_lr(cfg.optim.lr, t.batch_size, cfg.optim.lr_reference_batch, cfg.optim.lr_scaling)
-    optimizer = build_optimizer(
-        method,
-        cfg.optim.name,
-        lr,
-        cfg.optim.momentum,
-        cfg.optim.weight_decay,
-        cfg.optim.exclude_bias_norm,
-        cfg.optim.trust_coefficient,
-    )
+    optimizer = optimizer_from_config(method, cfg.optim, t.batch_size)
     stream = BatchStream(
         train.images,
         batch_size=t.batch_size,
@@ -346,19 +336,8 @@ def _measure_lightly(
     channels_last = device.type == "cuda" and bool(t.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    lr = scaled_lr(cfg.optim.lr, batch_size, cfg.optim.lr_reference_batch, cfg.optim.lr_scaling)
-    optimizer = build_optimizer(
-        model,
-        cfg.optim.name,
-        lr,
-        cfg.optim.momentum,
-        cfg.optim.weight_decay,
-        cfg.optim.exclude_bias_norm,
-        cfg.optim.trust_coefficient,
-    )
-    precision = (
-        t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    )
+    optimizer = optimizer_from_config(model, cfg.optim, batch_size)
+    precision = resolve_precision(t.precision, device)
     forward = torch.compile(model) if compile_model else model
     total_steps = len(loader) * t.epochs
     counter = {"step": 0}

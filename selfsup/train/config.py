@@ -119,8 +119,11 @@ def preset_texts(preset: str, method: str) -> list[str]:
             raise ConfigError(f"preset file {preset!r} does not exist")
         return [path.read_text()]
     root = resources.files("selfsup") / PRESET_DIR
-    texts = [f.read_text() for f in (root / f"{preset}.yaml", root / preset / f"{method}.yaml")
-             if f.is_file()]
+    texts = [
+        f.read_text()
+        for f in (root / f"{preset}.yaml", root / preset / f"{method}.yaml")
+        if f.is_file()
+    ]
     if texts:
         return texts
     if (root / preset).is_dir():

@@ -142,6 +142,20 @@ def build_optimizer(
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
 
 
+def optimizer_from_config(method: nn.Module, optim_cfg, batch_size: int) -> torch.optim.Optimizer:
+    """The optimizer a run's ``optim`` settings describe, with the base lr scaled to the batch."""
+    lr = scaled_lr(optim_cfg.lr, batch_size, optim_cfg.lr_reference_batch, optim_cfg.lr_scaling)
+    return build_optimizer(
+        method,
+        optim_cfg.name,
+        lr,
+        optim_cfg.momentum,
+        optim_cfg.weight_decay,
+        optim_cfg.exclude_bias_norm,
+        optim_cfg.trust_coefficient,
+    )
+
+
 def _all_cuda(groups: list[dict]) -> bool:
     return all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
 

@@ -55,7 +55,7 @@ from selfsup.train.distributed import (
     wrap_ddp,
 )
 from selfsup.train.logging import MetricsLogger
-from selfsup.train.optim import build_optimizer, scaled_lr, set_lr, warmup_cosine
+from selfsup.train.optim import optimizer_from_config, set_lr, warmup_cosine
 
 
 class StopRequested(Exception):
@@ -67,6 +67,13 @@ class TrainResult:
     run_dir: Path
     results: dict[str, Any]
     finished: bool
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on CUDA, fp32 on the CPU (where bf16 autocast is slower)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -299,11 +306,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
-        self.precision = (
-            t.precision
-            if t.precision != "auto"
-            else ("bf16" if self.device.type == "cuda" else "fp32")
-        )
+        self.precision = resolve_precision(t.precision, self.device)
         train, bank, query = self._load_data()
 
         mean, std = (
@@ -326,16 +329,7 @@ class Trainer:
         if self.device.type == "cuda" and t.channels_last:
             method = method.to(memory_format=torch.channels_last)
         batch_size = t.batch_size
-        lr = scaled_lr(cfg.optim.lr, batch_size, cfg.optim.lr_reference_batch, cfg.optim.lr_scaling)
-        optimizer = build_optimizer(
-            method,
-            cfg.optim.name,
-            lr,
-            cfg.optim.momentum,
-            cfg.optim.weight_decay,
-            cfg.optim.exclude_bias_norm,
-            cfg.optim.trust_coefficient,
-        )
+        optimizer = optimizer_from_config(method, cfg.optim, batch_size)
         channels_last = self.device.type == "cuda" and t.channels_last
         stream = DistributedBatchStream(
             train.images,
