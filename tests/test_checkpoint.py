@@ -68,3 +68,11 @@ def test_refuses_other_format_version(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path, method="byol", config_hash="abc")
+
+
+def test_refuses_a_checkpoint_of_another_selfsup_release(tmp_path):
+    save_checkpoint({**state(1.0), "selfsup_version": "0.9.0"}, tmp_path)
+    with pytest.raises(CheckpointError, match="written by selfsup 0.9.0"):
+        load_checkpoint(tmp_path, method="byol", config_hash="abc", version="0.1.0")
+    loaded, _ = load_checkpoint(tmp_path, method="byol", config_hash="abc", version="0.9.3")
+    assert loaded["model"]["w"].item() == 1.0

@@ -81,6 +81,11 @@ def _read(path: Path) -> dict[str, Any]:
     return state
 
 
+def _minor(version: str) -> tuple[str, ...]:
+    """Major and minor of a version string: patch releases read each other's checkpoints."""
+    return tuple(version.split(".")[:2])
+
+
 def load_checkpoint(
     directory: Path, *, method: str, config_hash: str, version: str | None = None
 ) -> tuple[dict[str, Any], Path]:
@@ -99,6 +104,12 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path} has checkpoint format {state['format_version']}, this selfsup reads "
                 f"{FORMAT_VERSION}; resume with the selfsup version that wrote it"
+            )
+        written_by = state.get("selfsup_version")
+        if version is not None and written_by is not None and _minor(written_by) != _minor(version):
+            raise CheckpointError(
+                f"{path} was written by selfsup {written_by}, this is selfsup {version}; "
+                f"resume with `pip install selfsup=={written_by}`, or start a new run"
             )
         if state.get("method") != method:
             raise CheckpointError(

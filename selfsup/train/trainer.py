@@ -364,7 +364,9 @@ class Trainer:
                 file=sys.stderr,
             )
         elif self.resume:
-            state, path = load_checkpoint(ckpt_dir, method=cfg.method.name, config_hash=chash)
+            state, path = load_checkpoint(
+                ckpt_dir, method=cfg.method.name, config_hash=chash, version=selfsup.__version__
+            )
             method.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if env.world_size == 1 and state.get("world_size", 1) == 1:
