@@ -51,6 +51,15 @@ def _run_info(target: Path) -> dict[str, Any]:
     return {**encoder_metadata(target), "run_dir": run_dir}
 
 
+def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
+    """(cached size, network input size): the pre-training run's storage and crop sizes, so the
+    encoder sees its images prepared exactly as during training; ``--image-size`` sets both."""
+    if image_size:
+        return int(image_size), int(image_size)
+    size = int(info.get("image_size") or 32)
+    return int(info.get("storage_size") or size), size
+
+
 def _pretrain_crop_scale(run_dir: Path) -> tuple[float, float] | None:
     """``augment.both.crop_scale`` of the run's config, when the user set one for this data."""
     config = run_dir / "config.yaml"
@@ -336,11 +345,11 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
             f"{target}: no config.yaml or export.json beside the encoder says what "
             f"it was trained on; pass --data"
         )
-    image_size = int(args.image_size or info.get("image_size") or 32)
+    load_size, image_size = _sizes(info, args.image_size)
     device = _device(args.device)
     encoder = load_encoder(target)
     progress = not args.no_progress
-    train, test = _load_labeled_splits(source, image_size, args.cache_dir, args.limit, progress)
+    train, test = _load_labeled_splits(source, load_size, args.cache_dir, args.limit, progress)
     mean, std = _normalisation(info, train.images)
     crop_scale = tuple(args.crop_scale or _pretrain_crop_scale(run_dir) or PAPER_CROP_SCALE)
     train_t, eval_t = _transforms(image_size, mean, std, device, crop_scale, args.flip_p)
@@ -588,8 +597,8 @@ def embed_dataset(
     from selfsup.export import load_encoder
 
     info = _run_info(Path(encoder_path))
-    size = int(image_size or info.get("image_size") or 32)
-    ds = _load(source, split, size, cache_dir, limit)
+    load_size, size = _sizes(info, image_size)
+    ds = _load(source, split, load_size, cache_dir, limit)
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
     _, eval_t = _transforms(size, mean, std, dev)
@@ -684,17 +693,17 @@ def nearest_neighbors(
         if not queries:
             raise DataError(f"query list {listing} names no images; write one path a line")
     info = _run_info(Path(encoder_path))
-    size = int(image_size or info.get("image_size") or 32)
+    load_size, size = _sizes(info, image_size)
     arrays = []
     for q in queries:  # decode the queries first: a bad query fails before any encoding
         path = Path(q)
         if not path.is_file():
             raise DataError(f"query image {q} does not exist")
-        img = resize_shorter(decode_image(path.read_bytes(), name=q), size)
+        img = resize_shorter(decode_image(path.read_bytes(), name=q), load_size)
         arrays.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # a writable copy
     encoder = load_encoder(encoder_path)
     feats, ds = embed_dataset(
-        encoder_path, source, split, size, 256, device, cache_dir, limit, encoder=encoder
+        encoder_path, source, split, image_size, 256, device, cache_dir, limit, encoder=encoder
     )
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)

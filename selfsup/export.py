@@ -72,7 +72,11 @@ def encoder_metadata(path: str | Path) -> dict[str, Any]:
         if "model" in cfg and isinstance(cfg.model.get("backbone"), str):
             meta.update(backbone=cfg.model.backbone, small_stem=bool(cfg.model.small_stem))
         if "data" in cfg:
-            meta.update(pretrain_data=cfg.data.get("source"), image_size=cfg.data.get("image_size"))
+            meta.update(
+                pretrain_data=cfg.data.get("source"),
+                image_size=cfg.data.get("image_size"),
+                storage_size=cfg.data.get("storage_size"),
+            )
             if cfg.data.get("mean") is not None and cfg.data.get("std") is not None:
                 meta.update(mean=list(cfg.data.mean), std=list(cfg.data.std))
         if "method" in cfg:

@@ -133,7 +133,10 @@ def evaluated(trained) -> dict:
 
 
 def digits(trained, split: str = "train", n: int = LIMIT):
-    ds = load_dataset("mnist5k", split, image_size=16, cache_dir=trained["cache"], progress=False)
+    """The run's images as its trainer cached them (the storage size, cropped to 16 px later)."""
+    data = OmegaConf.load(trained["run"] / "config.yaml").data
+    size = data.storage_size or data.image_size
+    ds = load_dataset("mnist5k", split, image_size=size, cache_dir=trained["cache"], progress=False)
     return ds.subset(range(n))
 
 
