@@ -134,7 +134,11 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfsup", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="selfsup",
+        description="Self-supervised visual representation learning: SimCLR, MoCo v2, BYOL, "
+        "SimSiam. Run `selfsup pretrain` for the offline quickstart.",
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
     _add_pretrain(sub)
