@@ -40,14 +40,6 @@ throughput = load_bench("throughput")
 time_to_accuracy = load_bench("time_to_accuracy")
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: one thread is faster and immune to CPU contention
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     """``root/<class>/<i>.png``: 24 random 32x32 RGB images in two classes (no test split)."""

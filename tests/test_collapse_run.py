@@ -1,8 +1,5 @@
 """Collapse detection in real runs: SimSiam without stop-gradient is stopped; not the standard."""
 
-import pytest
-import torch
-
 from selfsup.cli import main
 from selfsup.train.logging import read_metrics
 
@@ -22,56 +19,32 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def pretrain_simsiam(tmp_path, out, *extra: str) -> int:
+    argv = ["pretrain", "--method", "simsiam", "--out", str(out), *TINY]
+    return main([*argv, f"data.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def collapse_records(out) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "collapse/z_erank" in r]
 
 
 def test_simsiam_without_stop_gradient_is_stopped_and_keeps_its_checkpoint(tmp_path, capsys):
     out = tmp_path / "nostop"
-    code = main(
-        [
-            "pretrain",
-            "--method",
-            "simsiam",
-            "--out",
-            str(out),
-            *TINY,
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "method.stop_gradient=false",
-        ]
-    )
+    code = pretrain_simsiam(tmp_path, out, "method.stop_gradient=false")
     err = capsys.readouterr().err
     assert code == 2, err
     assert "collapse" in err.lower() and "stop-gradient" in err
     assert (out / "collapse.json").exists()
     assert (out / "checkpoints" / "last.pt").exists()
-    ranks = [
-        r["collapse/z_erank"]
-        for r in read_metrics(out / "metrics.jsonl")
-        if "collapse/z_erank" in r
-    ]
+    ranks = [r["collapse/z_erank"] for r in collapse_records(out)]
     assert len(ranks) >= 3 and max(ranks[-3:]) < 3.0  # collapsed onto one or two directions
 
 
 def test_standard_simsiam_run_is_not_stopped(tmp_path):
     out = tmp_path / "std"
-    code = main(
-        [
-            "pretrain",
-            "--method",
-            "simsiam",
-            "--out",
-            str(out),
-            *TINY,
-            f"data.cache_dir={tmp_path / 'cache'}",
-        ]
-    )
+    code = pretrain_simsiam(tmp_path, out)
     assert code == 0
     assert not (out / "collapse.json").exists()
-    metrics = [r for r in read_metrics(out / "metrics.jsonl") if "collapse/z_erank" in r]
+    metrics = collapse_records(out)
     assert metrics and min(r["collapse/z_erank"] for r in metrics) > 3.0
     assert min(r["collapse/z_std_ratio"] for r in metrics) > 0.2

@@ -23,15 +23,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads cost more than they save, and stall on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(name: str, seed: int = 0, **options) -> nn.Module:
     torch.manual_seed(seed)
     backbone, feat_dim = build_backbone("resnet_tiny", small_stem=True)

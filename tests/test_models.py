@@ -19,15 +19,6 @@ from selfsup.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small tensors: intra-op threads cost more than they save, and stall on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     "name,dim,small_stem",
     [("resnet18", 512, True), ("resnet18", 512, False), ("resnet_tiny", 128, True)],

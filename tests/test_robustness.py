@@ -151,16 +151,6 @@ def assert_no_training(run: Path) -> None:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocesses (``OMP_NUM_THREADS=1``): the runs
-    compared bit for bit use the same kernels, and a loaded CI machine does not oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def good_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")

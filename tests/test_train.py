@@ -25,14 +25,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convs: one thread is faster and immune to CPU contention
-    yield
-    torch.set_num_threads(previous)
-
-
 def run(tmp_path, method, *extra, out="run"):
     argv = [
         "pretrain",

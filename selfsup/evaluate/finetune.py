@@ -76,7 +76,7 @@ def finetune(
             (:func:`supervised_baseline` passes ``SUPERVISED_MODE``).
 
     Returns:
-        ``{"top1": %, "top5": %, "final_loss": ..., "mode": mode, ...settings}``.
+        ``{"top1", "top5" (fractions in [0, 1]), "final_loss": ..., "mode": mode, ...settings}``.
     """
     model = copy.deepcopy(backbone)
     head_lr = 10 * lr if head_lr is None else head_lr

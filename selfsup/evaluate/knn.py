@@ -140,7 +140,8 @@ def knn_accuracy(
         num_classes: ``C``; defaults to ``max label + 1`` over train and test labels.
 
     Returns:
-        ``{"top1": %, "top5": %, "k": effective k, "temperature": T}``; top-5 is top-``min(5, C)``.
+        ``{"top1", "top5" (fractions in [0, 1]), "k": effective k, "temperature": T}``;
+        top-5 is top-``min(5, C)``.
     """
     _check_inputs(train_feats, train_labels, test_feats, test_labels)
     if num_classes is None:

@@ -314,7 +314,8 @@ def linear_probe_features(
         seed: seeds the initialisation.
 
     Returns:
-        ``{"top1": %, "top5": %, "train_top1": %, "final_loss": ..., "mode": FAST_MODE, ...}``.
+        ``{"top1", "top5", "train_top1" (fractions in [0, 1]), "final_loss": ...,
+        "mode": FAST_MODE, ...}``.
     """
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(
@@ -455,7 +456,8 @@ def linear_probe(
         progress: show a tqdm bar over steps.
 
     Returns:
-        ``{"top1": %, "top5": %, "mode": FULL_MODE, "final_loss": ..., ...settings}``.
+        ``{"top1", "top5" (fractions in [0, 1]), "mode": FULL_MODE, "final_loss": ...,
+        ...settings}``.
     """
     if num_classes is None:
         num_classes = infer_num_classes(train_labels, test_labels)
