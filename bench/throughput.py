@@ -58,6 +58,7 @@ from selfsup.train.trainer import (
     dataset_stats,
     make_views,
     optimizer_step,
+    resolve_compile,
     resolve_device,
     resolve_precision,
 )
@@ -131,7 +132,7 @@ def build_step_state(cfg: DictConfig, train: ImageDataset) -> StepState:
         device=device,
         precision=precision,
         method=method,
-        step_fn=torch.compile(method) if t.compile else method,
+        step_fn=torch.compile(method) if resolve_compile(t.compile, device) else method,
         optimizer=optimizer,
         augment=augment,
         generator=generator,

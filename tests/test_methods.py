@@ -333,3 +333,28 @@ def test_step_never_reads_a_tensor_on_the_host(name: str, monkeypatch: pytest.Mo
     method.update_target(0.5)
     monkeypatch.undo()
     assert torch.isfinite(out["loss"]).item()
+
+
+def test_compiled_step_matches_eager():
+    """``train.compile`` is on by default on CUDA, so the compiled method must compute what the
+    eager one does: the same loss and gradients (here with inductor on the CPU, BYOL: predictor,
+    EMA-target branch under no_grad and the symmetric loss in one graph)."""
+    from selfsup.train.trainer import resolve_compile
+
+    assert resolve_compile("auto", torch.device("cuda")) is True
+    assert resolve_compile("auto", torch.device("cpu")) is False
+    assert resolve_compile("True", torch.device("cpu")) is True
+    assert resolve_compile(False, torch.device("cuda")) is False
+
+    eager, compiled = make("byol"), make("byol")
+    x1, x2 = views()
+    out = eager(x1, x2)
+    out["loss"].backward()
+    out_c = torch.compile(compiled)(x1, x2)
+    out_c["loss"].backward()
+    torch.testing.assert_close(out_c["loss"], out["loss"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_c["z"], out["z"], rtol=1e-4, atol=1e-5)
+    g, g_c = grads(eager), grads(compiled)
+    assert g.keys() == g_c.keys() and g
+    for name in g:
+        torch.testing.assert_close(g_c[name], g[name], rtol=1e-3, atol=1e-5, msg=name)

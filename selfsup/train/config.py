@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32
-    compile: bool = False  # torch.compile the method's forward
+    compile: str = "auto"  # torch.compile the method's forward: auto (on CUDA), true or false
     channels_last: bool = True  # on CUDA only
     log_every: int = 50  # steps between host syncs for loss/lr/throughput logging
     knn_every: int = 10  # epochs between kNN checks (0: only at the end)
@@ -223,6 +223,7 @@ def validate_config(cfg: DictConfig) -> None:
         "optim.name": (o.name, ("sgd", "lars")),
         "optim.lr_scaling": (o.lr_scaling, ("linear", "sqrt", "none")),
         "train.precision": (t.precision, ("auto", "bf16", "fp32")),
+        "train.compile": (str(t.compile).lower(), ("auto", "true", "false")),
         "train.collapse": (t.collapse, ("off", "warn", "stop")),
         "train.on_nan": (t.on_nan, ("stop", "skip")),
     }

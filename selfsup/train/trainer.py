@@ -76,6 +76,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
+def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
+    """``auto``: torch.compile on CUDA (where it pays: the issue's BYOL step, 20k -> 30k images/s
+    on an H100), not on the CPU (minutes of compilation for a quickstart of one minute)."""
+    value = str(compile_setting).lower()
+    return device.type == "cuda" if value == "auto" else value == "true"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -391,7 +398,7 @@ class Trainer:
                 )
         logger = MetricsLogger(self.run_dir, enabled=env.is_main)
         model = wrap_ddp(method, env)
-        step_fn = torch.compile(model) if t.compile else model
+        step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
         monitor = CollapseMonitor(cfg.method.name, mode=t.collapse, patience=t.collapse_patience)
 
         def checkpoint(epoch: int, step_in_epoch: int) -> Path:
