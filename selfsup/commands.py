@@ -111,10 +111,10 @@ def _device(name: str | None) -> torch.device:
 
 
 def _limit(ds, limit: int | None):
-    """The first ``limit`` images of a dataset (all of them for ``None``)."""
+    """``limit`` images spread evenly over a dataset (all of them for ``None``)."""
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be a positive number of images, got {limit}")
-    return ds.subset(range(limit)) if limit and limit < len(ds) else ds
+    return ds.spread(limit)
 
 
 def _load(
@@ -269,7 +269,7 @@ def _add_eval(sub, name: str) -> None:
         "--limit",
         type=int,
         default=None,
-        help="use only the first N images of each split (quick checks)",
+        help="use only N images of each split, evenly spaced (quick checks)",
     )
     p.add_argument(
         "--image-size",
@@ -411,7 +411,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         for fraction in args.label_fraction:
             idx = balanced_subset(train.labels, fraction, seed=args.seed)
             # the name says what drew it (a --limit changes the pool, hence the subset)
-            pool = f"_first{args.limit}" if args.limit else ""
+            pool = f"_limit{args.limit}" if args.limit else ""
             name = f"subset_{_slug(source)}{pool}_{fraction:g}pct_seed{args.seed}.csv"
             subset_file = run_dir / name
             save_subset(idx, train.paths, train.labels, subset_file)
@@ -569,7 +569,7 @@ def _add_embed(sub, name: str) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="train")
     p.add_argument("--out", required=True, help="output .npz (embeddings, paths, labels) or .npy")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None)
@@ -656,7 +656,7 @@ def _add_neighbors(sub, name: str) -> None:
         help="query image files, or one .txt file listing image paths (one a line)",
     )
     p.add_argument("-k", type=int, default=5)
-    p.add_argument("--limit", type=int, default=None, help="search only the first N images")
+    p.add_argument("--limit", type=int, default=None, help="search only N images, evenly spaced")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)

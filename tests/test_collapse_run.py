@@ -15,7 +15,7 @@ TINY = [
     "train.collapse=stop",
     "train.collapse_every=8",
     "train.collapse_patience=3",
-    "optim.lr=0.5",
+    "optim.lr=1.0",  # stops seeds 0, 1 and 2 without stop-gradient, none of them with it
 ]
 
 
@@ -36,8 +36,9 @@ def test_simsiam_without_stop_gradient_is_stopped_and_keeps_its_checkpoint(tmp_p
     assert "collapse" in err.lower() and "stop-gradient" in err
     assert (out / "collapse.json").exists()
     assert (out / "checkpoints" / "last.pt").exists()
-    ranks = [r["collapse/z_erank"] for r in collapse_records(out)]
-    assert len(ranks) >= 3 and max(ranks[-3:]) < 3.0  # collapsed onto one or two directions
+    last = collapse_records(out)[-3:]
+    assert len(last) == 3  # each: onto one or two directions, or outputs nearly constant
+    assert all(r["collapse/z_erank"] < 3.0 or r["collapse/z_std_ratio"] < 0.2 for r in last)
 
 
 def test_standard_simsiam_run_is_not_stopped(tmp_path):

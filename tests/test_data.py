@@ -210,6 +210,23 @@ def test_imagefolder_with_splits(tmp_path):
         load(root, "val", image_size=8, cache_dir=tmp_path / "cache")
 
 
+def test_limit_spreads_over_a_class_sorted_folder(tmp_path):
+    """``data.limit`` / ``--limit``: a folder is read class by class, so a limit must not keep
+    only the first classes; it takes evenly spaced images, the same ones every time."""
+    root = tmp_path / "sorted"
+    for name, count in (("a", 6), ("b", 6), ("c", 6)):
+        for i in range(count):
+            save_image(root / "train" / name / f"{i}.png", color=(40 * i, 0, 0))
+    train = load(root, "train", image_size=8, cache_dir=tmp_path / "cache")
+    assert train.labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    small = train.spread(6)
+    assert small.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert [Path(p).name for p in small.paths] == ["0.png", "3.png"] * 3
+    torch.testing.assert_close(small.images, train.images[[0, 3, 6, 9, 12, 15]])
+    assert train.spread(7).labels.bincount().tolist() == [3, 2, 2]
+    assert train.spread(None) is train and train.spread(18) is train and train.spread(99) is train
+
+
 def test_class_folders_without_splits_are_labeled_train_only(tmp_path):
     for name, color in (("b", BLUE), ("a", RED), ("c", GREEN)):
         save_image(tmp_path / "data" / name / "1.png", color=color)

@@ -137,7 +137,7 @@ def digits(trained, split: str = "train", n: int = LIMIT):
     data = OmegaConf.load(trained["run"] / "config.yaml").data
     size = data.storage_size or data.image_size
     ds = load_dataset("mnist5k", split, image_size=size, cache_dir=trained["cache"], progress=False)
-    return ds.subset(range(n))
+    return ds.spread(n)
 
 
 def run_transform(run: Path) -> EvalTransform:
@@ -206,7 +206,7 @@ def test_finetune_subsets_are_balanced_seeded_and_saved(trained, evaluated) -> N
     for fraction, per_class in ((1, 1), (10, 10)):
         m = protocols[f"finetune_{fraction}pct"]["ssl"]
         subset_file = trained["run"] / m["subset_file"]
-        assert subset_file.name == f"subset_mnist5k_first{LIMIT}_{fraction}pct_seed0.csv"
+        assert subset_file.name == f"subset_mnist5k_limit{LIMIT}_{fraction}pct_seed0.csv"
         indices, paths, labels = load_subset(subset_file)
         assert Counter(labels.tolist()) == {c: per_class for c in range(10)}
         assert torch.equal(indices, balanced_subset(train.labels, fraction, seed=0))
@@ -426,7 +426,7 @@ def test_neighbors_of_a_dataset_image_start_with_itself(trained, tmp_path) -> No
         for item, i in zip(found, (5, 17), strict=True):
             hits = item["neighbors"]
             assert len(hits) == 3
-            assert hits[0]["path"] == f"mnist5k/train/{i}"
+            assert hits[0]["path"] == train.paths[i]
             assert hits[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
             assert hits[0]["label"] == str(int(train.labels[i]))
             sims = [h["similarity"] for h in hits]

@@ -115,6 +115,17 @@ class ImageDataset:
             skipped=list(self.skipped),
         )
 
+    def spread(self, limit: int | None) -> ImageDataset:
+        """At most ``limit`` images, evenly spaced: positions ``floor(i * N / limit)``.
+
+        For ``data.limit`` and ``--limit``: a folder is read class by class, so its first
+        ``limit`` images would be one or two classes; evenly spaced ones keep every class in
+        proportion, and are the same images on every run. ``None`` (or ``limit >= N``): all.
+        """
+        if limit is None or limit >= len(self):
+            return self
+        return self.subset(np.arange(limit, dtype=np.int64) * len(self) // limit)
+
 
 def default_cache_dir() -> Path:
     """``$SELFSUP_CACHE`` if set, else ``~/.cache/selfsup``."""

@@ -31,7 +31,7 @@ class DataConfig:
     mean: list[float] | None = None  # None: the dataset's own statistics
     std: list[float] | None = None
     workers: int | None = None  # decode workers while building the cache
-    limit: int | None = None  # use only the first N images of each split (quick trials, tests)
+    limit: int | None = None  # use only N images of each split, evenly spaced (quick trials)
 
 
 @dataclass

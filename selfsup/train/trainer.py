@@ -172,7 +172,7 @@ def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoVi
 
 
 def _limit(dataset: ImageDataset, limit: int | None) -> ImageDataset:
-    return dataset.subset(range(limit)) if limit and limit < len(dataset) else dataset
+    return dataset.spread(limit)
 
 
 def build_model(cfg: DictConfig) -> torch.nn.Module:
