@@ -176,6 +176,30 @@ def test_moco_queue_is_fifo_with_wrap_around() -> None:
     assert torch.equal(method.queue[slots], big[2:])
 
 
+@pytest.mark.parametrize("shuffle_bn", [False, True])
+def test_moco_split_bn_keys_are_normalised_in_shuffled_groups(shuffle_bn: bool) -> None:
+    """One process, bn_splits=2: like 2 GPUs, BN statistics come from half the batch each, and
+    with shuffle-BN the key encoder's halves are a random permutation's, not the query's."""
+    method = make("moco", queue_size=32, bn_splits=2, shuffle_bn=shuffle_bn, proj_batch_norm=True)
+    plain = make("moco", queue_size=32, bn_splits=1, proj_batch_norm=True)  # same init (seed 0)
+    x1, x2 = views(batch=8)
+    torch.manual_seed(5)
+    perm = torch.randperm(8) if shuffle_bn else torch.arange(8)
+    torch.manual_seed(5)  # the forward's only random draw is the key shuffle
+    method(x1, x2)
+    with torch.no_grad():
+        keys = torch.empty(8, 32)
+        for rows in perm.chunk(2):  # each group through plain-BN copies, as on its own GPU
+            encoder = nn.Sequential(
+                copy.deepcopy(plain.key_backbone.module), copy.deepcopy(plain.key_projector.module)
+            )
+            keys[rows] = F.normalize(encoder(x2[rows]), dim=1)
+    torch.testing.assert_close(method.queue[:8], keys, atol=1e-5, rtol=1e-4)
+    if shuffle_bn:  # the grouping matters: whole-batch BN gives other keys
+        whole = F.normalize(plain.key_projector(plain.key_backbone(x2)), dim=1)
+        assert not torch.allclose(method.queue[:8], whole, atol=1e-3)
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_moco_enqueues_normalised_detached_keys_after_the_loss(symmetric: bool) -> None:
     method = make("moco", queue_size=32, symmetric=symmetric)

@@ -16,6 +16,7 @@ from selfsup.errors import ConfigError
 from selfsup.losses import concat_all_gather, distributed_world, info_nce_loss
 from selfsup.methods.ema import EmaTarget, cosine_tau
 from selfsup.models.heads import ProjectionHead
+from selfsup.models.split_bn import convert_split_batchnorm
 
 
 @torch.no_grad()
@@ -70,8 +71,14 @@ class MoCo(nn.Module):
         proj_batch_norm: BatchNorm in the projector's hidden layer (MoCo v3's head). MoCo v2's
             head has none; on small networks and short runs BN keeps the keys centred, which
             measured on the quickstart digits stops the slide of all keys onto one direction.
-        shuffle_bn: under DDP, shuffle the batch across ranks for the key encoder (not needed
-            with SyncBatchNorm).
+        shuffle_bn: shuffle the key encoder's batch so that its BatchNorm groups differ from the
+            query encoder's ([0] sec. 3.3): across ranks under DDP, within the process when
+            ``bn_splits`` gives it several groups. Not needed with SyncBatchNorm.
+        bn_splits: G, the number of groups the global batch is split into for BatchNorm, as G
+            GPUs would each normalise their own B / G images (8 in the MoCo authors' one-GPU
+            CIFAR-10 demo, matching the paper's 8 GPUs). Each of W processes uses G / W groups
+            (at least 1), so the statistics do not depend on how many GPUs run the job. 1 is
+            plain BatchNorm over the batch, where the current keys share batch statistics.
     """
 
     def __init__(
@@ -87,13 +94,19 @@ class MoCo(nn.Module):
         symmetric: bool = False,
         shuffle_bn: bool = True,
         proj_batch_norm: bool = False,
+        bn_splits: int = 8,
     ) -> None:
         super().__init__()
         if queue_size < 1:
             raise ConfigError(f"MoCo `method.queue_size` must be >= 1, got {queue_size}.")
-        self.backbone = backbone
-        self.projector = ProjectionHead(
-            feat_dim, proj_hidden or feat_dim, proj_dim, batch_norm=proj_batch_norm
+        if bn_splits < 1:
+            raise ConfigError(f"MoCo `method.bn_splits` must be >= 1, got {bn_splits}.")
+        # Before the key encoder is copied from it, so both normalise in the same groups.
+        self.local_bn_splits = max(1, bn_splits // distributed_world()[1])
+        self.backbone = convert_split_batchnorm(backbone, self.local_bn_splits)
+        self.projector = convert_split_batchnorm(
+            ProjectionHead(feat_dim, proj_hidden or feat_dim, proj_dim, batch_norm=proj_batch_norm),
+            self.local_bn_splits,
         )
         self.key_backbone = EmaTarget(backbone)
         self.key_projector = EmaTarget(self.projector)
@@ -104,11 +117,18 @@ class MoCo(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     def _keys(self, x: Tensor) -> Tensor:
-        shuffle = self.shuffle_bn and self.training and distributed_world()[1] > 1
-        if shuffle:
+        world = distributed_world()[1]
+        if self.shuffle_bn and self.training and world > 1:
             x, idx_unshuffle = batch_shuffle_ddp(x)
-        k = F.normalize(self.key_projector(self.key_backbone(x)), dim=1)
-        return batch_unshuffle_ddp(k, idx_unshuffle) if shuffle else k
+            return batch_unshuffle_ddp(self._encode_keys(x), idx_unshuffle)
+        if self.shuffle_bn and self.training and self.local_bn_splits > 1:
+            # one process: a random permutation puts each key in another BN group than its query
+            idx_shuffle = torch.randperm(x.shape[0], device=x.device)
+            return self._encode_keys(x[idx_shuffle])[torch.argsort(idx_shuffle)]
+        return self._encode_keys(x)
+
+    def _encode_keys(self, x: Tensor) -> Tensor:
+        return F.normalize(self.key_projector(self.key_backbone(x)), dim=1)
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:

@@ -318,6 +318,13 @@ def validate_method_and_model(cfg: DictConfig) -> None:
             f"train.batch_size={batch} (MoCo enqueues whole batches); use "
             f"method.queue_size={multiple} or a batch size that divides {queue}",
         )
+        splits = cfg.method.get("bn_splits") or params["bn_splits"].default
+        _require(
+            splits >= 1 and batch % splits == 0,
+            f"method.bn_splits={splits} must be >= 1 and divide train.batch_size={batch} (MoCo "
+            f"normalises the batch in {splits} equal groups); use method.bn_splits=1 for plain "
+            f"BatchNorm or a batch size that is a multiple of {splits}",
+        )
 
 
 def config_hash(cfg: DictConfig, keys: tuple[str, ...] = ("method", "model", "augment")) -> str:
