@@ -187,6 +187,7 @@ def test_moco_split_bn_keys_are_normalised_in_shuffled_groups(shuffle_bn: bool) 
     perm = torch.randperm(8) if shuffle_bn else torch.arange(8)
     torch.manual_seed(5)  # the forward's only random draw is the key shuffle
     method(x1, x2)
+    method.update_target(0.0)
     with torch.no_grad():
         keys = torch.empty(8, 32)
         for rows in perm.chunk(2):  # each group through plain-BN copies, as on its own GPU
@@ -211,6 +212,9 @@ def test_moco_enqueues_normalised_detached_keys_after_the_loss(symmetric: bool) 
         q1 = method.projector(method.backbone(x1))
         q2 = method.projector(method.backbone(x2))
     out = method(x1, x2)
+    assert torch.equal(method.queue, queue_before)  # the backward still needs it as it was
+    out["loss"].backward()
+    method.update_target(0.0)  # after the optimizer step: enqueue
     expected_loss = info_nce_loss(q1, k2, queue_before, 0.2)
     new_keys = k2
     if symmetric:
@@ -223,7 +227,6 @@ def test_moco_enqueues_normalised_detached_keys_after_the_loss(symmetric: bool) 
     assert int(method.queue_ptr) == n
     assert not method.queue.requires_grad and method.queue.grad_fn is None
     torch.testing.assert_close(method.queue.norm(dim=1), torch.ones(32))
-    out["loss"].backward()  # the in-place enqueue must not break the backward pass
 
 
 def _simsiam_manual_grads(method: nn.Module, x1, x2, detach: bool) -> dict[str, torch.Tensor]:
@@ -311,7 +314,9 @@ def test_a_few_sgd_steps_lower_the_loss(name: str) -> None:
     batch_a, batch_b = views(16, seed=1), views(16, seed=2)
     optimizer = torch.optim.SGD(method.param_groups(), lr=0.05, momentum=0.9)
     with torch.no_grad():
-        method(*batch_b)  # fills MoCo's queue with real keys
+        method(*batch_b)  # MoCo: keys to fill its queue with real ones
+    if name == "moco":
+        method._enqueue(method._pending_keys)
     losses_a = []
     steps = 6
     for step in range(steps):
@@ -376,6 +381,29 @@ def test_compiled_step_matches_eager():
     out["loss"].backward()
     out_c = torch.compile(compiled)(x1, x2)
     out_c["loss"].backward()
+    assert_same_step(eager, compiled, out, out_c)
+
+
+def test_compiled_moco_split_bn_step_matches_eager():
+    """MoCo in one process: SplitBatchNorm, the key shuffle, the queue's in-place ring-buffer
+    write, all inside the compiled graph."""
+    options = {"bn_splits": 2, "queue_size": 32, "symmetric": True}
+    eager, compiled = make("moco", **options), make("moco", **options)
+    x1, x2 = views()
+    torch.manual_seed(3)
+    out = eager(x1, x2)
+    out["loss"].backward()
+    torch.manual_seed(3)
+    out_c = torch.compile(compiled)(x1, x2)
+    out_c["loss"].backward()
+    assert_same_step(eager, compiled, out, out_c)
+    eager.update_target(0.5)
+    compiled.update_target(0.5)
+    torch.testing.assert_close(compiled.queue, eager.queue, rtol=1e-4, atol=1e-5)
+    assert int(compiled.queue_ptr) == int(eager.queue_ptr) == 16
+
+
+def assert_same_step(eager: nn.Module, compiled: nn.Module, out: dict, out_c: dict) -> None:
     torch.testing.assert_close(out_c["loss"], out["loss"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out_c["z"], out["z"], rtol=1e-4, atol=1e-5)
     g, g_c = grads(eager), grads(compiled)

@@ -50,13 +50,14 @@ class MoCo(nn.Module):
     """MoCo v2 [1]: query encoder f_q + MLP projector, momentum key encoder f_k, queue of K keys.
 
     Loss: InfoNCE (MoCo eq. 1, T=0.2) of q = g_q(f_q(x1)) against its key k = g_k(f_k(x2)) and the
-    queue; then the keys are enqueued (FIFO ring buffer) in train mode. ``symmetric`` adds the
-    loss of (q2, k1) and enqueues both key batches [2]. The key encoder follows the query encoder
-    by theta_k <- m theta_k + (1 - m) theta_q (eq. 2) in ``update_target``, after the optimizer
-    step, which equals the paper's update before computing the next keys. Views go through each
-    encoder separately. Under DDP the keys of all ranks are gathered (rank 0's first) before the
-    enqueue, so every rank holds the same queue, and ``shuffle_bn`` runs the key encoder on a
-    randomly permuted global batch ([0] sec. 3.3); both are no-ops in one process.
+    queue. ``symmetric`` adds the loss of (q2, k1) and enqueues both key batches [2]. After the
+    optimizer step, ``update_target`` moves the key encoder by theta_k <- m theta_k + (1 - m)
+    theta_q (eq. 2), which equals the paper's update before computing the next keys, and pushes
+    the training forward's keys onto the queue (FIFO ring buffer), as the paper's enqueue at the
+    end of the step. Views go through each encoder separately. Under DDP the keys of all ranks
+    are gathered (rank 0's first) before the enqueue, so every rank holds the same queue, and
+    ``shuffle_bn`` runs the key encoder on a randomly permuted global batch ([0] sec. 3.3); in
+    one process, ``bn_splits`` > 1 does the same with BatchNorm groups of the batch.
 
     Args:
         backbone: query encoder f_q, [B, 3, S, S] -> [B, feat_dim].
@@ -115,6 +116,7 @@ class MoCo(nn.Module):
         self.momentum, self.momentum_cosine = momentum, momentum_cosine
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._pending_keys: Tensor | None = None  # this step's keys, enqueued by update_target
 
     def _keys(self, x: Tensor) -> Tensor:
         world = distributed_world()[1]
@@ -146,8 +148,7 @@ class MoCo(nn.Module):
 
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
         """Views x1, x2: [B, 3, S, S] -> {"loss", "z": q1 [B, d], "pos_cos": mean q1.k2}."""
-        # A copy: the loss's backward needs the queue as it was before this step's enqueue.
-        queue = self.queue.clone()
+        queue = self.queue
         q1 = self.projector(self.backbone(x1))
         k2 = self._keys(x2)
         loss = info_nce_loss(q1, k2, queue, self.temperature)
@@ -159,15 +160,22 @@ class MoCo(nn.Module):
             keys.append(k1)
         if self.training:  # evaluation must not change the queue
             # All ranks' keys, per view, so every rank's queue equals the single-process one.
-            self._enqueue(torch.cat([concat_all_gather(k) for k in keys]))
+            # They are enqueued by update_target, after the backward, which needs the queue as it
+            # was: an in-place write here, inside a torch.compile'd forward, gave wrong gradients
+            # (tests/test_methods.py::test_compiled_moco_split_bn_step_matches_eager).
+            self._pending_keys = torch.cat([concat_all_gather(k) for k in keys])
         pos_cos = (F.normalize(q1.detach(), dim=1) * k2).sum(dim=1).mean()
         return {"loss": loss, "z": q1.detach(), "pos_cos": pos_cos}
 
     def update_target(self, progress: float) -> None:
-        """Momentum update of the key encoder and key projector (MoCo eq. 2)."""
+        """After the optimizer step: momentum update of the key encoder and key projector (MoCo
+        eq. 2), and the last training forward's keys pushed onto the queue."""
         m = cosine_tau(self.momentum, progress) if self.momentum_cosine else self.momentum
         self.key_backbone.update_(self.backbone, m)
         self.key_projector.update_(self.projector, m)
+        keys, self._pending_keys = self._pending_keys, None
+        if keys is not None:
+            self._enqueue(keys)
 
     def param_groups(self) -> list[dict]:
         return [{"name": "online", "params": [p for p in self.parameters() if p.requires_grad]}]
