@@ -15,8 +15,8 @@
 #   tta-<method>        bench/time_to_accuracy.py, one part, until the budget is spent
 #
 # Settings (environment): BUDGET_S (default 540: the whole script, leaving the 10-minute limit
-# room), EPOCHS (50), DATA (.data/cifar10-jpg.tar.gz), SMOKE=1 (CPU dry run of the script's logic:
-# tiny model, 2 epochs, 1,024 images; no number it prints means anything).
+# room), EPOCHS (50), PYTHON (python3), DATA (.data/cifar10-jpg.tar.gz), SMOKE=1 (CPU dry run of
+# the script's logic: tiny model, 2 epochs, 1,024 images; no number it prints means anything).
 #
 # Before the call, once, here: see bench/README.md "Running on a GPU through the device tool"
 # (.whl with omegaconf and lightly, .data with the CIFAR-10 tarball; carry both).
@@ -27,11 +27,14 @@ BUDGET_S=${BUDGET_S:-540}
 EPOCHS=${EPOCHS:-50}
 DATA=${DATA:-.data/cifar10-jpg.tar.gz}
 OUT=${OUT:-/tmp/selfsup-device-out}
+RUNS=${RUNS:-runs}           # run directories (git-ignored)
+CACHE=${CACHE:-.cache}       # the uint8 cache and lightly's extracted JPEGs (git-ignored)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD
 else
@@ -50,9 +53,9 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
                  --workers 2 --set model.backbone=resnet_tiny)
 fi
 # without lightly (not carried), the throughput phases measure ours and the compute limit only
-python3 -c "import lightly" 2>/dev/null || BENCH_EXTRA+=(--no-lightly)
+"$PY" -c "import lightly" 2>/dev/null || BENCH_EXTRA+=(--no-lightly)
 
-python3 - <<'EOF' | tee "$OUT/environment.json"
+"$PY" - <<'EOF' | tee "$OUT/environment.json"
 import json, platform, torch, torchvision
 info = {"python": platform.python_version(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
@@ -87,34 +90,34 @@ PHASES=("$@")
 for phase in "${PHASES[@]}"; do
     case $phase in
     cuda-tests)
-        run_phase "$phase" 60 python3 -m pytest -q -x -p no:cacheprovider \
+        run_phase "$phase" 60 "$PY" -m pytest -q -x -p no:cacheprovider \
             tests/test_augment.py tests/test_losses.py tests/test_methods.py tests/test_split_bn.py
         ;;
     throughput-byol | throughput-rest)
         methods=byol
         [[ $phase == throughput-rest ]] && methods=simclr,moco,simsiam
-        run_phase "$phase" 150 python3 bench/throughput.py --data "$DATA" --methods "$methods" \
-            --cache-dir .cache/selfsup --lightly-dir .cache/lightly "${BENCH_EXTRA[@]}" \
+        run_phase "$phase" 150 "$PY" bench/throughput.py --data "$DATA" --methods "$methods" \
+            --cache-dir "$CACHE/selfsup" --lightly-dir "$CACHE/lightly" "${BENCH_EXTRA[@]}" \
             --json-out "$OUT/$phase.json"
         ;;
     pretrain-*)
         method=${phase#pretrain-}
-        run_phase "$phase" 150 python3 -m selfsup pretrain --method "$method" --preset cifar10 \
-            --data "$DATA" --epochs "$EPOCHS" --out "runs/$phase" --overwrite --no-progress \
-            data.cache_dir=.cache/selfsup train.knn_every=10 train.checkpoint_every=$EPOCHS \
+        run_phase "$phase" 150 "$PY" -m selfsup pretrain --method "$method" --preset cifar10 \
+            --data "$DATA" --epochs "$EPOCHS" --out "$RUNS/$phase" --overwrite --no-progress \
+            data.cache_dir="$CACHE/selfsup" train.knn_every=10 train.checkpoint_every=$EPOCHS \
             "${EXTRA[@]}"
         for f in results.json metrics.jsonl; do
-            [[ -f runs/$phase/$f ]] && cp "runs/$phase/$f" "$OUT/$phase-$f"
+            [[ -f $RUNS/$phase/$f ]] && cp "$RUNS/$phase/$f" "$OUT/$phase-$f"
         done
         ;;
     tta-*)
         method=${phase#tta-}
-        minutes=$(python3 -c "print(max(1.0, ($(left) - 30) / 60))")
+        minutes=$("$PY" -c "print(max(1.0, ($(left) - 30) / 60))")
         tta_extra=()
         [[ "${SMOKE:-0}" == 1 ]] && tta_extra=(--epochs 2 --knn-every 1)
         for s in "${EXTRA[@]}"; do tta_extra+=(--set "$s"); done
-        run_phase "$phase" 150 python3 bench/time_to_accuracy.py --method "$method" --data "$DATA" \
-            --out "runs/$phase" --cache-dir .cache/selfsup --budget-min "$minutes" \
+        run_phase "$phase" 150 "$PY" bench/time_to_accuracy.py --method "$method" --data "$DATA" \
+            --out "$RUNS/$phase" --cache-dir "$CACHE/selfsup" --budget-min "$minutes" \
             --copy-to "$OUT" "${tta_extra[@]}"
         ;;
     *)

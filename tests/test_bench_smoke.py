@@ -190,3 +190,52 @@ def test_time_to_accuracy_excludes_gaps_between_parts(tmp_path):
     assert result["run_time_s"] == 100.0
     assert result["first_part_startup_s"] == 20.0
     assert [c["wall_clock_s"] for c in result["knn_curve"]] == [20.0, 50.0, 65.0, 90.0]
+
+
+def run_device_check(tmp_path: Path, *phases: str, budget_s: int):
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "OUT": str(out),
+        "BUDGET_S": str(budget_s),
+        "DATA": "mnist5k",
+        "PYTHON": sys.executable,
+        "RUNS": str(tmp_path / "runs"),
+        "CACHE": str(tmp_path / "cache"),
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "device_check.sh"), *phases],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = (
+        (out / "phases.jsonl").read_text().splitlines() if (out / "phases.jsonl").exists() else []
+    )
+    return proc, out, [json.loads(line) for line in lines]
+
+
+def test_device_check_runs_a_phase_and_brings_its_results_back(tmp_path):
+    proc, out, phases = run_device_check(tmp_path, "pretrain-simclr", budget_s=280)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert phases == [{"phase": "pretrain-simclr", "rc": 0, "wall_s": phases[0]["wall_s"]}]
+    results = json.loads((out / "pretrain-simclr-results.json").read_text())
+    assert results["method"] == "simclr" and results["epochs"] == 2
+    assert (out / "pretrain-simclr-metrics.jsonl").stat().st_size > 0
+    assert json.loads((out / "environment.json").read_text())["device"] == "cpu"
+
+
+def test_device_check_skips_phases_the_budget_cannot_hold(tmp_path):
+    proc, _, phases = run_device_check(tmp_path, "throughput-byol", "tta-byol", budget_s=100)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [(p["phase"], p["status"]) for p in phases] == [
+        ("throughput-byol", "skipped"),
+        ("tta-byol", "skipped"),
+    ]
+    proc, _, _ = run_device_check(tmp_path, "no-such-phase", budget_s=100)
+    assert proc.returncode == 2 and "unknown phase no-such-phase" in proc.stderr
