@@ -52,3 +52,19 @@ def test_config_hash_tracks_what_defines_the_weights():
     b = resolve_config("byol", "quickstart", overrides=["train.epochs=99", "optim.lr=0.5"])
     c = resolve_config("byol", "quickstart", overrides=["model.backbone=resnet18"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_every_preset_file_is_packaged():
+    """pyproject's package-data must ship every preset: a wheel without presets/cifar10/*.yaml
+    or presets/quickstart/<method>.yaml would silently train another recipe."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["selfsup"]
+    package = root / "selfsup"
+    packaged = {p for g in globs for p in package.glob(g)}
+    presets = set((package / "presets").rglob("*.yaml"))
+    assert presets and presets <= packaged, sorted(str(p) for p in presets - packaged)
