@@ -60,15 +60,25 @@ def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
     return int(info.get("storage_size") or size), size
 
 
-def _pretrain_crop_scale(run_dir: Path) -> tuple[float, float] | None:
-    """``augment.both.crop_scale`` of the run's config, when the user set one for this data."""
+def _pretrain_augment(run_dir: Path, key: str):
+    """``augment.both.<key>`` of the run's config, when the user (or preset) set one for this
+    data, else None."""
     config = run_dir / "config.yaml"
     if not config.exists():
         return None
     from omegaconf import OmegaConf
 
-    scale = OmegaConf.select(OmegaConf.load(config), "augment.both.crop_scale")
+    return OmegaConf.select(OmegaConf.load(config), f"augment.both.{key}")
+
+
+def _pretrain_crop_scale(run_dir: Path) -> tuple[float, float] | None:
+    scale = _pretrain_augment(run_dir, "crop_scale")
     return (float(scale[0]), float(scale[1])) if scale is not None else None
+
+
+def _pretrain_flip_p(run_dir: Path) -> float | None:
+    flip_p = _pretrain_augment(run_dir, "flip_p")
+    return float(flip_p) if flip_p is not None else None
 
 
 def _transforms(
@@ -254,8 +264,9 @@ def _add_eval(sub, name: str) -> None:
     p.add_argument(
         "--flip-p",
         type=float,
-        default=0.5,
-        help="horizontal flip probability there (0 for data that flipping changes)",
+        default=None,
+        help="horizontal flip probability there (default: the run's augment.both.flip_p if set, "
+        "else 0.5; 0 for data that flipping changes)",
     )
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--knn-temperature", type=float, default=0.1)
@@ -309,7 +320,7 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     ):
         if not value > 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
-    if not 0 <= args.flip_p <= 1:
+    if args.flip_p is not None and not 0 <= args.flip_p <= 1:
         raise ConfigError(f"--flip-p must be in [0, 1], got {args.flip_p}")
     if args.crop_scale is not None and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise ConfigError(f"--crop-scale MIN MAX needs 0 < MIN <= MAX <= 1, got {args.crop_scale}")
@@ -352,7 +363,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     train, test = _load_labeled_splits(source, load_size, args.cache_dir, args.limit, progress)
     mean, std = _normalisation(info, train.images)
     crop_scale = tuple(args.crop_scale or _pretrain_crop_scale(run_dir) or PAPER_CROP_SCALE)
-    train_t, eval_t = _transforms(image_size, mean, std, device, crop_scale, args.flip_p)
+    flip_p = args.flip_p if args.flip_p is not None else _pretrain_flip_p(run_dir)
+    flip_p = 0.5 if flip_p is None else flip_p
+    train_t, eval_t = _transforms(image_size, mean, std, device, crop_scale, flip_p)
     if train.classes:
         num_classes = len(train.classes)
     else:
@@ -380,7 +393,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "mean": mean,
         "std": std,
-        "train_augment": {"crop_scale": list(crop_scale), "flip_p": args.flip_p},
+        "train_augment": {"crop_scale": list(crop_scale), "flip_p": flip_p},
         "protocols": {},
     }
     rows: list[dict[str, Any]] = []

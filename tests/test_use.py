@@ -183,8 +183,11 @@ def test_knn_settings_are_configurable(trained) -> None:
         str(trained["root"] / "knn_only.csv"),
     )
     assert rc == 0, err
-    knn = json.loads((trained["run"] / "eval_mnist5k_knn.json").read_text())["protocols"]["knn"]
+    results = json.loads((trained["run"] / "eval_mnist5k_knn.json").read_text())
+    knn = results["protocols"]["knn"]
     assert (knn["ssl"]["k"], knn["ssl"]["temperature"]) == (7, 0.5)
+    # no --crop-scale / --flip-p: the augmented protocols take the run's own (digits: no flips)
+    assert results["train_augment"] == {"crop_scale": [0.5, 1.0], "flip_p": 0.0}
 
 
 def test_trained_encoder_beats_random_init(evaluated) -> None:
