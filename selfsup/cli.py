@@ -52,7 +52,10 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument(
-        "--out", default=None, help=f"run directory (default {QUICKSTART_OUT} or runs/<method>)"
+        "--out",
+        default=None,
+        help=f"run directory (default: without --data {QUICKSTART_OUT}, or "
+        f"{QUICKSTART_OUT}-<method> for the other methods; with --data runs/<method>)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
@@ -106,7 +109,9 @@ def _pretrain(args: argparse.Namespace) -> int:
         if args.data is None and preset not in ("quickstart", "cifar10"):
             raise SelfsupError(f"--preset {preset} needs --data (an image folder or .tar.gz)")
         cfg = resolve_config(method, preset=preset, flags=flags, overrides=args.overrides)
-    out = out or Path(QUICKSTART_OUT if args.data is None else f"runs/{method}")
+    if out is None and args.data is None:  # one directory per method, so all four can be tried
+        out = Path(QUICKSTART_OUT if method == "simclr" else f"{QUICKSTART_OUT}-{method}")
+    out = out or Path(f"runs/{method}")
     cfg.out = str(out)
     env = init_distributed(cfg.train.device)
     try:

@@ -84,3 +84,14 @@ def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
     assert run(tmp_path, "simclr", "train.epochs=1", "data.limit=128") == 2
     assert "already holds a run" in capsys.readouterr().err
     assert run(tmp_path, "simclr", "train.epochs=1", "data.limit=128", "--overwrite") == 0
+
+
+def test_quickstart_runs_of_each_method_get_their_own_directory(tmp_path, monkeypatch):
+    """The README's quickstart commands, one per method, run one after another without --out."""
+    monkeypatch.chdir(tmp_path)
+    tiny = [*TINY, "train.epochs=1", "data.limit=128", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(["pretrain", *tiny]) == 0
+    assert main(["pretrain", "--method", "simsiam", *tiny]) == 0
+    assert json.loads((tmp_path / "runs/quickstart/results.json").read_text())["method"] == "simclr"
+    simsiam = json.loads((tmp_path / "runs/quickstart-simsiam/results.json").read_text())
+    assert simsiam["method"] == "simsiam"
