@@ -66,10 +66,11 @@ def test_method_learns_on_real_digits(tmp_path, method):
     assert "conv1.weight" in state and not any(k.startswith("fc.") for k in state)
 
 
-def test_resume_after_epoch_matches_uninterrupted_run(tmp_path):
-    common = ("train.epochs=3", "data.limit=256")
-    assert run(tmp_path, "byol", *common, out="full") == 0
-    assert run(tmp_path, "byol", *common, "train.stop_after_epochs=1", out="split") == 3
+@pytest.mark.parametrize("method", ["byol", "moco"])  # MoCo: queue and shuffle-BN's draws too
+def test_resume_after_epoch_matches_uninterrupted_run(tmp_path, method):
+    common = ("train.epochs=3", "data.limit=256", *EXTRA.get(method, ()))
+    assert run(tmp_path, method, *common, out="full") == 0
+    assert run(tmp_path, method, *common, "train.stop_after_epochs=1", out="split") == 3
     assert not (tmp_path / "split" / "encoder.pt").exists()
     assert main(["pretrain", "--out", str(tmp_path / "split"), "--resume"]) == 0
     full = torch.load(tmp_path / "full" / "encoder.pt", weights_only=True)
