@@ -337,7 +337,17 @@ def test_missing_source_names_the_accepted_forms(tmp_path, capsys):
     ("args", "message"),
     [
         (["--preset", "cifar01"], "did you mean 'cifar10'"),
-        (["--method", "moco", "method.queue_size=100"], "not a multiple of train.batch_size=16"),
+        (
+            ["--method", "moco", "method.queue_size=100"],
+            "not a positive multiple of train.batch_size=16",
+        ),
+        (["--method", "moco", "method.queue_size=0"], "method.queue_size=0 is not a positive"),
+        (
+            ["--method", "moco", "method.bn_splits=12"],
+            "method.bn_splits=12 must be >= 1 and divide",
+        ),
+        (["--method", "moco", "method.bn_splits=16"], "groups of at least 2 images"),
+        (["--method", "moco", "method.bn_splits=0"], "method.bn_splits=0 must be >= 1"),
         (["optim.lrr=0.1"], "did you mean 'optim.lr'"),
         (["trian.epochs=3"], "did you mean 'train'"),
         (["train.epochs=many"], "train.epochs"),

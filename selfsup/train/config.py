@@ -309,21 +309,27 @@ def validate_method_and_model(cfg: DictConfig) -> None:
             f"got {value!r}",
         )
     if name == "moco":
-        queue = cfg.method.get("queue_size") or params["queue_size"].default
+
+        def option(key: str):  # None means the method's default; 0 is a value to check
+            value = cfg.method.get(key)
+            return params[key].default if value is None else value
+
+        queue = option("queue_size")
         batch = cfg.train.batch_size
         multiple = max(batch, round(queue / batch) * batch)
         _require(
-            queue % batch == 0,
-            f"method.queue_size={queue} is not a multiple of "
+            queue >= 1 and queue % batch == 0,
+            f"method.queue_size={queue} is not a positive multiple of "
             f"train.batch_size={batch} (MoCo enqueues whole batches); use "
             f"method.queue_size={multiple} or a batch size that divides {queue}",
         )
-        splits = cfg.method.get("bn_splits") or params["bn_splits"].default
+        splits = option("bn_splits")
         _require(
-            splits >= 1 and batch % splits == 0,
-            f"method.bn_splits={splits} must be >= 1 and divide train.batch_size={batch} (MoCo "
-            f"normalises the batch in {splits} equal groups); use method.bn_splits=1 for plain "
-            f"BatchNorm or a batch size that is a multiple of {splits}",
+            splits >= 1 and batch % splits == 0 and batch // splits >= 2,
+            f"method.bn_splits={splits} must be >= 1 and divide train.batch_size={batch} into "
+            f"groups of at least 2 images (MoCo normalises the batch in {splits} equal groups); "
+            f"use method.bn_splits=1 for plain BatchNorm or a batch size that is a multiple of "
+            f"{2 * max(splits, 1)}",
         )
 
 
