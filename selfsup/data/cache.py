@@ -53,6 +53,7 @@ from selfsup.data.sources import (
     summarize_skips,
 )
 from selfsup.errors import ConfigError, DataError
+from selfsup.progress import bar_options
 
 #: Bumped whenever decoding, resizing or the file layout changes, so old caches are rebuilt.
 FORMAT_VERSION = 1
@@ -316,7 +317,13 @@ def _decode_into(
     description = f"decoding {listed.spec.name}"
     with (
         _quiet_pil_warnings(),
-        tqdm(total=len(listed.paths), desc=description, unit="img", disable=not progress) as bar,
+        tqdm(
+            total=len(listed.paths),
+            desc=description,
+            unit="img",
+            disable=not progress,
+            **bar_options(),
+        ) as bar,
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="selfsup-decode") as pool,
     ):
         try:
@@ -355,7 +362,12 @@ def _write_arrays(
     try:
         images: Iterable[np.ndarray] = arrays.images
         if storage_size is not None:
-            images = tqdm(images, desc=f"resizing {arrays.spec.name}", disable=not progress)
+            images = tqdm(
+                images,
+                desc=f"resizing {arrays.spec.name}",
+                disable=not progress,
+                **bar_options(),
+            )
         for image, path in zip(images, arrays.paths, strict=True):
             if storage_size is not None:
                 image = resize_shorter(image, storage_size)

@@ -126,9 +126,11 @@ def progress_bar(total: int, desc: str, enabled: bool):
         return None
     try:
         from tqdm.auto import tqdm
+
+        from selfsup.progress import bar_options
     except ImportError:  # tqdm is a declared dependency, but progress output is never essential
         return None
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=False, **bar_options())
 
 
 def prepare_run(

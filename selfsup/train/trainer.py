@@ -36,6 +36,7 @@ from selfsup.errors import (
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
 from selfsup.methods import build_method
 from selfsup.models import build_backbone
+from selfsup.progress import bar_options
 from selfsup.train.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from selfsup.train.config import config_hash, to_yaml
 from selfsup.train.distributed import (
@@ -448,6 +449,7 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
             desc=f"{cfg.method.name}",
+            **bar_options(),
         )
         loss_sum = torch.zeros((), device=self.device)
         bad_steps = torch.zeros((), device=self.device, dtype=torch.int64)
