@@ -24,6 +24,7 @@ TINY = [
     "model.backbone=resnet_tiny",
     "method.proj_hidden=32",
     "method.pred_hidden=32",
+    "method.bn_splits=2",  # MoCo: batch 8 in groups of 4
     "train.progress=false",
 ]
 
