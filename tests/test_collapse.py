@@ -144,7 +144,7 @@ def test_isotropic_gaussian_is_healthy() -> None:
 def test_collapse_metrics_keys_and_values() -> None:
     z = gaussian(256, 16)
     h = gaussian(256, 32, seed=5)
-    metrics = collapse_metrics(z, h=h, z_target=z * 2.0)
+    metrics = collapse_metrics(z, h=h, z2=z * 2.0)
     assert set(metrics) == {
         "z_std",
         "z_std_healthy",
@@ -156,14 +156,14 @@ def test_collapse_metrics_keys_and_values() -> None:
         "h_std",
         "h_std_ratio",
         "h_erank",
-        "target_cos",
+        "pair_cos",
         "alignment",
     }
     assert all(isinstance(v, float) for v in metrics.values())
     assert metrics["z_std_healthy"] == pytest.approx(0.25)
     assert metrics["z_std_ratio"] == pytest.approx(metrics["z_std"] * 4)
     assert metrics["z_std_ratio"] > 0.9
-    assert metrics["target_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["pair_cos"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["alignment"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["h_erank"] > 25
     assert set(collapse_metrics(z)) == {
@@ -271,8 +271,8 @@ def test_monitor_ignores_non_finite_metrics_and_validates_settings() -> None:
 def test_collapse_metrics_tolerate_non_finite_outputs() -> None:
     z = gaussian(32, 8)
     z[3, 2] = float("nan")
-    metrics = collapse_metrics(z, h=gaussian(32, 4), z_target=gaussian(32, 8))
-    assert math.isnan(metrics["z_erank"]) and math.isnan(metrics["target_cos"])
+    metrics = collapse_metrics(z, h=gaussian(32, 4), z2=gaussian(32, 8))
+    assert math.isnan(metrics["z_erank"]) and math.isnan(metrics["pair_cos"])
     assert "h_erank" in metrics and metrics["z_dim"] == 8.0
     assert not CollapseMonitor(mode="stop", patience=1).check(metrics).collapsed
 

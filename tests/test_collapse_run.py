@@ -49,3 +49,7 @@ def test_standard_simsiam_run_is_not_stopped(tmp_path):
     metrics = collapse_records(out)
     assert metrics and min(r["collapse/z_erank"] for r in metrics) > 3.0
     assert min(r["collapse/z_std_ratio"] for r in metrics) > 0.2
+    # the backbone's rank and the positive pairs' alignment are logged beside the projector's
+    assert all(r["collapse/h_erank"] > 3.0 for r in metrics)
+    assert all(0.0 <= r["collapse/alignment"] <= 4.0 for r in metrics)
+    assert all(-1.0 <= r["collapse/pair_cos"] <= 1.0 for r in metrics)

@@ -45,6 +45,10 @@ def test_forward_contract(name: str) -> None:
     out = method(*views())
     assert out["loss"].shape == () and out["loss"].requires_grad
     assert out["z"].shape == (8, SMALL[name]["proj_dim"]) and not out["z"].requires_grad
+    # for the collapse monitors: view 2's embedding and view 1's backbone features
+    feat_dim = build_backbone("resnet_tiny", small_stem=True)[1]
+    assert out["z2"].shape == out["z"].shape and out["h"].shape == (8, feat_dim)
+    assert not torch.equal(out["z2"], out["z"])
     assert all(not v.requires_grad for k, v in out.items() if k != "loss")
     groups = method.param_groups()
     grouped = [p for g in groups for p in g["params"]]

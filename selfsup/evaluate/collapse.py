@@ -172,23 +172,23 @@ def uniformity(z: Tensor, t: float = 2.0) -> float:
 
 
 def collapse_metrics(
-    z: Tensor, h: Tensor | None = None, z_target: Tensor | None = None
+    z: Tensor, h: Tensor | None = None, z2: Tensor | None = None
 ) -> dict[str, float]:
     """All collapse statistics of one batch, as plain floats for logging.
 
     Args:
         z: ``[N, d]`` projector output of the online / query branch (``Method.forward()["z"]``).
         h: optional ``[N, D]`` backbone features of the same batch.
-        z_target: optional ``[N, d]`` target projections (BYOL / MoCo key encoder, or the other
-            view's ``z``) to compare with ``z``.
+        z2: optional ``[N, d]`` embeddings of the other view of the same images (row i the
+            positive of ``z[i]``: ``Method.forward()["z2"]``).
 
     Returns:
         ``z_std`` (:func:`feature_std`), ``z_std_healthy`` (``1/sqrt(d)``), ``z_std_ratio``
         (``z_std * sqrt(d)``: ~1 healthy, 0 collapsed), ``z_erank``, ``z_dim``,
         ``z_condition``, ``z_uniformity`` (all NaN but ``z_dim`` and ``z_std_healthy`` when ``z``
         holds NaN/Inf); with ``h``: ``h_std``, ``h_std_ratio``, ``h_erank``;
-        with ``z_target``: ``target_cos`` (mean cosine similarity of matching rows) and
-        ``alignment``.
+        with ``z2``: ``pair_cos`` (mean cosine similarity of the positive pairs) and
+        ``alignment`` (Wang & Isola 2020).
     """
     with torch.no_grad():
         z = _as_matrix(z)
@@ -198,7 +198,7 @@ def collapse_metrics(
             nan = float("nan")
             keys = ["z_std", "z_std_ratio", "z_erank", "z_condition", "z_uniformity"]
             keys += ["h_std", "h_std_ratio", "h_erank"] if h is not None else []
-            keys += ["target_cos", "alignment"] if z_target is not None else []
+            keys += ["pair_cos", "alignment"] if z2 is not None else []
             return {k: nan for k in keys} | {"z_std_healthy": 1.0 / math.sqrt(d), "z_dim": float(d)}
         std = feature_std(z)
         sigma = centred_singular_values(z)  # one SVD serves the rank and the spectrum
@@ -219,10 +219,10 @@ def collapse_metrics(
             else:
                 h_std = h_ratio = h_erank = float("nan")
             metrics.update(h_std=h_std, h_std_ratio=h_ratio, h_erank=h_erank)
-        if z_target is not None:
-            z_target = _as_matrix(z_target, "z_target")
-            metrics["target_cos"] = F.cosine_similarity(z, z_target, dim=1).mean().item()
-            metrics["alignment"] = alignment(z, z_target)
+        if z2 is not None:
+            z2 = _as_matrix(z2, "z2")
+            metrics["pair_cos"] = F.cosine_similarity(z, z2, dim=1).mean().item()
+            metrics["alignment"] = alignment(z, z2)
     return metrics
 
 

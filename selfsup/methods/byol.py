@@ -57,16 +57,24 @@ class BYOL(nn.Module):
         self.tau_base, self.target = tau_base, target
 
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
-        """Views [B, 3, S, S] -> {"loss", "z": z1 [B, d], "online_target_cos": cos(z1, z1')}."""
+        """Views [B, 3, S, S] -> {"loss", "z": z1, "z2": z2 [B, d], "h": [B, D] of view 1,
+        "online_target_cos": cos(z1, z1')}."""
         x = torch.cat([x1, x2])
-        z = self.projector(self.backbone(x))
+        h = self.backbone(x)
+        z = self.projector(h)
         p = self.predictor(z) if self.predictor is not None else z
         z_target = self.target_projector(self.target_backbone(x))  # no_grad inside EmaTarget
         (p1, p2), (zt1, zt2) = p.chunk(2), z_target.chunk(2)
         loss = byol_loss(p1, zt2) + byol_loss(p2, zt1)
-        z1 = z[: x1.shape[0]].detach()
+        z1, z2 = z.detach().chunk(2)
         online_target_cos = F.cosine_similarity(z1, zt1, dim=1).mean()
-        return {"loss": loss, "z": z1, "online_target_cos": online_target_cos}
+        return {
+            "loss": loss,
+            "z": z1,
+            "z2": z2,  # the online projection of view 2, for the monitors' alignment
+            "h": h[: x1.shape[0]].detach(),
+            "online_target_cos": online_target_cos,
+        }
 
     def update_target(self, progress: float) -> None:
         """EMA step of the target backbone and projector (no-op for ``target="random_fixed"``)."""

@@ -147,9 +147,11 @@ class MoCo(nn.Module):
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
-        """Views x1, x2: [B, 3, S, S] -> {"loss", "z": q1 [B, d], "pos_cos": mean q1.k2}."""
+        """Views x1, x2: [B, 3, S, S] -> {"loss", "z": q1, "z2": q2 or k2 [B, d], "h": [B, D] of
+        view 1, "pos_cos": mean q1.k2}."""
         queue = self.queue
-        q1 = self.projector(self.backbone(x1))
+        h1 = self.backbone(x1)
+        q1 = self.projector(h1)
         k2 = self._keys(x2)
         loss = info_nce_loss(q1, k2, queue, self.temperature)
         keys = [k2]
@@ -165,7 +167,10 @@ class MoCo(nn.Module):
             # (tests/test_methods.py::test_compiled_moco_split_bn_step_matches_eager).
             self._pending_keys = torch.cat([concat_all_gather(k) for k in keys])
         pos_cos = (F.normalize(q1.detach(), dim=1) * k2).sum(dim=1).mean()
-        return {"loss": loss, "z": q1.detach(), "pos_cos": pos_cos}
+        # The monitors' alignment compares z with view 2's embedding: the query encoder's when
+        # the loss computed it (symmetric), else the key encoder's, its momentum copy.
+        z2 = q2.detach() if self.symmetric else k2
+        return {"loss": loss, "z": q1.detach(), "z2": z2, "h": h1.detach(), "pos_cos": pos_cos}
 
     def update_target(self, progress: float) -> None:
         """After the optimizer step: momentum update of the key encoder and key projector (MoCo

@@ -45,11 +45,19 @@ class SimCLR(nn.Module):
         self.gather_distributed = gather_distributed
 
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
-        """Views x1, x2: [B, 3, S, S] -> {"loss": scalar, "z": [B, d], "pos_cos": scalar}."""
-        z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
+        """Views x1, x2: [B, 3, S, S] -> {"loss": scalar, "z", "z2": [B, d], "h": [B, D],
+        "pos_cos": scalar} (all but the loss detached, for the monitors)."""
+        h = self.backbone(torch.cat([x1, x2]))
+        z1, z2 = self.projector(h).chunk(2)
         loss = nt_xent_loss(z1, z2, self.temperature, self.gather_distributed)
         pos_cos = F.cosine_similarity(z1.detach(), z2.detach(), dim=1).mean()
-        return {"loss": loss, "z": z1.detach(), "pos_cos": pos_cos}
+        return {
+            "loss": loss,
+            "z": z1.detach(),
+            "z2": z2.detach(),
+            "h": h[: x1.shape[0]].detach(),
+            "pos_cos": pos_cos,
+        }
 
     def update_target(self, progress: float) -> None:
         """SimCLR has no target network."""

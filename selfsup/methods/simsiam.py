@@ -62,13 +62,21 @@ class SimSiam(nn.Module):
         self.stop_gradient, self.fixed_predictor_lr = stop_gradient, fixed_predictor_lr
 
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
-        """Views [B, 3, S, S] -> {"loss", "z": z1 [B, d], "pos_cos": mean cos(z1, z2)}."""
-        z = self.projector(self.backbone(torch.cat([x1, x2])))
+        """Views [B, 3, S, S] -> {"loss", "z": z1, "z2": z2 [B, d], "h": [B, D] of view 1,
+        "pos_cos": mean cos(z1, z2)}."""
+        h = self.backbone(torch.cat([x1, x2]))
+        z = self.projector(h)
         (z1, z2), (p1, p2) = z.chunk(2), self.predictor(z).chunk(2)
         loss = 0.5 * negative_cosine_similarity(p1, z2, self.stop_gradient)
         loss = loss + 0.5 * negative_cosine_similarity(p2, z1, self.stop_gradient)
         pos_cos = F.cosine_similarity(z1.detach(), z2.detach(), dim=1).mean()
-        return {"loss": loss, "z": z1.detach(), "pos_cos": pos_cos}
+        return {
+            "loss": loss,
+            "z": z1.detach(),
+            "z2": z2.detach(),  # view 2, for the monitors' alignment
+            "h": h[: x1.shape[0]].detach(),  # backbone features of view 1
+            "pos_cos": pos_cos,
+        }
 
     def update_target(self, progress: float) -> None:
         """SimSiam has no target network: the stop-gradient replaces it."""

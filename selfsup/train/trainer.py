@@ -552,10 +552,11 @@ class Trainer:
 
                     if t.collapse != "off" and global_step % t.collapse_every == 0:
                         with torch.no_grad():
-                            z_target = out.get("z_target")
+                            h, z2 = out.get("h"), out.get("z2")  # optional in a Method
                             metrics = collapse_metrics(
                                 concat_all_gather(out["z"]).float(),
-                                z_target=None if z_target is None else concat_all_gather(z_target),
+                                h=None if h is None else concat_all_gather(h).float(),
+                                z2=None if z2 is None else concat_all_gather(z2).float(),
                             )
                         for key in ("online_target_cos",):
                             if key in out:
