@@ -60,25 +60,16 @@ def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
     return int(info.get("storage_size") or size), size
 
 
-def _pretrain_augment(run_dir: Path, key: str):
-    """``augment.both.<key>`` of the run's config, when the user (or preset) set one for this
-    data, else None."""
+def _pretrain_augment(run_dir: Path) -> dict[str, Any]:
+    """``augment.both`` of the run's config (what the user or preset set for this data), or
+    ``{}`` without a config."""
     config = run_dir / "config.yaml"
     if not config.exists():
-        return None
+        return {}
     from omegaconf import OmegaConf
 
-    return OmegaConf.select(OmegaConf.load(config), f"augment.both.{key}")
-
-
-def _pretrain_crop_scale(run_dir: Path) -> tuple[float, float] | None:
-    scale = _pretrain_augment(run_dir, "crop_scale")
-    return (float(scale[0]), float(scale[1])) if scale is not None else None
-
-
-def _pretrain_flip_p(run_dir: Path) -> float | None:
-    flip_p = _pretrain_augment(run_dir, "flip_p")
-    return float(flip_p) if flip_p is not None else None
+    both = OmegaConf.select(OmegaConf.load(config), "augment.both")
+    return OmegaConf.to_container(both) if both is not None else {}
 
 
 def _transforms(
@@ -362,9 +353,11 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress
     train, test = _load_labeled_splits(source, load_size, args.cache_dir, args.limit, progress)
     mean, std = _normalisation(info, train.images)
-    crop_scale = tuple(args.crop_scale or _pretrain_crop_scale(run_dir) or PAPER_CROP_SCALE)
-    flip_p = args.flip_p if args.flip_p is not None else _pretrain_flip_p(run_dir)
-    flip_p = 0.5 if flip_p is None else flip_p
+    run_augment = _pretrain_augment(run_dir)  # the run's crops and flips, unless given here
+    crop_scale = args.crop_scale or run_augment.get("crop_scale") or PAPER_CROP_SCALE
+    crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+    flip_p = next(v for v in (args.flip_p, run_augment.get("flip_p"), 0.5) if v is not None)
+    flip_p = float(flip_p)
     train_t, eval_t = _transforms(image_size, mean, std, device, crop_scale, flip_p)
     if train.classes:
         num_classes = len(train.classes)

@@ -40,6 +40,7 @@ from selfsup.evaluate.features import (
     resolve_device,
 )
 from selfsup.evaluate.knn import topk_accuracy
+from selfsup.progress import bar_options
 
 FAST_MODE = "fast (cached features, no augmentation)"
 FULL_MODE = "full (augmented, frozen encoder)"
@@ -126,8 +127,6 @@ def progress_bar(total: int, desc: str, enabled: bool):
         return None
     try:
         from tqdm.auto import tqdm
-
-        from selfsup.progress import bar_options
     except ImportError:  # tqdm is a declared dependency, but progress output is never essential
         return None
     return tqdm(total=total, desc=desc, leave=False, **bar_options())
