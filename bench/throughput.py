@@ -36,7 +36,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from selfsup.augment import TwoViewAugment
 from selfsup.data import BatchStream, ImageDataset, load_dataset
 from selfsup.evaluate.collapse import collapse_metrics
 from selfsup.models import build_backbone
+from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.train.config import resolve_config
 from selfsup.train.optim import optimizer_from_config, set_lr, warmup_cosine
 from selfsup.train.trainer import (
@@ -60,7 +60,6 @@ from selfsup.train.trainer import (
     optimizer_step,
     resolve_compile,
     resolve_device,
-    resolve_precision,
 )
 
 METHODS = ("simclr", "moco", "byol", "simsiam")
@@ -78,7 +77,7 @@ class StepState:
 
     cfg: DictConfig
     device: torch.device
-    precision: str  # "bf16" or "fp32"
+    precision: str  # "bf16", "fp16" or "fp32"
     method: nn.Module
     step_fn: Callable[[Tensor, Tensor], dict[str, Tensor]]  # the method, compiled or not
     optimizer: torch.optim.Optimizer
@@ -92,10 +91,10 @@ class StepState:
     loss_sum: Tensor = field(default_factory=lambda: torch.zeros(()))
     bad_steps: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
+    scaler: torch.amp.GradScaler | None = None  # active for fp16 only
+
     def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.precision, self.device)
 
 
 def build_step_state(cfg: DictConfig, train: ImageDataset) -> StepState:
@@ -131,6 +130,7 @@ def build_step_state(cfg: DictConfig, train: ImageDataset) -> StepState:
         cfg=cfg,
         device=device,
         precision=precision,
+        scaler=grad_scaler(precision, device),
         method=method,
         step_fn=torch.compile(method) if resolve_compile(t.compile, device) else method,
         optimizer=optimizer,
@@ -175,6 +175,7 @@ def train_step(
         autocast=state.autocast,
         progress=(state.global_step + 1) / state.total_steps,
         skip_nonfinite=t.on_nan == "skip",
+        scaler=state.scaler,
     )
     if applied:
         state.bad_steps += (~finite).long()
@@ -339,6 +340,7 @@ def _measure_lightly(
         model = model.to(memory_format=torch.channels_last)
     optimizer = optimizer_from_config(model, cfg.optim, batch_size)
     precision = resolve_precision(t.precision, device)
+    scaler = grad_scaler(precision, device)
     forward = torch.compile(model) if compile_model else model
     total_steps = len(loader) * t.epochs
     counter = {"step": 0}
@@ -349,16 +351,12 @@ def _measure_lightly(
 
     def step(x0: Tensor, x1: Tensor) -> None:
         set_lr(optimizer, warmup_cosine(counter["step"], total_steps, 0, cfg.optim.min_lr_ratio))
-        autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if precision == "bf16"
-            else nullcontext()
-        )
-        with autocast:
+        with autocast(precision, device):
             loss = forward(x0, x1)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         model.update_target(counter["step"], total_steps)
         counter["step"] += 1
 

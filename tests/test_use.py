@@ -165,6 +165,28 @@ def test_eval_all_prints_every_protocol_and_baseline(evaluated) -> None:
     assert results["train_augment"] == {"crop_scale": [0.8, 1.0], "flip_p": 0.0}
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_eval_all_runs_under_the_autocast_a_gpu_uses(trained, tmp_path, monkeypatch, precision):
+    """Every protocol with the encoder under bf16 / fp16 autocast (on CUDA the default; on the
+    CPU evaluation runs fp32, so without this nothing would exercise those paths here)."""
+    import selfsup.evaluate.features as features
+
+    monkeypatch.setattr(features, "native_autocast_precision", lambda device: precision)
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    argv = [*EVAL_ALL, "--cache-dir", trained["cache"]]
+    for flag, value in (("--limit", "200"), ("--linear-epochs", "1"), ("--finetune-epochs", "1")):
+        argv[argv.index(flag) + 1] = value
+    rc, _, err = cli("eval", str(run), *argv)
+    assert rc == 0, err
+    protocols = json.loads((run / "eval_mnist5k_all.json").read_text())["protocols"]
+    assert {(p, enc) for p, by_enc in protocols.items() for enc in by_enc} == EXPECTED_CELLS
+    for by_encoder in protocols.values():
+        for m in by_encoder.values():
+            assert 0.0 <= m["top1"] <= m["top5"] <= 1.0, m
+            assert m.get("final_loss", 0.0) == m.get("final_loss", 0.0)  # not NaN
+
+
 def test_knn_settings_are_configurable(trained) -> None:
     rc, _, err = cli(
         "eval",

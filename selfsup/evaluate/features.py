@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.errors import DataError
+from selfsup.precision import autocast, native_autocast_precision
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -34,13 +35,18 @@ def resolve_device(module: nn.Module, device: torch.device | str | None) -> torc
     return torch.device(device) if device is not None else module_device(module)
 
 
+def amp_precision(device: torch.device, enabled: bool = True) -> str:
+    """The autocast precision evaluation uses: on CUDA the GPU's native one (bf16, or fp16 on GPUs
+    without native bf16: :func:`selfsup.precision.native_autocast_precision`), else fp32."""
+    return native_autocast_precision(device) if enabled else "fp32"
+
+
 def autocast_context(
     device: torch.device, enabled: bool = True
 ) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (halves memory traffic, same accuracy for evaluation); no-op on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Autocast on CUDA to :func:`amp_precision` (halves memory traffic, same accuracy for
+    evaluation); a no-op on the CPU."""
+    return autocast(amp_precision(device, enabled), device)
 
 
 @contextlib.contextmanager
@@ -90,7 +96,7 @@ def extract_features(
         batch_size: images per forward pass.
         device: where to run; defaults to the backbone's device.
         normalize: L2-normalise each feature vector (for cosine-similarity consumers).
-        amp: bf16 autocast on CUDA; ignored on CPU.
+        amp: autocast on CUDA (bf16, or fp16 where bf16 is not native); ignored on CPU.
 
     Returns:
         float32 ``[N, D]`` features on the CPU.

@@ -70,7 +70,7 @@ def finetune(
         batch_size: images per step; a trailing batch of 1 is dropped (BatchNorm).
         device: defaults to the backbone's device.
         seed: seeds head initialisation, shuffling and (when supported) augmentation.
-        amp: bf16 autocast on CUDA.
+        amp: autocast on CUDA (bf16, or fp16 with a loss scale where bf16 is not native).
         progress: show a tqdm bar over steps.
         mode: the result's ``mode`` label; its part before `` (`` names the progress bar
             (:func:`supervised_baseline` passes ``SUPERVISED_MODE``).

@@ -84,15 +84,18 @@ def knn_predict(
     bank_labels = train_labels.to(run_device, torch.long)
     k_eff = min(k, bank.shape[0])
     scores = []
-    for start in range(0, test_feats.shape[0], chunk_size):
-        query = test_feats[start : start + chunk_size].to(run_device, torch.float32)
-        query = F.normalize(query, dim=1)
-        sim = query @ bank.T  # [n, N_train] cosine similarities
-        sim_top, idx_top = sim.topk(k_eff, dim=1)
-        weights = (sim_top / temperature).exp()
-        chunk_scores = torch.zeros(query.shape[0], num_classes, device=run_device)
-        chunk_scores.scatter_add_(1, bank_labels[idx_top], weights)
-        scores.append(chunk_scores.to(out_device))
+    # float32 even when called under autocast (a training loop's): a bf16 matmul would round the
+    # cosines to 3 digits, reorder the neighbours and hand scatter_add_ a bf16 source
+    with torch.autocast(run_device.type, enabled=False):
+        for start in range(0, test_feats.shape[0], chunk_size):
+            query = test_feats[start : start + chunk_size].to(run_device, torch.float32)
+            query = F.normalize(query, dim=1)
+            sim = query @ bank.T  # [n, N_train] cosine similarities
+            sim_top, idx_top = sim.topk(k_eff, dim=1)
+            weights = (sim_top / temperature).exp()
+            chunk_scores = torch.zeros(query.shape[0], num_classes, device=run_device)
+            chunk_scores.scatter_add_(1, bank_labels[idx_top], weights)
+            scores.append(chunk_scores.to(out_device))
     if not scores:
         return torch.zeros(0, num_classes, device=out_device)
     return torch.cat(scores)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from selfsup.errors import DataError
 from selfsup.evaluate.features import (
     Transform,
+    amp_precision,
     apply_transform,
     autocast_context,
     eval_mode,
@@ -40,6 +41,7 @@ from selfsup.evaluate.features import (
     resolve_device,
 )
 from selfsup.evaluate.knn import topk_accuracy
+from selfsup.precision import grad_scaler
 from selfsup.progress import bar_options
 
 FAST_MODE = "fast (cached features, no augmentation)"
@@ -212,7 +214,7 @@ def train_and_test_head(
             parameters are optimised); otherwise the encoder's, with the head at ``head_lr``
             (fine-tuning, reported as ``head_lr`` in the result).
         nesterov: Nesterov momentum.
-        device: where to train; amp: bf16 autocast for the test features on CUDA.
+        device: where to train; amp: autocast on CUDA (:func:`amp_precision`).
         generator: CPU generator for the shuffling.
         mode: the result's ``mode``; progress_desc / progress: the tqdm bar's label / switch.
 
@@ -236,6 +238,8 @@ def train_and_test_head(
         weight_decay=weight_decay,
         nesterov=nesterov,
     )
+    # fine-tuning backpropagates through the encoder under autocast: fp16 needs a loss scale
+    scaler = grad_scaler(amp_precision(device, amp) if head_lr is not None else "fp32", device)
     bar = progress_bar(epochs * steps_per_epoch, progress_desc, progress)
     final_loss = float("nan")
     head.train()
@@ -245,8 +249,9 @@ def train_and_test_head(
                 images = train_images[idx].to(device, non_blocking=True)
                 loss = F.cross_entropy(head(encode(images)), train_labels[idx].to(device))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 schedule.step()
                 final_loss = loss.item()
                 if bar is not None:
@@ -453,7 +458,7 @@ def linear_probe(
         epochs, lr, weight_decay, batch_size: the classifier's schedule.
         device: defaults to the backbone's device.
         seed: seeds head initialisation, shuffling and (when supported) augmentation.
-        amp: bf16 autocast for the encoder on CUDA.
+        amp: autocast for the encoder on CUDA (bf16, or fp16 where bf16 is not native).
         progress: show a tqdm bar over steps.
 
     Returns:

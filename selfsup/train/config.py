@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from selfsup.errors import ConfigError
+from selfsup.precision import PRECISIONS
 
 
 @dataclass
@@ -62,7 +63,9 @@ class TrainConfig:
     batch_size: int = 512
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32
+    # auto: bf16 on GPUs that compute in it natively, fp16 (loss-scaled) on older GPUs, fp32 on
+    # the CPU; or bf16, fp16, fp32 (selfsup/precision.py)
+    precision: str = "auto"
     compile: str = "auto"  # torch.compile the method's forward: auto (on CUDA), true or false
     channels_last: bool = True  # on CUDA only
     log_every: int = 50  # steps between host syncs for loss/lr/throughput logging
@@ -222,7 +225,7 @@ def validate_config(cfg: DictConfig) -> None:
     choices = {
         "optim.name": (o.name, ("sgd", "lars")),
         "optim.lr_scaling": (o.lr_scaling, ("linear", "sqrt", "none")),
-        "train.precision": (t.precision, ("auto", "bf16", "fp32")),
+        "train.precision": (t.precision, PRECISIONS),
         "train.compile": (str(t.compile).lower(), ("auto", "true", "false")),
         "train.collapse": (t.collapse, ("off", "warn", "stop")),
         "train.on_nan": (t.on_nan, ("stop", "skip")),

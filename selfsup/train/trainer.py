@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from selfsup.errors import (
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
 from selfsup.methods import build_method
 from selfsup.models import build_backbone
+from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.progress import bar_options
 from selfsup.train.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from selfsup.train.config import config_hash, to_yaml
@@ -68,13 +68,6 @@ class TrainResult:
     run_dir: Path
     results: dict[str, Any]
     finished: bool
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast on CUDA, fp32 on the CPU (where bf16 autocast is slower)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type == "cuda" else "fp32"
 
 
 def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
@@ -205,12 +198,16 @@ def optimizer_step(
     progress: float,
     skip_nonfinite: bool = False,
     all_finite=lambda finite: finite,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """Forward, backward, optimizer step and target update: one training step.
 
     ``step_fn`` is the (possibly compiled or DDP-wrapped) ``method``. Returns the method's output,
     whether its loss is finite (a device tensor: no host sync) and whether the update was applied.
     Only ``skip_nonfinite`` reads the loss on the host, to skip a NaN/Inf step on every rank.
+    ``scaler`` (fp16) scales the loss before the backward pass and unscales the gradients before
+    the step, which it skips when they overflowed (then only the scale changes; the target update
+    still runs, as after any step). LARS's trust ratio thus sees the true gradients.
     """
     with autocast():
         out = step_fn(v1, v2)
@@ -218,8 +215,13 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     if skip_nonfinite and not bool(all_finite(finite)):
         return out, finite, False
-    out["loss"].backward()
-    optimizer.step()
+    if scaler is None:
+        out["loss"].backward()
+        optimizer.step()
+    else:
+        scaler.scale(out["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
     method.update_target(progress)
     return out, finite, True
 
@@ -276,24 +278,23 @@ class Trainer:
     def _knn(self, backbone: torch.nn.Module, bank: ImageDataset, query: ImageDataset) -> dict:
         t = self.cfg.train
         bs = max(256, t.batch_size)
-        with self._autocast():
-            return distributed_knn(
-                backbone,
-                bank.images,
-                bank.labels,
-                query.images,
-                query.labels,
-                self.eval_transform,
-                batch_size=bs,
-                device=self.device,
-                k=t.knn_k,
-                temperature=t.knn_temperature,
-            )
+        # not under the training autocast: feature extraction autocasts itself on CUDA, and the
+        # kNN's similarities and weights must stay float32 (a bf16 cosine has 3 digits)
+        return distributed_knn(
+            backbone,
+            bank.images,
+            bank.labels,
+            query.images,
+            query.labels,
+            self.eval_transform,
+            batch_size=bs,
+            device=self.device,
+            k=t.knn_k,
+            temperature=t.knn_temperature,
+        )
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast(self.precision, self.device)
 
     def _install_signal_handlers(self) -> dict:
         previous = {}
@@ -338,6 +339,7 @@ class Trainer:
             method = method.to(memory_format=torch.channels_last)
         batch_size = t.batch_size
         optimizer = optimizer_from_config(method, cfg.optim, batch_size)
+        scaler = grad_scaler(self.precision, self.device)
         channels_last = self.device.type == "cuda" and t.channels_last
         stream = DistributedBatchStream(
             train.images,
@@ -377,6 +379,8 @@ class Trainer:
             )
             method.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):  # an fp16 run's loss scale; a bf16/fp32 one saved {}
+                scaler.load_state_dict(state["scaler"])
             if env.world_size == 1 and state.get("world_size", 1) == 1:
                 generator.set_state(
                     state["generator"].to(generator.get_state().device)
@@ -397,6 +401,7 @@ class Trainer:
                     f"selfsup: resumed from {path} at epoch {start_epoch + 1}, step {global_step}",
                     file=sys.stderr,
                 )
+        results["precision"] = self.precision  # this invocation's: a resume may change it
         logger = MetricsLogger(self.run_dir, enabled=env.is_main)
         model = wrap_ddp(method, env)
         step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
@@ -419,6 +424,7 @@ class Trainer:
                 {
                     "model": method.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(),
                     "epoch": epoch,
@@ -477,6 +483,7 @@ class Trainer:
                         progress=(global_step + 1) / total_steps,
                         skip_nonfinite=t.on_nan == "skip",
                         all_finite=all_ranks_true,
+                        scaler=scaler,
                     )
                     if applied:
                         bad_steps += (~finite).long()
@@ -530,16 +537,16 @@ class Trainer:
                         )
                         if n_bad:
                             results["skipped_steps"] = results.get("skipped_steps", 0) + n_bad
-                        logger.log(
-                            global_step,
-                            {
-                                "loss": mean_loss,
-                                "lr": current_lr,
-                                "images_per_s": images_per_s,
-                                "epoch": epoch + 1,
-                                "skipped_steps": n_bad,
-                            },
-                        )
+                        logged = {
+                            "loss": mean_loss,
+                            "lr": current_lr,
+                            "images_per_s": images_per_s,
+                            "epoch": epoch + 1,
+                            "skipped_steps": n_bad,
+                        }
+                        if scaler.is_enabled():  # halves on each overflow, so it shows them
+                            logged["loss_scale"] = scaler.get_scale()
+                        logger.log(global_step, logged)
                         bar.set_postfix(
                             loss=f"{mean_loss:.4f}",
                             lr=f"{current_lr:.3g}",
