@@ -131,16 +131,40 @@ def eval_images() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 MOCO_STEPS = 2
 MOCO_VARIANTS = {"plain": (False, False), "symmetric_shuffle_bn": (True, True)}
+# MoCo's BatchNorm groups: a global batch of 8 in 4 groups of 2, i.e. 2 per rank on 2 ranks
+SPLIT_B, SPLIT_GROUPS = 4, 4
 
 
-def run_moco(method: MoCo, model: nn.Module, data: list, progress_steps: int) -> list:
-    """SGD steps of ``model`` (``method`` or its DDP wrapper) on ``data`` [(x1, x2), ...]."""
+def tiny_moco_split_bn() -> MoCo:
+    torch.manual_seed(0)
+    return MoCo(
+        tiny_backbone(batch_norm=True),
+        8,
+        proj_hidden=8,
+        proj_dim=4,
+        queue_size=16,
+        momentum=0.9,
+        symmetric=True,
+        shuffle_bn=True,
+        bn_splits=SPLIT_GROUPS,  # per process: SPLIT_GROUPS // world
+    )
+
+
+def run_moco(
+    method: MoCo, model: nn.Module, data: list, progress_steps: int, grads: list | None = None
+) -> list:
+    """SGD steps of ``model`` (``method`` or its DDP wrapper) on ``data`` [(x1, x2), ...]; each
+    step's gradients are appended to ``grads`` if given. The RNG is seeded before each step, so
+    the key shuffle draws the same permutation of the global batch in one process and in two."""
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
     losses = []
     for step, (x1, x2) in enumerate(data):
+        torch.manual_seed(100 + step)
         out = model(x1, x2)
         opt.zero_grad()
         out["loss"].backward()
+        if grads is not None:
+            grads.append(trainable_grads(method))
         opt.step()
         method.update_target((step + 1) / progress_steps)
         losses.append(out["loss"].detach())
@@ -185,6 +209,18 @@ def scenario_moco(env: DistEnv, out_dir: Path) -> dict:
             "ptr": method.queue_ptr.clone(),
             "losses": [all_reduce_mean(v) for v in losses],
         }
+    method = tiny_moco_split_bn()
+    model = wrap_ddp(method, env, sync_buffers=False)
+    data = [views(WORLD * SPLIT_B, seed=20 + s) for s in range(MOCO_STEPS)]
+    own = slice(env.rank * SPLIT_B, (env.rank + 1) * SPLIT_B)
+    grads: list = []
+    losses = run_moco(method, model, [(x1[own], x2[own]) for x1, x2 in data], MOCO_STEPS, grads)
+    result["split_bn"] = {
+        "local_bn_splits": method.local_bn_splits,
+        "queue": method.queue.clone(),
+        "losses": [all_reduce_mean(v) for v in losses],
+        "grads": grads,  # DDP's averages over the ranks
+    }
     ids = torch.arange(B, dtype=torch.float32)[:, None] + env.rank * B  # global row ids [B, 1]
     torch.manual_seed(1)
     shuffled, idx_unshuffle = batch_shuffle_ddp(ids)
@@ -394,6 +430,24 @@ def test_moco_queue_on_every_rank_equals_single_process_queue(dist_results, vari
         torch.testing.assert_close(r["queue"], method.queue, atol=1e-6, rtol=1e-5)
         assert int(r["ptr"]) == int(method.queue_ptr)
         assert_close_lists(r["losses"], losses, atol=1e-6, rtol=1e-5)
+
+
+def test_moco_bn_groups_on_two_processes_equal_one_process_of_the_global_batch(dist_results):
+    """bn_splits=4 over a global batch of 8: 2 groups of 2 on each of 2 ranks, with the key batch
+    shuffled across ranks, gives one process's 4 groups (keys shuffled among them): the same
+    BatchNorm statistics, hence the same losses, gradients and queue."""
+    results = [r["split_bn"] for r in scenario(dist_results, "moco")]
+    method = tiny_moco_split_bn()
+    assert method.local_bn_splits == SPLIT_GROUPS
+    data = [views(WORLD * SPLIT_B, seed=20 + s) for s in range(MOCO_STEPS)]
+    grads: list = []
+    losses = run_moco(method, method, data, MOCO_STEPS, grads)
+    for r in results:
+        assert r["local_bn_splits"] == SPLIT_GROUPS // WORLD
+        assert_close_lists(r["losses"], losses, atol=1e-6, rtol=1e-5)
+        for got, want in zip(r["grads"], grads, strict=True):
+            assert_close_lists(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r["queue"], method.queue, atol=1e-6, rtol=1e-5)
 
 
 def test_moco_shuffle_bn_permutes_the_global_batch_and_restores_it(dist_results):
