@@ -91,7 +91,8 @@ for phase in "${PHASES[@]}"; do
     case $phase in
     cuda-tests)
         run_phase "$phase" 60 "$PY" -m pytest -q -x -p no:cacheprovider \
-            tests/test_augment.py tests/test_losses.py tests/test_methods.py tests/test_split_bn.py
+            tests/test_augment.py tests/test_losses.py tests/test_methods.py tests/test_split_bn.py \
+            tests/test_precision.py
         ;;
     throughput-byol | throughput-rest)
         methods=byol

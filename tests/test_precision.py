@@ -14,9 +14,24 @@ from selfsup.evaluate.knn import knn_predict
 from selfsup.precision import autocast, grad_scaler, native_autocast_precision, resolve_precision
 from selfsup.train.logging import read_metrics
 from selfsup.train.trainer import optimizer_step
-from tests.test_train import run
 
 CUDA = torch.device("cuda", 0)
+
+
+def run(tmp_path, method, *extra, out="run"):
+    """A tiny ``selfsup pretrain`` (tests/test_train.py's settings) into ``tmp_path / out``."""
+    tiny = (
+        "model.backbone=resnet_tiny",
+        "data.image_size=16",
+        "data.storage_size=16",
+        "train.knn_every=0",
+        "train.collapse=off",
+        "train.progress=false",
+        "optim.lr=0.1",
+        "augment.both.crop_scale=[0.5,1.0]",
+    )
+    argv = ["pretrain", "--method", method, "--out", str(tmp_path / out), *tiny]
+    return main([*argv, f"data.cache_dir={tmp_path / 'cache'}", *extra])
 
 
 @pytest.mark.parametrize(
@@ -129,7 +144,13 @@ def test_knn_under_a_training_autocast_still_computes_in_float32():
     torch.testing.assert_close(scores, expected, atol=0, rtol=0)
 
 
-PRECISION_RUN = ("train.epochs=2", "data.limit=128", "train.batch_size=32", "train.log_every=1")
+PRECISION_RUN = (
+    "train.epochs=2",
+    "data.limit=128",
+    "train.batch_size=32",
+    "train.log_every=1",
+    "train.device=cpu",  # the same test on a machine with a GPU (CUDA: below)
+)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -174,3 +195,20 @@ def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch):
     b = torch.load(tmp_path / "split" / "encoder.pt", weights_only=True)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_whole_run_on_cuda_in_its_native_precision(tmp_path):
+    """What a GPU user's first ``selfsup pretrain`` does: auto precision (bf16, or fp16 on older
+    GPUs), channels-last, fused SGD, kNN at the random init and the end (compile off: fast)."""
+    extra = (
+        "train.device=cuda",
+        "train.compile=false",
+        "train.epochs=2",
+        "data.limit=256",
+        "train.batch_size=64",
+    )
+    assert run(tmp_path, "byol", *extra) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["precision"] == native_autocast_precision(torch.device("cuda"))
+    assert 0.0 <= results["knn_top1_random_init"] <= 1.0 and 0.0 <= results["knn_top1"] <= 1.0
