@@ -203,3 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("selfsup: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # pretrain reports its own; this is for eval, embed, neighbors
+        torch = sys.modules.get("torch")
+        if torch is None or not isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise
+        from selfsup.errors import memory_report
+
+        batch = getattr(args, "batch_size", None)
+        print(
+            f"selfsup: error: {memory_report(torch.device('cuda'))} ran out of memory in `selfsup "
+            f"{args.command}`; "
+            + (f"lower --batch-size (it is {batch}), " if batch else "")
+            + "or free the GPU of other programs (nvidia-smi lists them)",
+            file=sys.stderr,
+        )
+        return 2

@@ -23,3 +23,19 @@ class CollapseError(SelfsupError):
 
 class NumericalError(SelfsupError):
     """A loss became NaN or Inf."""
+
+
+class DeviceMemoryError(SelfsupError):
+    """The device (GPU) ran out of memory."""
+
+
+def memory_report(device) -> str:
+    """``"NVIDIA ... (15.6 GiB; peak use 14.9 GiB)"`` for a CUDA device, ``"the CPU"`` else."""
+    import torch
+
+    if getattr(device, "type", device) != "cuda" or not torch.cuda.is_available():
+        return "the CPU"
+    gib = 2**30
+    total = torch.cuda.get_device_properties(device).total_memory / gib
+    peak = torch.cuda.max_memory_allocated(device) / gib
+    return f"{torch.cuda.get_device_name(device)} ({total:.1f} GiB; peak use {peak:.1f} GiB)"

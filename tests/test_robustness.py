@@ -678,3 +678,45 @@ def test_on_nan_skip_skips_the_bad_steps_and_finishes(tmp_path, good_folder, cac
     assert json.loads((out / "results.json").read_text())["skipped_steps"] == 2
     # a NaN step that reached the optimizer would have made every weight NaN
     assert all(v.float().isfinite().all() for v in weights(out / "encoder.pt").values())
+
+
+# --------------------------------------------------------------------------- out of memory
+def _oom_at_step(monkeypatch, bad_call: int) -> None:
+    """Make the given (1-based) training step raise CUDA's out-of-memory error."""
+    real_step, calls = trainer.optimizer_step, [0]
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == bad_call:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "optimizer_step", step)
+
+
+def test_out_of_memory_names_the_settings_to_lower(
+    tmp_path, good_folder, cache, monkeypatch, capsys
+):
+    bad_step = TOTAL_STEPS // 2 + 1  # the first step of epoch 2, after the epoch-1 checkpoint
+    _oom_at_step(monkeypatch, bad_step)
+    out = tmp_path / "run"
+    assert pretrain(out, data=good_folder, cache=cache) == 2
+    message = capsys.readouterr().err
+    assert "Traceback" not in message
+    assert "ran out of memory during epoch 2 of training" in message
+    assert f"train.batch_size={BATCH}" in message and f"train.batch_size={BATCH // 2}" in message
+    assert "--overwrite" in message and f"{out / 'checkpoints' / 'last.pt'}" in message
+
+
+def test_out_of_memory_in_eval_names_its_batch_size(baseline, cache, monkeypatch, capsys):
+    import selfsup.evaluate.features as features
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(features, "extract_features", oom)
+    argv = ["eval", str(baseline), "--data", "mnist5k", "--limit", "50", "--cache-dir", str(cache)]
+    assert main([*argv, "--protocol", "knn", "--batch-size", "128", "--no-progress"]) == 2
+    message = capsys.readouterr().err
+    assert "Traceback" not in message
+    assert "ran out of memory in `selfsup eval`" in message and "(it is 128)" in message

@@ -30,7 +30,9 @@ from selfsup.errors import (
     CollapseError,
     ConfigError,
     DataError,
+    DeviceMemoryError,
     NumericalError,
+    memory_report,
 )
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
 from selfsup.methods import build_method
@@ -236,6 +238,8 @@ class Trainer:
         self.env = init_distributed(cfg.train.device)
         self.device = self.env.device
         self._stop_reason: str | None = None
+        self.precision = cfg.train.precision  # resolved in fit
+        self._activity = "setting up"  # named by an out-of-memory message
 
     # ------------------------------------------------------------------ set-up
     def _load_data(self) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
@@ -277,6 +281,7 @@ class Trainer:
 
     def _knn(self, backbone: torch.nn.Module, bank: ImageDataset, query: ImageDataset) -> dict:
         t = self.cfg.train
+        self._activity = "the kNN check"
         bs = max(256, t.batch_size)
         # not under the training autocast: feature extraction autocasts itself on CUDA, and the
         # kNN's similarities and weights must stay float32 (a bf16 cosine has 3 digits)
@@ -311,8 +316,41 @@ class Trainer:
                 pass
         return previous
 
+    def _out_of_memory(self) -> DeviceMemoryError:
+        cfg, t = self.cfg, self.cfg.train
+        report = memory_report(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        world = self.env.world_size
+        half = max(t.batch_size // 2, 2 * world)
+        share = f", {t.batch_size // world} per process" if world > 1 else ""
+        last = self.run_dir / "checkpoints" / "last.pt"
+        return DeviceMemoryError(
+            f"{report} ran out of memory during {self._activity} (train.batch_size="
+            f"{t.batch_size}{share}, model.backbone={cfg.model.backbone}, data.image_size="
+            f"{cfg.data.image_size}, precision {self.precision}). Lower train.batch_size, e.g. "
+            f"train.batch_size={half} (optim.lr follows it, optim.lr_scaling="
+            f"{cfg.optim.lr_scaling})"
+            + (
+                ", use train.precision=auto (autocast halves activation memory)"
+                if self.precision == "fp32" and self.device.type == "cuda"
+                else ""
+            )
+            + ", or choose a smaller model.backbone or data.image_size; other programs on the "
+            "same GPU take memory too (nvidia-smi lists them). Then run the command again with "
+            "--overwrite" + (f" ({last} from before is intact)" if last.exists() else "")
+        )
+
     # ------------------------------------------------------------------ training
     def fit(self) -> TrainResult:
+        """Train, checkpoint, evaluate; a device out of memory becomes a :class:`DeviceMemoryError`
+        naming the settings to change."""
+        try:
+            return self._fit()
+        except torch.cuda.OutOfMemoryError:
+            raise self._out_of_memory() from None
+
+    def _fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
         self.precision = resolve_precision(t.precision, self.device)
@@ -467,6 +505,7 @@ class Trainer:
                 method.train()
                 first = start_step if epoch == start_epoch else 0
                 stream.set_epoch(epoch, start_step=first)
+                self._activity = f"epoch {epoch + 1} of training"
                 for step_in_epoch, (_, batch) in enumerate(stream, first):
                     factor = warmup_cosine(
                         global_step, total_steps, warmup_steps, cfg.optim.min_lr_ratio
@@ -596,6 +635,7 @@ class Trainer:
                     last_epoch or (t.knn_every and done_epochs % t.knn_every == 0)
                 ):
                     knn = self._knn(method.backbone, bank, query)
+                    self._activity = f"epoch {epoch + 1} of training"
                     results.update(
                         knn_top1=knn["top1"], knn_top5=knn["top5"], knn_epoch=done_epochs
                     )
