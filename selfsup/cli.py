@@ -48,7 +48,12 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--backbone", default=None, help="resnet18, resnet50 or resnet_tiny")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="resnet18, resnet50, resnet_tiny, or another torchvision ResNet (resnet34, "
+        "resnet101, wide_resnet50_2, resnext50_32x4d, ...)",
+    )
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from selfsup.errors import CheckpointError, ConfigError
-from selfsup.models import backbone_to_torchvision, build_backbone
+from selfsup.models import BACKBONES, backbone_to_torchvision, build_backbone
 
 EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript")
 EXPORT_INFO = "export.json"  # written beside exported files: backbone, small_stem, mean, std, size
@@ -31,16 +31,23 @@ EXPORT_INFO = "export.json"  # written beside exported files: backbone, small_st
 def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     """(backbone name, small_stem) of a ResNet ``state_dict`` written by selfsup.
 
-    The CIFAR stem has a 3x3 ``conv1`` (7x7 otherwise); ``resnet_tiny`` starts with 16 channels;
-    ResNet-50's bottleneck blocks have a ``conv3``.
+    The CIFAR stem has a 3x3 ``conv1`` (7x7 otherwise); the name is the backbone of
+    :data:`~selfsup.models.BACKBONES` whose parameter names and shapes are exactly these (depth,
+    block type, widths and groups all show in them), built on the meta device (no memory).
     """
     if "conv1.weight" not in state:
         raise CheckpointError("not a ResNet encoder state_dict (no conv1.weight)")
-    conv1 = state["conv1.weight"]
-    small_stem = conv1.shape[-1] == 3
-    if conv1.shape[0] == 16:
-        return "resnet_tiny", small_stem
-    return ("resnet50" if "layer1.0.conv3.weight" in state else "resnet18"), small_stem
+    small_stem = state["conv1.weight"].shape[-1] == 3
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("fc.")}
+    for name in sorted(BACKBONES, key=lambda n: n != "resnet_tiny"):  # the quickstart's first
+        with torch.device("meta"):
+            candidate = backbone_to_torchvision(name, small_stem)
+        expected = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
+        if {k: v for k, v in expected.items() if not k.startswith("fc.")} == shapes:
+            return name, small_stem
+    raise CheckpointError(
+        f"the ResNet state_dict ({len(shapes)} tensors) matches none of {', '.join(BACKBONES)}"
+    )
 
 
 def is_torchscript(path: Path) -> bool:

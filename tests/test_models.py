@@ -9,8 +9,11 @@ import torch
 import torchvision
 from torch import nn
 
-from selfsup.errors import ConfigError
+import selfsup
+from selfsup.errors import CheckpointError, ConfigError
+from selfsup.export import infer_architecture
 from selfsup.models import (
+    BACKBONES,
     PredictionHead,
     ProjectionHead,
     ResNetTiny,
@@ -110,8 +113,41 @@ def test_custom_module_without_pooling_is_a_config_error() -> None:
 
 
 def test_unknown_backbone_names_the_choices() -> None:
-    with pytest.raises(ConfigError, match="resnet18, resnet50, resnet_tiny"):
+    with pytest.raises(ConfigError, match="resnet18, resnet34, resnet50, .*, resnet_tiny"):
         build_backbone("vit_giant", small_stem=False)
+
+
+@pytest.mark.parametrize(
+    "name,dim", [("resnet34", 512), ("wide_resnet50_2", 2048), ("resnext50_32x4d", 2048)]
+)
+def test_every_torchvision_resnet_family_is_a_backbone(name: str, dim: int, tmp_path) -> None:
+    backbone, feat_dim = build_backbone(name, small_stem=True)
+    reference = getattr(torchvision.models, name)(weights=None).state_dict()
+    shapes = {k: v.shape for k, v in backbone.state_dict().items()}
+    expected = {k: v.shape for k, v in reference.items() if not k.startswith("fc.")}
+    expected["conv1.weight"] = torch.Size([64, 3, 3, 3])  # the small stem
+    assert feat_dim == dim and shapes == expected
+    backbone.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        feats = backbone(x)
+    assert feats.shape == (2, dim)
+    # a bare encoder.pt (no config beside it) loads back as the same architecture
+    torch.save(backbone.state_dict(), tmp_path / "encoder.pt")
+    loaded = selfsup.load_encoder(tmp_path / "encoder.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), feats)
+
+
+@pytest.mark.parametrize("small_stem", [True, False])
+def test_architecture_of_every_backbone_is_inferred_from_its_weights(small_stem: bool) -> None:
+    for name in BACKBONES:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            backbone, _ = build_backbone(name, small_stem=small_stem)
+        assert infer_architecture(backbone.state_dict()) == (name, small_stem)
+    with pytest.raises(CheckpointError, match="matches none"):
+        state = build_backbone("resnet18", small_stem=small_stem)[0].state_dict()
+        infer_architecture({k: v for k, v in state.items() if not k.startswith("layer4.1.")})
 
 
 def test_projection_head_layouts() -> None:

@@ -1,5 +1,9 @@
 """Backbones: torchvision ResNets mapping images [B, 3, S, S] to pooled features [B, D].
 
+Every ResNet of ``torchvision.models`` (ResNet-18/34/50/101/152 [0], the wide ResNets [2] and
+ResNeXts [3]) and ``resnet_tiny`` (the quickstart's); any other ``nn.Module`` returning ``[B, D]``
+can be passed to :func:`build_backbone` instead of a name.
+
 The classifier ``fc`` is replaced by ``nn.Identity`` so the backbone's ``state_dict`` is a plain
 torchvision ResNet ``state_dict`` without ``fc.*``: it loads into ``backbone_to_torchvision(...)``
 with ``strict=False`` (only ``fc.weight`` / ``fc.bias`` missing) for export and fine-tuning.
@@ -7,6 +11,8 @@ with ``strict=False`` (only ``fc.weight`` / ``fc.bias`` missing) for export and 
 - [0] ResNet, 2015, https://arxiv.org/abs/1512.03385
 - [1] SimCLR, 2020, https://arxiv.org/abs/2002.05709, appendix B.9 (CIFAR-10 stem: 3x3 stride-1
   conv1, no max-pool).
+- [2] Wide Residual Networks, 2016, https://arxiv.org/abs/1605.07146
+- [3] ResNeXt, 2017, https://arxiv.org/abs/1611.05431
 """
 
 from __future__ import annotations
@@ -18,7 +24,20 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from selfsup.errors import ConfigError
 
-BACKBONES: tuple[str, ...] = ("resnet18", "resnet50", "resnet_tiny")
+#: torchvision's ResNet constructors (same module names: conv1, bn1, maxpool, layer1-4, fc)
+TORCHVISION_RESNETS: tuple[str, ...] = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+)
+BACKBONES: tuple[str, ...] = (*TORCHVISION_RESNETS, "resnet_tiny")
 TINY_WIDTHS: tuple[int, int, int, int] = (16, 32, 64, 128)
 
 
@@ -73,15 +92,14 @@ def backbone_to_torchvision(name: str, small_stem: bool, num_classes: int = 1000
         small_stem: whether the encoder was built with the small-image stem.
         num_classes: output size of the new ``fc``.
     """
-    if name == "resnet18":
-        model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
-    elif name == "resnet50":
-        model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    if name in TORCHVISION_RESNETS:
+        model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     elif name == "resnet_tiny":
         model = ResNetTiny(num_classes=num_classes)
     else:
         raise ConfigError(
-            f"Unknown backbone {name!r} (setting `backbone`); choose one of {', '.join(BACKBONES)}."
+            f"Unknown backbone {name!r} (setting `model.backbone`); choose one of "
+            f"{', '.join(BACKBONES)}, or pass an nn.Module from Python."
         )
     if small_stem:
         _use_small_stem_(model)

@@ -37,7 +37,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # resnet18, resnet50, resnet_tiny
+    # a torchvision ResNet (resnet18/34/50/101/152, wide_resnet*, resnext*) or resnet_tiny
+    backbone: str = "resnet18"
     small_stem: bool = True  # 3x3 conv, no max-pool: for 32-64 px images
 
 
