@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,23 @@ def _device(name: str | None) -> torch.device:
     from selfsup.train.trainer import resolve_device
 
     return resolve_device(name or "auto")
+
+
+def _torchrun_device(name: str | None, command: str, refused: str | None = None) -> torch.device:
+    """This process's device; under torchrun (``WORLD_SIZE`` > 1) it joins the process group
+    (GPU ``cuda:<LOCAL_RANK>``), unless ``refused`` names work that needs one process."""
+    from selfsup.train.distributed import init_distributed
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return _device(name)
+    if refused:
+        raise ConfigError(
+            f"under torchrun (WORLD_SIZE={world}) `selfsup {command}` shares the feature "
+            f"extraction of --protocol knn and --linear-mode fast among the processes; {refused} "
+            f"trains a network, in one process: run it without torchrun"
+        )
+    return init_distributed(name or "auto").device
 
 
 def _limit(ds, limit: int | None):
@@ -329,15 +347,31 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     ``knn``, ``linear_fast``, ``linear_full``, ``finetune_<f>pct`` and encoders ``ssl``,
     ``random_init``, ``supervised``; plus ``_json`` / ``_csv``, the written paths.
     """
-    from selfsup.evaluate.features import extract_features
     from selfsup.evaluate.finetune import finetune, supervised_baseline
     from selfsup.evaluate.knn import knn_accuracy
     from selfsup.evaluate.linear import linear_probe, linear_probe_features
     from selfsup.evaluate.subsets import balanced_subset, save_subset
     from selfsup.export import load_encoder
+    from selfsup.train.distributed import (
+        distributed_extract_features,
+        distributed_world,
+        is_main,
+        main_process_first,
+    )
     from selfsup.train.trainer import write_json
 
     _check_eval_args(args)
+    protocols = ("knn", "linear", "finetune") if args.protocol == "all" else (args.protocol,)
+    linear_modes = ("fast", "full") if args.linear_mode == "both" else (args.linear_mode,)
+    refused = [
+        name
+        for name, used in (
+            ("--linear-mode full", "linear" in protocols and "full" in linear_modes),
+            ("--protocol finetune", "finetune" in protocols),
+        )
+        if used
+    ]
+    device = _torchrun_device(args.device, "eval", " and ".join(refused) or None)
     target = Path(args.encoder)
     info = _run_info(target)
     run_dir: Path = info["run_dir"]
@@ -348,10 +382,10 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
             f"it was trained on; pass --data"
         )
     load_size, image_size = _sizes(info, args.image_size)
-    device = _device(args.device)
     encoder = load_encoder(target)
-    progress = not args.no_progress
-    train, test = _load_labeled_splits(source, load_size, args.cache_dir, args.limit, progress)
+    progress = not args.no_progress and is_main()
+    with main_process_first():  # under torchrun rank 0 builds the cache, the others read it
+        train, test = _load_labeled_splits(source, load_size, args.cache_dir, args.limit, progress)
     mean, std = _normalisation(info, train.images)
     run_augment = _pretrain_augment(run_dir)  # the run's crops and flips, unless given here
     crop_scale = args.crop_scale or run_augment.get("crop_scale") or PAPER_CROP_SCALE
@@ -363,8 +397,6 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         num_classes = len(train.classes)
     else:
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    protocols = ("knn", "linear", "finetune") if args.protocol == "all" else (args.protocol,)
-    linear_modes = ("fast", "full") if args.linear_mode == "both" else (args.linear_mode,)
 
     encoders: dict[str, torch.nn.Module] = {"ssl": encoder}
     arch = None
@@ -384,6 +416,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         "n_test": len(test),
         "limit": args.limit,
         "seed": args.seed,
+        "processes": distributed_world()[1],  # torchrun: feature extraction shared among them
         "mean": mean,
         "std": std,
         "train_augment": {"crop_scale": list(crop_scale), "flip_p": flip_p},
@@ -427,8 +460,10 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         feats, feat_seconds = None, 0.0
         if "knn" in protocols or ("linear" in protocols and "fast" in linear_modes):
             t0 = time.monotonic()
-            feats = tuple(
-                extract_features(enc, ds.images, eval_t, batch_size=args.batch_size, device=device)
+            feats = tuple(  # each process encodes its share (all of it in one process)
+                distributed_extract_features(
+                    enc, ds.images, eval_t, batch_size=args.batch_size, device=device
+                )
                 for ds in (train, test)
             )
             feat_seconds = time.monotonic() - t0
@@ -523,19 +558,28 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                     record(label, f"finetune_{fraction:g}pct", m)
 
     out_json = run_dir / f"eval_{_slug(source)}_{args.protocol}.json"
-    write_json(out_json, results)
     csv_path = Path(args.results_csv) if args.results_csv else run_dir.parent / "results.csv"
-    append_results(csv_path, rows)
+    if is_main():  # every process computed the same numbers; one writes them
+        write_json(out_json, results)
+        append_results(csv_path, rows)
     results["_json"], results["_csv"] = str(out_json), str(csv_path)
     return results
 
 
 def _eval(args: argparse.Namespace) -> int:
-    results = evaluate_encoder(args)
-    print(format_eval_table(results))
-    print(
-        f"selfsup: results in {results['_json']}; one line per number appended to {results['_csv']}"
-    )
+    from selfsup.train.distributed import cleanup, is_main
+
+    try:
+        results = evaluate_encoder(args)
+        main = is_main()
+    finally:
+        cleanup()  # leave torchrun's process group, if joined
+    if main:
+        print(format_eval_table(results))
+        print(
+            f"selfsup: results in {results['_json']}; one line per number appended to "
+            f"{results['_csv']}"
+        )
     return 0
 
 
@@ -597,19 +641,23 @@ def embed_dataset(
 
     Images are resized to the encoder's pre-training size and normalised with its pre-training
     mean/std (from the run or export metadata; the data's own statistics for a bare file).
-    ``encoder``, when given, is used instead of loading ``encoder_path`` again.
+    ``encoder``, when given, is used instead of loading ``encoder_path`` again. Under torchrun
+    (after ``_torchrun_device``), each process encodes its share and all get every row.
     """
-    from selfsup.evaluate.features import extract_features
     from selfsup.export import load_encoder
+    from selfsup.train.distributed import distributed_extract_features, main_process_first
 
     info = _run_info(Path(encoder_path))
     load_size, size = _sizes(info, image_size)
-    ds = _load(source, split, load_size, cache_dir, limit)
+    with main_process_first():
+        ds = _load(source, split, load_size, cache_dir, limit)
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
     _, eval_t = _transforms(size, mean, std, dev)
     model = encoder if encoder is not None else load_encoder(encoder_path)
-    feats = extract_features(model, ds.images, eval_t, batch_size=batch_size, device=dev)
+    feats = distributed_extract_features(
+        model, ds.images, eval_t, batch_size=batch_size, device=dev
+    )
     return feats, ds
 
 
@@ -626,16 +674,25 @@ def _embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".npz", ".npy"):
         raise ConfigError(f"--out {out}: use a .npz (embeddings, paths, labels) or .npy file name")
-    feats, ds = embed_dataset(
-        args.encoder,
-        args.data,
-        args.split,
-        args.image_size,
-        args.batch_size,
-        args.device,
-        args.cache_dir,
-        args.limit,
-    )
+    from selfsup.train.distributed import cleanup, is_main
+
+    try:
+        device = _torchrun_device(args.device, "embed")
+        feats, ds = embed_dataset(
+            args.encoder,
+            args.data,
+            args.split,
+            args.image_size,
+            args.batch_size,
+            str(device),
+            args.cache_dir,
+            args.limit,
+        )
+        main = is_main()
+    finally:
+        cleanup()
+    if not main:  # every process holds all the rows; one writes them
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, feats.numpy())

@@ -7,6 +7,7 @@ single-process reference computed here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -701,3 +702,72 @@ def test_torchrun_with_one_process_matches_the_plain_run(tmp_path):
     assert plain.keys() == launched.keys()
     for key in plain:
         assert torch.equal(plain[key], launched[key]), key
+
+
+def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(tmp_path):
+    """``selfsup eval`` (kNN, fast linear, random-init baseline) and ``selfsup embed`` on 2
+    processes give one process's numbers and vectors, written once; protocols that train a
+    network are refused under torchrun before any work."""
+    import numpy as np
+
+    from selfsup.cli import main
+
+    cache = tmp_path / "cache"
+    run = tmp_path / "run"
+    tiny = ["model.backbone=resnet_tiny", "data.image_size=16", "data.storage_size=16"]
+    train = ["data.limit=256", "train.batch_size=64", "train.epochs=1", "train.knn_every=0"]
+    argv = ["pretrain", "--out", str(run), "--no-progress", *tiny, *train]
+    assert main([*argv, f"data.cache_dir={cache}"]) == 0
+    evaluation = ["--limit", "300", "--cache-dir", str(cache), "--no-progress", "--baselines"]
+    protocol = ["--protocol", "linear", "--linear-mode", "fast", "--lbfgs-iters", "20"]
+    embed = ["embed", str(run), "--data", "mnist5k", "--limit", "301", "--cache-dir", str(cache)]
+
+    assert (
+        main(["eval", str(run), *protocol, *evaluation, "--results-csv", str(tmp_path / "one.csv")])
+        == 0
+    )
+    one = json.loads((run / "eval_mnist5k_linear.json").read_text())
+    assert main([*embed, "--out", str(tmp_path / "one.npz")]) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    commands = {
+        "eval": [
+            "eval",
+            str(run),
+            *protocol,
+            *evaluation,
+            "--results-csv",
+            str(tmp_path / "two.csv"),
+        ],
+        "embed": [*embed, "--out", str(tmp_path / "two.npz")],
+        "finetune": ["eval", str(run), "--protocol", "finetune", *evaluation],
+    }
+    done = {
+        name: subprocess.run(
+            [*torchrun, "-m", "selfsup", *cmd],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        for name, cmd in commands.items()
+    }
+    for name in ("eval", "embed"):
+        assert done[name].returncode == 0, done[name].stderr[-4000:]
+    two = json.loads((run / "eval_mnist5k_linear.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    for encoder in ("ssl", "random_init"):
+        a, b = one["protocols"]["linear_fast"][encoder], two["protocols"]["linear_fast"][encoder]
+        assert a["top1"] == pytest.approx(b["top1"], abs=1 / 300), encoder  # at most one image
+    rows = [(tmp_path / name).read_text().splitlines() for name in ("one.csv", "two.csv")]
+    assert len(rows[0]) == len(rows[1]) > 1  # rank 0 alone appended its rows
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert a["embeddings"].shape == b["embeddings"].shape == (301, 128)
+    np.testing.assert_allclose(a["embeddings"], b["embeddings"], atol=1e-5, rtol=1e-5)
+    assert list(a["paths"]) == list(b["paths"]) and (a["labels"] == b["labels"]).all()
+    refused = done["finetune"]
+    assert refused.returncode != 0
+    assert "--protocol finetune" in refused.stderr and "without torchrun" in refused.stderr
+    assert not list(run.glob("subset_*"))  # refused before drawing the subsets
