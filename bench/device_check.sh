@@ -6,7 +6,7 @@
 #
 # Phases (each writes <phase>.json / <phase>.log under $OUT, so what finished comes back even if
 # a later phase is cut off; each is skipped when too little of the budget is left):
-#   cuda-tests          the CUDA-only tests (augmentations on the GPU against the CPU) and the
+#   cuda-tests          the CUDA-only tests (augmentations on the GPU against the CPU, a tiny run) and the
 #                       test suite's methods/losses/augment files on a machine with a GPU
 #   throughput-byol     bench/throughput.py --methods byol: ours vs compute limit vs lightly 1.6
 #   throughput-rest     the same for simclr, moco, simsiam
