@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 import selfsup.data.sources as sources
@@ -705,18 +706,73 @@ def test_out_of_memory_names_the_settings_to_lower(
     assert "Traceback" not in message
     assert "ran out of memory during epoch 2 of training" in message
     assert f"train.batch_size={BATCH}" in message and f"train.batch_size={BATCH // 2}" in message
-    assert "--overwrite" in message and f"{out / 'checkpoints' / 'last.pt'}" in message
+    assert f"{out / 'checkpoints' / 'last.pt'} is intact" in message
+    resume_command = f"selfsup pretrain --out {out} --resume train.batch_size={BATCH // 2}"
+    assert resume_command in message
+    monkeypatch.undo()  # memory to spare now: the advice works
+    assert main(resume_command.split()[1:]) == 0
 
 
 def test_out_of_memory_in_eval_names_its_batch_size(baseline, cache, monkeypatch, capsys):
     import selfsup.evaluate.features as features
+    import selfsup.train.distributed as distributed
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(features, "extract_features", oom)
+    monkeypatch.setattr(distributed, "extract_features", oom)  # eval's path in any process count
     argv = ["eval", str(baseline), "--data", "mnist5k", "--limit", "50", "--cache-dir", str(cache)]
     assert main([*argv, "--protocol", "knn", "--batch-size", "128", "--no-progress"]) == 2
     message = capsys.readouterr().err
     assert "Traceback" not in message
     assert "ran out of memory in `selfsup eval`" in message and "(it is 128)" in message
+
+
+# --------------------------------------------------------------------------- resume with changes
+def _logged_lrs(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
+
+
+def test_resume_with_a_new_lr_uses_it(tmp_path, good_folder, cache, baseline):
+    """`--resume optim.lr=...` (the advice after a NaN) changes the rate: the optimizer's state
+    comes from the checkpoint, its settings from the resumed run's config."""
+    out = tmp_path / "run"
+    assert pretrain(out, "train.stop_after_epochs=1", data=good_folder, cache=cache) == 3
+    base_lr = OmegaConf.load(out / "config.yaml").optim.lr
+    assert resume(out, f"optim.lr={base_lr / 10}") == 0
+    full, resumed = _logged_lrs(baseline), _logged_lrs(out)
+    assert sorted(resumed) == sorted(full)
+    half = TOTAL_STEPS // 2
+    for step in full:  # the same schedule, a tenth of the rate after the resume
+        expected = full[step] / 10 if step > half else full[step]
+        assert resumed[step] == pytest.approx(expected, rel=1e-6), step
+    assert OmegaConf.load(out / "config.yaml").optim.lr == pytest.approx(base_lr / 10)
+
+
+def test_resume_with_a_new_batch_size_continues_the_schedule(tmp_path, good_folder, cache):
+    """After an epoch-end checkpoint the steps are counted anew: the rest of the run follows the
+    schedule of a run with the new batch size from the start (lr scaled to it, ending at 0)."""
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    assert pretrain(out, "train.stop_after_epochs=1", data=good_folder, cache=cache) == 3
+    assert resume(out, f"train.batch_size={BATCH // 2}") == 0
+    assert pretrain(fresh, f"train.batch_size={BATCH // 2}", data=good_folder, cache=cache) == 0
+    resumed, reference = _logged_lrs(out), _logged_lrs(fresh)
+    steps_per_epoch = 2 * GOOD_PER_CLASS // (BATCH // 2)
+    second_epoch = range(steps_per_epoch + 1, 2 * steps_per_epoch + 1)
+    assert sorted(resumed) == [*range(1, TOTAL_STEPS // 2 + 1), *second_epoch]
+    for step in second_epoch:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6), step
+
+
+def test_resume_mid_epoch_with_a_new_batch_size_is_refused(tmp_path, good_folder, cache, capsys):
+    out = tmp_path / "run"
+    # a time limit this small stops after the first step, mid-epoch, with a checkpoint
+    assert pretrain(out, "train.time_limit_min=1e-9", data=good_folder, cache=cache) == 3
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["step_in_epoch"] == 1
+    capsys.readouterr()
+    assert resume(out, f"train.batch_size={BATCH // 2}") == 2
+    err = capsys.readouterr().err
+    assert "a new batch size can only start at an epoch's end" in err
+    assert f"train.batch_size={BATCH}" in err and "train.stop_after_epochs=1" in err

@@ -337,8 +337,13 @@ class Trainer:
                 else ""
             )
             + ", or choose a smaller model.backbone or data.image_size; other programs on the "
-            "same GPU take memory too (nvidia-smi lists them). Then run the command again with "
-            "--overwrite" + (f" ({last} from before is intact)" if last.exists() else "")
+            "same GPU take memory too (nvidia-smi lists them). "
+            + (
+                f"{last} is intact; continue from it with: selfsup pretrain --out {self.run_dir} "
+                f"--resume train.batch_size={half}"
+                if last.exists()
+                else "Then run the command again with --overwrite"
+            )
         )
 
     # ------------------------------------------------------------------ training
@@ -416,7 +421,14 @@ class Trainer:
                 ckpt_dir, method=cfg.method.name, config_hash=chash, version=selfsup.__version__
             )
             method.load_state_dict(state["model"])
+            # the momentum buffers come from the checkpoint; lr, momentum and weight decay from
+            # this invocation's config, so `--resume optim.lr=0.03` takes effect
+            configured = [
+                {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+            ]
             optimizer.load_state_dict(state["optimizer"])
+            for group, settings in zip(optimizer.param_groups, configured, strict=True):
+                group.update(settings)
             if state.get("scaler"):  # an fp16 run's loss scale; a bf16/fp32 one saved {}
                 scaler.load_state_dict(state["scaler"])
             if env.world_size == 1 and state.get("world_size", 1) == 1:
@@ -433,6 +445,24 @@ class Trainer:
                 state["step_in_epoch"],
                 state["global_step"],
             )
+            saved_batch = state.get("config", {}).get("train", {}).get("batch_size", batch_size)
+            if saved_batch != batch_size:  # steps per epoch changed: count steps anew
+                if start_step:
+                    raise ConfigError(
+                        f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
+                        f"with train.batch_size={saved_batch}; a new batch size can only start "
+                        f"at an epoch's end: resume with train.batch_size={saved_batch} "
+                        f"train.stop_after_epochs={start_epoch + 1}, then resume again with "
+                        f"train.batch_size={batch_size}"
+                    )
+                global_step = start_epoch * steps_per_epoch
+                if env.is_main:
+                    print(
+                        f"selfsup: train.batch_size {saved_batch} -> {batch_size}: "
+                        f"{steps_per_epoch} steps per epoch; the schedule continues at epoch "
+                        f"{start_epoch + 1} (step {global_step} of {total_steps})",
+                        file=sys.stderr,
+                    )
             results.update(state.get("results", {}))
             if env.is_main:
                 print(
