@@ -139,8 +139,8 @@ def run_ablation(
 
     spec = ablation(name, quick)
     preset = "quickstart" if quick else "cifar10"
-    # quick: each variant is the method's quickstart run (4,000 digits, its preset's epochs: 8,
-    # BYOL 16), so the unablated rows are the README's quickstart runs; 2,048 digits for 8
+    # quick: each variant is the method's quickstart run (4,000 digits, its preset's epochs: 8;
+    # MoCo 16, BYOL 24), so the unablated rows are the README's quickstart runs; 2,048 digits for 8
     # epochs were too few steps for SimSiam and BYOL to learn past their random initialisation.
     size = ["train.collapse=warn"]
     if epochs or not quick:
