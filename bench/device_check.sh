@@ -92,7 +92,7 @@ for phase in "${PHASES[@]}"; do
     cuda-tests)
         run_phase "$phase" 60 "$PY" -m pytest -q -x -p no:cacheprovider \
             tests/test_augment.py tests/test_losses.py tests/test_methods.py tests/test_split_bn.py \
-            tests/test_precision.py
+            tests/test_precision.py::test_whole_run_on_cuda_in_its_native_precision
         ;;
     throughput-byol | throughput-rest)
         methods=byol
