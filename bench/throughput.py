@@ -191,7 +191,12 @@ def train_step(
         state.loss_sum.zero_()
     if t.collapse != "off" and state.global_step % t.collapse_every == 0:
         with torch.no_grad():
-            collapse_metrics(out["z"].float(), z_target=out.get("z_target"))
+            h, z2 = out.get("h"), out.get("z2")  # as Trainer.fit (one process: no gather)
+            collapse_metrics(
+                out["z"].float(),
+                h=None if h is None else h.float(),
+                z2=None if z2 is None else z2.float(),
+            )
         if "online_target_cos" in out:
             float(out["online_target_cos"])
     return out

@@ -113,6 +113,7 @@ def bench_cfg(method: str, image_folder: Path, tmp_path: Path):
             f"train.batch_size={BATCH}",
             "train.epochs=1",
             "train.device=cpu",
+            "train.collapse_every=2",  # the step's collapse-monitor branch runs too
             *TINY,
         ],
     )
