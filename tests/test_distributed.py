@@ -81,18 +81,22 @@ def tiny_simclr() -> SimCLR:
     return SimCLR(tiny_backbone(), 8, proj_hidden=8, proj_dim=4, temperature=TEMPERATURE)
 
 
-def tiny_moco(symmetric: bool, shuffle_bn: bool) -> MoCo:
+def tiny_moco(
+    symmetric: bool, shuffle_bn: bool, *, bn_splits: int = 1, queue_size: int = 10
+) -> MoCo:
+    """bn_splits=1 (plain BatchNorm per process) unless a test compares BN groups; with more, the
+    backbone gets a BatchNorm for them to split."""
     torch.manual_seed(0)
     return MoCo(
-        tiny_backbone(),
+        tiny_backbone(batch_norm=bn_splits > 1),
         8,
         proj_hidden=8,
         proj_dim=4,
-        queue_size=10,
+        queue_size=queue_size,
         momentum=0.9,
         symmetric=symmetric,
         shuffle_bn=shuffle_bn,
-        bn_splits=1,  # these tests compare the queue and losses with one process's
+        bn_splits=bn_splits,  # per process: bn_splits // world
     )
 
 
@@ -137,18 +141,7 @@ SPLIT_B, SPLIT_GROUPS = 4, 4
 
 
 def tiny_moco_split_bn() -> MoCo:
-    torch.manual_seed(0)
-    return MoCo(
-        tiny_backbone(batch_norm=True),
-        8,
-        proj_hidden=8,
-        proj_dim=4,
-        queue_size=16,
-        momentum=0.9,
-        symmetric=True,
-        shuffle_bn=True,
-        bn_splits=SPLIT_GROUPS,  # per process: SPLIT_GROUPS // world
-    )
+    return tiny_moco(True, True, bn_splits=SPLIT_GROUPS, queue_size=16)
 
 
 def run_moco(

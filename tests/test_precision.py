@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny_runs import run
 from torch import nn
 
 import selfsup.train.trainer as trainer_module
@@ -16,22 +17,6 @@ from selfsup.train.logging import read_metrics
 from selfsup.train.trainer import optimizer_step
 
 CUDA = torch.device("cuda", 0)
-
-
-def run(tmp_path, method, *extra, out="run"):
-    """A tiny ``selfsup pretrain`` (tests/test_train.py's settings) into ``tmp_path / out``."""
-    tiny = (
-        "model.backbone=resnet_tiny",
-        "data.image_size=16",
-        "data.storage_size=16",
-        "train.knn_every=0",
-        "train.collapse=off",
-        "train.progress=false",
-        "optim.lr=0.1",
-        "augment.both.crop_scale=[0.5,1.0]",
-    )
-    argv = ["pretrain", "--method", method, "--out", str(tmp_path / out), *tiny]
-    return main([*argv, f"data.cache_dir={tmp_path / 'cache'}", *extra])
 
 
 @pytest.mark.parametrize(

@@ -6,38 +6,10 @@ import math
 
 import pytest
 import torch
+from tiny_runs import TINY, run
 
 from selfsup.cli import main
 from selfsup.train.logging import read_metrics
-
-TINY = [
-    "model.backbone=resnet_tiny",
-    "data.image_size=16",
-    "data.storage_size=16",
-    "data.limit=1024",
-    "train.batch_size=64",
-    "train.knn_every=0",
-    "train.log_every=4",
-    "train.collapse=off",
-    "train.progress=false",
-    "optim.lr=0.1",
-    "augment.both.crop_scale=[0.5,1.0]",  # 16 px digits: keep most of the digit
-]
-
-
-def run(tmp_path, method, *extra, out="run"):
-    argv = [
-        "pretrain",
-        "--method",
-        method,
-        "--out",
-        str(tmp_path / out),
-        *TINY,
-        f"data.cache_dir={tmp_path / 'cache'}",
-        *extra,
-    ]
-    return main(argv)
-
 
 # MoCo's loss is not monotone over a few dozen steps: it rises while the queue's random initial
 # keys are replaced by real (harder) ones, and the slowly moving key encoder keeps it near
