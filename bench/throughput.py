@@ -51,6 +51,7 @@ from selfsup.evaluate.collapse import collapse_metrics
 from selfsup.models import build_backbone
 from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.train.config import resolve_config
+from selfsup.train.distributed import resolve_device
 from selfsup.train.optim import optimizer_from_config, set_lr, warmup_cosine
 from selfsup.train.trainer import (
     build_augment,
@@ -59,7 +60,6 @@ from selfsup.train.trainer import (
     make_views,
     optimizer_step,
     resolve_compile,
-    resolve_device,
 )
 
 METHODS = ("simclr", "moco", "byol", "simsiam")
@@ -81,6 +81,7 @@ class StepState:
     method: nn.Module
     step_fn: Callable[[Tensor, Tensor], dict[str, Tensor]]  # the method, compiled or not
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # selfsup.precision.grad_scaler: active for fp16 only
     augment: TwoViewAugment
     generator: torch.Generator
     stream: BatchStream
@@ -90,8 +91,6 @@ class StepState:
     global_step: int = 0
     loss_sum: Tensor = field(default_factory=lambda: torch.zeros(()))
     bad_steps: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-
-    scaler: torch.amp.GradScaler | None = None  # active for fp16 only
 
     def autocast(self):
         return autocast(self.precision, self.device)

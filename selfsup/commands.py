@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -107,26 +106,24 @@ def _normalisation(info: dict[str, Any], images: torch.Tensor) -> tuple[list[flo
 
 
 def _device(name: str | None) -> torch.device:
-    from selfsup.train.trainer import resolve_device
+    from selfsup.train.distributed import resolve_device
 
     return resolve_device(name or "auto")
 
 
 def _torchrun_device(name: str | None, command: str, refused: str | None = None) -> torch.device:
-    """This process's device; under torchrun (``WORLD_SIZE`` > 1) it joins the process group
-    (GPU ``cuda:<LOCAL_RANK>``), unless ``refused`` names work that needs one process."""
+    """This process's device; under torchrun it joins the process group (GPU
+    ``cuda:<LOCAL_RANK>``), unless ``refused`` names work that needs one process."""
     from selfsup.train.distributed import init_distributed
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return _device(name)
-    if refused:
+    env = init_distributed(name or "auto")
+    if env.distributed and refused:
         raise ConfigError(
-            f"under torchrun (WORLD_SIZE={world}) `selfsup {command}` shares the feature "
+            f"under torchrun (WORLD_SIZE={env.world_size}) `selfsup {command}` shares the feature "
             f"extraction of --protocol knn and --linear-mode fast among the processes; {refused} "
             f"trains a network, in one process: run it without torchrun"
         )
-    return init_distributed(name or "auto").device
+    return env.device
 
 
 def _limit(ds, limit: int | None):

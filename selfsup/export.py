@@ -42,8 +42,10 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     for name in sorted(BACKBONES, key=lambda n: n != "resnet_tiny"):  # the quickstart's first
         with torch.device("meta"):
             candidate = backbone_to_torchvision(name, small_stem)
-        expected = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
-        if {k: v for k, v in expected.items() if not k.startswith("fc.")} == shapes:
+        expected = {
+            k: tuple(v.shape) for k, v in candidate.state_dict().items() if not k.startswith("fc.")
+        }
+        if expected == shapes:
             return name, small_stem
     raise CheckpointError(
         f"the ResNet state_dict ({len(shapes)} tensors) matches none of {', '.join(BACKBONES)}"

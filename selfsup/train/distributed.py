@@ -109,7 +109,8 @@ class DistEnv:
         return self.rank == 0
 
 
-def _single_device(device_pref: str) -> torch.device:
+def resolve_device(device_pref: str) -> torch.device:
+    """``train.device`` in one process: ``auto`` (a GPU if one is visible), ``cpu``, ``cuda:N``."""
     if device_pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device_pref)
@@ -142,7 +143,7 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
     """
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
-        return DistEnv(device=_single_device(device_pref))
+        return DistEnv(device=resolve_device(device_pref))
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", 0)
     use_cuda = device_pref != "cpu" and (device_pref != "auto" or torch.cuda.is_available())
     if use_cuda:

@@ -79,15 +79,6 @@ def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value == "true"
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA GPU is visible; use train.device=cpu")
-    return device
-
-
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two runs in one directory; check it is writable before any long work."""
     marker = out / "config.yaml"
@@ -200,16 +191,17 @@ def optimizer_step(
     progress: float,
     skip_nonfinite: bool = False,
     all_finite=lambda finite: finite,
-    scaler: torch.amp.GradScaler | None = None,
+    scaler: torch.amp.GradScaler,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """Forward, backward, optimizer step and target update: one training step.
 
     ``step_fn`` is the (possibly compiled or DDP-wrapped) ``method``. Returns the method's output,
     whether its loss is finite (a device tensor: no host sync) and whether the update was applied.
     Only ``skip_nonfinite`` reads the loss on the host, to skip a NaN/Inf step on every rank.
-    ``scaler`` (fp16) scales the loss before the backward pass and unscales the gradients before
-    the step, which it skips when they overflowed (then only the scale changes; the target update
-    still runs, as after any step). LARS's trust ratio thus sees the true gradients.
+    ``scaler`` (:func:`selfsup.precision.grad_scaler`; a pass-through but for fp16) scales the
+    loss before the backward pass and unscales the gradients before the step, which it skips when
+    they overflowed (then only the scale changes; the target update still runs, as after any
+    step). LARS's trust ratio thus sees the true gradients.
     """
     with autocast():
         out = step_fn(v1, v2)
@@ -217,13 +209,9 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     if skip_nonfinite and not bool(all_finite(finite)):
         return out, finite, False
-    if scaler is None:
-        out["loss"].backward()
-        optimizer.step()
-    else:
-        scaler.scale(out["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    scaler.scale(out["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
     method.update_target(progress)
     return out, finite, True
 
@@ -281,11 +269,11 @@ class Trainer:
 
     def _knn(self, backbone: torch.nn.Module, bank: ImageDataset, query: ImageDataset) -> dict:
         t = self.cfg.train
-        self._activity = "the kNN check"
+        interrupted, self._activity = self._activity, "the kNN check"
         bs = max(256, t.batch_size)
         # not under the training autocast: feature extraction autocasts itself on CUDA, and the
         # kNN's similarities and weights must stay float32 (a bf16 cosine has 3 digits)
-        return distributed_knn(
+        knn = distributed_knn(
             backbone,
             bank.images,
             bank.labels,
@@ -297,6 +285,8 @@ class Trainer:
             k=t.knn_k,
             temperature=t.knn_temperature,
         )
+        self._activity = interrupted
+        return knn
 
     def _autocast(self):
         return autocast(self.precision, self.device)
@@ -665,7 +655,6 @@ class Trainer:
                     last_epoch or (t.knn_every and done_epochs % t.knn_every == 0)
                 ):
                     knn = self._knn(method.backbone, bank, query)
-                    self._activity = f"epoch {epoch + 1} of training"
                     results.update(
                         knn_top1=knn["top1"], knn_top5=knn["top5"], knn_epoch=done_epochs
                     )
