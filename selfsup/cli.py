@@ -17,6 +17,7 @@ from selfsup.errors import SelfsupError
 
 METHOD_NAMES = ("simclr", "moco", "byol", "simsiam")
 QUICKSTART_OUT = "runs/quickstart"
+QUICKSTART_SOURCE = "mnist5k"  # the quickstart preset's data.source
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         "--data",
         default=None,
         help="image folder (ImageFolder layout gives labels), .tar/.tar.gz of one, "
-        "cifar10, cifar100, or mnist5k (default: the offline quickstart)",
+        "cifar10, cifar100, stl10, stl10-unlabeled, or mnist5k (default: the offline quickstart)",
     )
     p.add_argument(
         "--preset",
@@ -59,8 +60,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out",
         default=None,
-        help=f"run directory (default: without --data {QUICKSTART_OUT}, or "
-        f"{QUICKSTART_OUT}-<method> for the other methods; with --data runs/<method>)",
+        help=f"run directory (default: for the quickstart {QUICKSTART_OUT}, or "
+        f"{QUICKSTART_OUT}-<method> for the other methods; otherwise runs/<method>)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
@@ -111,10 +112,15 @@ def _pretrain(args: argparse.Namespace) -> int:
     else:
         method = args.method or "simclr"
         preset = args.preset or ("quickstart" if args.data is None else None)
-        if args.data is None and preset not in ("quickstart", "cifar10"):
-            raise SelfsupError(f"--preset {preset} needs --data (an image folder or .tar.gz)")
         cfg = resolve_config(method, preset=preset, flags=flags, overrides=args.overrides)
-    if out is None and args.data is None:  # one directory per method, so all four can be tried
+        # a preset for a folder (imagenette) leaves the quickstart's digits as the source
+        if args.data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:
+            raise SelfsupError(
+                f"--preset {preset} needs --data (an image folder or .tar.gz); it names no "
+                "data source of its own"
+            )
+    if out is None and cfg.data.source == QUICKSTART_SOURCE and args.data is None:
+        # one directory per method, so all four quickstarts can be tried side by side
         out = Path(QUICKSTART_OUT if method == "simclr" else f"{QUICKSTART_OUT}-{method}")
     out = out or Path(f"runs/{method}")
     cfg.out = str(out)

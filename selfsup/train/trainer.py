@@ -395,6 +395,7 @@ class Trainer:
         results: dict[str, Any] = {
             "method": cfg.method.name,
             "data": cfg.data.source,
+            "train_images": len(train),
             "backbone": cfg.model.backbone,
             "epochs": t.epochs,
             "batch_size": batch_size,
@@ -498,6 +499,9 @@ class Trainer:
                 ckpt_dir,
             )
 
+        if bank is not None:  # what the kNN numbers mean: which labeled images, how many
+            results["knn_data"] = cfg.data.eval_source or cfg.data.source
+            results["knn_images"] = {"bank": len(bank), "query": len(query)}
         if bank is not None and "knn_top1_random_init" not in results:
             knn0 = self._knn(method.backbone, bank, query)
             results["knn_top1_random_init"] = knn0["top1"]
