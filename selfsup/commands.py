@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -609,13 +610,17 @@ def _add_embed(sub, name: str) -> None:
         help="write embeddings (+ paths and labels) of a dataset",
         description="Write the encoder's features of every image of a dataset. "
         ".npz holds arrays embeddings [N, D] float32, paths [N], and labels [N] "
-        "and classes when the data has labels; .npy holds the embeddings only, "
+        "and classes when the data has labels; .parquet holds one row per image with columns "
+        "path, label and class (when labeled) and embedding (a fixed-size list of D float32; "
+        "needs pyarrow); .npy holds the embeddings only, "
         "with paths and labels in a CSV of the same name beside it.",
     )
     p.add_argument("encoder", help="run directory or encoder file")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="train")
-    p.add_argument("--out", required=True, help="output .npz (embeddings, paths, labels) or .npy")
+    p.add_argument(
+        "--out", required=True, help="output .npz (embeddings, paths, labels), .parquet or .npy"
+    )
     p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
@@ -658,6 +663,9 @@ def embed_dataset(
     return feats, ds
 
 
+EMBED_FORMATS = (".npz", ".parquet", ".npy")
+
+
 def _write_index_csv(path: Path, ds) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -667,10 +675,55 @@ def _write_index_csv(path: Path, ds) -> None:
             writer.writerow((i, ds.paths[i] if ds.paths else "", label))
 
 
+def _require_pyarrow(out: Path):
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"--out {out}: writing .parquet needs pyarrow: pip install pyarrow (or "
+            "pip install 'selfsup[parquet]'); or write a .npz instead"
+        ) from None
+    return pyarrow
+
+
+def _write_parquet(path: Path, feats: np.ndarray, ds) -> None:
+    """One row per image: ``path``, ``label`` and ``class`` (labeled data only), ``embedding``
+    (``fixed_size_list<float32>[D]``, which pandas reads as one array per row)."""
+    pa = _require_pyarrow(path)
+    import pyarrow.parquet as pq
+
+    n, dim = feats.shape
+    columns = {"path": pa.array(list(ds.paths or [""] * n), pa.string())}
+    if ds.labels is not None:
+        labels = np.asarray(ds.labels, dtype=np.int64)
+        columns["label"] = pa.array(labels)
+        if ds.classes:
+            columns["class"] = pa.array([ds.classes[i] for i in labels], pa.string())
+    flat = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1))
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim)
+    pq.write_table(pa.table(columns), path)
+
+
+def _atomic_output(out: Path, write) -> None:
+    """``write(tmp)`` then rename onto ``out``: an interrupted write leaves no partial file."""
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # numpy appends .npy/.npz otherwise
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.suffix not in (".npz", ".npy"):
-        raise ConfigError(f"--out {out}: use a .npz (embeddings, paths, labels) or .npy file name")
+    if out.suffix not in EMBED_FORMATS:
+        raise ConfigError(
+            f"--out {out}: use a .npz (embeddings, paths, labels), .parquet (one row per image) "
+            "or .npy (embeddings only) file name"
+        )
+    if out.suffix == ".parquet":
+        _require_pyarrow(out)  # before any encoding
     from selfsup.train.distributed import cleanup, is_main
 
     try:
@@ -692,14 +745,16 @@ def _embed(args: argparse.Namespace) -> int:
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
-        np.save(out, feats.numpy())
-        _write_index_csv(out.with_suffix(".csv"), ds)
+        _atomic_output(out.with_suffix(".csv"), lambda tmp: _write_index_csv(tmp, ds))
+        _atomic_output(out, lambda tmp: np.save(tmp, feats.numpy()))
+    elif out.suffix == ".parquet":
+        _atomic_output(out, lambda tmp: _write_parquet(tmp, feats.numpy(), ds))
     else:
         arrays = {"embeddings": feats.numpy(), "paths": np.array(ds.paths or [], dtype=str)}
         if ds.labels is not None:
             arrays["labels"] = ds.labels.numpy()
             arrays["classes"] = np.array(ds.classes or [], dtype=str)
-        np.savez(out, **arrays)
+        _atomic_output(out, lambda tmp: np.savez(tmp, **arrays))
     print(f"selfsup: {feats.shape[0]} embeddings of dim {feats.shape[1]} written to {out}")
     return 0
 

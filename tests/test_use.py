@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -387,8 +388,8 @@ def test_transfer_to_another_labeled_dataset(trained, tmp_path) -> None:
 
 # ---------------------------------------------------------------------------- embed / neighbors
 def test_embed_then_load_then_embed_gives_the_same_vectors(trained, tmp_path) -> None:
-    npz, npy = tmp_path / "emb.npz", tmp_path / "emb.npy"
-    for out in (npz, npy):
+    npz, npy, parquet = tmp_path / "emb.npz", tmp_path / "emb.npy", tmp_path / "emb.parquet"
+    for out in (npz, npy, parquet):
         rc, stdout, err = cli(
             "embed",
             str(trained["run"]),
@@ -413,6 +414,14 @@ def test_embed_then_load_then_embed_gives_the_same_vectors(trained, tmp_path) ->
     with open(npy.with_suffix(".csv"), newline="") as fh:
         index = list(csv.DictReader(fh))
     assert [r["path"] for r in index] == train.paths
+    table = pq.read_table(parquet)
+    assert table.column_names == ["path", "label", "class", "embedding"]
+    assert table["path"].to_pylist() == train.paths
+    assert table["label"].to_pylist() == train.labels.tolist()
+    assert table["class"].to_pylist() == [str(c) for c in train.labels.tolist()]
+    rows = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    assert rows.dtype == np.float32 and np.array_equal(rows, saved["embeddings"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     # the Python API gives a ready module that reproduces the saved vectors
     encoder = selfsup.load_encoder(trained["run"] / "encoder.pt")
     assert isinstance(encoder, nn.Module) and not encoder.training
@@ -509,7 +518,7 @@ def test_export_round_trips(trained, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------- errors
-def test_user_errors_name_the_file_or_setting(trained, tmp_path) -> None:
+def test_user_errors_name_the_file_or_setting(trained, tmp_path, monkeypatch) -> None:
     rc, _, err = cli("eval", str(tmp_path / "missing_run"))
     assert rc == 2 and "missing_run" in err
     bare = tmp_path / "bare" / "encoder.pt"
@@ -533,3 +542,13 @@ def test_user_errors_name_the_file_or_setting(trained, tmp_path) -> None:
         "embed", str(trained["run"]), "--data", "mnist5k", "--out", str(tmp_path / "emb.txt")
     )
     assert rc == 2 and "--out" in err
+    import selfsup.commands as commands
+
+    def no_pyarrow(out):
+        raise commands.ConfigError(f"--out {out}: writing .parquet needs pyarrow: pip install")
+
+    monkeypatch.setattr(commands, "_require_pyarrow", no_pyarrow)
+    rc, _, err = cli(
+        "embed", str(trained["run"]), "--data", "mnist5k", "--out", str(tmp_path / "e.parquet")
+    )
+    assert rc == 2 and "pip install" in err and "e.parquet" in err
