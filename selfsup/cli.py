@@ -113,6 +113,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         method = args.method or "simclr"
         preset = args.preset or ("quickstart" if args.data is None else None)
         cfg = resolve_config(method, preset=preset, flags=flags, overrides=args.overrides)
+        overridden = {o.split("=", 1)[0].strip() for o in args.overrides}
+        if args.data is not None and "data.eval_source" not in overridden:
+            # a preset's eval_source belongs to its own source (stl10-unlabeled -> stl10): with
+            # other data it would download a dataset for kNN; the data's own test split is used
+            cfg.data.eval_source = None
         # a preset for a folder (imagenette) leaves the quickstart's digits as the source
         if args.data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:
             raise SelfsupError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import struct
 import tarfile
@@ -758,8 +759,6 @@ def test_stl10_labeled_splits_and_unlabeled_pretraining_set(tmp_path, monkeypatc
 
 
 def test_stl10_pretrain_on_unlabeled_with_knn_on_labeled(tmp_path, monkeypatch):
-    import json
-
     from selfsup.cli import main
 
     _fake_stl10(tmp_path / "cache", monkeypatch)
@@ -783,3 +782,23 @@ def test_stl10_offline_names_its_archive(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.STL10, "download", unreachable)
     with pytest.raises(DataError, match="ai.stanford.edu.*stl10_binary.tar.gz"):
         load("stl10-unlabeled", "train", cache_dir=tmp_path)
+
+
+def test_stl10_preset_with_other_data_monitors_on_that_data(tmp_path, monkeypatch):
+    """--data replaces the preset's source, so the preset's eval_source (stl10, a 2.6 GB
+    download) must not stay: kNN uses the given data's own test split."""
+    from omegaconf import OmegaConf
+    from torchvision import datasets
+
+    from selfsup.cli import main
+
+    monkeypatch.setattr(datasets.STL10, "download", lambda self: pytest.fail("downloads STL-10"))
+    folder = make_imagefolder(tmp_path / "pets")
+    out = tmp_path / "run"
+    argv = ["pretrain", "--preset", "stl10", "--data", str(folder), "--out", str(out)]
+    argv += [f"data.cache_dir={tmp_path / 'cache'}", "model.backbone=resnet_tiny"]
+    argv += ["data.image_size=16", "train.epochs=1", "train.batch_size=4", "train.progress=false"]
+    assert main(argv) == 0
+    assert OmegaConf.load(out / "config.yaml").data.eval_source is None
+    results = json.loads((out / "results.json").read_text())
+    assert results["knn_data"] == str(folder) and results["knn_images"] == {"bank": 5, "query": 2}
