@@ -226,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         from selfsup.errors import memory_report
 
         batch = getattr(args, "batch_size", None)
+        device = getattr(args, "device", None) or "cuda"  # the GPU the command was given
+        device = "cuda" if device == "auto" or device.startswith("cpu") else device
         print(
-            f"selfsup: error: {memory_report(torch.device('cuda'))} ran out of memory in `selfsup "
+            f"selfsup: error: {memory_report(device)} ran out of memory in `selfsup "
             f"{args.command}`; "
             + (f"lower --batch-size (it is {batch}), " if batch else "")
             + "or free the GPU of other programs (nvidia-smi lists them)",

@@ -475,6 +475,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 k=args.knn_k,
                 temperature=args.knn_temperature,
                 num_classes=num_classes,
+                device=device,
             )
             m = {
                 **m,

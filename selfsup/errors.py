@@ -33,7 +33,8 @@ def memory_report(device) -> str:
     """``"NVIDIA ... (15.6 GiB; peak use 14.9 GiB)"`` for a CUDA device, ``"the CPU"`` else."""
     import torch
 
-    if getattr(device, "type", device) != "cuda" or not torch.cuda.is_available():
+    device = torch.device(device)  # "cuda:1" as a string names that GPU too
+    if device.type != "cuda" or not torch.cuda.is_available():
         return "the CPU"
     gib = 2**30
     total = torch.cuda.get_device_properties(device).total_memory / gib

@@ -439,3 +439,22 @@ def test_cuda_views_match_cpu_views_with_same_params() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     v1, v2 = augment_preset("byol", 32)(images.cuda(), gen)
     assert v1.device.type == "cuda" and v2.shape == (16, 3, 32, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "simsiam"])
+def test_cuda_views_never_wait_for_the_host(method) -> None:
+    """Making a batch's views queues GPU work only: no host<->device synchronisation (a
+    ``torch.tensor(list, device=cuda)``, an ``.item()``, a boolean-mask index would each stall
+    the training step)."""
+    images = (_images(64, 40, seed=20) * 255).to(torch.uint8).cuda()
+    augment = augment_preset(method, 32).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    augment(images, gen)  # first call: lazy CUDA initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        v1, v2 = augment(images, gen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert v1.shape == v2.shape == (64, 3, 32, 32)

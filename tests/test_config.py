@@ -68,3 +68,17 @@ def test_every_preset_file_is_packaged():
     packaged = {p for g in globs for p in package.glob(g)}
     presets = set((package / "presets").rglob("*.yaml"))
     assert presets and presets <= packaged, sorted(str(p) for p in presets - packaged)
+
+
+def test_a_gpu_index_the_machine_lacks_is_a_config_error(monkeypatch):
+    """`train.device=cuda:5` on a one-GPU machine: a ConfigError naming the GPUs there are, not
+    torch's "Invalid device id" from deep inside the first CUDA call."""
+    import torch
+
+    from selfsup.train.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=r"cuda:5.*shows 1 GPU \(cuda:0..cuda:0\)"):
+        resolve_device("cuda:5")

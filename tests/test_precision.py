@@ -197,3 +197,6 @@ def test_whole_run_on_cuda_in_its_native_precision(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["precision"] == native_autocast_precision(torch.device("cuda"))
     assert 0.0 <= results["knn_top1_random_init"] <= 1.0 and 0.0 <= results["knn_top1"] <= 1.0
+    # a plain torch.load (no map_location) on a machine without a GPU must open encoder.pt
+    encoder = torch.load(tmp_path / "run" / "encoder.pt", weights_only=True)
+    assert {t.device.type for t in encoder.values()} == {"cpu"}

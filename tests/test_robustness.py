@@ -784,3 +784,50 @@ def test_resume_mid_epoch_with_a_new_batch_size_is_refused(tmp_path, good_folder
     err = capsys.readouterr().err
     assert "a new batch size can only start at an epoch's end" in err
     assert f"train.batch_size={BATCH}" in err and "train.stop_after_epochs=1" in err
+
+
+def test_resume_on_another_kind_of_device_reseeds_the_augmentation_stream(
+    tmp_path, good_folder, cache
+):
+    """A GPU run's checkpoint resumed on the CPU (or the reverse): a CUDA generator's 16-byte
+    state cannot seed a CPU generator (`set_state` raised), so the stream is reseeded."""
+    out = tmp_path / "run"
+    assert pretrain(out, "train.stop_after_epochs=1", data=good_folder, cache=cache) == 3
+    last = out / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    assert state["device_type"] == "cpu" and state["cuda_rng"] is None
+    cuda_like = torch.zeros(16, dtype=torch.uint8)  # what torch.Generator("cuda").get_state() is
+    with pytest.raises(RuntimeError):
+        torch.Generator().set_state(cuda_like)
+    state.update(generator=cuda_like, device_type="cuda", cuda_rng=cuda_like)
+    save_checkpoint(state, last.parent)
+    assert resume(out) == 0
+    assert (out / "encoder.pt").exists()
+
+
+def test_optimizer_state_takes_its_parameter_layout_after_loading():
+    """Momentum buffers saved by a channels-last run, loaded for a contiguous one: after
+    `match_parameter_layouts` the fused SGD step equals the foreach step (without it the CPU's
+    fused kernel silently mis-updates, and CUDA's refuses to run)."""
+    from selfsup.train.optim import match_parameter_layouts
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3)
+    grad, buf = torch.randn_like(weight), torch.randn_like(weight)
+    saved_buf = buf.contiguous(memory_format=torch.channels_last)
+    steps = {}
+    for fused in (False, True):
+        p = torch.nn.Parameter(weight.clone())
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=fused)
+        state = opt.state_dict()
+        state["state"] = {
+            0: {"momentum_buffer": saved_buf.clone(memory_format=torch.preserve_format)}
+        }
+        opt.load_state_dict(state)
+        match_parameter_layouts(opt)
+        assert opt.state[p]["momentum_buffer"].stride() == p.stride()
+        assert torch.equal(opt.state[p]["momentum_buffer"], buf)
+        p.grad = grad.clone()
+        opt.step()
+        steps[fused] = p.detach().clone()
+    assert torch.allclose(steps[True], steps[False], atol=1e-6)

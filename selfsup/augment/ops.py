@@ -222,7 +222,8 @@ def adjust_hue(images: Tensor, factor: Tensor) -> Tensor:
     # Grey pixels (chroma 0) have a zero numerator too; dividing by 1 keeps them finite.
     hue6 = hue6 / torch.where(chroma > 0, chroma, torch.ones_like(chroma))
     hue6 = hue6 + 6.0 * factor.to(hue6).reshape(-1, 1, 1)
-    n = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(3, 1, 1)
+    # [5, 3, 1] built on the device: torch.tensor(list, device=cuda) is a host-to-device copy
+    n = torch.arange(5.0, 0.0, -2.0, device=images.device, dtype=images.dtype).view(3, 1, 1)
     k = (n + hue6.unsqueeze(-3)).remainder(6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return (maxc.unsqueeze(-3) - chroma.unsqueeze(-3) * ramp).clamp_(0.0, 1.0)

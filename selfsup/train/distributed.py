@@ -118,6 +118,14 @@ def resolve_device(device_pref: str) -> torch.device:
         raise ConfigError(
             f"train.device={device_pref!r} but no CUDA GPU is visible; use train.device=cpu"
         )
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ConfigError(
+                f"train.device={device_pref!r} but this machine shows {count} GPU"
+                f"{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1}); pick one of those "
+                "(CUDA_VISIBLE_DEVICES renumbers them from 0)"
+            )
     return device
 
 
@@ -481,7 +489,9 @@ def distributed_knn(
     query = distributed_extract_features(
         backbone, query_images, transform, batch_size=batch_size, device=device
     )
-    return knn_accuracy(bank, bank_labels, query, query_labels, k=k, temperature=temperature)
+    return knn_accuracy(
+        bank, bank_labels, query, query_labels, k=k, temperature=temperature, device=device
+    )
 
 
 def strip_devices_flag(argv: Sequence[str]) -> list[str]:

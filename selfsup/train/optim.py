@@ -160,6 +160,24 @@ def _all_cuda(groups: list[dict]) -> bool:
     return all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
 
 
+def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimizer state tensor its parameter's memory layout, after ``load_state_dict``.
+
+    ``load_state_dict`` keeps the saved strides: momentum buffers of a channels-last run resumed
+    with ``train.channels_last=false`` (or the reverse) no longer match their parameters, which
+    CUDA's fused SGD refuses and the CPU's fused kernel silently mis-updates.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == p.shape
+                    and value.stride() != p.stride()
+                ):
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
     """Multiplier of the base lr: linear warm-up from ~0, then half-cosine decay to ``min_ratio``.
 

@@ -58,7 +58,12 @@ from selfsup.train.distributed import (
     wrap_ddp,
 )
 from selfsup.train.logging import MetricsLogger
-from selfsup.train.optim import optimizer_from_config, set_lr, warmup_cosine
+from selfsup.train.optim import (
+    match_parameter_layouts,
+    optimizer_from_config,
+    set_lr,
+    warmup_cosine,
+)
 
 
 class StopRequested(Exception):
@@ -420,17 +425,19 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             for group, settings in zip(optimizer.param_groups, configured, strict=True):
                 group.update(settings)
+            match_parameter_layouts(optimizer)
             if state.get("scaler"):  # an fp16 run's loss scale; a bf16/fp32 one saved {}
                 scaler.load_state_dict(state["scaler"])
-            if env.world_size == 1 and state.get("world_size", 1) == 1:
-                generator.set_state(
-                    state["generator"].to(generator.get_state().device)
-                    if hasattr(state["generator"], "to")
-                    else state["generator"]
-                )
-            else:  # only rank 0's stream was saved: fresh per-rank streams at this step
+            saved_device = state.get("device_type", "cpu")
+            same_stream = env.world_size == 1 and state.get("world_size", 1) == 1
+            if same_stream and saved_device == self.device.type:
+                generator.set_state(state["generator"].cpu())
+            else:  # only rank 0's stream was saved, or it was another device's kind of
+                # generator (a CUDA state cannot seed a CPU generator): fresh streams at this step
                 generator.manual_seed(rank_seed(t.seed + state["global_step"], env.rank))
             torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and self.device.type == "cuda" and same_stream:
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)  # MoCo's shuffle
             start_epoch, start_step, global_step = (
                 state["epoch"],
                 state["step_in_epoch"],
@@ -485,7 +492,13 @@ class Trainer:
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "generator": generator.get_state(),
+                    "device_type": self.device.type,
                     "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": (
+                        torch.cuda.get_rng_state(self.device)
+                        if self.device.type == "cuda"
+                        else None
+                    ),
                     "epoch": epoch,
                     "step_in_epoch": step_in_epoch,
                     "global_step": global_step,
@@ -691,7 +704,9 @@ class Trainer:
         if finished and env.is_main:
             results["train_time_s"] = round(time.monotonic() - started, 2)
             results["images_per_s_last"] = round(images_per_s, 1)
-            atomic_torch_save(method.backbone.state_dict(), self.run_dir / "encoder.pt")
+            # CPU tensors: a plain torch.load on a machine without a GPU must open it
+            encoder_state = {k: v.detach().cpu() for k, v in method.backbone.state_dict().items()}
+            atomic_torch_save(encoder_state, self.run_dir / "encoder.pt")
             write_json(self.run_dir / "results.json", results)
         return TrainResult(self.run_dir, results, finished)
 
