@@ -371,14 +371,26 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     ]
     device = _torchrun_device(args.device, "eval", " and ".join(refused) or None)
     target = Path(args.encoder)
+    if not target.exists():
+        raise ConfigError(f"{target} does not exist: pass a run directory or an encoder file")
     info = _run_info(target)
     run_dir: Path = info["run_dir"]
-    source = args.data or info.get("pretrain_data")
+    source = args.data or info.get("eval_data") or info.get("pretrain_data")
     if source is None:
         raise ConfigError(
             f"{target}: no config.yaml or export.json beside the encoder says what "
             f"it was trained on; pass --data"
         )
+    if args.data is None:
+        from selfsup.data import parse_source
+
+        try:
+            parse_source(source)
+        except DataError as exc:
+            raise ConfigError(
+                f"{exc}. That is the data recorded with the run ({run_dir}); pass --data with "
+                "where it is on this machine (or any labeled dataset)"
+            ) from None
     load_size, image_size = _sizes(info, args.image_size)
     encoder = load_encoder(target)
     progress = not args.no_progress and is_main()

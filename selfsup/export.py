@@ -64,7 +64,8 @@ def encoder_metadata(path: str | Path) -> dict[str, Any]:
     """What is known of an encoder file besides its weights.
 
     Keys (each optional): ``backbone``, ``small_stem`` (bool), ``mean``, ``std`` (3 floats),
-    ``image_size`` (int), ``method``, ``pretrain_data``, ``epochs``, ``config_hash``. Read from the
+    ``image_size`` (int), ``method``, ``pretrain_data``, ``eval_data`` (the run's
+    ``data.eval_source``), ``epochs``, ``config_hash``. Read from the
     run's ``config.yaml`` beside the file, else ``export.json`` beside it, else the
     ``.safetensors`` header; ``{}`` when there is none.
     """
@@ -83,6 +84,8 @@ def encoder_metadata(path: str | Path) -> dict[str, Any]:
         if "data" in cfg:
             meta.update(
                 pretrain_data=cfg.data.get("source"),
+                # the labeled data the run was monitored on (stl10 for stl10-unlabeled)
+                eval_data=cfg.data.get("eval_source"),
                 image_size=cfg.data.get("image_size"),
                 storage_size=cfg.data.get("storage_size"),
             )

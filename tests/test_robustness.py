@@ -784,6 +784,37 @@ def test_resume_mid_epoch_with_a_new_batch_size_is_refused(tmp_path, good_folder
     err = capsys.readouterr().err
     assert "a new batch size can only start at an epoch's end" in err
     assert f"train.batch_size={BATCH}" in err and "train.stop_after_epochs=1" in err
+    # the refusal left the run as it was: its advice works
+    assert OmegaConf.load(out / "config.yaml").train.batch_size == BATCH
+    assert resume(out, "train.stop_after_epochs=1") == 3
+
+
+def test_refused_resume_leaves_the_run_resumable_and_names_what_differs(
+    tmp_path, good_folder, cache, capsys
+):
+    out = tmp_path / "run"
+    assert pretrain(out, "train.stop_after_epochs=1", data=good_folder, cache=cache) == 3
+    config_before = (out / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert resume(out, "model.backbone=resnet18", "augment.both.flip_p=0.1") == 2
+    err = capsys.readouterr().err
+    assert "model.backbone: 'resnet_tiny' in the checkpoint, 'resnet18' now" in err
+    assert "augment.both.flip_p: '(unset)' in the checkpoint, 0.1 now" in err
+    assert (out / "config.yaml").read_bytes() == config_before
+    assert resume(out) == 0
+
+
+def test_augmentation_typo_is_refused_before_the_run_directory_exists(
+    tmp_path, good_folder, cache, capsys
+):
+    out = tmp_path / "run"
+    assert pretrain(out, "augment.both.jitter_pp=0", data=good_folder, cache=cache) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting 'augment.both.jitter_pp' (did you mean 'augment.both.jitter_p'?)" in err
+    assert not out.exists()
+    assert pretrain(out, "augment.view2.gray_p=high", data=good_folder, cache=cache) == 2
+    assert "augment.view2.gray_p='high': give a number" in capsys.readouterr().err
+    assert pretrain(out, data=good_folder, cache=cache) == 0  # the corrected command just runs
 
 
 def test_resume_on_another_kind_of_device_reseeds_the_augmentation_stream(
@@ -831,3 +862,23 @@ def test_optimizer_state_takes_its_parameter_layout_after_loading():
         opt.step()
         steps[fused] = p.detach().clone()
     assert torch.allclose(steps[True], steps[False], atol=1e-6)
+
+
+def test_relative_data_path_is_recorded_absolute(tmp_path, good_folder, cache, monkeypatch, capsys):
+    """A run trained with `--data ./folder` resumes and evaluates from any directory; when the
+    recorded data has gone, eval says where the path came from and to pass --data."""
+    out = tmp_path / "run"
+    monkeypatch.chdir(good_folder.parent)
+    assert pretrain(out, "train.stop_after_epochs=1", data=Path(good_folder.name), cache=cache) == 3
+    assert OmegaConf.load(out / "config.yaml").data.source == str(good_folder.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert resume(out) == 0
+    config = OmegaConf.load(out / "config.yaml")
+    config.data.source = str(tmp_path / "moved-away")
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    capsys.readouterr()
+    assert main(["eval", str(out), "--protocol", "knn"]) == 2
+    err = capsys.readouterr().err
+    assert "moved-away" in err and "recorded with the run" in err and "pass --data" in err
+    assert main(["eval", str(tmp_path / "nope"), "--protocol", "knn"]) == 2
+    assert "nope does not exist" in capsys.readouterr().err

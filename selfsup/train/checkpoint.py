@@ -86,10 +86,41 @@ def _minor(version: str) -> tuple[str, ...]:
     return tuple(version.split(".")[:2])
 
 
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def config_differences(
+    saved: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...]
+) -> list[str]:
+    """``"model.backbone: 'resnet_tiny' in the checkpoint, 'resnet18' now"`` per differing key."""
+    old = _flatten({k: saved.get(k, {}) for k in sections})
+    new = _flatten({k: current.get(k, {}) for k in sections})
+    unset = "(unset)"
+    return [
+        f"{key}: {old.get(key, unset)!r} in the checkpoint, {new.get(key, unset)!r} now"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, unset) != new.get(key, unset)
+    ]
+
+
 def load_checkpoint(
-    directory: Path, *, method: str, config_hash: str, version: str | None = None
+    directory: Path,
+    *,
+    method: str,
+    config_hash: str,
+    version: str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Load the newest readable checkpoint and refuse one from another method, config or format."""
+    """Load the newest readable checkpoint and refuse one from another method, config or format.
+
+    ``config``, this run's resolved config as a dict, lets a refusal name the settings that
+    differ from the checkpoint's."""
     candidates = [directory / "last.pt", directory / "prev.pt"]
     errors = []
     for path in candidates:
@@ -117,12 +148,22 @@ def load_checkpoint(
                 f"pass --method {state.get('method')} or choose another --out"
             )
         if state.get("config_hash") != config_hash:
+            differ = (
+                config_differences(state["config"], config, ("method", "model", "augment"))
+                if config is not None and isinstance(state.get("config"), dict)
+                else []
+            )
+            which = f": {'; '.join(differ)}" if differ else ""
             raise CheckpointError(
                 f"{path} was written with another method/model/augmentation config "
-                f"(hash {state.get('config_hash')} != {config_hash}); resume with the run's own "
-                f"config.yaml settings, or start a new run with --out elsewhere or --overwrite"
+                f"(hash {state.get('config_hash')} != {config_hash}){which}; resume with the "
+                f"run's own settings (drop those overrides), or start a new run with --out "
+                f"elsewhere or --overwrite"
             )
         return state, path
     if errors:
-        raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
+        raise CheckpointError(
+            "no readable checkpoint: " + "; ".join(errors) + "; start the run over with "
+            "--overwrite (or restore the checkpoint files from a backup)"
+        )
     raise CheckpointError(f"no checkpoint in {directory}; start without --resume")

@@ -198,6 +198,10 @@ def resolve_config(
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
     if cfg.train.collapse in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
         cfg.train.collapse = "off"
+    for key in ("source", "eval_source"):  # a relative path would only work from this folder
+        value = cfg.data[key]
+        if isinstance(value, str) and value.strip() and Path(value).expanduser().exists():
+            cfg.data[key] = str(Path(value).expanduser().resolve())
     validate_config(cfg)
     return cfg
 
@@ -256,6 +260,65 @@ def validate_config(cfg: DictConfig) -> None:
         value = d[key]
         _require(value is None or len(value) == 3, f"data.{key} needs 3 values (RGB), got {value}")
     validate_method_and_model(cfg)
+    resolve_views(cfg)  # augmentation keys and values, before any data is read
+
+
+AUGMENT_SECTIONS = ("both", "view1", "view2")
+
+
+def resolve_views(cfg: DictConfig):
+    """The method's preset ``(view1, view2)`` :class:`ViewConfig` with ``augment.both.*`` then
+    ``augment.view1.*`` / ``augment.view2.*`` applied; a :class:`ConfigError` names the setting as
+    written (``augment.both.blur_p``) for an unknown key, a non-number or an impossible value."""
+    from dataclasses import fields
+
+    from selfsup.augment import ViewConfig, augment_preset  # torch: only once a config is built
+
+    for key in cfg.augment:
+        _require(
+            key in AUGMENT_SECTIONS,
+            f"unknown setting 'augment.{key}'; use augment.view1.*, augment.view2.* or "
+            "augment.both.*",
+        )
+    names = sorted(f.name for f in fields(ViewConfig))
+
+    def plain(section: str) -> dict:
+        node = cfg.augment.get(section)
+        return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    preset = augment_preset(cfg.method.name, cfg.data.image_size)
+    views = []
+    for view_name, preset_view in (("view1", preset.view1.cfg), ("view2", preset.view2.cfg)):
+        values = {name: getattr(preset_view, name) for name in names}
+        written: dict[str, str] = {}
+        for section in ("both", view_name):
+            for key, value in plain(section).items():
+                setting = f"augment.{section}.{key}"
+                _require(
+                    key in values,
+                    f"unknown setting {setting!r}"
+                    f"{_did_you_mean(setting, [f'augment.{section}.{n}' for n in names])}; "
+                    f"valid: {names}",
+                )
+                if isinstance(values[key], tuple):
+                    ok = isinstance(value, list | tuple) and len(value) == 2
+                    ok = ok and all(number(v) for v in value)
+                    _require(ok, f"{setting}={value!r}: give a pair of numbers, e.g. [0.2, 1.0]")
+                    value = tuple(value)
+                else:
+                    _require(number(value), f"{setting}={value!r}: give a number")
+                values[key], written[key] = value, setting
+        try:
+            views.append(ViewConfig(**values))
+        except ConfigError as exc:
+            message = str(exc)
+            for key, setting in written.items():  # "ViewConfig.blur_p=5" -> "augment.both.blur_p=5"
+                message = message.replace(f"augmentation setting ViewConfig.{key}=", f"{setting}=")
+            raise ConfigError(message) from None
+    return views[0], views[1]
 
 
 def validate_method_and_model(cfg: DictConfig) -> None:

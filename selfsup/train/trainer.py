@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import selfsup
-from selfsup.augment import EvalTransform, TwoViewAugment, ViewConfig, augment_preset
+from selfsup.augment import EvalTransform, TwoViewAugment
 from selfsup.data import ImageDataset, load_dataset, write_skip_report
 from selfsup.errors import (
     CheckpointError,
@@ -40,7 +40,7 @@ from selfsup.models import build_backbone
 from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.progress import bar_options
 from selfsup.train.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
-from selfsup.train.config import config_hash, to_yaml
+from selfsup.train.config import config_hash, resolve_views, to_yaml
 from selfsup.train.distributed import (
     DistributedBatchStream,
     all_ranks_true,
@@ -129,38 +129,9 @@ def dataset_stats(images: torch.Tensor, limit: int = 10_000) -> tuple[list[float
 
 
 def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoViewAugment:
-    """The method's preset views, with ``augment.view1`` / ``augment.view2`` overrides applied."""
-    preset = augment_preset(cfg.method.name, cfg.data.image_size, mean=mean, std=std)
-    names = {f.name for f in fields(ViewConfig)}
-    for key in cfg.augment:
-        if key not in ("view1", "view2", "both"):
-            raise ConfigError(
-                f"unknown setting 'augment.{key}'; use augment.view1.*, "
-                f"augment.view2.* or augment.both.*"
-            )
-
-    def plain(key: str) -> dict:
-        node = cfg.augment.get(key)
-        return OmegaConf.to_container(node, resolve=True) if node is not None else {}
-
-    both = plain("both")
-    views = []
-    for view_name, view_cfg in (("view1", preset.view1.cfg), ("view2", preset.view2.cfg)):
-        over = {**both, **plain(view_name)}
-        for key in over:
-            if key not in names:
-                import difflib
-
-                close = difflib.get_close_matches(key, sorted(names), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(
-                    f"unknown setting 'augment.{view_name}.{key}'{hint}; valid: {sorted(names)}"
-                )
-        values = {f.name: getattr(view_cfg, f.name) for f in fields(ViewConfig)}
-        for key, value in over.items():
-            values[key] = tuple(value) if isinstance(value, list) else value
-        views.append(ViewConfig(**values))
-    return TwoViewAugment(views[0], views[1], cfg.data.image_size, mean=mean, std=std)
+    """The method's preset views with the ``augment.*`` overrides (see ``resolve_views``)."""
+    view1, view2 = resolve_views(cfg)
+    return TwoViewAugment(view1, view2, cfg.data.image_size, mean=mean, std=std)
 
 
 def _limit(dataset: ImageDataset, limit: int | None) -> ImageDataset:
@@ -364,11 +335,6 @@ class Trainer:
         if cfg.data.mean is None or cfg.data.std is None:
             cfg.data.mean, cfg.data.std = mean, std
         env = self.env
-        if env.is_main:
-            # limits of this invocation are not part of the run: a --resume must not inherit them
-            saved = cfg.copy()
-            saved.train.stop_after_epochs, saved.train.time_limit_min = None, None
-            (self.run_dir / "config.yaml").write_text(to_yaml(saved))
         self.augment = build_augment(cfg, mean, std).to(self.device)
         self.eval_transform = EvalTransform(cfg.data.image_size, mean=mean, std=std).to(self.device)
 
@@ -414,7 +380,11 @@ class Trainer:
             )
         elif self.resume:
             state, path = load_checkpoint(
-                ckpt_dir, method=cfg.method.name, config_hash=chash, version=selfsup.__version__
+                ckpt_dir,
+                method=cfg.method.name,
+                config_hash=chash,
+                version=selfsup.__version__,
+                config=OmegaConf.to_container(cfg, resolve=True),
             )
             method.load_state_dict(state["model"])
             # the momentum buffers come from the checkpoint; lr, momentum and weight decay from
@@ -468,6 +438,13 @@ class Trainer:
                     file=sys.stderr,
                 )
         results["precision"] = self.precision  # this invocation's: a resume may change it
+        if env.is_main:
+            # only now, once a resume was accepted: a refused one must leave the run's config as
+            # it was. Limits of this invocation are not part of the run (a --resume must not
+            # inherit them).
+            saved = cfg.copy()
+            saved.train.stop_after_epochs, saved.train.time_limit_min = None, None
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(saved))
         logger = MetricsLogger(self.run_dir, enabled=env.is_main)
         model = wrap_ddp(method, env)
         step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
@@ -711,7 +688,12 @@ class Trainer:
         return TrainResult(self.run_dir, results, finished)
 
 
-def write_json(path: Path, obj: Any) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
