@@ -163,9 +163,10 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0]  # torch's text runs to pages
             raise CheckpointError(
                 f"{path} is neither an encoder state_dict, a safetensors file "
-                f"nor TorchScript ({type(exc).__name__}: {exc})"
+                f"nor TorchScript ({type(exc).__name__}: {first_line})"
             ) from None
         state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
         if not isinstance(state, dict) or not all(
@@ -177,7 +178,25 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
             )
     meta = encoder_metadata(path)
     if isinstance(meta.get("backbone"), str) and "small_stem" in meta:
-        return state, meta["backbone"], bool(meta["small_stem"])
+        name, small = meta["backbone"], bool(meta["small_stem"])
+        with torch.device("meta"):
+            expected = backbone_to_torchvision(name, small).state_dict()
+        fits = all(
+            k in state and tuple(state[k].shape) == tuple(v.shape)
+            for k, v in expected.items()
+            if not k.startswith("fc.")
+        )
+        if not fits:  # e.g. an encoder.pt copied beside another run's config.yaml
+            try:
+                found = "a {} (small_stem={}) encoder".format(*infer_architecture(state))
+            except CheckpointError:
+                found = "weights of no known backbone"
+            raise CheckpointError(
+                f"{path} holds {found}, but the metadata beside it says model.backbone={name}, "
+                f"model.small_stem={small}; keep each encoder with its own run's config.yaml "
+                "(or export.json), or load the bare file from a folder without one"
+            )
+        return state, name, small
     name, small = infer_architecture(state)
     return state, name, small
 

@@ -82,3 +82,35 @@ def test_a_gpu_index_the_machine_lacks_is_a_config_error(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ConfigError, match=r"cuda:5.*shows 1 GPU \(cuda:0..cuda:0\)"):
         resolve_device("cuda:5")
+
+
+def test_a_preset_that_is_not_yaml_is_a_one_line_config_error(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [\n")
+    with pytest.raises(
+        ConfigError, match="broken.yaml' is not valid YAML: while parsing"
+    ) as caught:
+        resolve_config("simclr", preset=str(broken))
+    assert "\n" not in str(caught.value)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="not a mapping of settings"):
+        resolve_config("simclr", preset=str(listing))
+
+
+def test_augmentation_settings_are_checked_when_the_config_is_resolved():
+    with pytest.raises(
+        ConfigError, match=r"'augment.both.jitter_pp' \(did you mean 'augment.both.jitter_p'"
+    ):
+        resolve_config("byol", overrides=["augment.both.jitter_pp=0"])
+    with pytest.raises(ConfigError, match=r"augment.view1.blur_p='abc': give a number"):
+        resolve_config("byol", overrides=["augment.view1.blur_p=abc"])
+    with pytest.raises(ConfigError, match=r"^augment.both.solarize_p=2: a probability"):
+        resolve_config("byol", overrides=["augment.both.solarize_p=2"])
+    with pytest.raises(ConfigError, match=r"augment.view2.crop_scale=\[0.5\]: give a pair"):
+        resolve_config("byol", overrides=["augment.view2.crop_scale=[0.5]"])
+    with pytest.raises(ConfigError, match=r"unknown setting 'augment.view3'"):
+        resolve_config("byol", overrides=["augment.view3.blur_p=1"])
+    resolve_config(
+        "byol", overrides=["augment.both.crop_scale=[0.2,1.0]", "augment.view2.blur_p=0"]
+    )

@@ -552,3 +552,21 @@ def test_user_errors_name_the_file_or_setting(trained, tmp_path, monkeypatch) ->
         "embed", str(trained["run"]), "--data", "mnist5k", "--out", str(tmp_path / "e.parquet")
     )
     assert rc == 2 and "pip install" in err and "e.parquet" in err
+
+
+def test_encoder_beside_another_runs_config_is_named_not_a_size_mismatch(trained, tmp_path):
+    from selfsup.errors import CheckpointError
+    from selfsup.models import build_backbone
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(trained["run"] / "config.yaml", mixed / "config.yaml")  # a resnet_tiny run
+    other, _ = build_backbone("resnet18", small_stem=True)
+    torch.save(other.state_dict(), mixed / "encoder.pt")
+    with pytest.raises(CheckpointError, match=r"holds a resnet18 \(small_stem=True\) encoder, but"):
+        selfsup.load_encoder(mixed)
+    rc, _, err = cli("eval", str(mixed), "--protocol", "knn", "--cache-dir", trained["cache"])
+    assert rc == 2 and "model.backbone=resnet_tiny" in err and "size mismatch" not in err
+    # a file that is no encoder at all: one line, not torch's page on weights_only
+    rc, _, err = cli("eval", str(trained["run"] / "config.yaml"), "--protocol", "knn")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err

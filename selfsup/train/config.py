@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -185,8 +186,14 @@ def resolve_config(
         for text in preset_texts(preset, method):
             try:
                 loaded = OmegaConf.create(text)
-            except OmegaConfBaseException as exc:
-                raise ConfigError(f"preset {preset!r} is not valid YAML: {exc}") from None
+            except (OmegaConfBaseException, yaml.YAMLError) as exc:
+                where = " ".join(str(exc).split())  # PyYAML's message spans several lines
+                raise ConfigError(f"preset {preset!r} is not valid YAML: {where}") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(
+                    f"preset {preset!r} is YAML but not a mapping of settings (e.g. "
+                    "'optim: {lr: 0.1}')"
+                )
             cfg = _merge(cfg, loaded, f"preset {preset!r}")
         cfg.method.name = method
     if flags:
