@@ -148,9 +148,26 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from selfsup.train.config import resolve_config, to_yaml
+    import dataclasses
+    import inspect
+    import json
 
-    print(to_yaml(resolve_config(args.method, preset=args.preset, overrides=args.overrides)))
+    from selfsup.methods import METHOD_CLASSES, method_options
+    from selfsup.train.config import resolve_config, resolve_views, to_yaml
+
+    cfg = resolve_config(args.method, preset=args.preset, overrides=args.overrides)
+    print(to_yaml(cfg))
+    # what the keys left unset above resolve to, so every setting can be seen (and overridden)
+    params = inspect.signature(METHOD_CLASSES[cfg.method.name].__init__).parameters
+    unset = [k for k in method_options(cfg.method.name) if k not in cfg.method]
+    print(f"# method.* not set above take {cfg.method.name}'s defaults:")
+    for key in unset:
+        print(f"#   method.{key}: {json.dumps(params[key].default)}")
+    print("# the two views: the method's recipe with the augment.* settings above applied")
+    print("# (override any key as augment.view1.<key>, augment.view2.<key> or augment.both.<key>):")
+    for name, view in zip(("view1", "view2"), resolve_views(cfg), strict=True):
+        values = ", ".join(f"{k}: {json.dumps(v)}" for k, v in dataclasses.asdict(view).items())
+        print(f"#   {name}: {{{values}}}")
     return 0
 
 

@@ -114,3 +114,13 @@ def test_augmentation_settings_are_checked_when_the_config_is_resolved():
     resolve_config(
         "byol", overrides=["augment.both.crop_scale=[0.2,1.0]", "augment.view2.blur_p=0"]
     )
+
+
+def test_selfsup_config_shows_the_method_defaults_and_resolved_views(capsys):
+    from selfsup.cli import main
+
+    assert main(["config", "--method", "moco", "augment.view2.blur_p=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "#   method.queue_size: 4096" in out and "#   method.bn_splits: 8" in out
+    view2 = next(line for line in out.splitlines() if line.startswith("#   view2:"))
+    assert "blur_p: 0.25" in view2 and "crop_scale: [0.3, 1.0]" in view2
