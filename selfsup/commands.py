@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import time
@@ -37,7 +38,11 @@ RESULT_FIELDS = (
     "metric",
     "value",
     "config_hash",
+    "weights",  # sha256 prefix of the encoder file: a retrained run is another row
+    "limit",
+    "image_size",
 )
+TABLE_FIELDS = RESULT_FIELDS[:-3]  # what a results CSV of an earlier selfsup holds
 CSV_METRICS = ("top1", "top5", "seconds")  # the numbers of a result that get a CSV line
 PAPER_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop area range of the papers' linear protocol
 
@@ -180,9 +185,21 @@ def _load_labeled_splits(
 
 
 def append_results(csv_path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append ``rows`` (keys ``RESULT_FIELDS``) to ``csv_path``, writing the header if new."""
+    """Append ``rows`` (keys ``RESULT_FIELDS``) to ``csv_path``, writing the header if new (a CSV
+    with fewer columns, from an earlier selfsup, is first rewritten with the new ones empty)."""
     new = not csv_path.exists()
     csv_path.parent.mkdir(parents=True, exist_ok=True)
+    if not new:
+        with open(csv_path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            old_rows = list(reader) if reader.fieldnames != list(RESULT_FIELDS) else None
+        if old_rows is not None:
+            tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(old_rows)
+            os.replace(tmp, csv_path)
     with open(csv_path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         if new:
@@ -349,7 +366,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     from selfsup.evaluate.knn import knn_accuracy
     from selfsup.evaluate.linear import linear_probe, linear_probe_features
     from selfsup.evaluate.subsets import balanced_subset, save_subset
-    from selfsup.export import load_encoder
+    from selfsup.export import encoder_file, load_encoder
     from selfsup.train.distributed import (
         distributed_extract_features,
         distributed_world,
@@ -413,8 +430,10 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     if args.baselines:
         arch = _architecture(info, encoder)
         encoders["random_init"] = _fresh_backbone(*arch, seed=args.seed)
+    weights = _file_digest(encoder_file(target))
     results: dict[str, Any] = {
         "encoder": str(target),
+        "weights": weights,
         "method": info.get("method"),
         "pretrain_data": info.get("pretrain_data"),
         "pretrain_epochs": info.get("epochs"),
@@ -451,6 +470,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                         "metric": key,
                         "value": metrics[key],
                         "config_hash": info.get("config_hash", ""),
+                        "weights": weights,
+                        "limit": args.limit or "",
+                        "image_size": image_size,
                     }
                 )
 
@@ -568,13 +590,37 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                     m = {**m, **extra, "seconds": round(time.monotonic() - t0, 2)}
                     record(label, f"finetune_{fraction:g}pct", m)
 
-    out_json = run_dir / f"eval_{_slug(source)}_{args.protocol}.json"
+    pool = f"_limit{args.limit}" if args.limit else ""
+    out_json = run_dir / f"eval_{_slug(source)}{pool}_{args.protocol}.json"
     csv_path = Path(args.results_csv) if args.results_csv else run_dir.parent / "results.csv"
     if is_main():  # every process computed the same numbers; one writes them
+        _merge_earlier(out_json, results)
         write_json(out_json, results)
         append_results(csv_path, rows)
     results["_json"], results["_csv"] = str(out_json), str(csv_path)
     return results
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _merge_earlier(path: Path, results: dict[str, Any]) -> None:
+    """Keep the protocols of an earlier eval of the same weights, data and sizes in ``results``
+    (``--label-fraction 1`` after ``10`` keeps both); another encoder's file is replaced."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    same = ("weights", "eval_data", "image_size", "limit", "seed")
+    if isinstance(earlier, dict) and all(earlier.get(k) == results.get(k) for k in same):
+        for protocol, by_encoder in (earlier.get("protocols") or {}).items():
+            merged = {**by_encoder, **results["protocols"].get(protocol, {})}
+            results["protocols"][protocol] = merged
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -924,33 +970,36 @@ def results_table(csv_path: Path, metric: str = "top1") -> str:
         raise DataError(f"{csv_path} does not exist; run `selfsup eval` first (or pass the CSV)")
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not set(RESULT_FIELDS) <= set(reader.fieldnames):
+        if reader.fieldnames is None or not set(TABLE_FIELDS) <= set(reader.fieldnames):
             raise DataError(
                 f"{csv_path} is not a results CSV written by `selfsup eval` (its "
-                f"header must hold {', '.join(RESULT_FIELDS)})"
+                f"header must hold {', '.join(TABLE_FIELDS)})"
             )
         rows = [r for r in reader if r["metric"] == metric]
+    # one table row per evaluated thing: the run's weights (a retrained run is a new row), the
+    # encoder (ssl / baselines), the eval data and how much of it (--limit) at which size
     latest: dict[tuple, dict] = {}
-    for r in rows:  # the newest line of each (run, encoder, eval data, protocol) wins
-        latest[(r["run"], r["encoder"], r["eval_data"], r["protocol"])] = r
-    protocols = sorted({k[3] for k in latest})
+    for r in rows:  # the newest line of each (row, protocol) wins
+        key = (r["run"], r.get("weights", ""), r["encoder"], r["eval_data"], r.get("limit", ""))
+        latest[(*key, r.get("image_size", ""), r["protocol"])] = r
+    protocols = sorted({k[-1] for k in latest})
     first: dict[tuple, dict] = {}
     for key, row in latest.items():
-        first.setdefault(key[:3], row)
+        first.setdefault(key[:-1], row)
     lines = [
-        "| run | method | epochs | encoder | eval data | " + " | ".join(protocols) + " |",
-        "| " + " | ".join(["---"] * (5 + len(protocols))) + " |",
+        "| run | method | epochs | weights | encoder | eval data | " + " | ".join(protocols) + " |",
+        "| " + " | ".join(["---"] * (6 + len(protocols))) + " |",
     ]
-    for run, enc, data in sorted(first):
-        row = first[(run, enc, data)]
+    for group in sorted(first, key=lambda g: (g[0], first[g]["time"], g[2:])):
+        row = first[group]
+        run, weights, enc, data, limit, size = group
         cells = [
-            f"{float(latest[(run, enc, data, p)]['value']):.4f}"
-            if (run, enc, data, p) in latest
-            else ""
+            f"{float(latest[(*group, p)]['value']):.4f}" if (*group, p) in latest else ""
             for p in protocols
         ]
+        where = data + (f" (limit {limit})" if limit else "") + (f", {size} px" if size else "")
         lines.append(
-            f"| {run} | {row['method']} | {row['epochs']} | {enc} | {data} | "
+            f"| {run} | {row['method']} | {row['epochs']} | {weights[:8]} | {enc} | {where} | "
             + " | ".join(cells)
             + " |"
         )

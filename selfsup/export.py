@@ -132,7 +132,9 @@ def _decode_header(raw: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-def _encoder_path(path: Path) -> Path:
+def encoder_file(path: Path) -> Path:
+    """The weights file of a run directory (its encoder.pt) or the file itself; a clear error if
+    there is none."""
     if path.is_dir():
         candidate = path / "encoder.pt"
         if not candidate.exists():
@@ -213,7 +215,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
         the torchvision ResNet with ``fc = nn.Identity()`` (a ``torch.jit.ScriptModule`` for a
         TorchScript file), in eval mode.
     """
-    path = _encoder_path(Path(path))
+    path = encoder_file(Path(path))
     if is_torchscript(path):
         with warnings.catch_warnings():  # deprecated in torch >= 2.9, still the way to load it
             warnings.simplefilter("ignore", FutureWarning)
@@ -249,7 +251,7 @@ def export_encoder(
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
-    src = _encoder_path(Path(source))
+    src = encoder_file(Path(source))
     if is_torchscript(src):
         raise ConfigError(
             f"{src} is TorchScript, which holds no architecture to re-export; "

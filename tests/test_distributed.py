@@ -719,7 +719,7 @@ def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(tmp_pat
         main(["eval", str(run), *protocol, *evaluation, "--results-csv", str(tmp_path / "one.csv")])
         == 0
     )
-    one = json.loads((run / "eval_mnist5k_linear.json").read_text())
+    one = json.loads((run / "eval_mnist5k_limit300_linear.json").read_text())
     assert main([*embed, "--out", str(tmp_path / "one.npz")]) == 0
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -749,7 +749,7 @@ def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(tmp_pat
     }
     for name in ("eval", "embed"):
         assert done[name].returncode == 0, done[name].stderr[-4000:]
-    two = json.loads((run / "eval_mnist5k_linear.json").read_text())
+    two = json.loads((run / "eval_mnist5k_limit300_linear.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
     for encoder in ("ssl", "random_init"):
         a, b = one["protocols"]["linear_fast"][encoder], two["protocols"]["linear_fast"][encoder]

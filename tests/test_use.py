@@ -129,7 +129,7 @@ def evaluated(trained) -> dict:
     csv_path = trained["root"] / "runs" / "results.csv"
     rc, out, err = cli("eval", str(trained["run"]), *EVAL_ALL, "--cache-dir", trained["cache"])
     assert rc == 0, err
-    json_path = trained["run"] / "eval_mnist5k_all.json"
+    json_path = trained["run"] / f"eval_mnist5k_limit{LIMIT}_all.json"
     return {"stdout": out, "results": json.loads(json_path.read_text()), "csv": csv_path}
 
 
@@ -180,7 +180,7 @@ def test_eval_all_runs_under_the_autocast_a_gpu_uses(trained, tmp_path, monkeypa
         argv[argv.index(flag) + 1] = value
     rc, _, err = cli("eval", str(run), *argv)
     assert rc == 0, err
-    protocols = json.loads((run / "eval_mnist5k_all.json").read_text())["protocols"]
+    protocols = json.loads((run / "eval_mnist5k_limit200_all.json").read_text())["protocols"]
     assert {(p, enc) for p, by_enc in protocols.items() for enc in by_enc} == EXPECTED_CELLS
     for by_encoder in protocols.values():
         for m in by_encoder.values():
@@ -206,7 +206,7 @@ def test_knn_settings_are_configurable(trained) -> None:
         str(trained["root"] / "knn_only.csv"),
     )
     assert rc == 0, err
-    results = json.loads((trained["run"] / "eval_mnist5k_knn.json").read_text())
+    results = json.loads((trained["run"] / "eval_mnist5k_limit300_knn.json").read_text())
     knn = results["protocols"]["knn"]
     assert (knn["ssl"]["k"], knn["ssl"]["temperature"]) == (7, 0.5)
     # no --crop-scale / --flip-p: the augmented protocols take the run's own (digits: no flips)
@@ -324,10 +324,10 @@ def test_table_prints_a_row_per_run(trained, evaluated) -> None:
     assert rc == 0, err
     lines = out.strip().splitlines()
     header = [c.strip() for c in lines[0].split("|")[1:-1]]
-    assert header[:5] == ["run", "method", "epochs", "encoder", "eval data"]
-    assert set(header[5:]) == {p for p, _ in EXPECTED_CELLS}
+    assert header[:6] == ["run", "method", "epochs", "weights", "encoder", "eval data"]
+    assert set(header[6:]) == {p for p, _ in EXPECTED_CELLS}
     rows = {
-        (cells[0], cells[3]): cells
+        (cells[0], cells[4]): cells
         for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])
     }
     assert set(rows) == {
@@ -340,6 +340,45 @@ def test_table_prints_a_row_per_run(trained, evaluated) -> None:
     ssl_knn = evaluated["results"]["protocols"]["knn"]["ssl"]["top1"]
     assert rows[(str(trained["run"]), "ssl")][knn_col] == f"{ssl_knn:.4f}"
     assert rows[(str(second), "ssl")][header.index("linear_fast")] == ""  # not evaluated
+    sha = hashlib.sha256((trained["run"] / "encoder.pt").read_bytes()).hexdigest()[:8]
+    assert rows[(str(second), "ssl")][3] == rows[(str(trained["run"]), "ssl")][3] == sha
+    assert "(limit 200)" in rows[(str(second), "ssl")][5]
+    assert f"(limit {LIMIT})" in rows[(str(trained["run"]), "ssl")][5]
+
+    # the copy retrained (other weights in the same directory): a new row, the old one kept
+    state = torch.load(second / "encoder.pt", weights_only=True)
+    torch.save(
+        {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, second / "encoder.pt"
+    )
+    rc, _, err = cli(
+        "eval", str(second), "--protocol", "knn", "--limit", "200", "--cache-dir", trained["cache"]
+    )
+    assert rc == 0, err
+    _, out, _ = cli("table", str(evaluated["csv"]))
+    second_rows = [line for line in out.splitlines() if line.startswith(f"| {second} |")]
+    assert len({line.split("|")[4].strip() for line in second_rows}) == 2
+
+
+def test_results_csv_of_an_earlier_release_gains_the_new_columns(tmp_path) -> None:
+    from selfsup.commands import RESULT_FIELDS, TABLE_FIELDS, append_results, results_table
+
+    old = tmp_path / "results.csv"
+    with open(old, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=TABLE_FIELDS)
+        writer.writeheader()
+        writer.writerow({**{k: "" for k in TABLE_FIELDS}, "run": "r", "encoder": "ssl",
+                         "eval_data": "d", "protocol": "knn", "metric": "top1", "value": "0.5",
+                         "time": "t0"})  # fmt: skip
+    assert "| r |" in results_table(old)
+    new_row = {k: "" for k in RESULT_FIELDS}
+    new_row.update(run="r", encoder="ssl", eval_data="d", protocol="knn", metric="top1")
+    new_row.update(value="0.7", weights="abc", time="t1")
+    append_results(old, [new_row])
+    with open(old, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == list(RESULT_FIELDS) and [r["value"] for r in rows] == ["0.5", "0.7"]
+    assert "0.5000" in results_table(old) and "0.7000" in results_table(old)
 
 
 # ---------------------------------------------------------------------------- transfer
