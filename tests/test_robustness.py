@@ -369,7 +369,7 @@ def test_missing_source_names_the_accepted_forms(tmp_path, capsys):
         (["model.backbone=resnet19"], "did you mean 'resnet18'"),
         (["method.temprature=0.2"], "did you mean 'temperature'"),
         (["method.temperature=hot"], "method.temperature must be of type float"),
-        (["augment.view1.blurr_p=0.5"], "did you mean 'blur_p'"),
+        (["augment.view1.blurr_p=0.5"], "did you mean 'augment.view1.blur_p'"),
         (["train.on_nan=ignore"], "train.on_nan must be one of"),
         (
             ["train.device=cuda:7"] if not torch.cuda.is_available() else ["train.device=tpu"],
@@ -410,8 +410,19 @@ def test_output_directory_holding_a_run_is_refused_unless_resume_or_overwrite(
     assert (out / "encoder.pt").read_bytes() == before
     assert train_steps_logged(out) == steps_before
 
+    # what eval and export leave in a run, and a file of the user's own
+    (out / "eval_pets_knn.json").write_text("{}")
+    (out / "subset_pets_1pct_seed0.csv").write_text("index,path,label\n")
+    (out / "export").mkdir()
+    (out / "export" / "encoder.safetensors").write_bytes(b"old weights")
+    old_events = sorted(p.name for p in (out / "tb").iterdir())
+    (out / "notes.txt").write_text("mine")
     assert pretrain(out, flags=("--overwrite",), data=good_folder, cache=cache) == 0
     assert train_steps_logged(out) == list(range(1, TOTAL_STEPS + 1))  # a fresh log, not appended
+    assert not list(out.glob("eval_*")) and not list(out.glob("subset_*"))
+    assert not (out / "export").exists() and (out / "notes.txt").read_text() == "mine"
+    new_events = sorted(p.name for p in (out / "tb").iterdir())
+    assert len(new_events) == 1 and not set(new_events) & set(old_events)
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])

@@ -84,6 +84,30 @@ def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value == "true"
 
 
+# What selfsup writes into a run directory (pretrain, eval, export); --overwrite removes these
+# and nothing else, so files of the user's own in the folder survive.
+RUN_OUTPUT_FILES = (
+    "config.yaml", "metrics.jsonl", "results.json", "encoder.pt", "skipped.csv", "collapse.json",
+)  # fmt: skip
+RUN_OUTPUT_PATTERNS = ("eval_*.json", "subset_*.csv")
+RUN_OUTPUT_DIRS = ("checkpoints", "tb", "export")
+
+
+def remove_run_outputs(out: Path) -> None:
+    """Delete a replaced run's files: its results, evaluations, exports and TensorBoard events
+    would otherwise sit beside the new run's (TensorBoard would plot both as one)."""
+    import shutil
+
+    for name in RUN_OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for pattern in RUN_OUTPUT_PATTERNS:
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
+    for name in RUN_OUTPUT_DIRS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two runs in one directory; check it is writable before any long work."""
     marker = out / "config.yaml"
@@ -104,10 +128,7 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"start without --resume"
         )
     if overwrite and not resume and out.exists():
-        for name in ("metrics.jsonl", "results.json", "encoder.pt", "skipped.csv"):
-            (out / name).unlink(missing_ok=True)
-        for name in ("last.pt", "prev.pt"):
-            (out / "checkpoints" / name).unlink(missing_ok=True)
+        remove_run_outputs(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
