@@ -19,3 +19,23 @@ def test_readme_training_loop_runs_as_written(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     before, after = (float(v) for v in re.findall(r"(\d\.\d{3}) (?:at|after)", printed))
     assert after > before + 0.05, printed  # measured: 0.722 -> 0.817
+
+
+def test_readme_plain_torchvision_loading_runs_as_written(tmp_path, monkeypatch):
+    """The README's load-without-selfsup snippet, on an encoder.pt of the small-stem ResNet-18
+    (the cifar10 presets' backbone): it loads strictly and gives selfsup's features."""
+    import torch
+
+    from selfsup.models import build_backbone
+
+    (snippet,) = [block for block in python_blocks() if "torchvision.models.resnet18" in block]
+    backbone, _ = build_backbone("resnet18", small_stem=True)
+    (tmp_path / "runs" / "byol").mkdir(parents=True)
+    torch.save(backbone.state_dict(), tmp_path / "runs" / "byol" / "encoder.pt")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, str(README), "exec"), namespace)
+    model = namespace["model"].eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(images), backbone.eval()(images), atol=1e-5)
