@@ -344,6 +344,8 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     ):
         if not value > 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
+    if args.image_size is not None and args.image_size < 8:  # as pretrain's data.image_size
+        raise ConfigError(f"--image-size must be >= 8 pixels, got {args.image_size}")
     if args.flip_p is not None and not 0 <= args.flip_p <= 1:
         raise ConfigError(f"--flip-p must be in [0, 1], got {args.flip_p}")
     if args.crop_scale is not None and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
@@ -871,6 +873,11 @@ def nearest_neighbors(
     arrays = []
     for q in queries:  # decode the queries first: a bad query fails before any encoding
         path = Path(q)
+        if path.is_dir():
+            raise DataError(
+                f"query {q} is a folder; pass image files (a shell glob: {q}/*.jpg) or one .txt "
+                "file listing image paths"
+            )
         if not path.is_file():
             raise DataError(f"query image {q} does not exist")
         img = resize_shorter(decode_image(path.read_bytes(), name=q), load_size)

@@ -893,3 +893,36 @@ def test_relative_data_path_is_recorded_absolute(tmp_path, good_folder, cache, m
     assert "moved-away" in err and "recorded with the run" in err and "pass --data" in err
     assert main(["eval", str(tmp_path / "nope"), "--protocol", "knn"]) == 2
     assert "nope does not exist" in capsys.readouterr().err
+
+
+def test_an_explicit_eval_source_that_cannot_serve_the_knn_check_is_an_error(
+    tmp_path, good_folder, cache, capsys
+):
+    out = tmp_path / "run"
+    typo = tmp_path / "pets-typo"
+    assert pretrain(out, f"data.eval_source={typo}", data=good_folder, cache=cache) == 2
+    err = capsys.readouterr().err
+    assert "data.eval_source" in err and "pets-typo" in err and "Traceback" not in err
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(flat / f"{i}.png")
+    assert pretrain(out, f"data.eval_source={flat}", data=good_folder, cache=cache) == 2
+    assert "data.eval_source" in capsys.readouterr().err
+    assert not (out / "config.yaml").exists()  # refused before the run began
+
+
+def test_resuming_a_finished_run_says_it_is_done(copy_of_baseline, capsys):
+    out = copy_of_baseline
+    before = (out / "encoder.pt").read_bytes()
+    assert resume(out) == 0
+    err = capsys.readouterr().err
+    assert "epochs are done, nothing is left to train" in err and "resumed from" not in err
+    assert (out / "encoder.pt").read_bytes() == before
+
+
+def test_small_user_errors_say_what_was_meant(copy_of_baseline, capsys):
+    assert main(["pretrain", "epochs=1"]) == 2
+    assert "did you mean 'train.epochs'?" in capsys.readouterr().err
+    assert main(["eval", str(copy_of_baseline), "--image-size", "4"]) == 2
+    assert "--image-size must be >= 8" in capsys.readouterr().err

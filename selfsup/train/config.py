@@ -155,7 +155,12 @@ def _check_keys(node: Any, schema: Any, prefix: str) -> None:
         if key not in schema:
             where = f"{prefix}{key}"
             choices = [f"{prefix}{k}" for k in schema.keys()]
-            raise ConfigError(f"unknown setting {where!r}{_did_you_mean(where, choices)}")
+            hint = _did_you_mean(where, choices)
+            if not prefix:  # `epochs=1`: the key of a section (train.epochs)?
+                sections = [s for s in schema.keys() if isinstance(schema[s], DictConfig)]
+                owners = [f"{s}.{key}" for s in sections if key in schema[s]]
+                hint = f" (did you mean {' or '.join(map(repr, owners))}?)" if owners else hint
+            raise ConfigError(f"unknown setting {where!r}{hint}")
         _check_keys(value, schema[key], f"{prefix}{key}.")
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import selfsup
 from selfsup.augment import EvalTransform, TwoViewAugment
-from selfsup.data import ImageDataset, load_dataset, write_skip_report
+from selfsup.data import ImageDataset, load_dataset, parse_source, write_skip_report
 from selfsup.errors import (
     CheckpointError,
     CollapseError,
@@ -235,6 +235,11 @@ class Trainer:
             workers=d.workers,
             progress=self.cfg.train.progress,
         )
+        if d.eval_source:  # asked for by name: a typo is an error, before the data is decoded
+            try:
+                parse_source(d.eval_source)
+            except DataError as exc:
+                raise DataError(f"data.eval_source: {exc}") from None
         with main_process_first():  # rank 0 builds the cache, the others then read it
             train = _limit(load_dataset(d.source, "train", **kwargs), d.limit)
         summary = write_skip_report(train, self.run_dir / "skipped.csv") if self.env.is_main else ""
@@ -258,9 +263,18 @@ class Trainer:
                 )
                 query = _limit(load_dataset(eval_source, "test", **kwargs), d.limit)
         except DataError as exc:
+            if d.eval_source:  # monitoring was asked for: without it the run would be blind
+                raise DataError(
+                    f"data.eval_source={d.eval_source!r} cannot serve the kNN check: {exc}"
+                ) from None
             print(f"selfsup: kNN monitoring off: {exc}", file=sys.stderr)
             bank, query = None, None
         if bank is not None and (bank.labels is None or query is None or query.labels is None):
+            if d.eval_source:
+                raise DataError(
+                    f"data.eval_source={d.eval_source!r} has no labels (it needs class folders, "
+                    "train/<class>/* and test/<class>/*) to serve the kNN check"
+                )
             bank, query = None, None
         return train, bank, query
 
@@ -453,7 +467,13 @@ class Trainer:
                         file=sys.stderr,
                     )
             results.update(state.get("results", {}))
-            if env.is_main:
+            if env.is_main and start_epoch >= t.epochs:
+                print(
+                    f"selfsup: {path} is the end of the run: all {t.epochs} epochs are done, "
+                    f"nothing is left to train (the encoder and results are written again)",
+                    file=sys.stderr,
+                )
+            elif env.is_main:
                 print(
                     f"selfsup: resumed from {path} at epoch {start_epoch + 1}, step {global_step}",
                     file=sys.stderr,
