@@ -166,10 +166,12 @@ def _load_labeled_splits(
         except DataError as exc:
             first_error = first_error or exc
     if test is None:
-        raise DataError(
-            f"{source!r} has no held-out split to evaluate on ({first_error}); "
-            f"arrange it as DIR/train/<class>/* and DIR/test/<class>/*"
+        advice = (
+            ""
+            if "arrange it as" in str(first_error)
+            else ("; arrange it as DIR/train/<class>/* and DIR/test/<class>/*")
         )
+        raise DataError(f"{source!r} has no held-out split to evaluate on: {first_error}{advice}")
     for split, ds in (("train", train), ("test", test)):
         if ds.labels is None:
             raise DataError(

@@ -449,7 +449,8 @@ def list_tar(spec: SourceSpec, split: str) -> ListedSource:
 
 def _corrupt_archive_error(archive: Path, error: BaseException) -> DataError:
     return DataError(
-        f"cannot read archive {archive}: {str(error) or type(error).__name__}; the archive is "
+        f"cannot read archive {archive}: {' '.join(str(error).split()) or type(error).__name__}"
+        "; the archive is "
         "corrupt, truncated or not a tar file. Re-create it (tar czf data.tar.gz DIR) or "
         "extract it and pass the folder instead"
     )
