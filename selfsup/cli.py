@@ -44,7 +44,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--preset",
         default=None,
-        help="recipe: quickstart, cifar10, imagenette, or a .yaml path "
+        help="recipe: quickstart, cifar10, imagenette, stl10, or a .yaml path "
         "(default: quickstart without --data, else none)",
     )
     p.add_argument("--epochs", type=int, default=None)
@@ -113,11 +113,6 @@ def _pretrain(args: argparse.Namespace) -> int:
         method = args.method or "simclr"
         preset = args.preset or ("quickstart" if args.data is None else None)
         cfg = resolve_config(method, preset=preset, flags=flags, overrides=args.overrides)
-        overridden = {o.split("=", 1)[0].strip() for o in args.overrides}
-        if args.data is not None and "data.eval_source" not in overridden:
-            # a preset's eval_source belongs to its own source (stl10-unlabeled -> stl10): with
-            # other data it would download a dataset for kNN; the data's own test split is used
-            cfg.data.eval_source = None
         # a preset for a folder (imagenette) leaves the quickstart's digits as the source
         if args.data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:
             raise SelfsupError(
@@ -129,6 +124,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         out = Path(QUICKSTART_OUT if method == "simclr" else f"{QUICKSTART_OUT}-{method}")
     out = out or Path(f"runs/{method}")
     cfg.out = str(out)
+    _check_sources(cfg, out)  # before --overwrite clears anything
     env = init_distributed(cfg.train.device)
     try:
         if env.is_main:
@@ -145,6 +141,26 @@ def _pretrain(args: argparse.Namespace) -> int:
     print(json.dumps({k: r[k] for k in ("method", "knn_top1", "knn_top1_random_init") if k in r}))
     print(f"selfsup: encoder saved to {out / 'encoder.pt'}; results in {out / 'results.json'}")
     return 0
+
+
+def _check_sources(cfg, out: Path) -> None:
+    """The data sources exist (a typo must not cost an --overwrite'n run) and are not the run
+    directory itself (``--out mnist5k`` would make a folder that shadows the dataset's name)."""
+    from selfsup.data import parse_source
+
+    for key in ("source", "eval_source"):
+        value = cfg.data[key]
+        if not value:
+            continue
+        if Path(value).expanduser().resolve() == out.expanduser().resolve():
+            raise SelfsupError(
+                f"--out {out} is the data source data.{key}={value!r} itself; choose another "
+                "--out (a run directory there would take the place of the data)"
+            )
+        try:
+            parse_source(value)
+        except SelfsupError as exc:
+            raise type(exc)(f"data.{key}: {exc}") from None
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -57,6 +57,14 @@ def _run_info(target: Path) -> dict[str, Any]:
     return {**encoder_metadata(target), "run_dir": run_dir}
 
 
+def _absolute(source: str | None) -> str | None:
+    """An existing path as an absolute one (results then name the same data from any folder);
+    dataset names and missing paths as given."""
+    if source and Path(source).expanduser().exists():
+        return str(Path(source).expanduser().resolve())
+    return source
+
+
 def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
     """(cached size, network input size): the pre-training run's storage and crop sizes, so the
     encoder sees its images prepared exactly as during training; ``--image-size`` sets both."""
@@ -186,16 +194,31 @@ def _load_labeled_splits(
     return train, test
 
 
+def check_results_csv(csv_path: Path) -> None:
+    """A DataError unless ``csv_path`` is absent or a results CSV of selfsup (this or the earlier
+    format): results are appended to no one else's CSV."""
+    if not csv_path.exists():
+        return
+    with open(csv_path, newline="") as fh:
+        header = csv.DictReader(fh).fieldnames or []
+    if header not in (list(RESULT_FIELDS), list(TABLE_FIELDS)):
+        raise DataError(
+            f"{csv_path} is not a results CSV written by `selfsup eval` (its header is "
+            f"{','.join(header) or 'empty'}); pass another --results-csv, or move it aside"
+        )
+
+
 def append_results(csv_path: Path, rows: list[dict[str, Any]]) -> None:
     """Append ``rows`` (keys ``RESULT_FIELDS``) to ``csv_path``, writing the header if new (a CSV
     with fewer columns, from an earlier selfsup, is first rewritten with the new ones empty)."""
     new = not csv_path.exists()
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     if not new:
+        check_results_csv(csv_path)
         with open(csv_path, newline="") as fh:
             reader = csv.DictReader(fh)
-            old_rows = list(reader) if reader.fieldnames != list(RESULT_FIELDS) else None
-        if old_rows is not None:
+            old_rows = list(reader) if reader.fieldnames == list(TABLE_FIELDS) else None
+        if old_rows is not None:  # the format of an earlier selfsup: add the new columns
             tmp = csv_path.with_name(f".{csv_path.name}.tmp")
             with open(tmp, "w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
@@ -245,7 +268,7 @@ def _add_eval(sub, name: str) -> None:
         "--data",
         default=None,
         help="labeled source with train/ and test/ splits "
-        "(default: the run's own pre-training data)",
+        "(default: the run's data.eval_source if it has one, else its pre-training data)",
     )
     p.add_argument("--protocol", choices=PROTOCOLS, default="knn")
     p.add_argument(
@@ -396,7 +419,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{target} does not exist: pass a run directory or an encoder file")
     info = _run_info(target)
     run_dir: Path = info["run_dir"]
-    source = args.data or info.get("eval_data") or info.get("pretrain_data")
+    csv_path = Path(args.results_csv) if args.results_csv else run_dir.parent / "results.csv"
+    check_results_csv(csv_path)  # before any work
+    source = _absolute(args.data) or info.get("eval_data") or info.get("pretrain_data")
     if source is None:
         raise ConfigError(
             f"{target}: no config.yaml or export.json beside the encoder says what "
@@ -453,6 +478,21 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         "mean": mean,
         "std": std,
         "train_augment": {"crop_scale": list(crop_scale), "flip_p": flip_p},
+        # the knobs of the protocols: an earlier eval is merged into this file only if they agree
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "knn_k",
+                "knn_temperature",
+                "linear_epochs",
+                "linear_lr",
+                "lbfgs_iters",
+                "finetune_epochs",
+                "finetune_lr",
+                "supervised_lr",
+                "batch_size",
+            )
+        },  # fmt: skip
         "protocols": {},
     }
     rows: list[dict[str, Any]] = []
@@ -596,7 +636,6 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
 
     pool = f"_limit{args.limit}" if args.limit else ""
     out_json = run_dir / f"eval_{_slug(source)}{pool}_{args.protocol}.json"
-    csv_path = Path(args.results_csv) if args.results_csv else run_dir.parent / "results.csv"
     if is_main():  # every process computed the same numbers; one writes them
         _merge_earlier(out_json, results)
         write_json(out_json, results)
@@ -620,7 +659,7 @@ def _merge_earlier(path: Path, results: dict[str, Any]) -> None:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    same = ("weights", "eval_data", "image_size", "limit", "seed")
+    same = ("weights", "eval_data", "image_size", "limit", "seed", "train_augment", "settings")
     if isinstance(earlier, dict) and all(earlier.get(k) == results.get(k) for k in same):
         for protocol, by_encoder in (earlier.get("protocols") or {}).items():
             merged = {**by_encoder, **results["protocols"].get(protocol, {})}
@@ -836,6 +875,7 @@ def _add_neighbors(sub, name: str) -> None:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--limit", type=int, default=None, help="search only N images, evenly spaced")
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256, help="images encoded at once")
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -851,6 +891,7 @@ def nearest_neighbors(
     cache_dir: str | None = None,
     split: str = "train",
     limit: int | None = None,
+    batch_size: int = 256,
 ) -> list[dict[str, Any]]:
     """The ``k`` images of ``source`` most cosine-similar to each query image.
 
@@ -886,12 +927,13 @@ def nearest_neighbors(
         arrays.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # a writable copy
     encoder = load_encoder(encoder_path)
     feats, ds = embed_dataset(
-        encoder_path, source, split, image_size, 256, device, cache_dir, limit, encoder=encoder
-    )
+        encoder_path, source, split, image_size, batch_size, device, cache_dir, limit,
+        encoder=encoder,
+    )  # fmt: skip
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
     _, eval_t = _transforms(size, mean, std, dev)
-    qf = extract_features(encoder, torch.stack(arrays), eval_t, device=dev)
+    qf = extract_features(encoder, torch.stack(arrays), eval_t, batch_size=batch_size, device=dev)
     sims = torch.nn.functional.normalize(qf, dim=1) @ torch.nn.functional.normalize(feats, dim=1).T
     top = sims.topk(min(k, feats.shape[0]), dim=1)
     out = []
@@ -924,6 +966,7 @@ def _neighbors(args: argparse.Namespace) -> int:
         args.cache_dir,
         args.split,
         args.limit,
+        args.batch_size,
     )
     if args.json:
         print(json.dumps(out, indent=2))

@@ -124,3 +124,24 @@ def test_selfsup_config_shows_the_method_defaults_and_resolved_views(capsys):
     assert "#   method.queue_size: 4096" in out and "#   method.bn_splits: 8" in out
     view2 = next(line for line in out.splitlines() if line.startswith("#   view2:"))
     assert "blur_p: 0.25" in view2 and "crop_scale: [0.3, 1.0]" in view2
+
+
+def test_a_presets_eval_source_follows_its_own_source():
+    """--preset stl10 monitors on stl10 while it pretrains on its own stl10-unlabeled; other
+    data brings its own test split; an eval_source given by the user always stays."""
+    assert resolve_config("byol", preset="stl10").data.eval_source == "stl10"
+    same = ["data.source=stl10-unlabeled"]
+    assert resolve_config("byol", preset="stl10", overrides=same).data.eval_source == "stl10"
+    other = ["data.source=cifar10"]
+    assert resolve_config("byol", preset="stl10", overrides=other).data.eval_source is None
+    flag = {"data.source": "cifar10"}
+    assert resolve_config("byol", preset="stl10", flags=flag).data.eval_source is None
+    given = ["data.source=cifar10", "data.eval_source=stl10"]
+    assert resolve_config("byol", preset="stl10", overrides=given).data.eval_source == "stl10"
+
+
+def test_an_augment_section_that_is_not_a_mapping_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"augment.both=5: give settings by key"):
+        resolve_config("byol", overrides=["augment.both=5"])
+    with pytest.raises(ConfigError, match=r"augment.both: Interpolation key"):
+        resolve_config("byol", overrides=["augment.both.crop_scale=${augment.both.foo}"])

@@ -417,12 +417,42 @@ def test_output_directory_holding_a_run_is_refused_unless_resume_or_overwrite(
     (out / "export" / "encoder.safetensors").write_bytes(b"old weights")
     old_events = sorted(p.name for p in (out / "tb").iterdir())
     (out / "notes.txt").write_text("mine")
+    for name in ("checkpoints/supervised_epoch90.pth", "tb/events.out.other", "export/model.onnx"):
+        (out / name).write_text("mine")
     assert pretrain(out, flags=("--overwrite",), data=good_folder, cache=cache) == 0
+    for name in ("checkpoints/supervised_epoch90.pth", "tb/events.out.other", "export/model.onnx"):
+        assert (out / name).read_text() == "mine", name
     assert train_steps_logged(out) == list(range(1, TOTAL_STEPS + 1))  # a fresh log, not appended
     assert not list(out.glob("eval_*")) and not list(out.glob("subset_*"))
-    assert not (out / "export").exists() and (out / "notes.txt").read_text() == "mine"
-    new_events = sorted(p.name for p in (out / "tb").iterdir())
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["model.onnx"]
+    assert (out / "notes.txt").read_text() == "mine"
+    new_events = sorted(p.name for p in (out / "tb").glob("events.out.tfevents.*"))
     assert len(new_events) == 1 and not set(new_events) & set(old_events)
+
+
+def test_overwrite_keeps_the_run_when_the_new_data_is_a_typo(
+    copy_of_baseline, tmp_path, cache, capsys
+):
+    out = copy_of_baseline
+    before = sorted(p.name for p in out.iterdir())
+    typo = tmp_path / "no-such-folder"
+    assert pretrain(out, flags=("--overwrite",), data=typo, cache=cache) == 2
+    assert "no-such-folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "encoder.pt").exists()
+
+
+def test_overwrite_refuses_a_folder_whose_config_is_not_a_run(tmp_path, good_folder, cache, capsys):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: my-own-detector\nlr: 3\n")
+    assert pretrain(out, flags=("--overwrite",), data=good_folder, cache=cache) == 2
+    assert "not a selfsup run's config" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == "model: my-own-detector\nlr: 3\n"
+
+
+def test_run_directory_cannot_be_the_data_source(tmp_path, good_folder, cache, capsys):
+    assert pretrain(good_folder, data=good_folder, cache=cache) == 2
+    assert "is the data source" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
@@ -847,6 +877,18 @@ def test_resume_on_another_kind_of_device_reseeds_the_augmentation_stream(
     assert (out / "encoder.pt").exists()
 
 
+def test_resume_of_a_gpu_checkpoint_from_before_device_type_was_saved(tmp_path, good_folder, cache):
+    out = tmp_path / "run"
+    assert pretrain(out, "train.stop_after_epochs=1", data=good_folder, cache=cache) == 3
+    last = out / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    for key in ("device_type", "cuda_rng"):
+        del state[key]
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)  # an older GPU run's CUDA state
+    save_checkpoint(state, last.parent)
+    assert resume(out) == 0
+
+
 def test_optimizer_state_takes_its_parameter_layout_after_loading():
     """Momentum buffers saved by a channels-last run, loaded for a contiguous one: after
     `match_parameter_layouts` the fused SGD step equals the foreach step (without it the CPU's
@@ -921,7 +963,8 @@ def test_resuming_a_finished_run_says_it_is_done(copy_of_baseline, capsys):
     assert (out / "encoder.pt").read_bytes() == before
 
 
-def test_small_user_errors_say_what_was_meant(copy_of_baseline, capsys):
+def test_small_user_errors_say_what_was_meant(copy_of_baseline, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # were the check gone, the quickstart would start here
     assert main(["pretrain", "epochs=1"]) == 2
     assert "did you mean 'train.epochs'?" in capsys.readouterr().err
     assert main(["eval", str(copy_of_baseline), "--image-size", "4"]) == 2

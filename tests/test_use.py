@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -583,14 +584,13 @@ def test_user_errors_name_the_file_or_setting(trained, tmp_path, monkeypatch) ->
     assert rc == 2 and "--out" in err
     import selfsup.commands as commands
 
-    def no_pyarrow(out):
-        raise commands.ConfigError(f"--out {out}: writing .parquet needs pyarrow: pip install")
-
-    monkeypatch.setattr(commands, "_require_pyarrow", no_pyarrow)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as on a machine without pyarrow
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setattr(commands, "embed_dataset", lambda *a, **k: pytest.fail("encoded first"))
     rc, _, err = cli(
         "embed", str(trained["run"]), "--data", "mnist5k", "--out", str(tmp_path / "e.parquet")
     )
-    assert rc == 2 and "pip install" in err and "e.parquet" in err
+    assert rc == 2 and "pip install pyarrow" in err and "e.parquet" in err
 
 
 def test_encoder_beside_another_runs_config_is_named_not_a_size_mismatch(trained, tmp_path):
@@ -609,3 +609,39 @@ def test_encoder_beside_another_runs_config_is_named_not_a_size_mismatch(trained
     # a file that is no encoder at all: one line, not torch's page on weights_only
     rc, _, err = cli("eval", str(trained["run"] / "config.yaml"), "--protocol", "knn")
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_results_merge_only_the_same_weights_data_and_settings(trained, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "encoder.pt"):
+        shutil.copy(trained["run"] / name, run / name)
+    common = ["--protocol", "knn", "--limit", "200", "--cache-dir", trained["cache"]]
+    path = run / "eval_mnist5k_limit200_knn.json"
+    assert cli("eval", str(run), *common, "--baselines", "--knn-k", "7")[0] == 0
+    assert set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl", "random_init"}
+    assert cli("eval", str(run), *common, "--knn-k", "7")[0] == 0  # same settings: kept
+    assert set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl", "random_init"}
+    assert cli("eval", str(run), *common)[0] == 0  # another k: the baseline is not comparable
+    assert set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl"}
+
+    # a relative --data is recorded absolute: the same words from another folder are other data
+    folder = tmp_path / "colours"
+    for split, n in (("train", 6), ("test", 3)):
+        for c, rgb in enumerate(((200, 0, 0), (0, 200, 0))):
+            (folder / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), tuple(v + i for v in rgb)).save(
+                    folder / split / f"c{c}" / f"{i}.png"
+                )
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli("eval", str(run), "--data", "colours", "--cache-dir", trained["cache"])
+    assert rc == 0, err
+    assert json.loads((run / "eval_colours_knn.json").read_text())["eval_data"] == str(folder)
+
+    # someone else's CSV is not appended to (or rewritten), and that is said before any work
+    theirs = tmp_path / "mine.csv"
+    theirs.write_text("date,experiment,notes\n2026-01-01,a,keep me\n")
+    rc, _, err = cli("eval", str(run), *common, "--results-csv", str(theirs))
+    assert rc == 2 and "is not a results CSV written by `selfsup eval`" in err
+    assert theirs.read_text() == "date,experiment,notes\n2026-01-01,a,keep me\n"

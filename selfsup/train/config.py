@@ -201,6 +201,7 @@ def resolve_config(
                 )
             cfg = _merge(cfg, loaded, f"preset {preset!r}")
         cfg.method.name = method
+    preset_source, preset_eval_source = cfg.data.source, cfg.data.eval_source
     if flags:
         dotlist = [f"{k}={v}" for k, v in flags.items() if v is not None]
         cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "command-line flag")
@@ -208,6 +209,17 @@ def resolve_config(
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.1)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    keys = [item.split("=", 1)[0].strip() for item in overrides or []]
+    eval_source_given = any(k == "data.eval_source" or k == "data" for k in keys)
+    if (
+        preset_eval_source is not None
+        and not eval_source_given
+        and cfg.data.eval_source == preset_eval_source
+        and cfg.data.source != preset_source
+    ):
+        # a preset's eval_source belongs to its own source (stl10-unlabeled -> stl10): other
+        # data is monitored on its own test split, not on a dataset downloaded for the purpose
+        cfg.data.eval_source = None
     if cfg.train.collapse in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
         cfg.train.collapse = "off"
     for key in ("source", "eval_source"):  # a relative path would only work from this folder
@@ -296,7 +308,16 @@ def resolve_views(cfg: DictConfig):
 
     def plain(section: str) -> dict:
         node = cfg.augment.get(section)
-        return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        if node is None:
+            return {}
+        _require(
+            isinstance(node, DictConfig),
+            f"augment.{section}={node!r}: give settings by key, e.g. augment.{section}.blur_p=0.5",
+        )
+        try:
+            return OmegaConf.to_container(node, resolve=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"augment.{section}: {' '.join(str(exc).split())}") from None
 
     def number(value: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool)

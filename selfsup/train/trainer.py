@@ -84,28 +84,39 @@ def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value == "true"
 
 
-# What selfsup writes into a run directory (pretrain, eval, export); --overwrite removes these
-# and nothing else, so files of the user's own in the folder survive.
-RUN_OUTPUT_FILES = (
+# What selfsup writes into a run directory (pretrain, eval, export), by name: --overwrite removes
+# these and nothing else, so other files, also inside checkpoints/, tb/ or export/, survive.
+RUN_OUTPUTS = (
     "config.yaml", "metrics.jsonl", "results.json", "encoder.pt", "skipped.csv", "collapse.json",
+    "eval_*.json", "subset_*.csv",
+    "checkpoints/last.pt", "checkpoints/prev.pt", "checkpoints/.last.pt.*.tmp",
+    "tb/events.out.tfevents.*",
+    "export/export.json", "export/*_torchvision.pt", "export/encoder.safetensors",
+    "export/encoder.torchscript.pt",
 )  # fmt: skip
-RUN_OUTPUT_PATTERNS = ("eval_*.json", "subset_*.csv")
-RUN_OUTPUT_DIRS = ("checkpoints", "tb", "export")
+
+
+def is_selfsup_run(out: Path) -> bool:
+    """Whether ``out`` holds a selfsup run: a checkpoint, or a config.yaml with its sections."""
+    if (out / "checkpoints" / "last.pt").exists() or (out / "checkpoints" / "prev.pt").exists():
+        return True
+    try:
+        config = OmegaConf.load(out / "config.yaml")
+    except Exception:  # absent, unreadable or not YAML: not ours
+        return False
+    return isinstance(config, DictConfig) and {"method", "data", "train"} <= set(config.keys())
 
 
 def remove_run_outputs(out: Path) -> None:
     """Delete a replaced run's files: its results, evaluations, exports and TensorBoard events
     would otherwise sit beside the new run's (TensorBoard would plot both as one)."""
-    import shutil
-
-    for name in RUN_OUTPUT_FILES:
-        (out / name).unlink(missing_ok=True)
-    for pattern in RUN_OUTPUT_PATTERNS:
+    for pattern in RUN_OUTPUTS:
         for path in out.glob(pattern):
-            path.unlink(missing_ok=True)
-    for name in RUN_OUTPUT_DIRS:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+            if path.is_file() or path.is_symlink():
+                path.unlink(missing_ok=True)
+    for folder in ("checkpoints", "tb", "export"):
+        if (out / folder).is_dir() and not any((out / folder).iterdir()):
+            (out / folder).rmdir()
 
 
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -128,7 +139,13 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"start without --resume"
         )
     if overwrite and not resume and out.exists():
-        remove_run_outputs(out)
+        if is_selfsup_run(out):
+            remove_run_outputs(out)
+        elif marker.exists():  # someone else's config.yaml: the new run would replace it
+            raise ConfigError(
+                f"--overwrite: {marker} is not a selfsup run's config; --overwrite replaces "
+                "selfsup runs only. Choose another --out"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -433,10 +450,14 @@ class Trainer:
             match_parameter_layouts(optimizer)
             if state.get("scaler"):  # an fp16 run's loss scale; a bf16/fp32 one saved {}
                 scaler.load_state_dict(state["scaler"])
-            saved_device = state.get("device_type", "cpu")
+            saved_generator = state["generator"].cpu()
             same_stream = env.world_size == 1 and state.get("world_size", 1) == 1
-            if same_stream and saved_device == self.device.type:
-                generator.set_state(state["generator"].cpu())
+            same_kind = (  # checkpoints before device_type: the state's size tells the kind
+                state.get("device_type", self.device.type) == self.device.type
+                and saved_generator.numel() == generator.get_state().numel()
+            )
+            if same_stream and same_kind:
+                generator.set_state(saved_generator)
             else:  # only rank 0's stream was saved, or it was another device's kind of
                 # generator (a CUDA state cannot seed a CPU generator): fresh streams at this step
                 generator.manual_seed(rank_seed(t.seed + state["global_step"], env.rank))
