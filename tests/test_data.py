@@ -469,7 +469,9 @@ def test_bad_files_are_skipped_with_reasons_and_good_ones_load(tmp_path):
     with open(report, newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["path", "reason"] and len(rows) == 1 + len(wanted)
-    assert summary.startswith(f"skipped {len(wanted)} of {len(dataset) + len(wanted)} files: ")
+    folders = sum(reason in ("symlink loop", "empty class folder") for reason in wanted.values())
+    files, total = len(wanted) - folders, len(dataset) + len(wanted) - folders
+    assert summary.startswith(f"skipped {files} of {total} files and {folders} folders: ")
     assert "2 symlink loop" in summary and "1 corrupt" in summary and "1 zero-byte" in summary
 
 
@@ -514,6 +516,11 @@ def test_write_skip_report_summary_format(tmp_path):
     summary = write_skip_report(dataset, tmp_path / "skipped.csv")
     assert summary == "skipped 5 of 1,205 files: 2 corrupt, 2 not an image, 1 zero-byte"
     assert summarize_skips([], 7) == "skipped 0 of 7 files"
+    # an empty class folder is counted as a folder, not as one of the files
+    with_folder = [("x/a.jpg", "zero-byte"), ("x/empty", "empty class folder")]
+    assert summarize_skips(with_folder, 46) == (
+        "skipped 1 of 45 files and 1 folder: 1 empty class folder, 1 zero-byte"
+    )
 
 
 # --------------------------------------------------------------------------- cache

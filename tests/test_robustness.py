@@ -279,7 +279,9 @@ def test_messy_folder_trains_on_the_usable_images_and_lists_each_bad_file(
 
     summaries = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
     assert len(summaries) == 1, summaries
-    assert f"skipped {len(bad)} of {len(bad) + len(good)} files" in summaries[0]
+    folders = sum(reason in ("symlink loop", "empty class folder") for reason in bad.values())
+    files, total = len(bad) - folders, len(bad) + len(good) - folders
+    assert f"skipped {files} of {total} files and {folders} folders" in summaries[0]
     assert "2 not an image extension" in summaries[0] and "2 corrupt" in summaries[0]
     assert str(out / "skipped.csv") in summaries[0]
 

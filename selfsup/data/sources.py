@@ -68,6 +68,7 @@ SYMLINK_LOOP = "symlink loop"
 BROKEN_SYMLINK = "broken symlink"
 UNREADABLE = "unreadable"
 NOT_REGULAR_FILE = "not a regular file"
+FOLDER_SKIPS = (EMPTY_CLASS_FOLDER, SYMLINK_LOOP)  # skips that are folders, not files
 
 ACCEPTED_FORMS = (
     "a folder of images (ImageFolder layout DIR/train/<class>/*.jpg, DIR/<class>/*.jpg, "
@@ -195,7 +196,10 @@ def skip_category(reason: str) -> str:
 
 def summarize_skips(skipped: list[tuple[str, str]], total: int) -> str:
     """One line such as ``"skipped 5 of 1,205 files: 2 corrupt, 1 zero-byte, 2 not an image"``."""
-    line = f"skipped {len(skipped):,} of {total:,} files"
+    folders = sum(skip_category(reason) in FOLDER_SKIPS for _, reason in skipped)
+    line = f"skipped {len(skipped) - folders:,} of {total - folders:,} files"
+    if folders:  # an empty class folder or a symlink loop is no file
+        line += f" and {folders:,} folder{'s' if folders != 1 else ''}"
     if not skipped:
         return line
     counts = Counter(skip_category(reason) for _, reason in skipped)
