@@ -971,3 +971,32 @@ def test_small_user_errors_say_what_was_meant(copy_of_baseline, tmp_path, monkey
     assert "did you mean 'train.epochs'?" in capsys.readouterr().err
     assert main(["eval", str(copy_of_baseline), "--image-size", "4"]) == 2
     assert "--image-size must be >= 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method_name", ["simclr", "moco"])
+def test_a_skipped_step_leaves_batchnorm_statistics_and_queue_as_they_were(method_name):
+    """A NaN pixel reaches the BatchNorm running statistics (and MoCo's queue) in the forward
+    pass, before the loss can say it is NaN: a skipped step must put those buffers back."""
+    import contextlib
+
+    from selfsup.methods import build_method
+    from selfsup.models import build_backbone
+    from selfsup.precision import grad_scaler
+    from selfsup.train.trainer import optimizer_step
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet_tiny")
+    options = {"queue_size": 64, "bn_splits": 1} if method_name == "moco" else {}
+    method = build_method(method_name, backbone, dim, **options).train()
+    optimizer = torch.optim.SGD(method.param_groups(), lr=0.1, momentum=0.9)
+    v1, v2 = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)
+    v1[0, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    _, finite, applied = optimizer_step(
+        method, method, optimizer, v1, v2, autocast=contextlib.nullcontext, progress=0.5,
+        skip_nonfinite=True, scaler=grad_scaler("fp32", torch.device("cpu")),
+    )  # fmt: skip
+    assert not applied and not bool(finite)
+    after = method.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed

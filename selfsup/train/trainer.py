@@ -211,17 +211,25 @@ def optimizer_step(
 
     ``step_fn`` is the (possibly compiled or DDP-wrapped) ``method``. Returns the method's output,
     whether its loss is finite (a device tensor: no host sync) and whether the update was applied.
-    Only ``skip_nonfinite`` reads the loss on the host, to skip a NaN/Inf step on every rank.
+    Only ``skip_nonfinite`` reads the loss on the host, to skip a NaN/Inf step on every rank; a
+    skipped step leaves weights and buffers (BatchNorm statistics, a MoCo queue) as they were.
     ``scaler`` (:func:`selfsup.precision.grad_scaler`; a pass-through but for fp16) scales the
     loss before the backward pass and unscales the gradients before the step, which it skips when
     they overflowed (then only the scale changes; the target update still runs, as after any
     step). LARS's trust ratio thus sees the true gradients.
     """
+    # The forward pass itself changes buffers (BatchNorm running statistics, MoCo's queue): a
+    # skipped step puts them back, or one NaN batch would poison every later evaluation.
+    buffers = list(method.buffers()) if skip_nonfinite else []
+    saved = [b.detach().clone() for b in buffers]
     with autocast():
         out = step_fn(v1, v2)
     finite = torch.isfinite(out["loss"])
     optimizer.zero_grad(set_to_none=True)
     if skip_nonfinite and not bool(all_finite(finite)):
+        with torch.no_grad():
+            for buffer, before in zip(buffers, saved, strict=True):
+                buffer.copy_(before)
         return out, finite, False
     scaler.scale(out["loss"]).backward()
     scaler.step(optimizer)
@@ -740,6 +748,14 @@ class Trainer:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
 
+        skipped = results.get("skipped_steps", 0)
+        if finished and env.is_main and skipped:
+            print(
+                f"selfsup: warning: {skipped} of {global_step} steps were skipped (non-finite loss, "
+                "train.on_nan=skip); if that is more than a rare one, lower optim.lr or use "
+                "train.precision=fp32",
+                file=sys.stderr,
+            )
         if finished and env.is_main:
             results["train_time_s"] = round(time.monotonic() - started, 2)
             results["images_per_s_last"] = round(images_per_s, 1)
