@@ -751,8 +751,8 @@ class Trainer:
         skipped = results.get("skipped_steps", 0)
         if finished and env.is_main and skipped:
             print(
-                f"selfsup: warning: {skipped} of {global_step} steps were skipped (non-finite loss, "
-                "train.on_nan=skip); if that is more than a rare one, lower optim.lr or use "
+                f"selfsup: warning: {skipped} of {global_step} steps were skipped (non-finite "
+                "loss, train.on_nan=skip); if that is more than a rare one, lower optim.lr or use "
                 "train.precision=fp32",
                 file=sys.stderr,
             )
