@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfsup.cli import register
-from selfsup.errors import ConfigError
+from selfsup.errors import ConfigError, SelfsupError
 
 
 @dataclass(frozen=True)
@@ -147,17 +147,34 @@ def run_ablation(
         size.append(f"train.epochs={epochs or 30}")
     if quick:
         size += ["train.knn_every=0", "train.collapse_every=10"]
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     rows = []
     for i, v in enumerate(spec.variants):
+        varied = {o.split("=", 1)[0] for o in v.overrides}
+        clash = sorted(varied & {o.split("=", 1)[0].strip() for o in extra})
+        if clash:
+            raise ConfigError(
+                f"{', '.join(clash)} is what the {name} ablation varies ({v.label}: "
+                f"{' '.join(v.overrides)}); drop it from the overrides"
+            )
         run_dir = out / name / f"{i:02d}_{v.method}"
         flags = {"data.source": data, "train.progress": progress}
-        cfg = resolve_config(v.method, preset, flags=flags, overrides=[*size, *v.overrides, *extra])
-        if not (run_dir / "results.json").exists():
-            resume = (run_dir / "checkpoints" / "last.pt").exists()
+        cfg = resolve_config(v.method, preset, flags=flags, overrides=[*size, *extra, *v.overrides])
+        same = _same_plan(run_dir, cfg)
+        if not same or not (run_dir / "results.json").exists():
+            # a finished variant is reused, an interrupted one resumed, only at the same settings
+            resume = same and (run_dir / "checkpoints" / "last.pt").exists()
+            if (run_dir / "config.yaml").exists() and not same:
+                print(f"selfsup ablate {name}: {run_dir} was run with other settings; rerunning")
             prepare_run_dir(run_dir, resume=resume, overwrite=not resume)
             cfg.out = str(run_dir)
             print(f"selfsup ablate {name}: {v.label} -> {run_dir}")
-            Trainer(cfg, run_dir, resume=resume).fit()
+            if not Trainer(cfg, run_dir, resume=resume).fit().finished:
+                raise AblationStopped(
+                    f"selfsup ablate {name} stopped during {v.label} ({run_dir}); run the same "
+                    "command again to resume it and go on"
+                )
         results = json.loads((run_dir / "results.json").read_text())
         monitors = _last_collapse(run_dir)
         verdict = CollapseMonitor(v.method, mode="off")._symptoms(monitors) if monitors else []
@@ -187,6 +204,36 @@ def run_ablation(
     return table
 
 
+class AblationStopped(SelfsupError):
+    """A variant's run stopped (signal, time limit) before it finished; its checkpoint stays."""
+
+
+# what decides a variant's numbers; progress bars, limits of one invocation and the data
+# statistics filled in at the start are not part of it
+_PLAN_IGNORED = ("out", "train.progress", "train.stop_after_epochs", "train.time_limit_min",
+                 "data.mean", "data.std")  # fmt: skip
+
+
+def _same_plan(run_dir: Path, cfg) -> bool:
+    """Whether ``run_dir`` holds a run of exactly the settings of ``cfg``."""
+    from omegaconf import OmegaConf
+
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    except Exception:  # absent or unreadable: nothing to reuse
+        return False
+    now = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in _PLAN_IGNORED:
+        for tree in (saved, now):
+            *parents, leaf = dotted.split(".")
+            node = tree
+            for key in parents:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict):
+                node.pop(leaf, None)
+    return saved == now
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
@@ -211,10 +258,12 @@ def _add(sub, name: str) -> None:
 
 
 def _handle(args: argparse.Namespace) -> int:
+    import sys
+
     names = NAMES if args.name == "all" else (args.name,)
     for name in names:
-        print(
-            run_ablation(
+        try:
+            table = run_ablation(
                 name,
                 quick=args.quick,
                 data=args.data,
@@ -223,7 +272,10 @@ def _handle(args: argparse.Namespace) -> int:
                 extra=list(args.overrides),
                 progress=not args.no_progress,
             )
-        )
+        except AblationStopped as stop:
+            print(stop, file=sys.stderr)
+            return 3  # as a stopped `selfsup pretrain`: nothing lost, run it again to go on
+        print(table)
     return 0
 
 

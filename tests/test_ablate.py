@@ -48,6 +48,25 @@ def test_simsiam_stopgrad_ablation_writes_its_table(tmp_path, capsys):
     assert main(args) == 0  # finished variants are reused, not retrained
     assert (runs[0] / "results.json").stat().st_mtime == first_mtime
 
+    # other settings are other numbers: the variants run again, and say why
+    assert main([*args, "optim.lr=0.01"]) == 0
+    assert "was run with other settings; rerunning" in capsys.readouterr().out
+    assert "lr: 0.01" in (runs[0] / "config.yaml").read_text()
+    assert (runs[0] / "results.json").stat().st_mtime != first_mtime
+    # the ablation's own variable cannot be overridden away
+    assert main([*args, "method.stop_gradient=true"]) == 2
+    assert "is what the simsiam-stopgrad ablation varies" in capsys.readouterr().err
+
+
+def test_a_stopped_variant_says_how_to_go_on(tmp_path, capsys):
+    out = tmp_path / "abl"
+    args = ["ablate", "simsiam-stopgrad", "--quick", "--epochs", "2", "--out", str(out), *TINY]
+    args.append(f"data.cache_dir={tmp_path / 'cache'}")
+    assert main([*args, "train.stop_after_epochs=1"]) == 3
+    assert "run the same command again to resume it" in capsys.readouterr().err
+    assert main(args) == 0  # resumes the stopped variant, runs the other
+    assert len(list((out / "simsiam-stopgrad").glob("0*_simsiam/results.json"))) == 2
+
 
 def test_every_named_ablation_resolves_its_variants():
     from selfsup.train.config import resolve_config
