@@ -118,7 +118,11 @@ def _last_collapse(run_dir: Path) -> dict[str, float]:
     last: dict[str, float] = {}
     for record in read_metrics(run_dir / "metrics.jsonl"):
         if "collapse/z_std_ratio" in record:
-            last = {k.split("/", 1)[1]: v for k, v in record.items() if k.startswith("collapse/")}
+            last = {  # a non-finite metric is logged as null
+                k.split("/", 1)[1]: float("nan") if v is None else v
+                for k, v in record.items()
+                if k.startswith("collapse/")
+            }
     return last
 
 

@@ -37,7 +37,7 @@ import selfsup.train.trainer as trainer
 from selfsup.cli import main
 from selfsup.data import load_dataset
 from selfsup.data.sources import skip_category
-from selfsup.errors import CheckpointError
+from selfsup.errors import CheckpointError, ConfigError
 from selfsup.train.checkpoint import load_checkpoint, save_checkpoint
 
 IMAGE_SIZE = 16
@@ -726,7 +726,7 @@ def test_on_nan_skip_skips_the_bad_steps_and_finishes(tmp_path, good_folder, cac
     assert sorted(logged) == list(range(1, TOTAL_STEPS + 1))
     for step, record in logged.items():  # one step per logging window (log_every=1)
         assert record["train/skipped_steps"] == float(step in (2, 5))
-        assert np.isnan(record["train/loss"]) == (step in (2, 5))
+        assert (record["train/loss"] is None) == (step in (2, 5))  # JSON null, not bare NaN
     assert json.loads((out / "results.json").read_text())["skipped_steps"] == 2
     # a NaN step that reached the optimizer would have made every weight NaN
     assert all(v.float().isfinite().all() for v in weights(out / "encoder.pt").values())
@@ -1000,3 +1000,28 @@ def test_a_skipped_step_leaves_batchnorm_statistics_and_queue_as_they_were(metho
     after = method.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, changed
+
+
+def test_stop_after_epochs_counts_the_epochs_of_this_invocation(tmp_path, good_folder, cache):
+    """A job script that always resumes with train.stop_after_epochs=2 trains 2 epochs a job."""
+    out = tmp_path / "run"
+    assert (
+        pretrain(out, "train.epochs=4", "train.stop_after_epochs=2", data=good_folder, cache=cache)
+        == 3
+    )
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 2
+    assert resume(out, "train.stop_after_epochs=2") == 0  # epochs 3 and 4: the run is done
+    assert (out / "encoder.pt").exists() and train_steps_logged(out)[-1] == 2 * TOTAL_STEPS
+
+
+def test_collapse_and_stop_settings_are_checked_with_the_config():
+    from selfsup.train.config import resolve_config
+
+    for bad, message in (
+        ("train.collapse_every=0", "train.collapse_every must be >= 1"),
+        ("train.collapse_patience=0", "train.collapse_patience must be >= 1"),
+        ("train.time_limit_min=-1", "train.time_limit_min must be > 0"),
+        ("train.stop_after_epochs=0", "train.stop_after_epochs must be > 0"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            resolve_config("simclr", overrides=[bad])

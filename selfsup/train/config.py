@@ -85,7 +85,7 @@ class TrainConfig:
         None  # checkpoint and stop after this many minutes (resume later)
     )
     stop_after_epochs: int | None = (
-        None  # checkpoint and stop after this many epochs (resume later)
+        None  # checkpoint and stop after this many epochs of this invocation (resume later)
     )
 
 
@@ -243,6 +243,18 @@ def validate_config(cfg: DictConfig) -> None:
         t.batch_size >= 2,
         f"train.batch_size must be >= 2 (two views need pairs), got {t.batch_size}",
     )
+    _require(
+        t.collapse_every >= 1,
+        f"train.collapse_every must be >= 1 (steps between collapse checks; train.collapse=off "
+        f"turns them off), got {t.collapse_every}",
+    )
+    _require(
+        t.collapse_patience >= 1,
+        f"train.collapse_patience must be >= 1 (checks in a row), got {t.collapse_patience}",
+    )
+    for key in ("time_limit_min", "stop_after_epochs"):
+        value = t[key]
+        _require(value is None or value > 0, f"train.{key} must be > 0 (or null), got {value}")
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _require(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")

@@ -32,10 +32,7 @@ class MetricsLogger:
         record = {
             "time": round(time.time(), 3),
             "step": step,
-            **{
-                f"{prefix}/{k}": (float(v) if isinstance(v, float | int) else v)
-                for k, v in values.items()
-            },
+            **{f"{prefix}/{k}": _json_number(v) for k, v in values.items()},
         }
         assert self._fh is not None
         self._fh.write(json.dumps(record) + "\n")
@@ -64,3 +61,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def _json_number(value: Any) -> Any:
+    """A float for numbers, ``None`` (JSON null) for NaN/Inf: strict JSON readers (jq, JavaScript,
+    DuckDB) refuse the bare ``NaN`` that Python's json writes."""
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return float(value) if math.isfinite(float(value)) else None
+    return value

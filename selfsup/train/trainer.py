@@ -484,7 +484,7 @@ class Trainer:
                         f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
                         f"with train.batch_size={saved_batch}; a new batch size can only start "
                         f"at an epoch's end: resume with train.batch_size={saved_batch} "
-                        f"train.stop_after_epochs={start_epoch + 1}, then resume again with "
+                        "train.stop_after_epochs=1, then resume again with "
                         f"train.batch_size={batch_size}"
                     )
                 global_step = start_epoch * steps_per_epoch
@@ -731,7 +731,10 @@ class Trainer:
                         bar.write(f"epoch {done_epochs}: kNN top-1 {knn['top1']:.4f}")
                 if last_epoch or done_epochs % t.checkpoint_every == 0:
                     checkpoint(done_epochs, 0)
-                if t.stop_after_epochs and done_epochs >= t.stop_after_epochs and not last_epoch:
+                # epochs of this invocation, as time_limit_min counts its minutes: a job script
+                # that resumes with stop_after_epochs=10 trains 10 epochs each time
+                this_run = done_epochs - start_epoch
+                if t.stop_after_epochs and this_run >= t.stop_after_epochs and not last_epoch:
                     raise StopRequested(f"train.stop_after_epochs={t.stop_after_epochs}")
             finished = True
         except StopRequested as stop:
