@@ -18,6 +18,7 @@ from selfsup.errors import SelfsupError
 METHOD_NAMES = ("simclr", "moco", "byol", "simsiam")
 QUICKSTART_OUT = "runs/quickstart"
 QUICKSTART_SOURCE = "mnist5k"  # the quickstart preset's data.source
+EXIT_STATUS_ENV = "SELFSUP_EXIT_STATUS_FILE"  # rank 0 writes its exit status there (--devices)
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -86,9 +87,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from selfsup.train.distributed import barrier, cleanup, init_distributed, launch_local
     from selfsup.train.trainer import Trainer, prepare_run_dir
 
-    if args.devices and args.devices > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_local(args.devices, sys.argv[1:])
-
+    launch = args.devices is not None and args.devices != 1 and "WORLD_SIZE" not in os.environ
     out = Path(args.out) if args.out else None
     saved = out / "config.yaml" if out else None
     flags = {
@@ -125,6 +124,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     out = out or Path(f"runs/{method}")
     cfg.out = str(out)
     _check_sources(cfg, out)  # before --overwrite clears anything
+    if launch:  # checked once here, not once per process after each has decoded the data
+        from selfsup.train.distributed import per_rank_batch_size
+
+        if args.devices < 1:
+            raise SelfsupError(f"--devices must be >= 1, got {args.devices}")
+        per_rank_batch_size(cfg.train.batch_size, args.devices)
+        return launch_local(args.devices, sys.argv[1:])
     env = init_distributed(cfg.train.device)
     try:
         if env.is_main:
@@ -235,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 1
+    status = _dispatch(args)
+    report = os.environ.get(EXIT_STATUS_ENV)
+    if report and os.environ.get("RANK", "0") == "0":  # for the --devices launcher
+        Path(report).write_text(str(status))
+    return status
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return _HANDLERS[args.command](args)
     except SelfsupError as exc:

@@ -764,3 +764,45 @@ def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(tmp_pat
     assert refused.returncode != 0
     assert "--protocol finetune" in refused.stderr and "without torchrun" in refused.stderr
     assert not list(run.glob("subset_*"))  # refused before drawing the subsets
+
+
+def test_devices_launcher_reports_rank_0s_status_and_forwards_sigterm(tmp_path):
+    """`--devices 2`: a batch that does not split is one error before launching; a SIGTERM to
+    the launcher reaches the workers, which checkpoint, and the launcher exits 3 as they do."""
+    import signal
+    import time
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "selfsup", "pretrain", "--devices", "2", "--out", str(run)]
+    settings = [
+        "data.image_size=16", "model.backbone=resnet_tiny", "train.device=cpu",
+        "train.progress=false", "train.knn_every=0", "data.limit=512", "train.epochs=50",
+        "train.log_every=1", f"data.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    odd = subprocess.run(
+        [*base, *settings, "train.batch_size=33"], env=env, capture_output=True, text=True
+    )
+    assert odd.returncode == 2 and odd.stderr.count("must divide evenly over 2 processes") == 1
+    assert "Traceback" not in odd.stderr and not (run / "config.yaml").exists()
+
+    proc = subprocess.Popen(
+        [*base, *settings, "train.batch_size=32"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while (
+        not (run / "metrics.jsonl").exists()
+        or "train/loss" not in (run / "metrics.jsonl").read_text()
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert (run / "checkpoints" / "last.pt").exists() and "selfsup: stopped" in err

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -509,10 +510,16 @@ def strip_devices_flag(argv: Sequence[str]) -> list[str]:
 
 def launch_local(nproc: int, argv: Sequence[str]) -> int:
     """``selfsup ... --devices N``: rerun this command under ``torchrun --standalone`` with N
-    processes on this machine; returns torchrun's exit status.
+    processes on this machine; returns rank 0's exit status (0 done, 2 error, 3 stopped with a
+    checkpoint), or torchrun's when rank 0 did not report one (a crash).
 
     ``argv`` is the selfsup command line after the program name (``--devices`` is removed).
+    SIGINT and SIGTERM sent to this launcher are passed on to torchrun, which passes them to the
+    workers: they checkpoint and stop, as a single-process run does, instead of being orphaned.
     """
+    import signal
+    import tempfile
+
     if nproc < 1:
         raise ConfigError(f"--devices must be >= 1, got {nproc}")
     cmd = [
@@ -525,4 +532,24 @@ def launch_local(nproc: int, argv: Sequence[str]) -> int:
         "selfsup",
         *strip_devices_flag(argv),
     ]
-    return subprocess.call(cmd)
+    with tempfile.TemporaryDirectory(prefix="selfsup-launch-") as tmp:
+        status_file = Path(tmp) / "rank0_status"
+        env = {**os.environ, "SELFSUP_EXIT_STATUS_FILE": str(status_file)}
+        # its own session: a terminal's Ctrl-C reaches the workers once, through this launcher
+        # (twice, the second would abort them before their checkpoint)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+        def forward(signum, frame):  # noqa: ARG001
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            returncode = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        try:
+            return int(status_file.read_text())
+        except (OSError, ValueError):
+            return returncode
