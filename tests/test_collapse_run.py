@@ -53,3 +53,14 @@ def test_standard_simsiam_run_is_not_stopped(tmp_path):
     assert all(r["collapse/h_erank"] > 3.0 for r in metrics)
     assert all(0.0 <= r["collapse/alignment"] <= 4.0 for r in metrics)
     assert all(-1.0 <= r["collapse/pair_cos"] <= 1.0 for r in metrics)
+
+
+def test_collapse_in_warn_mode_is_a_selfsup_warning_that_names_the_setting(tmp_path, capsys):
+    out = tmp_path / "warned"
+    code = pretrain_simsiam(tmp_path, out, "method.stop_gradient=false", "train.collapse=warn")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    warning = next(line for line in err.splitlines() if "Representation collapse" in line)
+    assert warning.startswith("selfsup: warning: ") and "method.stop_gradient=true" in warning
+    assert "Training goes on (train.collapse=warn)" in warning
+    assert "set train.collapse=warn" not in warning and "RuntimeWarning" not in err

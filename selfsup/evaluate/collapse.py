@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -241,15 +242,17 @@ _ADVICE: dict[str, tuple[str, str]] = {
         "a missing stop-gradient on the target branch, a missing or bypassed predictor, or a "
         "learning rate too high for the batch size (the predictor's lr is meant to stay fixed, "
         "not decay)",
-        "check that z is detached in the loss and the predictor is used; lower the base lr "
-        "(SimSiam uses 0.05 x batch/256 with SGD) and keep the predictor at a fixed lr; keep BN in "
+        "keep method.stop_gradient=true and method.predictor=mlp (z detached in the loss, the "
+        "predictor used); lower the base lr (SimSiam uses 0.05 x batch/256 with SGD) and keep "
+        "the predictor at a fixed lr (method.fixed_predictor_lr=true); keep BN in "
         "the projector and predictor hidden layers",
     ),
     "byol": (
         "a target that is not an EMA of the online network (tau = 0 makes it a copy of the online "
         "network), a missing predictor, or a learning rate too high",
-        "use EMA momentum tau around 0.99-0.996 with the cosine increase to 1, keep the predictor "
-        "(MLP with BN) and lower the lr or use a longer warmup",
+        "keep method.target=ema with tau around 0.99-0.996 (method.tau_base) and its cosine "
+        "increase to 1, keep method.predictor=true (an MLP with BN) and lower the lr or use a "
+        "longer warmup (optim.warmup_epochs)",
     ),
     "simclr": (
         "a temperature far from the usual range, a learning rate too high, or very small batches",
@@ -306,7 +309,9 @@ class CollapseMonitor:
         patience: int = 3,
         std_fraction: float = 0.2,
         min_effective_rank: float = 3.0,
+        on_warning: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_warning`` receives the warn-mode message (default: ``warnings.warn``)."""
         if mode not in MONITOR_MODES:
             raise ConfigError(
                 f"collapse monitor mode must be one of {', '.join(MONITOR_MODES)}; got {mode!r}."
@@ -319,6 +324,7 @@ class CollapseMonitor:
         self.std_fraction = std_fraction
         self.min_effective_rank = min_effective_rank
         self.consecutive = 0
+        self.on_warning = on_warning
         self._warned_this_episode = False
 
     def reset(self) -> None:
@@ -366,7 +372,10 @@ class CollapseMonitor:
         if self.mode == "stop":
             raise CollapseError(message)
         if not self._warned_this_episode:
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            if self.on_warning is not None:
+                self.on_warning(message)
+            else:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
             self._warned_this_episode = True
         return verdict
 
@@ -378,5 +387,11 @@ class CollapseMonitor:
             f"Representation collapse detected for {self.consecutive} consecutive checks: "
             f"{verdict.reason}. A collapsed encoder maps every image to (nearly) the same "
             f"embedding and is useless downstream. Likely causes for {name}: {causes}. "
-            f"Try: {fixes}. To keep training anyway, set train.collapse=warn (or off)."
+            f"Try: {fixes}. "
+            + (
+                "To keep training anyway, set train.collapse=warn (or off)."
+                if self.mode == "stop"
+                else "Training goes on (train.collapse=warn); train.collapse=stop would end the "
+                "run here, keeping its last checkpoint."
+            )
         )

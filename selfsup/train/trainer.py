@@ -518,7 +518,14 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, enabled=env.is_main)
         model = wrap_ddp(method, env)
         step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
-        monitor = CollapseMonitor(cfg.method.name, mode=t.collapse, patience=t.collapse_patience)
+
+        def warn_collapse(message: str) -> None:  # a selfsup line, not a Python warning
+            if env.is_main:
+                print(f"\nselfsup: warning: {message}", file=sys.stderr)
+
+        monitor = CollapseMonitor(
+            cfg.method.name, mode=t.collapse, patience=t.collapse_patience, on_warning=warn_collapse
+        )
 
         def checkpoint(epoch: int, step_in_epoch: int) -> Path:
             try:
