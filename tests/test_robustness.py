@@ -1025,3 +1025,23 @@ def test_collapse_and_stop_settings_are_checked_with_the_config():
     ):
         with pytest.raises(ConfigError, match=message):
             resolve_config("simclr", overrides=[bad])
+
+
+def test_resume_drops_the_replayed_steps_from_the_logs(tmp_path, good_folder, cache):
+    """A run killed after its checkpoint logged steps the resume replays: each step once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert pretrain(out, "train.stop_after_epochs=1", data=good_folder, cache=cache) == 3
+    half = TOTAL_STEPS // 2
+    with open(out / "metrics.jsonl", "a") as fh:  # what the killed run logged after the save
+        for step in (half + 1, half + 2):
+            fh.write(json.dumps({"time": 0.0, "step": step, "train/loss": 99.0}) + "\n")
+    assert resume(out) == 0
+    assert train_steps_logged(out) == list(range(1, TOTAL_STEPS + 1))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 99.0 not in [r.get("train/loss") for r in records]
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == TOTAL_STEPS

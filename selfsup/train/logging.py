@@ -12,9 +12,24 @@ from typing import Any
 class MetricsLogger:
     """Append-only metrics: every record is flushed, so a killed run keeps what it logged."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
+        """``resume_step``: the step a resumed run continues after. Records of later steps (of
+        the stopped run, which the resumed one replays) are dropped from both logs, so that no
+        step appears twice."""
         self.enabled = enabled
-        self._fh = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        path = run_dir / "metrics.jsonl"
+        if enabled and resume_step is not None and path.exists():
+            kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= resume_step]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(path)
+        self._fh = open(path, "a") if enabled else None  # noqa: SIM115
         self._tb = None
         if enabled and tensorboard:
             try:
@@ -24,7 +39,8 @@ class MetricsLogger:
             ):  # tensorboard is a dependency, but a broken install must not stop training
                 SummaryWriter = None  # noqa: N806
             if SummaryWriter is not None:
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge)
 
     def log(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:

@@ -423,6 +423,7 @@ class Trainer:
 
         ckpt_dir = self.run_dir / "checkpoints"
         start_epoch, start_step, global_step = 0, 0, 0
+        loaded = False  # resumed from a checkpoint
         results: dict[str, Any] = {
             "method": cfg.method.name,
             "data": cfg.data.source,
@@ -439,6 +440,7 @@ class Trainer:
                 file=sys.stderr,
             )
         elif self.resume:
+            loaded = True
             state, path = load_checkpoint(
                 ckpt_dir,
                 method=cfg.method.name,
@@ -515,7 +517,12 @@ class Trainer:
             saved = cfg.copy()
             saved.train.stop_after_epochs, saved.train.time_limit_min = None, None
             atomic_write_text(self.run_dir / "config.yaml", to_yaml(saved))
-        logger = MetricsLogger(self.run_dir, enabled=env.is_main)
+        logger = MetricsLogger(
+            # a resume keeps the records up to its checkpoint (a restart from step 0: none)
+            self.run_dir,
+            enabled=env.is_main,
+            resume_step=(global_step if loaded else -1) if self.resume else None,
+        )
         model = wrap_ddp(method, env)
         step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
 
