@@ -282,3 +282,17 @@ def test_condition_number_ignores_unavoidable_zero_tail() -> None:
     z = gaussian(65, 128)
     assert condition_number(z) < 1e3
     assert condition_number(rank_k(65, 128, 10)) > 1e6
+
+
+def test_collapse_monitor_streak_survives_a_checkpoint():
+    from selfsup.evaluate.collapse import CollapseMonitor
+
+    collapsed = {"z_std_ratio": 0.01, "z_std": 0.001, "z_std_healthy": 0.1, "z_erank": 1.0,
+                 "z_dim": 128}  # fmt: skip
+    first = CollapseMonitor("simsiam", mode="stop", patience=3)
+    first.check(collapsed)
+    first.check(collapsed)
+    resumed = CollapseMonitor("simsiam", mode="stop", patience=3)
+    resumed.load_state_dict(first.state_dict())
+    with pytest.raises(CollapseError):  # the third check in a row, across the resume
+        resumed.check(collapsed)

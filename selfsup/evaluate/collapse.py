@@ -379,6 +379,14 @@ class CollapseMonitor:
             self._warned_this_episode = True
         return verdict
 
+    def state_dict(self) -> dict:
+        """The streak of collapsed checks, for a checkpoint: a resumed run goes on counting."""
+        return {"consecutive": self.consecutive, "warned": self._warned_this_episode}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consecutive = int(state["consecutive"])
+        self._warned_this_episode = bool(state["warned"])
+
     def explain(self, verdict: Verdict) -> str:
         """The user-facing message: what was seen, likely causes for the method, what to try."""
         causes, fixes = _ADVICE.get(self.method or "", _GENERIC_ADVICE)

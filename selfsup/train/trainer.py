@@ -527,12 +527,15 @@ class Trainer:
         step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
 
         def warn_collapse(message: str) -> None:  # a selfsup line, not a Python warning
+            results["collapse_warning"] = message  # results.json says the encoder is suspect
             if env.is_main:
                 print(f"\nselfsup: warning: {message}", file=sys.stderr)
 
         monitor = CollapseMonitor(
             cfg.method.name, mode=t.collapse, patience=t.collapse_patience, on_warning=warn_collapse
         )
+        if loaded and state.get("collapse_monitor"):  # the streak of collapsed checks goes on
+            monitor.load_state_dict(state["collapse_monitor"])
 
         def checkpoint(epoch: int, step_in_epoch: int) -> Path:
             try:
@@ -566,6 +569,7 @@ class Trainer:
                     "method": cfg.method.name,
                     "config_hash": chash,
                     "results": results,
+                    "collapse_monitor": monitor.state_dict(),
                     "config": OmegaConf.to_container(cfg, resolve=True),
                     "selfsup_version": selfsup.__version__,
                     "world_size": env.world_size,
