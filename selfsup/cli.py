@@ -263,8 +263,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
-        print("selfsup: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before training's own handlers (decoding, the first kNN)
+        hint = (
+            "; run the same command with --resume to continue (from step 0 if no checkpoint was "
+            "written yet), or with --overwrite to start over"
+            if args.command == "pretrain"
+            else ""
+        )
+        print(f"selfsup: interrupted{hint}", file=sys.stderr)
         return 130
     except RuntimeError as exc:  # pretrain reports its own; this is for eval, embed, neighbors
         torch = sys.modules.get("torch")
