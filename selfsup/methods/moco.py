@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -103,7 +105,15 @@ class MoCo(nn.Module):
         if bn_splits < 1:
             raise ConfigError(f"MoCo `method.bn_splits` must be >= 1, got {bn_splits}.")
         # Before the key encoder is copied from it, so both normalise in the same groups.
-        self.local_bn_splits = max(1, bn_splits // distributed_world()[1])
+        world = distributed_world()[1]
+        self.local_bn_splits = max(1, bn_splits // world)
+        if bn_splits % world and distributed_world()[0] == 0:
+            warnings.warn(
+                f"MoCo method.bn_splits={bn_splits} does not split over {world} processes: "
+                f"{self.local_bn_splits} BatchNorm group(s) per process, "
+                f"{self.local_bn_splits * world} in all",
+                stacklevel=2,
+            )
         self.backbone = convert_split_batchnorm(backbone, self.local_bn_splits)
         self.projector = convert_split_batchnorm(
             ProjectionHead(feat_dim, proj_hidden or feat_dim, proj_dim, batch_norm=proj_batch_norm),
