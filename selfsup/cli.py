@@ -130,6 +130,15 @@ def _pretrain(args: argparse.Namespace) -> int:
         if args.devices < 1:
             raise SelfsupError(f"--devices must be >= 1, got {args.devices}")
         per_rank_batch_size(cfg.train.batch_size, args.devices)
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if cfg.train.device.startswith("cuda") and gpus < args.devices:
+            raise SelfsupError(
+                f"--devices {args.devices} with train.device={cfg.train.device} needs "
+                f"{args.devices} GPUs; this machine shows {gpus} (train.device=cpu runs the "
+                "processes on the CPU)"
+            )
         return launch_local(args.devices, sys.argv[1:])
     env = init_distributed(cfg.train.device)
     try:

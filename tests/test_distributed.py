@@ -806,3 +806,15 @@ def test_devices_launcher_reports_rank_0s_status_and_forwards_sigterm(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err[-3000:]
     assert (run / "checkpoints" / "last.pt").exists() and "selfsup: stopped" in err
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs fewer than 2 GPUs")
+def test_devices_that_the_machine_cannot_give_are_refused_before_launching(tmp_path, capsys):
+    from selfsup.cli import main
+
+    out = ["--out", str(tmp_path / "run")]
+    assert main(["pretrain", "--devices", "2", "--device", "cuda", *out]) == 2
+    assert "needs 2 GPUs; this machine shows" in capsys.readouterr().err
+    assert main(["pretrain", "--devices", "0", *out]) == 2
+    assert "--devices must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -162,6 +162,11 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
                 f"cuda:<LOCAL_RANK>; use train.device=cuda (or auto)"
             )
         count = torch.cuda.device_count()
+        if count == 0:
+            raise ConfigError(
+                f"train.device={device_pref} but no CUDA GPU is visible; use train.device=cpu "
+                "(processes on the CPU talk over gloo)"
+            )
         if local_rank >= count:
             raise ConfigError(
                 f"LOCAL_RANK={local_rank} but only {count} CUDA GPU(s) are visible; lower "
