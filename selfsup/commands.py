@@ -219,12 +219,14 @@ def append_results(csv_path: Path, rows: list[dict[str, Any]]) -> None:
             reader = csv.DictReader(fh)
             old_rows = list(reader) if reader.fieldnames == list(TABLE_FIELDS) else None
         if old_rows is not None:  # the format of an earlier selfsup: add the new columns
-            tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(old_rows)
-            os.replace(tmp, csv_path)
+
+            def migrate(tmp: Path) -> None:
+                with open(tmp, "w", newline="") as fh:
+                    writer = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(old_rows)
+
+            _atomic_output(csv_path, migrate)
     with open(csv_path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         if new:

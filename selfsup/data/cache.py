@@ -245,7 +245,7 @@ def load_dataset(
         format=FORMAT_VERSION, name=spec.name, source=os.fspath(source), split=split,
         storage_size=storage_size, shape=list(shape),
     )  # fmt: skip
-    _atomic_write_text(meta_path, json.dumps(meta))
+    atomic_write_text(meta_path, json.dumps(meta))
     _remove_stale(root, stem, keep=key)
     loaded = _load_cache(npy_path, meta_path)
     if loaded is None:  # pragma: no cover - only if the disk changed under us
@@ -477,7 +477,8 @@ def _load_cache(npy_path: Path, meta_path: Path) -> ImageDataset | None:
         return None  # unreadable or inconsistent: rebuild
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name, fsync, rename: readers see the old or the new file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:

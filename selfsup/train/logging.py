@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfsup.data.cache import atomic_write_text
+
 
 class MetricsLogger:
     """Append-only metrics: every record is flushed, so a killed run keeps what it logged."""
@@ -26,9 +28,7 @@ class MetricsLogger:
         path = run_dir / "metrics.jsonl"
         if enabled and resume_step is not None and path.exists():
             kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(path)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = open(path, "a") if enabled else None  # noqa: SIM115
         self._tb = None
         if enabled and tensorboard:

@@ -10,7 +10,6 @@ throughput are read every ``train.log_every`` steps.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 import selfsup
 from selfsup.augment import EvalTransform, TwoViewAugment
 from selfsup.data import ImageDataset, load_dataset, parse_source, write_skip_report
+from selfsup.data.cache import atomic_write_text
 from selfsup.errors import (
     CheckpointError,
     CollapseError,
@@ -785,13 +785,6 @@ class Trainer:
             atomic_torch_save(encoder_state, self.run_dir / "encoder.pt")
             write_json(self.run_dir / "results.json", results)
         return TrainResult(self.run_dir, results, finished)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj: Any) -> None:
