@@ -57,14 +57,6 @@ def _run_info(target: Path) -> dict[str, Any]:
     return {**encoder_metadata(target), "run_dir": run_dir}
 
 
-def _absolute(source: str | None) -> str | None:
-    """An existing path as an absolute one (results then name the same data from any folder);
-    dataset names and missing paths as given."""
-    if source and Path(source).expanduser().exists():
-        return str(Path(source).expanduser().resolve())
-    return source
-
-
 def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
     """(cached size, network input size): the pre-training run's storage and crop sizes, so the
     encoder sees its images prepared exactly as during training; ``--image-size`` sets both."""
@@ -391,6 +383,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     ``knn``, ``linear_fast``, ``linear_full``, ``finetune_<f>pct`` and encoders ``ssl``,
     ``random_init``, ``supervised``; plus ``_json`` / ``_csv``, the written paths.
     """
+    from selfsup.data import absolute_source
     from selfsup.evaluate.finetune import finetune, supervised_baseline
     from selfsup.evaluate.knn import knn_accuracy
     from selfsup.evaluate.linear import linear_probe, linear_probe_features
@@ -423,7 +416,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     run_dir: Path = info["run_dir"]
     csv_path = Path(args.results_csv) if args.results_csv else run_dir.parent / "results.csv"
     check_results_csv(csv_path)  # before any work
-    source = _absolute(args.data) or info.get("eval_data") or info.get("pretrain_data")
+    source = absolute_source(args.data) or info.get("eval_data") or info.get("pretrain_data")
     if source is None:
         raise ConfigError(
             f"{target}: no config.yaml or export.json beside the encoder says what "

@@ -20,12 +20,18 @@ from selfsup.data.cache import (
     write_skip_report,
 )
 from selfsup.data.decode import DEFAULT_MAX_PIXELS, BadImageError, decode_image, resize_shorter
-from selfsup.data.sources import IMAGE_EXTENSIONS, parse_source, summarize_skips
+from selfsup.data.sources import (
+    IMAGE_EXTENSIONS,
+    absolute_source,
+    parse_source,
+    summarize_skips,
+)
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "FORMAT_VERSION",
     "IMAGE_EXTENSIONS",
+    "absolute_source",
     "BadImageError",
     "BatchStream",
     "ImageDataset",

@@ -182,6 +182,14 @@ def parse_source(source: str | os.PathLike[str]) -> SourceSpec:
     )
 
 
+def absolute_source(source: str | None) -> str | None:
+    """An existing path as an absolute one (a run then names the same data from any folder);
+    dataset names, empty and missing paths as given."""
+    if isinstance(source, str) and source.strip() and Path(source).expanduser().exists():
+        return str(Path(source).expanduser().resolve())
+    return source
+
+
 def _strip_tar_suffix(name: str) -> str:
     for suffix in sorted(TAR_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):

@@ -222,10 +222,10 @@ def resolve_config(
         cfg.data.eval_source = None
     if cfg.train.collapse in ("False", "false"):  # YAML 1.1 reads a bare `off` as false
         cfg.train.collapse = "off"
+    from selfsup.data.sources import absolute_source
+
     for key in ("source", "eval_source"):  # a relative path would only work from this folder
-        value = cfg.data[key]
-        if isinstance(value, str) and value.strip() and Path(value).expanduser().exists():
-            cfg.data[key] = str(Path(value).expanduser().resolve())
+        cfg.data[key] = absolute_source(cfg.data[key])
     validate_config(cfg)
     return cfg
 
