@@ -18,7 +18,6 @@ from selfsup.errors import SelfsupError
 METHOD_NAMES = ("simclr", "moco", "byol", "simsiam")
 QUICKSTART_OUT = "runs/quickstart"
 QUICKSTART_SOURCE = "mnist5k"  # the quickstart preset's data.source
-EXIT_STATUS_ENV = "SELFSUP_EXIT_STATUS_FILE"  # rank 0 writes its exit status there (--devices)
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -251,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     status = _dispatch(args)
+    from selfsup.train.distributed import EXIT_STATUS_ENV
+
     report = os.environ.get(EXIT_STATUS_ENV)
     if report and os.environ.get("RANK", "0") == "0":  # for the --devices launcher
         Path(report).write_text(str(status))

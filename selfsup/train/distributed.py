@@ -513,6 +513,9 @@ def strip_devices_flag(argv: Sequence[str]) -> list[str]:
     return out
 
 
+EXIT_STATUS_ENV = "SELFSUP_EXIT_STATUS_FILE"  # where rank 0 writes its exit status (launcher)
+
+
 def launch_local(nproc: int, argv: Sequence[str]) -> int:
     """``selfsup ... --devices N``: rerun this command under ``torchrun --standalone`` with N
     processes on this machine; returns rank 0's exit status (0 done, 2 error, 3 stopped with a
@@ -539,7 +542,7 @@ def launch_local(nproc: int, argv: Sequence[str]) -> int:
     ]
     with tempfile.TemporaryDirectory(prefix="selfsup-launch-") as tmp:
         status_file = Path(tmp) / "rank0_status"
-        env = {**os.environ, "SELFSUP_EXIT_STATUS_FILE": str(status_file)}
+        env = {**os.environ, EXIT_STATUS_ENV: str(status_file)}
         # its own session: a terminal's Ctrl-C reaches the workers once, through this launcher
         # (twice, the second would abort them before their checkpoint)
         proc = subprocess.Popen(cmd, env=env, start_new_session=True)
