@@ -38,18 +38,24 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     if "conv1.weight" not in state:
         raise CheckpointError("not a ResNet encoder state_dict (no conv1.weight)")
     small_stem = state["conv1.weight"].shape[-1] == 3
-    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.startswith("fc.")}
+    shapes = _encoder_shapes(state)
     for name in sorted(BACKBONES, key=lambda n: n != "resnet_tiny"):  # the quickstart's first
-        with torch.device("meta"):
-            candidate = backbone_to_torchvision(name, small_stem)
-        expected = {
-            k: tuple(v.shape) for k, v in candidate.state_dict().items() if not k.startswith("fc.")
-        }
-        if expected == shapes:
+        if _backbone_shapes(name, small_stem) == shapes:
             return name, small_stem
     raise CheckpointError(
         f"the ResNet state_dict ({len(shapes)} tensors) matches none of {', '.join(BACKBONES)}"
     )
+
+
+def _encoder_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of an encoder state_dict, the classifier ``fc`` left out."""
+    return {k: tuple(v.shape) for k, v in state.items() if not k.startswith("fc.")}
+
+
+def _backbone_shapes(name: str, small_stem: bool) -> dict[str, tuple[int, ...]]:
+    """What :func:`_encoder_shapes` gives for backbone ``name``, built on the meta device."""
+    with torch.device("meta"):
+        return _encoder_shapes(backbone_to_torchvision(name, small_stem).state_dict())
 
 
 def is_torchscript(path: Path) -> bool:
@@ -181,14 +187,10 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
     meta = encoder_metadata(path)
     if isinstance(meta.get("backbone"), str) and "small_stem" in meta:
         name, small = meta["backbone"], bool(meta["small_stem"])
-        with torch.device("meta"):
-            expected = backbone_to_torchvision(name, small).state_dict()
-        fits = all(
-            k in state and tuple(state[k].shape) == tuple(v.shape)
-            for k, v in expected.items()
-            if not k.startswith("fc.")
-        )
-        if not fits:  # e.g. an encoder.pt copied beside another run's config.yaml
+        # every tensor of the metadata's backbone, with its shape (extra keys: load's concern);
+        # not so for an encoder.pt copied beside another run's config.yaml
+        expected = _backbone_shapes(name, small)
+        if not expected.items() <= _encoder_shapes(state).items():
             try:
                 found = "a {} (small_stem={}) encoder".format(*infer_architecture(state))
             except CheckpointError:
