@@ -84,7 +84,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     from selfsup.train.config import resolve_config
     from selfsup.train.distributed import barrier, cleanup, init_distributed, launch_local
-    from selfsup.train.trainer import Trainer, prepare_run_dir
+    from selfsup.train.trainer import Trainer, check_data_sources, prepare_run_dir
 
     launch = args.devices is not None and args.devices != 1 and "WORLD_SIZE" not in os.environ
     out = Path(args.out) if args.out else None
@@ -122,7 +122,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         out = Path(QUICKSTART_OUT if method == "simclr" else f"{QUICKSTART_OUT}-{method}")
     out = out or Path(f"runs/{method}")
     cfg.out = str(out)
-    _check_sources(cfg, out)  # before --overwrite clears anything
+    check_data_sources(cfg, out)  # before --overwrite clears anything
     if launch:  # checked once here, not once per process after each has decoded the data
         from selfsup.train.distributed import per_rank_batch_size
 
@@ -155,26 +155,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     print(json.dumps({k: r[k] for k in ("method", "knn_top1", "knn_top1_random_init") if k in r}))
     print(f"selfsup: encoder saved to {out / 'encoder.pt'}; results in {out / 'results.json'}")
     return 0
-
-
-def _check_sources(cfg, out: Path) -> None:
-    """The data sources exist (a typo must not cost an --overwrite'n run) and are not the run
-    directory itself (``--out mnist5k`` would make a folder that shadows the dataset's name)."""
-    from selfsup.data import parse_source
-
-    for key in ("source", "eval_source"):
-        value = cfg.data[key]
-        if not value:
-            continue
-        if Path(value).expanduser().resolve() == out.expanduser().resolve():
-            raise SelfsupError(
-                f"--out {out} is the data source data.{key}={value!r} itself; choose another "
-                "--out (a run directory there would take the place of the data)"
-            )
-        try:
-            parse_source(value)
-        except SelfsupError as exc:
-            raise type(exc)(f"data.{key}: {exc}") from None
 
 
 def _config(args: argparse.Namespace) -> int:

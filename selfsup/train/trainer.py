@@ -157,6 +157,25 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         ) from None
 
 
+def check_data_sources(cfg: DictConfig, out: Path | None = None) -> None:
+    """``data.source`` and ``data.eval_source`` name existing data (a typo must not cost an
+    --overwrite'n run, nor a decode of the training data) and are not the run directory ``out``
+    itself (``--out mnist5k`` would make a folder that shadows the dataset's name)."""
+    for key in ("source", "eval_source"):
+        value = cfg.data[key]
+        if not value:
+            continue
+        if out is not None and Path(value).expanduser().resolve() == out.expanduser().resolve():
+            raise ConfigError(
+                f"--out {out} is the data source data.{key}={value!r} itself; choose another "
+                "--out (a run directory there would take the place of the data)"
+            )
+        try:
+            parse_source(value)
+        except DataError as exc:
+            raise DataError(f"data.{key}: {exc}") from None
+
+
 def dataset_stats(images: torch.Tensor, limit: int = 10_000) -> tuple[list[float], list[float]]:
     """Per-channel mean/std in [0, 1] of (a strided sample of) a uint8 [N,3,H,W] array."""
     step = max(1, images.shape[0] // limit)
@@ -260,11 +279,7 @@ class Trainer:
             workers=d.workers,
             progress=self.cfg.train.progress,
         )
-        if d.eval_source:  # asked for by name: a typo is an error, before the data is decoded
-            try:
-                parse_source(d.eval_source)
-            except DataError as exc:
-                raise DataError(f"data.eval_source: {exc}") from None
+        check_data_sources(self.cfg)  # a typo is an error before the data is decoded
         with main_process_first():  # rank 0 builds the cache, the others then read it
             train = _limit(load_dataset(d.source, "train", **kwargs), d.limit)
         summary = write_skip_report(train, self.run_dir / "skipped.csv") if self.env.is_main else ""
