@@ -105,9 +105,9 @@ class MoCo(nn.Module):
         if bn_splits < 1:
             raise ConfigError(f"MoCo `method.bn_splits` must be >= 1, got {bn_splits}.")
         # Before the key encoder is copied from it, so both normalise in the same groups.
-        world = distributed_world()[1]
+        rank, world = distributed_world()
         self.local_bn_splits = max(1, bn_splits // world)
-        if bn_splits % world and distributed_world()[0] == 0:
+        if bn_splits % world and rank == 0:
             warnings.warn(
                 f"MoCo method.bn_splits={bn_splits} does not split over {world} processes: "
                 f"{self.local_bn_splits} BatchNorm group(s) per process, "
