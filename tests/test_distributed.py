@@ -606,14 +606,18 @@ def _checkpoint_epoch(run: Path) -> int:
     ]
 
 
-def test_two_process_run_resumes(tmp_path):
-    env = {
+def _child_env() -> dict[str, str]:
+    """The environment of a `python -m selfsup` child: one thread, this checkout first."""
+    checkout = str(Path(__file__).resolve().parents[1])
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-        ),
+        "PYTHONPATH": os.pathsep.join([checkout, os.environ.get("PYTHONPATH", "")]),
     }
+
+
+def test_two_process_run_resumes(tmp_path):
+    env = _child_env()
     overrides = [
         "data.source=mnist5k",
         "data.image_size=16",
@@ -772,13 +776,7 @@ def test_devices_launcher_reports_rank_0s_status_and_forwards_sigterm(tmp_path):
     import signal
     import time
 
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
+    env = _child_env()
     run = tmp_path / "run"
     base = [sys.executable, "-m", "selfsup", "pretrain", "--devices", "2", "--out", str(run)]
     settings = [
