@@ -1,6 +1,7 @@
 """Settings: presets resolve, and every bad setting is a ConfigError naming it, before any work."""
 
 import pytest
+import torch
 
 from selfsup.errors import ConfigError
 from selfsup.train.config import available_presets, config_hash, resolve_config
@@ -145,3 +146,83 @@ def test_an_augment_section_that_is_not_a_mapping_is_a_config_error():
         resolve_config("byol", overrides=["augment.both=5"])
     with pytest.raises(ConfigError, match=r"augment.both: Interpolation key"):
         resolve_config("byol", overrides=["augment.both.crop_scale=${augment.both.foo}"])
+
+
+def _one_sgd_step(method: torch.nn.Module, loss_of, lr: float, wd: float) -> list[torch.Tensor]:
+    """Two SGD steps (the second uses the momentum buffer) on ``loss_of(method)``."""
+    opt = torch.optim.SGD(
+        [p for p in method.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=wd
+    )
+    for _ in range(2):
+        opt.zero_grad()
+        loss_of(method).backward()
+        opt.step()
+    return [p.detach().clone() for p in method.parameters()]
+
+
+@pytest.mark.parametrize("preset", ["cifar10", "imagenette", "stl10"])
+def test_byol_and_moco_presets_take_the_step_of_the_lightly_recipe_they_cite(preset):
+    """Lightly trains BYOL on 0.5 * (-cos(p1, z2') - cos(p2, z1')) and symmetric MoCo on the mean of
+    the two InfoNCE terms, at SGD lr 0.06 * batch/128 and wd 5e-4. Our losses are the papers' (BYOL:
+    2 - 2 cos summed; MoCo: summed), so the presets rescale lr and wd: the updates must be equal."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from selfsup.losses import info_nce_loss
+    from selfsup.methods import build_method
+
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(8, 3, 4, 4), torch.randn(8, 3, 4, 4)
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16))
+
+    def lightly_byol(m):
+        x = torch.cat([x1, x2])
+        p = m.predictor(m.projector(m.backbone(x)))
+        with torch.no_grad():
+            zt = m.target_projector(m.target_backbone(x))
+        (p1, p2), (zt1, zt2) = p.chunk(2), zt.chunk(2)
+        return 0.5 * (-F.cosine_similarity(p1, zt2).mean() - F.cosine_similarity(p2, zt1).mean())
+
+    def lightly_moco(m):  # no BatchNorm anywhere: the key shuffle is the identity
+        q1, q2 = m.projector(m.backbone(x1)), m.projector(m.backbone(x2))
+        k1, k2 = m._keys(x1), m._keys(x2)
+        return 0.5 * (
+            info_nce_loss(q1, k2, m.queue, m.temperature)
+            + info_nce_loss(q2, k1, m.queue, m.temperature)
+        )
+
+    cases = [
+        ("byol", lightly_byol, {}),
+        ("moco", lightly_moco, {"proj_batch_norm": False, "bn_splits": 1}),
+    ]
+    for name, lightly_loss, kwargs in cases:
+        cfg = resolve_config(name, preset)
+        if name == "moco" and not cfg.method.get("symmetric", False):
+            continue  # one direction: the same scale as lightly's mean of two
+        ours = build_method(
+            name,
+            copy.deepcopy(backbone),
+            16,
+            cfg.method,
+            proj_hidden=32,
+            proj_dim=8,
+            **({"pred_hidden": 32} if name == "byol" else kwargs),
+        )
+        theirs = copy.deepcopy(ours)
+        assert cfg.optim.name == "sgd" and cfg.optim.lr_reference_batch == 128
+        got = _one_sgd_step(ours, lambda m: m(x1, x2)["loss"], cfg.optim.lr, cfg.optim.weight_decay)
+        want = _one_sgd_step(theirs, lightly_loss, 0.06, 5e-4)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("preset", "base_lr"), [("cifar10", 0.03), ("imagenette", 0.05), ("stl10", 0.05)]
+)
+def test_simsiam_presets_follow_the_papers_lr_rule(preset, base_lr):
+    """SimSiam (Chen & He 2021): lr = base_lr * batch / 256 (CIFAR-10: 0.03, ImageNet: 0.05)."""
+    from selfsup.train.optim import scaled_lr
+
+    o = resolve_config("simsiam", preset).optim
+    assert scaled_lr(o.lr, 512, o.lr_reference_batch, o.lr_scaling) == pytest.approx(base_lr * 2)
