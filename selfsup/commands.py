@@ -282,7 +282,12 @@ def _add_eval(sub, name: str) -> None:
     p.add_argument("--linear-epochs", type=int, default=100, help="full linear probe epochs")
     p.add_argument("--linear-lr", type=float, default=0.1, help="full linear probe SGD lr")
     p.add_argument("--lbfgs-iters", type=int, default=100, help="fast linear probe iterations")
-    p.add_argument("--finetune-epochs", type=int, default=30)
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=None,
+        help="fine-tuning epochs (default: SimCLR's, 60 for 1%% of the labels, 30 for more)",
+    )
     p.add_argument(
         "--finetune-lr",
         type=float,
@@ -343,6 +348,14 @@ def _add_eval(sub, name: str) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def finetune_epochs(given: int | None, fraction: int) -> int:
+    """``--finetune-epochs``, else SimCLR's (Chen et al. 2020, Appendix B.5): 60 epochs on 1% of
+    the labels, 30 on 10% or more."""
+    if given is not None:
+        return given
+    return 60 if fraction <= 1 else 30
+
+
 def _check_eval_args(args: argparse.Namespace) -> None:
     """Refuse impossible settings before loading data or training anything."""
     positive = {
@@ -353,7 +366,7 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         "--batch-size": args.batch_size,
     }
     for flag, value in positive.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     for flag, value in (
         ("--knn-temperature", args.knn_temperature),
@@ -599,7 +612,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                     num_classes=num_classes,
                     train_transform=train_t,
                     eval_transform=eval_t,
-                    epochs=args.finetune_epochs,
+                    epochs=finetune_epochs(args.finetune_epochs, fraction),
                     batch_size=args.batch_size,
                     device=device,
                     seed=args.seed,

@@ -645,3 +645,24 @@ def test_eval_results_merge_only_the_same_weights_data_and_settings(trained, tmp
     rc, _, err = cli("eval", str(run), *common, "--results-csv", str(theirs))
     assert rc == 2 and "is not a results CSV written by `selfsup eval`" in err
     assert theirs.read_text() == "date,experiment,notes\n2026-01-01,a,keep me\n"
+
+
+def test_finetune_epochs_default_to_simclrs_60_for_1pct_and_30_for_10pct(
+    trained, tmp_path, monkeypatch
+) -> None:
+    """Without --finetune-epochs, eval fine-tunes as SimCLR's Appendix B.5 does."""
+    ft = sys.modules["selfsup.evaluate.finetune"]  # the package re-exports a function of this name
+    seen: dict[int, int] = {}
+
+    def recording(*args, epochs, **kwargs):
+        seen[int(args[1].shape[0])] = epochs
+        return {"top1": 0.0, "top5": 0.0, "final_loss": 0.0, "mode": "finetune", "epochs": epochs}
+
+    monkeypatch.setattr(ft, "finetune", recording)
+    rc, _, err = cli(
+        "eval", str(trained["run"]), "--protocol", "finetune", "--label-fraction", "1", "10",
+        "--limit", str(LIMIT), "--cache-dir", trained["cache"], "--no-progress",
+        "--results-csv", str(tmp_path / "r.csv"),
+    )  # fmt: skip
+    assert rc == 0, err
+    assert seen == {LIMIT // 100: 60, LIMIT // 10: 30}
