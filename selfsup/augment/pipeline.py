@@ -181,6 +181,15 @@ def _check_images(images: Tensor) -> None:
         raise DataError(
             f"augmentation input has dtype {images.dtype}; pass uint8 or float images in [0, 1]"
         )
+    # Float pixels of 0-255 would be clipped to white by the jitter, silently. Checked on the CPU
+    # only: on a GPU the check would cost a host synchronisation per batch.
+    if images.is_floating_point() and images.device.type == "cpu" and images.numel():
+        low, high = float(images.min()), float(images.max())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise DataError(
+                f"float images must lie in [0, 1]; these span [{low:g}, {high:g}] (divide "
+                "0-255 pixels by 255, or pass them as uint8)"
+            )
 
 
 class ViewAugment(nn.Module):
@@ -347,8 +356,11 @@ def augment_preset(
 
 
 class EvalTransform(nn.Module):
-    """Deterministic evaluation view: resize the shorter side to S (antialiased bilinear),
-    centre-crop ``S x S``, normalise.
+    """Deterministic evaluation view: resize the shorter side to ``round(S / crop_fraction)``
+    (antialiased bilinear), centre-crop ``S x S``, normalise.
+
+    ``crop_fraction`` 1 (the default) keeps the whole image; 0.875 is the ImageNet protocol's
+    resize 256, centre crop 224 (``data.eval_crop``; the imagenette preset uses it).
 
     Input: uint8 ``[B, 3, H, W]`` (or float in ``[0, 1]``). Output: ``[B, 3, S, S]`` float32 (or
     the input's float dtype) on the input's device.
@@ -359,11 +371,18 @@ class EvalTransform(nn.Module):
         size: int,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        crop_fraction: float = 1.0,
     ) -> None:
         super().__init__()
         if size < 1:
             raise ConfigError(f"evaluation image size {size} must be a positive number of pixels")
+        if not 0 < crop_fraction <= 1:
+            raise ConfigError(
+                f"data.eval_crop={crop_fraction} must lie in (0, 1]: the fraction of the shorter "
+                "side that the evaluation's centre crop keeps (0.875 as ImageNet's 224/256)"
+            )
         self.size = int(size)
+        self.resize = round(size / crop_fraction)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
@@ -373,8 +392,8 @@ class EvalTransform(nn.Module):
         _check_images(images)
         x = ops.to_float_image(images)
         height, width = x.shape[-2:]
-        if min(height, width) != self.size:
-            x = TF.resize(x, [self.size], antialias=True)
+        if min(height, width) != self.resize:
+            x = TF.resize(x, [self.resize], antialias=True)
         if tuple(x.shape[-2:]) != (self.size, self.size):
             x = TF.center_crop(x, [self.size, self.size])
         return ops.normalize(x, self.mean, self.std)

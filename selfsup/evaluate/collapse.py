@@ -90,7 +90,9 @@ def effective_rank(z: Tensor, *, center: bool = True) -> float:
     The features are centred first (``center=True``): the rank then measures how many
     directions the batch *varies* in, i.e. the covariance spectrum of Jing et al. 2022. Without
     centring, a large common mean would count as one direction of its own and hide a collapse of
-    the variation. A constant batch centres to (numerically) zero and gets ``erank ~ 1``.
+    the variation. An exactly constant batch centres to (numerically) zero and gets ``erank ~ 1``;
+    a nearly constant one keeps the rank of its tiny residual noise (which may be full), and only
+    :func:`feature_std` sees that it has collapsed.
     Centring makes the rank blind to the *scale* of the variation, which :func:`feature_std`
     covers; the monitor uses both.
 
@@ -194,6 +196,12 @@ def collapse_metrics(
     with torch.no_grad():
         z = _as_matrix(z)
         n, d = z.shape
+        for name, other in (("h", h), ("z2", z2)):
+            if other is not None and other.shape[0] != n:
+                raise ValueError(
+                    f"collapse_metrics: {name} holds {other.shape[0]} rows, z {n}; both must "
+                    "describe the same batch"
+                )
         if not torch.isfinite(z).all():
             # NaN/Inf outputs are the NaN-loss guard's business; the SVD would fail on them.
             nan = float("nan")

@@ -13,8 +13,6 @@ without wrecking the pre-trained features). A cosine schedule decays both to 0.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
@@ -24,6 +22,7 @@ from selfsup.evaluate.features import (
     autocast_context,
 )
 from selfsup.evaluate.linear import make_linear_head, prepare_run, train_and_test_head
+from selfsup.models.split_bn import plain_batchnorm
 
 FINETUNE_MODE = "finetune (encoder + linear head, augmented)"
 SUPERVISED_MODE = "supervised baseline (random init encoder + linear head, augmented)"
@@ -78,7 +77,8 @@ def finetune(
     Returns:
         ``{"top1", "top5" (fractions in [0, 1]), "final_loss": ..., "mode": mode, ...settings}``.
     """
-    model = copy.deepcopy(backbone)
+    # a MoCo backbone's SplitBatchNorm needs batches divisible by its groups: plain BN here
+    model = plain_batchnorm(backbone)
     head_lr = 10 * lr if head_lr is None else head_lr
     train_labels, test_labels, run_device, cpu_generator, aug_generator = prepare_run(
         model,

@@ -66,7 +66,8 @@ def knn_predict(
         train_labels: int64 ``[N_train]`` in ``[0, num_classes)``.
         num_classes: ``C``.
         k: neighbours per query (200 in InstDisc / lightly).
-        temperature: ``T`` in ``exp(s / T)`` (0.1 in InstDisc / lightly).
+        temperature: ``T`` in ``exp(s / T)`` (0.1 in lightly and the MoCo CIFAR-10 demo;
+            InstDisc used 0.07).
         chunk_size: test rows per similarity block.
         device: where to compute; defaults to ``train_feats.device``.
 

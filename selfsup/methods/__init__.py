@@ -37,6 +37,28 @@ def method_options(name: str) -> tuple[str, ...]:
     return tuple(params[3:])  # drop self, backbone, feat_dim
 
 
+# The numeric options' valid ranges: (check, what it must be). Used by build_method and, before any
+# data is read, by the CLI's config check, so both name the same problem. MoCo's queue_size and
+# bn_splits have their own checks, which also depend on the batch size.
+_OPTION_RANGES: dict[str, tuple[Any, str]] = {
+    "temperature": (lambda v: v > 0, "> 0"),
+    "momentum": (lambda v: 0 <= v <= 1, "in [0, 1] (the key encoder's EMA decay m)"),
+    "tau_base": (lambda v: 0 <= v <= 1, "in [0, 1] (the target's EMA decay at step 0)"),
+    "proj_hidden": (lambda v: v >= 1, ">= 1"),
+    "proj_dim": (lambda v: v >= 1, ">= 1"),
+    "pred_hidden": (lambda v: v >= 1, ">= 1"),
+    "proj_layers": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def option_problem(key: str, value: Any) -> str | None:
+    """Why ``method.<key>=value`` is out of range, or None (non-numbers are checked elsewhere)."""
+    if key not in _OPTION_RANGES or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    ok, must = _OPTION_RANGES[key]
+    return None if ok(value) else f"method.{key}={value!r} must be {must}"
+
+
 def _as_dict(cfg: Any) -> dict[str, Any]:
     if cfg is None:
         return {}
@@ -57,6 +79,7 @@ def build_method(
     those are ignored, as are ``None`` values (the method's default); a key no method knows
     raises ``ConfigError``, as does any ``kwargs`` key this method does not take.
     """
+    name = name.lower() if isinstance(name, str) else name  # "SimCLR" names simclr too
     if name not in METHOD_CLASSES:
         raise ConfigError(
             f"Unknown method {name!r} (setting `method.name`); valid methods: {', '.join(METHODS)}."
@@ -74,6 +97,9 @@ def build_method(
         )
     # None in cfg means "the method's default".
     options = {k: v for k, v in options.items() if k in own and v is not None} | kwargs
+    for key, value in options.items():
+        if problem := option_problem(key, value):
+            raise ConfigError(problem)
     return METHOD_CLASSES[name](backbone, feat_dim, **options)
 
 

@@ -23,12 +23,20 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
     run in train mode where they are unused. Uses fused ``torch._foreach`` kernels: one launch per
     op for all parameters instead of one per tensor.
     """
+    if isinstance(tau, int | float) and not 0.0 <= tau <= 1.0:
+        raise ValueError(f"EMA decay tau must lie in [0, 1]; got {tau}")
     target_params = list(target.parameters())
     online_params = list(online.parameters())
     if len(target_params) != len(online_params):
         raise ValueError(
             f"EMA target has {len(target_params)} parameters, online {len(online_params)}"
         )
+    for t, o in zip(target_params, online_params, strict=True):
+        if t.shape != o.shape:
+            raise ValueError(
+                f"EMA target and online networks differ: a parameter of shape {tuple(t.shape)} "
+                f"meets one of {tuple(o.shape)} (the target must be a copy of the online network)"
+            )
     torch._foreach_mul_(target_params, tau)
     torch._foreach_add_(target_params, online_params, alpha=1.0 - tau)
     target_buffers = list(target.buffers())
@@ -41,6 +49,8 @@ def cosine_tau(base: float, progress: float) -> float:
 
     ``base`` at progress 0, rising to 1.0 at progress 1 (progress = step / total steps, clamped).
     """
+    if not 0.0 <= base <= 1.0:
+        raise ValueError(f"cosine_tau: base must lie in [0, 1]; got {base}")
     progress = min(max(progress, 0.0), 1.0)
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
@@ -57,6 +67,7 @@ class EmaTarget(nn.Module):
         self.module = copy.deepcopy(online).requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The frozen copy's output for ``x``, without a graph (no gradient reaches xi)."""
         with torch.no_grad():
             return self.module(x)
 

@@ -61,6 +61,11 @@ class MoCo(nn.Module):
     ``shuffle_bn`` runs the key encoder on a randomly permuted global batch ([0] sec. 3.3); in
     one process, ``bn_splits`` > 1 does the same with BatchNorm groups of the batch.
 
+    With ``bn_splits`` > 1 (the default) the BatchNorm layers of ``backbone`` are replaced, in
+    place, by :class:`~selfsup.models.SplitBatchNorm` layers (same parameters and names, so its
+    ``state_dict`` loads into a plain model); in training mode they need batches divisible by the
+    groups. ``selfsup.models.plain_batchnorm(moco.backbone)`` gives a copy with plain BatchNorm.
+
     Args:
         backbone: query encoder f_q, [B, 3, S, S] -> [B, feat_dim].
         feat_dim: D.

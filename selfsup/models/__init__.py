@@ -7,12 +7,16 @@ from selfsup.models.backbones import (
     build_backbone,
 )
 from selfsup.models.heads import PredictionHead, ProjectionHead
+from selfsup.models.split_bn import SplitBatchNorm, convert_split_batchnorm, plain_batchnorm
 
 __all__ = [
     "BACKBONES",
     "PredictionHead",
     "ProjectionHead",
     "ResNetTiny",
+    "SplitBatchNorm",
     "backbone_to_torchvision",
     "build_backbone",
+    "convert_split_batchnorm",
+    "plain_batchnorm",
 ]

@@ -115,6 +115,12 @@ def _infer_feature_dim(module: nn.Module, image_size: int = 64) -> int:
     module.eval()
     try:
         out = module(torch.zeros(2, 3, image_size, image_size, device=device))
+    except Exception as exc:  # a module built for one input size, a wrong channel count, ...
+        raise ConfigError(
+            f"The custom backbone {type(module).__name__} failed on a dummy [2, 3, {image_size}, "
+            f"{image_size}] batch ({type(exc).__name__}: {exc}); pass the image size it takes "
+            "as build_backbone(module, image_size=S), or its feature size as feat_dim=D."
+        ) from exc
     finally:
         module.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -127,17 +133,36 @@ def _infer_feature_dim(module: nn.Module, image_size: int = 64) -> int:
     return int(out.shape[1])
 
 
-def build_backbone(name: str | nn.Module, *, small_stem: bool = False) -> tuple[nn.Module, int]:
+def build_backbone(
+    name: str | nn.Module,
+    *,
+    small_stem: bool = False,
+    image_size: int = 64,
+    feat_dim: int | None = None,
+) -> tuple[nn.Module, int]:
     """Build the encoder f: [B, 3, S, S] -> [B, D] and return ``(module, D)``.
 
     Args:
         name: ``"resnet18"`` (D=512), ``"resnet50"`` (D=2048), ``"resnet_tiny"`` (D=128), or any
-            ``nn.Module`` returning [B, D] features (D is then found by a dummy forward).
+            ``nn.Module`` returning [B, D] features. A torchvision ``ResNet`` instance gets its
+            ``fc`` classifier replaced by ``nn.Identity`` (in place), as the named ones do; for
+            other modules D is found by a dummy forward at ``image_size`` unless ``feat_dim``
+            is given.
         small_stem: use the CIFAR stem (3x3 stride-1 conv1, no max-pool) for images of ~32 px.
             Ignored for a user module.
+        image_size: S of the dummy batch that finds D of a user module (one that only takes its
+            own input size, such as a ViT with fixed positional embeddings, needs its S).
+        feat_dim: D of a user module, skipping the dummy forward.
     """
     if isinstance(name, nn.Module):
-        return name, _infer_feature_dim(name)
+        if isinstance(name, ResNet) and isinstance(name.fc, nn.Linear):
+            # its logits are no features: keep the pooled ones, as for a backbone by name
+            dim = name.fc.in_features
+            name.fc = nn.Identity()
+            return name, dim
+        if feat_dim is not None:
+            return name, int(feat_dim)
+        return name, _infer_feature_dim(name, image_size)
     model = backbone_to_torchvision(name, small_stem)
     feat_dim = model.fc.in_features
     model.fc = nn.Identity()

@@ -13,6 +13,8 @@ a SplitBatchNorm of 8 splits and a shuffled key batch, and reports that dropping
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -82,7 +84,7 @@ def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d`` in ``module`` (in place) by a :class:`SplitBatchNorm`
     of ``num_splits`` groups holding the same parameters and buffers; returns ``module``.
 
-    With ``num_splits == 1`` nothing is changed.
+    With ``num_splits == 1`` nothing is changed. :func:`plain_batchnorm` undoes it on a copy.
     """
     if num_splits == 1:
         return module
@@ -100,7 +102,38 @@ def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
             ).to(device=child.weight.device if child.affine else None)
             split.load_state_dict(child.state_dict())
             split.train(child.training)
+            split.was_1d = isinstance(child, nn.BatchNorm1d)  # for plain_batchnorm
             setattr(module, name, split)
         else:
             convert_split_batchnorm(child, num_splits)
     return module
+
+
+def plain_batchnorm(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every :class:`SplitBatchNorm` back as ``nn.BatchNorm2d``
+    (same parameters and buffers), for fine-tuning or any use outside MoCo's training, where
+    batches need not divide into the groups. ``module`` itself is not changed."""
+    module = copy.deepcopy(module)
+    if isinstance(module, SplitBatchNorm):
+        return _to_plain(module)
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, SplitBatchNorm):
+                setattr(parent, name, _to_plain(child))
+    return module
+
+
+def _to_plain(split: SplitBatchNorm) -> nn.BatchNorm2d:
+    # BatchNorm2d's forward takes [N, C] too via F.batch_norm; only its input check refuses it,
+    # so a head's BatchNorm1d becomes a BatchNorm1d again.
+    kind = nn.BatchNorm1d if getattr(split, "was_1d", False) else nn.BatchNorm2d
+    plain = kind(
+        split.num_features,
+        eps=split.eps,
+        momentum=split.momentum,
+        affine=split.affine,
+        track_running_stats=split.track_running_stats,
+    )
+    plain.load_state_dict(split.state_dict())
+    plain.train(split.training)
+    return plain.to(device=split.weight.device if split.affine else None)

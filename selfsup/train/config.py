@@ -28,6 +28,7 @@ class DataConfig:
     source: str = "mnist5k"  # folder, .tar/.tar.gz, cifar10/100, stl10(-unlabeled), mnist5k
     image_size: int = 32  # side of the square crops the network sees
     storage_size: int | None = None  # side of the cached uint8 images; None: image_size
+    eval_crop: float = 1.0  # evaluation: centre crop of this fraction of the side (0.875: 224/256)
     cache_dir: str | None = None  # None: $SELFSUP_CACHE or ~/.cache/selfsup
     eval_source: str | None = None  # labeled data for kNN monitoring; None: source's test split
     mean: list[float] | None = None  # None: the dataset's own statistics
@@ -53,9 +54,8 @@ class OptimConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0  # cosine ends at lr * min_lr_ratio
-    exclude_bias_norm: bool = (
-        False  # bias and norm params: no weight decay (and no LARS adaptation)
-    )
+    # bias and norm params: no weight decay (and no LARS adaptation); None: on for LARS, off for SGD
+    exclude_bias_norm: bool | None = None
     trust_coefficient: float = 0.001  # LARS eta
 
 
@@ -227,6 +227,8 @@ def resolve_config(
     for key in ("source", "eval_source"):  # a relative path would only work from this folder
         cfg.data[key] = absolute_source(cfg.data[key])
     validate_config(cfg)
+    if cfg.optim.exclude_bias_norm is None:  # the papers skip biases and norms in LARS only
+        cfg.optim.exclude_bias_norm = cfg.optim.name == "lars"
     return cfg
 
 
@@ -281,6 +283,11 @@ def validate_config(cfg: DictConfig) -> None:
     _require(
         d.storage_size is None or d.storage_size >= d.image_size,
         f"data.storage_size ({d.storage_size}) must be >= data.image_size ({d.image_size})",
+    )
+    _require(
+        0 < d.eval_crop <= 1,
+        f"data.eval_crop={d.eval_crop} must lie in (0, 1] (the fraction of the image that "
+        "evaluation's centre crop keeps; 1: all of it, 0.875: ImageNet's 224/256)",
     )
     _require(d.limit is None or d.limit >= 2, f"data.limit must be >= 2, got {d.limit}")
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
@@ -371,7 +378,7 @@ def validate_method_and_model(cfg: DictConfig) -> None:
     data is read: ``build_method`` would only find these after the dataset is decoded."""
     import inspect
 
-    from selfsup.methods import METHOD_CLASSES, method_options
+    from selfsup.methods import METHOD_CLASSES, method_options, option_problem
     from selfsup.models import BACKBONES
 
     name = cfg.method.get("name")
@@ -420,6 +427,8 @@ def validate_method_and_model(cfg: DictConfig) -> None:
             f"{where} must be of type {type(default).__name__} (default {default!r}), "
             f"got {value!r}",
         )
+        problem = option_problem(key, value)
+        _require(problem is None, str(problem))
     if name == "moco":
 
         def option(key: str):  # None means the method's default; 0 is a value to check

@@ -1,13 +1,18 @@
 """Optimizers and learning-rate schedules.
 
-LARS follows You et al. 2017, "Large Batch Training of Convolutional Networks", eq. (6)-(7), as used
-by SimCLR and BYOL: for each parameter w with gradient g and weight decay beta,
+LARS follows You et al. 2017, "Large Batch Training of Convolutional Networks", as SimCLR's and
+BYOL's implementations (and lightly's) compute it: for each parameter w with gradient g and
+weight decay beta,
 
-    local_lr = eta * ||w|| / (||g|| + beta * ||w||)     (1 where either norm is 0)
-    v <- m * v + lr * local_lr * (g + beta * w)          w <- w - v
+    d = g + beta * w
+    local_lr = eta * ||w|| / ||d||                       (1 where either norm is 0)
+    v <- m * v + local_lr * d                            w <- w - lr * v
 
-Biases and normalisation parameters are excluded from both the adaptation and the weight decay
-when ``exclude_bias_norm`` is set, as in the BYOL and SimCLR papers.
+The lr multiplies the momentum buffer, as in PyTorch's SGD, so a schedule's change of lr acts on the
+whole buffer at once (TensorFlow's momentum optimizer, which SimCLR used, folds lr into v). Biases
+and normalisation parameters are excluded from both the adaptation and the weight decay when
+``exclude_bias_norm`` is set; ``optim.exclude_bias_norm`` defaults to that for LARS, as in the BYOL
+and SimCLR papers, and to off for SGD.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
+        """One LARS update of every parameter with a gradient (the module docstring's formula)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -192,9 +198,14 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
-    """Set each group's lr to base_lr * factor, except groups marked ``fixed_lr``; return the lr."""
+    """Set each group's lr to base_lr * factor, except groups marked ``fixed_lr``; return the lr.
+
+    ``base_lr`` is set by :func:`build_optimizer`; a group without it (an optimizer built by hand)
+    takes its lr at the first call as its base.
+    """
     lr = 0.0
     for g in optimizer.param_groups:
+        g.setdefault("base_lr", g["lr"])
         g["lr"] = g["base_lr"] if g.get("fixed_lr") else g["base_lr"] * factor
         lr = max(lr, g["lr"]) if not g.get("fixed_lr") else lr
     return lr

@@ -411,7 +411,9 @@ class Trainer:
             cfg.data.mean, cfg.data.std = mean, std
         env = self.env
         self.augment = build_augment(cfg, mean, std).to(self.device)
-        self.eval_transform = EvalTransform(cfg.data.image_size, mean=mean, std=std).to(self.device)
+        self.eval_transform = EvalTransform(
+            cfg.data.image_size, mean=mean, std=std, crop_fraction=cfg.data.eval_crop
+        ).to(self.device)
 
         method = convert_sync_batchnorm(build_model(cfg), t.sync_bn, env).to(self.device)
         if self.device.type == "cuda" and t.channels_last:
