@@ -95,6 +95,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key=value settings")
 
 
+def _default_out(cfg, method: str, data: str | None) -> Path:
+    """runs/quickstart(-<method>) for the quickstart, one directory per method so all four can
+    be tried side by side; else runs/<method>."""
+    if cfg.data.source == QUICKSTART_SOURCE and data is None:
+        return Path(QUICKSTART_OUT if method == "simclr" else f"{QUICKSTART_OUT}-{method}")
+    return Path(f"runs/{method}")
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
@@ -125,11 +133,22 @@ def _pretrain(args: argparse.Namespace) -> int:
                 f"--preset {preset} needs --data (an image folder or .tar.gz); it names no "
                 "data source of its own"
             )
-    if out is None and cfg.data.source == QUICKSTART_SOURCE and args.data is None:
-        # one directory per method, so all four quickstarts can be tried side by side
-        out = Path(QUICKSTART_OUT if method == "simclr" else f"{QUICKSTART_OUT}-{method}")
-    out = out or Path(f"runs/{method}")
+    out = out or _default_out(cfg, method, args.data)
     cfg.out = str(out)
+    given = {o.split("=", 1)[0].strip() for o in args.overrides or []}
+    if (
+        not args.resume
+        and args.preset is None
+        and args.data is not None
+        and not args.image_size
+        and not (given & {"data.image_size", "data"})
+    ):
+        print(
+            f"selfsup: note: no --preset: training at data.image_size={cfg.data.image_size} px "
+            f"with the {'small-image' if cfg.model.small_stem else 'ImageNet'} stem; for larger "
+            "images give --image-size N (or --preset imagenette: 128 px)",
+            file=sys.stderr,
+        )
     check_data_sources(cfg, out)  # before --overwrite clears anything
     if launch:  # checked once here, not once per process after each has decoded the data
         from selfsup.train.distributed import per_rank_batch_size
@@ -176,6 +195,7 @@ def _config(args: argparse.Namespace) -> int:
     preset = args.preset or ("quickstart" if args.data is None else None)  # as pretrain
     flags = _run_flags(args)
     cfg = resolve_config(args.method, preset=preset, flags=flags, overrides=args.overrides)
+    cfg.out = str(_default_out(cfg, args.method, args.data))  # what pretrain would write to
     print(to_yaml(cfg))
     # what the keys left unset above resolve to, so every setting can be seen (and overridden)
     params = inspect.signature(METHOD_CLASSES[cfg.method.name].__init__).parameters

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,16 @@ def _load(
 ):
     from selfsup.data import load_dataset
 
-    ds = load_dataset(source, split, image_size=image_size, cache_dir=cache_dir, progress=progress)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be a positive number of images, got {limit}")
+    ds = load_dataset(
+        source, split, image_size=image_size, cache_dir=cache_dir, progress=progress, limit=limit
+    )
+    if ds.skipped and os.environ.get("RANK", "0") == "0":  # as pretrain's skipped.csv line
+        from selfsup.data import summarize_skips
+
+        summary = summarize_skips(ds.skipped, len(ds) + len(ds.skipped))
+        print(f"selfsup: {source} ({split}): {summary}", file=sys.stderr)
     return _limit(ds, limit)
 
 
@@ -180,11 +190,15 @@ def _load_labeled_splits(
                 f"{source!r} ({split} split) has no labels; evaluation needs an "
                 f"ImageFolder layout (<split>/<class>/<image>) with train/ and test/"
             )
-    if train.classes and test.classes and list(train.classes) != list(test.classes):
-        raise DataError(
-            f"{source!r}: the train and test splits have different class folders "
-            f"({train.classes} vs {test.classes}); give both the same classes"
+    test, dropped = test.with_classes_of(train)
+    if dropped:
+        print(
+            f"selfsup: note: {source!r}: test classes {dropped} have no training images; their "
+            f"test images are left out (scored: {len(test)})",
+            file=sys.stderr,
         )
+    if len(test) == 0:
+        raise DataError(f"{source!r}: no test image belongs to a class of the train split")
     return train, test
 
 
@@ -429,7 +443,15 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{target} does not exist: pass a run directory or an encoder file")
     info = _run_info(target)
     run_dir: Path = info["run_dir"]
-    csv_path = Path(args.results_csv) if args.results_csv else run_dir.parent / "results.csv"
+    # an exported file (<run>/export/encoder.safetensors) belongs to its run: the run's
+    # results.csv, and a row that names the file; the eval JSON stays beside the file
+    owner = run_dir
+    if (run_dir / "export.json").exists() and (run_dir.parent / "config.yaml").exists():
+        owner = run_dir.parent
+    run_label = str(owner)
+    if target.is_file() and target.name != "encoder.pt":
+        run_label = f"{owner} ({target.relative_to(owner)})"
+    csv_path = Path(args.results_csv) if args.results_csv else owner.parent / "results.csv"
     check_results_csv(csv_path)  # before any work
     source = absolute_source(args.data) or info.get("eval_data") or info.get("pretrain_data")
     if source is None:
@@ -515,7 +537,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(
                     {
                         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        "run": str(run_dir),
+                        "run": run_label,
                         "method": info.get("method", ""),
                         "pretrain_data": info.get("pretrain_data", ""),
                         "epochs": info.get("epochs", ""),
@@ -646,7 +668,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                     record(label, f"finetune_{fraction:g}pct", m)
 
     pool = f"_limit{args.limit}" if args.limit else ""
-    out_json = run_dir / f"eval_{_slug(source)}{pool}_{args.protocol}.json"
+    # several files in one folder (the exports) each keep their own results
+    of_file = f"_{_slug(target.name)}" if target.is_file() and target.name != "encoder.pt" else ""
+    out_json = run_dir / f"eval_{_slug(source)}{pool}_{args.protocol}{of_file}.json"
     if is_main():  # every process computed the same numbers; one writes them
         _merge_earlier(out_json, results)
         write_json(out_json, results)
@@ -698,10 +722,14 @@ def format_eval_table(results: dict[str, Any]) -> str:
     """A markdown table of one evaluation: one row per (protocol, encoder), mode in the note."""
     head = (
         f"eval data: {results['eval_data']} ({results['n_train']} train / "
-        f"{results['n_test']} test images, {results['num_classes']} classes); augmented "
-        f"protocols crop {results['train_augment']['crop_scale']}, flip "
-        f"{results['train_augment']['flip_p']:g}"
+        f"{results['n_test']} test images, {results['num_classes']} classes)"
     )
+    augmented = [p for p in results["protocols"] if p == "linear_full" or p.startswith("finetune")]
+    if augmented:  # kNN and the fast probe see no augmentation
+        head += (
+            f"; augmented protocols crop {results['train_augment']['crop_scale']}, flip "
+            f"{results['train_augment']['flip_p']:g}"
+        )
     lines = [
         head,
         "| protocol | encoder | top-1 | top-5 | note |",
@@ -820,12 +848,9 @@ def _write_parquet(path: Path, feats: np.ndarray, ds) -> None:
 
 def _atomic_output(out: Path, write) -> None:
     """``write(tmp)`` then rename onto ``out``: an interrupted write leaves no partial file."""
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # numpy appends .npy/.npz otherwise
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from selfsup.data.cache import atomic_write
+
+    atomic_write(out, write)
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -915,6 +940,7 @@ def nearest_neighbors(
 
     if k < 1:
         raise ConfigError(f"-k must be >= 1, got {k}")
+    listing = None
     if len(queries) == 1 and queries[0].endswith(".txt"):
         listing = Path(queries[0])
         if not listing.is_file():
@@ -933,7 +959,8 @@ def nearest_neighbors(
                 "file listing image paths"
             )
         if not path.is_file():
-            raise DataError(f"query image {q} does not exist")
+            named = f" (a line of the query list {listing})" if listing else ""
+            raise DataError(f"query image {q} does not exist{named}")
         img = resize_shorter(decode_image(path.read_bytes(), name=q), load_size)
         arrays.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # a writable copy
     encoder = load_encoder(encoder_path)

@@ -12,6 +12,7 @@ safetensors, in the file's own metadata.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 import zipfile
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selfsup.data.cache import atomic_write, atomic_write_text
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.models import BACKBONES, backbone_to_torchvision, build_backbone
 
@@ -111,7 +113,8 @@ def encoder_metadata(path: str | Path) -> dict[str, Any]:
             meta = json.loads(info.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{info} is not valid JSON ({exc}); re-export the run") from None
-        meta.pop("format", None), meta.pop("file", None)
+        for key in ("format", "file", "files"):
+            meta.pop(key, None)
         return meta
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
@@ -144,6 +147,12 @@ def encoder_file(path: Path) -> Path:
     there is none."""
     if path.is_dir():
         candidate = path / "encoder.pt"
+        if not candidate.exists() and (path / EXPORT_INFO).exists():
+            exported = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".safetensors"))
+            raise CheckpointError(
+                f"{path} is a folder of `selfsup export` files; pass one of them: "
+                f"{', '.join(str(path / name) for name in exported) or '(none left)'}"
+            )
         if not candidate.exists():
             raise CheckpointError(
                 f"{path} has no encoder.pt: the run has not finished; "
@@ -277,13 +286,14 @@ def export_encoder(
                 f"{missing[:5]}, unexpected {unexpected[:5]}"
             )
         target = base / f"{name}_torchvision.pt"
-        torch.save(tv.state_dict(), target)
+        atomic_write(target, lambda tmp: torch.save(tv.state_dict(), tmp))
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 
         target = base / "encoder.safetensors"
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(target), metadata=_encode_header(meta))
+        header = _encode_header(meta)
+        atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=header))
     else:
         target = base / "encoder.torchscript.pt"
         example = torch.zeros(1, 3, size, size)
@@ -291,8 +301,15 @@ def export_encoder(
             # torch >= 2.9 marks jit.trace deprecated; TorchScript is still what this format is
             warnings.simplefilter("ignore", FutureWarning)
             scripted = torch.jit.trace(model, example)
-        scripted.save(str(target))
-    (base / EXPORT_INFO).write_text(
-        json.dumps({**meta, "format": fmt, "file": target.name}, indent=2) + "\n"
-    )
+        atomic_write(target, lambda tmp: scripted.save(str(tmp)))
+    # one export.json for the folder: the shared metadata, and each format's file
+    info_path = base / EXPORT_INFO
+    files: dict[str, str] = {}
+    if info_path.exists():
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            earlier = json.loads(info_path.read_text())
+            files = dict(earlier.get("files") or {earlier["format"]: earlier["file"]})
+    files[fmt] = target.name
+    info = {**meta, "files": files}
+    atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
     return target

@@ -437,7 +437,7 @@ def build_messy_folder(root: Path) -> dict[str, str | None]:
     (mixed / "self.png").symlink_to(mixed / "self.png")  # a link pointing at itself
     expected["self.png"] = "symlink loop"
     (mixed / "loop").symlink_to(root)  # a folder link back to the root
-    expected["loop"] = "symlink loop"
+    expected["loop"] = "folder symlink loop"
     (mixed / "dangling.png").symlink_to(root / "missing.png")
     expected["dangling.png"] = "broken symlink"
     (root / "empty").mkdir()
@@ -469,10 +469,13 @@ def test_bad_files_are_skipped_with_reasons_and_good_ones_load(tmp_path):
     with open(report, newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["path", "reason"] and len(rows) == 1 + len(wanted)
-    folders = sum(reason in ("symlink loop", "empty class folder") for reason in wanted.values())
+    folders = sum(
+        reason in ("folder symlink loop", "empty class folder") for reason in wanted.values()
+    )
     files, total = len(wanted) - folders, len(dataset) + len(wanted) - folders
     assert summary.startswith(f"skipped {files} of {total} files and {folders} folders: ")
-    assert "2 symlink loop" in summary and "1 corrupt" in summary and "1 zero-byte" in summary
+    assert "1 symlink loop" in summary and "1 folder symlink loop" in summary
+    assert "1 corrupt" in summary and "1 zero-byte" in summary
 
 
 def test_unreadable_file_is_skipped(tmp_path, monkeypatch):
@@ -809,3 +812,57 @@ def test_stl10_preset_with_other_data_monitors_on_that_data(tmp_path, monkeypatc
     assert OmegaConf.load(out / "config.yaml").data.eval_source is None
     results = json.loads((out / "results.json").read_text())
     assert results["knn_data"] == str(folder) and results["knn_images"] == {"bank": 5, "query": 2}
+
+
+def test_a_test_split_missing_a_class_is_relabelled_by_name_not_number(tmp_path) -> None:
+    """train: a, b, c; test: a, c. Test's c (its label 1) is train's label 2, and a test class
+    train lacks is dropped, so a kNN or classifier is scored against the right names."""
+    from PIL import Image
+
+    from selfsup.data import load_dataset
+
+    for split, classes in (("train", "abc"), ("test", "acd")):
+        for name in classes:
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i * 9, ord(name), 0)).save(folder / f"{i}.png")
+    kwargs = dict(image_size=8, cache_dir=tmp_path / "cache", progress=False)
+    train = load_dataset(str(tmp_path / "data"), "train", **kwargs)
+    test = load_dataset(str(tmp_path / "data"), "test", **kwargs)
+    aligned, dropped = test.with_classes_of(train)
+    assert dropped == ["d"] and aligned.classes == ["a", "b", "c"]
+    names = [aligned.classes[int(label)] for label in aligned.labels]
+    assert names == [p.split("/")[-2] for p in aligned.paths] == ["a", "a", "c", "c"]
+    assert train.with_classes_of(train)[0] is train
+
+
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_a_limit_decodes_only_the_images_it_keeps_into_a_cache_of_its_own(tmp_path, as_tar):
+    import tarfile
+
+    from PIL import Image
+
+    from selfsup.data import load_dataset
+
+    root = tmp_path / "data"
+    for c in "ab":
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (12, 12), (i * 20, ord(c), 0)).save(root / "train" / c / f"{i}.png")
+    source = root
+    if as_tar:
+        source = tmp_path / "data.tar"
+        with tarfile.open(source, "w") as tar:
+            tar.add(root, arcname="data")
+    cache = tmp_path / "cache"
+    kwargs = dict(image_size=8, cache_dir=cache, progress=False)
+    small = load_dataset(str(source), "train", limit=4, **kwargs)
+    npys = sorted(p.name for p in cache.glob("*.npy"))
+    assert len(small) == 4 and len(npys) == 1 and "limit4" in npys[0]
+    full = load_dataset(str(source), "train", **kwargs)
+    assert len(full) == 20 and len(list(cache.glob("*.npy"))) == 2  # both kept
+    assert small.paths == full.spread(4).paths  # the same images a spread of all would keep
+    assert torch.equal(small.images, full.spread(4).images)
+    assert torch.equal(small.labels, full.spread(4).labels)
+    assert load_dataset(str(source), "train", limit=4, **kwargs).paths == small.paths  # reused

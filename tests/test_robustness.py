@@ -243,8 +243,8 @@ def _write_messy_folder(root: Path) -> tuple[set[str], dict[str, str]]:
     (root / "empty_class" / "readme.md").write_text("no images here\n")
     bad.update(
         {
-            "loop": "symlink loop",
-            "self_link.png": "symlink loop",
+            "loop": "folder symlink loop",
+            "self_link.png": "symlink loop",  # a file, not a folder
             "broken_link.png": "broken symlink",
             "empty_class": "empty class folder",
             "readme.md": "not an image extension",
@@ -279,7 +279,9 @@ def test_messy_folder_trains_on_the_usable_images_and_lists_each_bad_file(
 
     summaries = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
     assert len(summaries) == 1, summaries
-    folders = sum(reason in ("symlink loop", "empty class folder") for reason in bad.values())
+    folders = sum(
+        reason in ("folder symlink loop", "empty class folder") for reason in bad.values()
+    )
     files, total = len(bad) - folders, len(bad) + len(good) - folders
     assert f"skipped {files} of {total} files and {folders} folders" in summaries[0]
     assert "2 not an image extension" in summaries[0] and "2 corrupt" in summaries[0]

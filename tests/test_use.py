@@ -666,3 +666,55 @@ def test_finetune_epochs_default_to_simclrs_60_for_1pct_and_30_for_10pct(
     )  # fmt: skip
     assert rc == 0, err
     assert seen == {LIMIT // 100: 60, LIMIT // 10: 30}
+
+
+def test_embed_reports_the_files_it_skipped(trained, tmp_path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    rc, _, err = cli(
+        "embed", str(trained["run"]), "--data", str(folder), "--out", str(tmp_path / "e.npz"),
+        "--cache-dir", trained["cache"],
+    )  # fmt: skip
+    assert rc == 0, err
+    assert f"{folder} (train): skipped 1 of 4 files: 1 " in err
+
+
+def test_exports_share_one_export_json_and_files_keep_the_usual_mode(trained, tmp_path) -> None:
+    from selfsup.data.cache import default_file_mode
+    from selfsup.errors import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    for fmt in ("safetensors", "torchscript"):
+        assert cli("export", str(run), "--format", fmt)[0] == 0
+    info = json.loads((run / "export" / "export.json").read_text())
+    assert info["files"] == {
+        "safetensors": "encoder.safetensors",
+        "torchscript": "encoder.torchscript.pt",
+    }
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (run / "export").iterdir()}
+    assert set(modes.values()) == {default_file_mode()}, modes
+    assert (trained["run"] / "encoder.pt").stat().st_mode & 0o777 == default_file_mode()
+    with pytest.raises(CheckpointError, match="folder of `selfsup export` files; pass one"):
+        selfsup.load_encoder(run / "export")
+
+
+def test_an_exported_file_is_evaluated_into_its_runs_results_csv(trained, tmp_path) -> None:
+    runs = tmp_path / "runs"
+    run = runs / "simclr"
+    shutil.copytree(trained["run"], run)
+    assert cli("export", str(run), "--format", "safetensors")[0] == 0
+    exported = run / "export" / "encoder.safetensors"
+    rc, _, err = cli(
+        "eval", str(exported), "--protocol", "knn", "--limit", "200",
+        "--cache-dir", trained["cache"], "--no-progress",
+    )  # fmt: skip
+    assert rc == 0, err
+    with open(runs / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and {r["run"] for r in rows} == {f"{run} (export/encoder.safetensors)"}
+    assert (run / "export" / "eval_mnist5k_limit200_knn_encoder_safetensors.json").exists()
+    assert not (run / "export" / "results.csv").exists()

@@ -116,6 +116,27 @@ class ImageDataset:
             skipped=list(self.skipped),
         )
 
+    def with_classes_of(self, reference: ImageDataset) -> tuple[ImageDataset, list[str]]:
+        """This (test) split relabelled by class *name* onto ``reference``'s (train) labels.
+
+        Each split of a folder numbers its own class folders: with a class missing from one of
+        them, label 1 of the test split would be another class than label 1 of train, and a kNN
+        or a classifier would be scored against the wrong names. Images of classes that
+        ``reference`` lacks cannot be scored and are dropped; returns ``(dataset, dropped class
+        names)``. Unlabeled data, or the same classes, come back unchanged.
+        """
+        if self.labels is None or reference.labels is None or not self.classes:
+            return self, []
+        if not reference.classes or list(self.classes) == list(reference.classes):
+            return self, []
+        index = {name: i for i, name in enumerate(reference.classes)}
+        mapping = torch.tensor([index.get(name, -1) for name in self.classes], dtype=torch.int64)
+        new = mapping[self.labels]
+        keep = torch.nonzero(new >= 0).flatten()
+        dropped = [name for name in self.classes if name not in index]
+        kept = self.subset(keep) if len(keep) < len(self) else replace(self)
+        return replace(kept, labels=new[keep], classes=list(reference.classes)), dropped
+
     def spread(self, limit: int | None) -> ImageDataset:
         """At most ``limit`` images, evenly spaced: positions ``floor(i * N / limit)``.
 
@@ -143,6 +164,7 @@ def load_dataset(
     workers: int | None = None,
     progress: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    limit: int | None = None,
 ) -> ImageDataset:
     """Load a data source as a uint8 ``[N, 3, S, S]`` dataset, decoding it once and caching it.
 
@@ -159,6 +181,9 @@ def load_dataset(
         workers: decoding threads (default ``min(8, cpu_count)``; PIL releases the GIL).
         progress: show a tqdm bar while decoding.
         max_pixels: decompression-bomb limit per image (see :func:`decode_image`).
+        limit: at most this many images, evenly spaced (``data.limit`` / ``--limit``). A folder
+            or archive then decodes only those, into a cache of their own; arrays (torchvision,
+            mnist5k) are loaded whole and spread.
 
     Returns:
         An :class:`ImageDataset` whose ``images`` may be backed by the memory-mapped cache.
@@ -170,6 +195,8 @@ def load_dataset(
     valid_size = isinstance(image_size, int) and not isinstance(image_size, bool)
     if image_size is not None and not (valid_size and image_size > 0):
         raise ConfigError(f"image_size must be a positive integer or None, got {image_size!r}")
+    if limit is not None and not (isinstance(limit, int) and limit >= 1):
+        raise ConfigError(f"limit must be a positive number of images or None, got {limit!r}")
     storage_size = image_size
     spec = parse_source(source)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -184,6 +211,12 @@ def load_dataset(
         assert spec.location is not None
         stat = spec.location.stat()
         identity += [str(spec.location), stat.st_size, stat.st_mtime_ns]
+        if limit is not None:  # the listing decides whether the limit keeps fewer items
+            listed = list_tar(spec, split)
+    if listed is not None and limit is not None and limit < len(listed.paths):
+        listed = listed.spread(limit)
+        size_tag += f"-limit{limit}"  # its own cache: the whole source's is kept for full runs
+        identity.append(size_tag)
     key = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:20]
     stem = _cache_stem(spec, split, size_tag)
     npy_path = root / f"{stem}-{key}.npy"
@@ -191,7 +224,7 @@ def load_dataset(
 
     cached = _load_cache(npy_path, meta_path)
     if cached is not None:
-        return cached
+        return cached.spread(limit)
 
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -210,7 +243,7 @@ def load_dataset(
         writer = _NpyWriter(npy_path)
         try:
             kept, skipped = _decode_into(
-                listed, writer, storage_size, max(1, worker_count), progress, max_pixels
+                listed, writer, storage_size, max(1, worker_count), progress, max_pixels, split
             )
             if not kept:
                 every_skip = sorted(listed.skipped + skipped)
@@ -250,7 +283,7 @@ def load_dataset(
     loaded = _load_cache(npy_path, meta_path)
     if loaded is None:  # pragma: no cover - only if the disk changed under us
         raise DataError(f"the cache {npy_path} just written cannot be read back; check the disk")
-    return loaded
+    return loaded.spread(limit)
 
 
 def write_skip_report(dataset: ImageDataset, path: str | os.PathLike[str]) -> str:
@@ -293,6 +326,7 @@ def _decode_into(
     workers: int,
     progress: bool,
     max_pixels: int | None,
+    split: str = "",
 ) -> tuple[list[int], list[tuple[str, str]]]:
     """Decode every item in parallel, appending results to ``writer`` in item order.
 
@@ -315,7 +349,7 @@ def _decode_into(
             kept.append(index)
         bar.update(1)
 
-    description = f"decoding {listed.spec.name}"
+    description = f"decoding {listed.spec.name} {split}".rstrip()
     with (
         _quiet_pil_warnings(),
         tqdm(
@@ -489,6 +523,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, fsync, rename onto ``path``: readers,
+    and a run killed mid-write, see the old file or the new one, never a torn one. ``tmp`` ends
+    in ``path``'s suffix (numpy and others append their own otherwise)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.chmod(tmp, default_file_mode())  # some writers (safetensors) create files as 0600
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (``mkstemp`` gives
+    0600, which would leave checkpoints unreadable to the group that reads the rest of a run)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _remove_stale(root: Path, stem: str, *, keep: str) -> None:

@@ -41,7 +41,7 @@ import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -64,11 +64,12 @@ EMBEDDED_SOURCES = (MNIST5K_NAME,)
 # Skip reasons (the part before ":" is what skip summaries count).
 NOT_IMAGE_EXTENSION = "not an image extension"
 EMPTY_CLASS_FOLDER = "empty class folder"
-SYMLINK_LOOP = "symlink loop"
+SYMLINK_LOOP = "symlink loop"  # a file link that points back to itself
+FOLDER_LOOP = "folder symlink loop"  # a folder link to a folder already visited
 BROKEN_SYMLINK = "broken symlink"
 UNREADABLE = "unreadable"
 NOT_REGULAR_FILE = "not a regular file"
-FOLDER_SKIPS = (EMPTY_CLASS_FOLDER, SYMLINK_LOOP)  # skips that are folders, not files
+FOLDER_SKIPS = (EMPTY_CLASS_FOLDER, FOLDER_LOOP)  # skips that are folders, not files
 
 ACCEPTED_FORMS = (
     "a folder of images (ImageFolder layout DIR/train/<class>/*.jpg, DIR/<class>/*.jpg, "
@@ -97,6 +98,20 @@ class ListedSource:
     skipped: list[tuple[str, str]]
     fingerprint: str  # hash of the content listing (paths, sizes, mtimes) of this split
     _members: list[tarfile.TarInfo] | None = field(default=None, repr=False)
+
+    def spread(self, limit: int | None) -> ListedSource:
+        """At most ``limit`` items, evenly spaced (``ImageDataset.spread``'s positions), so a
+        ``--limit`` run decodes only what it uses; the listing's skips are kept."""
+        count = len(self.paths)
+        if limit is None or limit >= count:
+            return self
+        index = [i * count // limit for i in range(limit)]
+        return replace(
+            self,
+            paths=[self.paths[i] for i in index],
+            labels=None if self.labels is None else [self.labels[i] for i in index],
+            _members=None if self._members is None else [self._members[i] for i in index],
+        )
 
     def payloads(self) -> Iterator[tuple[str, Callable[[], bytes]]]:
         """Yield ``(path, read)`` per item, in item order.
@@ -354,7 +369,7 @@ def list_folder(spec: SourceSpec, split: str) -> ListedSource:
                 real = os.path.realpath(child.path)
                 if real in visited:
                     others.append(
-                        (child_parts, child.path, f"{SYMLINK_LOOP}: folder already visited")
+                        (child_parts, child.path, f"{FOLDER_LOOP}: folder already visited")
                     )
                     continue
                 visited.add(real)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from selfsup.data.cache import default_file_mode
 from selfsup.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -36,6 +37,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save via temp file + fsync + rename: readers see the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would differ from the run's other files
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
@@ -54,6 +56,7 @@ def save_checkpoint(state: dict[str, Any], directory: Path) -> Path:
     last = directory / "last.pt"
     state = {**state, "format_version": FORMAT_VERSION}
     fd, tmp = tempfile.mkstemp(prefix=".last.pt.", suffix=".tmp", dir=directory)
+    os.fchmod(fd, default_file_mode())
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)

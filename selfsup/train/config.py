@@ -282,7 +282,9 @@ def validate_config(cfg: DictConfig) -> None:
     _require(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
     _require(
         d.storage_size is None or d.storage_size >= d.image_size,
-        f"data.storage_size ({d.storage_size}) must be >= data.image_size ({d.image_size})",
+        f"data.storage_size ({d.storage_size}) must be >= data.image_size ({d.image_size}); "
+        f"set data.storage_size={round(d.image_size * 1.14)} too (the imagenette preset's 1.14x "
+        "margin) or data.storage_size=null (cache at the crop size)",
     )
     _require(
         0 < d.eval_crop <= 1,
@@ -290,6 +292,11 @@ def validate_config(cfg: DictConfig) -> None:
         "evaluation's centre crop keeps; 1: all of it, 0.875: ImageNet's 224/256)",
     )
     _require(d.limit is None or d.limit >= 2, f"data.limit must be >= 2, got {d.limit}")
+    _require(
+        d.limit is None or d.limit >= t.batch_size,
+        f"data.limit={d.limit} keeps fewer images than one batch (train.batch_size="
+        f"{t.batch_size}); lower --batch-size or raise data.limit",
+    )
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.knn_every >= 0, f"train.knn_every must be >= 0, got {t.knn_every}")
     _require(

@@ -278,6 +278,7 @@ class Trainer:
             cache_dir=d.cache_dir,
             workers=d.workers,
             progress=self.cfg.train.progress,
+            limit=d.limit,  # a folder or archive then decodes only the images it uses
         )
         check_data_sources(self.cfg)  # a typo is an error before the data is decoded
         with main_process_first():  # rank 0 builds the cache, the others then read it
@@ -291,6 +292,22 @@ class Trainer:
                 f"train.batch_size={self.cfg.train.batch_size} is larger than the {n} usable "
                 f"images "
                 f"of {d.source!r}; lower --batch-size"
+            )
+        queue = None
+        if self.cfg.method.name == "moco":
+            import inspect
+
+            from selfsup.methods import MoCo
+
+            default = inspect.signature(MoCo.__init__).parameters["queue_size"].default
+            queue = self.cfg.method.get("queue_size") or default
+        if queue and queue > n and self.env.is_main:
+            # the queue then holds each image's key several times, and stale ones
+            print(
+                f"selfsup: warning: method.queue_size={queue} is larger than the {n} training "
+                f"images; negatives repeat (a queue of at most {n - n % self.cfg.train.batch_size}"
+                " keeps each image once)",
+                file=sys.stderr,
             )
         bank, query = None, None
         eval_source = d.eval_source or d.source
@@ -316,6 +333,17 @@ class Trainer:
                     "train/<class>/* and test/<class>/*) to serve the kNN check"
                 )
             bank, query = None, None
+        if bank is not None and query is not None:
+            # each split numbers its own class folders: score by class name, not by number
+            query, dropped = query.with_classes_of(bank)
+            if dropped and self.env.is_main:
+                print(
+                    f"selfsup: note: kNN check: test classes {dropped} of {eval_source!r} have "
+                    f"no training images; their test images are left out ({len(query)} scored)",
+                    file=sys.stderr,
+                )
+            if len(query) == 0:
+                bank, query = None, None
         return train, bank, query
 
     def _knn(self, backbone: torch.nn.Module, bank: ImageDataset, query: ImageDataset) -> dict:
