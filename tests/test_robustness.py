@@ -1047,3 +1047,47 @@ def test_resume_drops_the_replayed_steps_from_the_logs(tmp_path, good_folder, ca
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and steps[-1] == TOTAL_STEPS
+
+
+def _run_with_file_size_limit(args: list[str], limit_bytes: int) -> subprocess.CompletedProcess:
+    """`python -m selfsup *args` where no file may grow past ``limit_bytes`` (``ulimit -f``):
+    a real write failure (EFBIG), as a full disk gives (ENOSPC), not a mocked one."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    checkout = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": checkout}
+    return subprocess.run(
+        [sys.executable, "-m", "selfsup", *args], capture_output=True, text=True, env=env,
+        preexec_fn=limit, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics")
+def test_a_real_write_failure_is_one_line_and_leaves_no_partial_files(tmp_path):
+    """torch.save hides the OSError of a full disk inside a RuntimeError, and a cache build that
+    fails used to leave the partial file that filled the disk."""
+    common = ["pretrain", "--no-progress", "--epochs", "1", "model.backbone=resnet_tiny"]
+    common += ["data.image_size=16", "train.batch_size=32", "data.limit=64", "train.knn_every=0"]
+    # the cache (9 MB of digits) does not fit under 600 kB
+    fresh = tmp_path / "fresh_cache"
+    done = _run_with_file_size_limit(
+        [*common, "--out", str(tmp_path / "a"), f"data.cache_dir={fresh}"], 600_000
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot write the data cache" in done.stderr and "Traceback" not in done.stderr
+    assert not [p.name for p in fresh.iterdir() if p.name.endswith(".tmp")]
+    # with the cache built, the first checkpoint (over 1 MB) does not fit
+    cache = tmp_path / "cache"
+    for split in ("train", "test"):  # the quickstart preset stores 28 px digits
+        load_dataset("mnist5k", split, image_size=28, cache_dir=cache, progress=False)
+    out = tmp_path / "b"
+    done = _run_with_file_size_limit(
+        [*common, "--out", str(out), f"data.cache_dir={cache}"], 600_000
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot write a checkpoint" in done.stderr and "File too large" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list((out / "checkpoints").glob("*.tmp"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -236,49 +237,58 @@ def load_dataset(
             f"cannot write the data cache to {root} ({error.strerror or error}); pass a "
             "writable cache_dir or set $SELFSUP_CACHE"
         ) from error
-    worker_count = workers if workers is not None else min(8, os.cpu_count() or 1)
-    if spec.kind in ("folder", "tar"):
-        if listed is None:
-            listed = list_tar(spec, split)
-        writer = _NpyWriter(npy_path)
-        try:
-            kept, skipped = _decode_into(
-                listed, writer, storage_size, max(1, worker_count), progress, max_pixels, split
-            )
-            if not kept:
-                every_skip = sorted(listed.skipped + skipped)
-                total = len(listed.paths) + len(listed.skipped)
-                examples = "; ".join(f"{path}: {reason}" for path, reason in every_skip[:5])
-                raise DataError(
-                    f"data source {spec.location} (split '{split}') holds no usable images: "
-                    f"{summarize_skips(every_skip, total)} (e.g. {examples}); point it at a "
-                    "folder or archive of readable .jpg/.png images"
+    try:
+        worker_count = workers if workers is not None else min(8, os.cpu_count() or 1)
+        if spec.kind in ("folder", "tar"):
+            if listed is None:
+                listed = list_tar(spec, split)
+            writer = _NpyWriter(npy_path)
+            try:
+                kept, skipped = _decode_into(
+                    listed, writer, storage_size, max(1, worker_count), progress, max_pixels, split
                 )
-            shape = writer.commit()
-        except BaseException:
-            writer.abort()
+                if not kept:
+                    every_skip = sorted(listed.skipped + skipped)
+                    total = len(listed.paths) + len(listed.skipped)
+                    examples = "; ".join(f"{path}: {reason}" for path, reason in every_skip[:5])
+                    raise DataError(
+                        f"data source {spec.location} (split '{split}') holds no usable images: "
+                        f"{summarize_skips(every_skip, total)} (e.g. {examples}); point it at a "
+                        "folder or archive of readable .jpg/.png images"
+                    )
+                shape = writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+            labels = None if listed.labels is None else [listed.labels[i] for i in kept]
+            meta = {
+                "paths": [listed.paths[i] for i in kept],
+                "labels": labels,
+                "classes": listed.classes,
+                "skipped": sorted(listed.skipped + skipped),
+            }
+        else:
+            arrays = load_array_source(spec, split, download_root=root / "torchvision")
+            shape = _write_arrays(arrays, npy_path, storage_size, progress)
+            meta = {
+                "paths": arrays.paths,
+                "labels": None if arrays.labels is None else arrays.labels.tolist(),
+                "classes": arrays.classes,
+                "skipped": [],
+            }
+        meta.update(
+            format=FORMAT_VERSION, name=spec.name, source=os.fspath(source), split=split,
+            storage_size=storage_size, shape=list(shape),
+        )  # fmt: skip
+        atomic_write_text(meta_path, json.dumps(meta))
+    except OSError as error:
+        # the partial file is gone (abort), so the disk has its room back
+        if error.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise
-        labels = None if listed.labels is None else [listed.labels[i] for i in kept]
-        meta = {
-            "paths": [listed.paths[i] for i in kept],
-            "labels": labels,
-            "classes": listed.classes,
-            "skipped": sorted(listed.skipped + skipped),
-        }
-    else:
-        arrays = load_array_source(spec, split, download_root=root / "torchvision")
-        shape = _write_arrays(arrays, npy_path, storage_size, progress)
-        meta = {
-            "paths": arrays.paths,
-            "labels": None if arrays.labels is None else arrays.labels.tolist(),
-            "classes": arrays.classes,
-            "skipped": [],
-        }
-    meta.update(
-        format=FORMAT_VERSION, name=spec.name, source=os.fspath(source), split=split,
-        storage_size=storage_size, shape=list(shape),
-    )  # fmt: skip
-    atomic_write_text(meta_path, json.dumps(meta))
+        raise DataError(
+            f"cannot write the data cache {npy_path} ({error.strerror}); free space there, or "
+            "set data.cache_dir (eval/embed: --cache-dir) or $SELFSUP_CACHE to a disk with room"
+        ) from None
     _remove_stale(root, stem, keep=key)
     loaded = _load_cache(npy_path, meta_path)
     if loaded is None:  # pragma: no cover - only if the disk changed under us
@@ -456,9 +466,13 @@ class _NpyWriter:
         return shape
 
     def abort(self) -> None:
-        if not self.handle.closed:
-            self.handle.close()
-        self.tmp_path.unlink(missing_ok=True)
+        try:
+            if not self.handle.closed:
+                self.handle.close()  # flushes, which fails again on a full disk
+        except OSError:
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
 
 def _hw(shape: Sequence[int]) -> str:
@@ -525,13 +539,30 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError (full disk, file-size limit, ...) a writer's RuntimeError hides, if any:
+    ``torch.save`` turns a failed write into ``RuntimeError: [enforce fail ...] unexpected
+    pos``, with the OSError only as its context."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, fsync, rename onto ``path``: readers,
     and a run killed mid-write, see the old file or the new one, never a torn one. ``tmp`` ends
     in ``path``'s suffix (numpy and others append their own otherwise)."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as exc:
+            if (cause := os_error_behind(exc)) is not None:
+                raise cause from None
+            raise
         os.chmod(tmp, default_file_mode())  # some writers (safetensors) create files as 0600
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from selfsup.data.cache import default_file_mode
+from selfsup.data.cache import default_file_mode, os_error_behind
 from selfsup.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -33,6 +33,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _save(obj: Any, fh: Any) -> None:
+    """torch.save, with a full disk reported as the OSError it is (torch wraps it)."""
+    try:
+        torch.save(obj, fh)
+    except RuntimeError as exc:
+        if (cause := os_error_behind(exc)) is not None:
+            raise cause from None
+        raise
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save via temp file + fsync + rename: readers see the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +50,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would differ from the run's other files
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            _save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -59,7 +69,7 @@ def save_checkpoint(state: dict[str, Any], directory: Path) -> Path:
     os.fchmod(fd, default_file_mode())
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            _save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
         if last.exists():
