@@ -108,7 +108,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     from selfsup.train.config import resolve_config
     from selfsup.train.distributed import barrier, cleanup, init_distributed, launch_local
-    from selfsup.train.trainer import Trainer, check_data_sources, prepare_run_dir
+    from selfsup.train.trainer import Trainer, check_data_sources, lock_run_dir, prepare_run_dir
 
     launch = args.devices is not None and args.devices != 1 and "WORLD_SIZE" not in os.environ
     out = Path(args.out) if args.out else None
@@ -167,12 +167,16 @@ def _pretrain(args: argparse.Namespace) -> int:
             )
         return launch_local(args.devices, sys.argv[1:])
     env = init_distributed(cfg.train.device)
+    lock = None
     try:
         if env.is_main:
+            lock = lock_run_dir(out)  # before --overwrite could delete a running run's files
             prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite)
         barrier()
         result = Trainer(cfg, out, resume=args.resume).fit()
     finally:
+        if lock is not None:
+            lock.close()  # releases the flock
         cleanup()
     if not env.is_main:
         return 0 if result.finished else 3

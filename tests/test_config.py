@@ -36,6 +36,12 @@ def test_flags_and_overrides_win_in_order():
         ("train.collapse=stopp", "did you mean 'stop'"),
         ("data.storage_size=16", "data.storage_size"),
         ("train.epochs", "key=value"),
+        ("optim.lr_reference_batch=0", "optim.lr_reference_batch must be >= 1"),
+        ("optim.min_lr_ratio=-5", "optim.min_lr_ratio must be in"),
+        ("optim.trust_coefficient=-1", "optim.trust_coefficient"),
+        ("train.knn_k=0", "train.knn_k must be >= 1"),
+        ("train.knn_temperature=0", "train.knn_temperature must be > 0"),
+        ("data.mean=[0.1,0.1,0.1]", "data.mean and data.std are given together"),
     ],
 )
 def test_bad_settings_are_named(override, message):

@@ -1091,3 +1091,68 @@ def test_a_real_write_failure_is_one_line_and_leaves_no_partial_files(tmp_path):
     assert "cannot write a checkpoint" in done.stderr and "File too large" in done.stderr
     assert "Traceback" not in done.stderr
     assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_resume_after_the_data_changed_continues_at_an_epoch_end_and_refuses_mid_epoch(
+    tmp_path, good_folder, cache, capsys
+):
+    data = tmp_path / "data"
+    shutil.copytree(good_folder, data)
+    out = tmp_path / "run"
+    assert pretrain(out, "train.stop_after_epochs=1", data=data, cache=cache) == 3
+    removed = sorted(p for p in data.rglob("*.png"))[:BATCH]  # one step's worth fewer
+    for p in removed:
+        p.unlink()
+    capsys.readouterr()
+    last = out / "checkpoints" / "last.pt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    mid = {**state, "step_in_epoch": 1, "global_step": state["global_step"] + 1}
+    save_checkpoint(mid, out / "checkpoints")  # as if stopped one step into epoch 2
+    assert resume(out) == 2
+    err = capsys.readouterr().err
+    assert "training images" in err and "--overwrite" in err and "Traceback" not in err
+    save_checkpoint(state, out / "checkpoints")  # the epoch-end checkpoint again
+    assert resume(out) == 0
+    err = capsys.readouterr().err
+    assert "training images" in err and "the schedule continues at epoch 2" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_images"] == state["results"]["train_images"] - BATCH
+
+
+def test_a_run_in_use_is_refused_and_a_killed_runs_temporary_files_are_removed(
+    copy_of_baseline, capsys
+):
+    from selfsup.train.trainer import lock_run_dir
+
+    out = copy_of_baseline
+    held = lock_run_dir(out)  # another pretrain on this run, still going
+    try:
+        assert resume(out) == 2
+        assert "is in use by another selfsup pretrain (pid" in capsys.readouterr().err
+    finally:
+        held.close()
+    leftovers = [out / "checkpoints" / ".last.pt.k3j2.tmp", out / ".encoder.pt.x81a.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"\x80 torn")  # what kill -9 between a write and its rename leaves
+    assert resume(out) == 0  # the finished run: nothing left to train, outputs rewritten
+    assert not any(path.exists() for path in leftovers)
+
+
+def test_a_killed_cache_builds_temporary_file_is_removed_by_the_next_build(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(folder / f"{i}.png")
+    cache = tmp_path / "cache"
+    load_dataset(str(folder), image_size=8, cache_dir=cache, progress=False)
+    (npy,) = cache.glob("*.npy")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    orphan = cache / f".{npy.name}.{dead}.0123abcd.tmp"
+    alive = cache / f".{npy.name}.{os.getpid()}.4567abcd.tmp"  # a build still running
+    for path in (orphan, alive):
+        path.write_bytes(b"\0" * 1000)
+        os.utime(path, (time.time() - 600, time.time() - 600))
+    (folder / "4.png").write_bytes((folder / "0.png").read_bytes())  # the source changed
+    assert len(load_dataset(str(folder), image_size=8, cache_dir=cache, progress=False)) == 5
+    assert not orphan.exists() and alive.exists()

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import struct
+import time
 import uuid
 import warnings
 from collections import deque
@@ -226,6 +227,8 @@ def load_dataset(
     cached = _load_cache(npy_path, meta_path)
     if cached is not None:
         return cached.spread(limit)
+    if root.is_dir():
+        _remove_orphans(root, stem)
 
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -577,6 +580,28 @@ def default_file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def _remove_orphans(root: Path, stem: str) -> None:
+    """Delete the temporary files of builds of this cache whose process is gone (``kill -9``,
+    a pre-empted job): each is as large as the dataset. A build still running (its process
+    alive) keeps its file; a name without a pid, or one touched in the last minute, is left."""
+    # the temporary names of _NpyWriter and atomic_write_text
+    name = r"-[0-9a-f]{20}\.(npy|json)\.(\d+)\.[0-9a-f]{8}\.tmp"
+    pattern = re.compile(r"\." + re.escape(stem) + name)
+    now = time.time()
+    for path in root.iterdir():
+        match = pattern.fullmatch(path.name)
+        if not match:
+            continue
+        try:
+            if now - path.stat().st_mtime < 60:
+                continue
+            os.kill(int(match.group(2)), 0)  # raises if no such process
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except OSError:  # gone already, or a process of another user: not ours to judge
+            continue
 
 
 def _remove_stale(root: Path, stem: str, *, keep: str) -> None:

@@ -309,6 +309,30 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("mean", "std"):
         value = d[key]
         _require(value is None or len(value) == 3, f"data.{key} needs 3 values (RGB), got {value}")
+    _require(
+        (d.mean is None) == (d.std is None),
+        f"data.mean and data.std are given together (or neither: the data's own statistics); "
+        f"got mean={d.mean}, std={d.std}",
+    )
+    _require(
+        d.std is None or all(v > 0 for v in d.std), f"data.std must be > 0 per channel, got {d.std}"
+    )
+    _require(
+        o.lr_reference_batch >= 1,
+        f"optim.lr_reference_batch must be >= 1 (the batch the base lr is given for), got "
+        f"{o.lr_reference_batch}",
+    )
+    _require(
+        0 <= o.min_lr_ratio <= 1,
+        f"optim.min_lr_ratio must be in [0, 1] (the cosine's final lr as a fraction of the "
+        f"base), got {o.min_lr_ratio}",
+    )
+    _require(
+        o.trust_coefficient > 0,
+        f"optim.trust_coefficient (LARS eta) must be > 0, got {o.trust_coefficient}",
+    )
+    _require(t.knn_k >= 1, f"train.knn_k must be >= 1, got {t.knn_k}")
+    _require(t.knn_temperature > 0, f"train.knn_temperature must be > 0, got {t.knn_temperature}")
     validate_method_and_model(cfg)
     resolve_views(cfg)  # augmentation keys and values, before any data is read
 

@@ -10,6 +10,7 @@ throughput are read every ``train.log_every`` steps.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -86,14 +87,52 @@ def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
 
 # What selfsup writes into a run directory (pretrain, eval, export), by name: --overwrite removes
 # these and nothing else, so other files, also inside checkpoints/, tb/ or export/, survive.
+TEMPORARY_OUTPUTS = (  # what a write killed between its temp file and its rename leaves
+    "checkpoints/.last.pt.*.tmp", ".encoder.pt.*.tmp", ".config.yaml.*.tmp",
+    ".results.json.*.tmp", ".collapse.json.*.tmp",
+)  # fmt: skip
 RUN_OUTPUTS = (
     "config.yaml", "metrics.jsonl", "results.json", "encoder.pt", "skipped.csv", "collapse.json",
     "eval_*.json", "subset_*.csv",
-    "checkpoints/last.pt", "checkpoints/prev.pt", "checkpoints/.last.pt.*.tmp",
+    "checkpoints/last.pt", "checkpoints/prev.pt",
     "tb/events.out.tfevents.*",
     "export/export.json", "export/*_torchvision.pt", "export/encoder.safetensors",
     "export/encoder.torchscript.pt",
+    *TEMPORARY_OUTPUTS,
 )  # fmt: skip
+LOCK_FILE = ".selfsup.lock"
+
+
+def lock_run_dir(out: Path):
+    """Hold ``out/.selfsup.lock`` (an exclusive ``flock``) for the life of the returned file:
+    a second pretrain on the same run, which would interleave its checkpoints, metrics and
+    TensorBoard events with this one's, is refused. The lock ends with the process, however it
+    ends, so a killed run leaves none behind. Then removes the temporary files of writes that
+    an earlier, killed process left here."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open until the process ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(
+            f"{out} is in use by another selfsup pretrain ({holder}); wait for it to end, or "
+            "choose another --out"
+        ) from None
+    except OSError:  # a filesystem without locks (some network mounts): run unguarded
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    for pattern in TEMPORARY_OUTPUTS:
+        for path in out.glob(pattern):
+            path.unlink(missing_ok=True)
+    return handle
 
 
 def is_selfsup_run(out: Path) -> bool:
@@ -467,6 +506,7 @@ class Trainer:
         chash = config_hash(cfg)
 
         ckpt_dir = self.run_dir / "checkpoints"
+        d_source = repr(cfg.data.source)
         start_epoch, start_step, global_step = 0, 0, 0
         loaded = False  # resumed from a checkpoint
         results: dict[str, Any] = {
@@ -525,6 +565,23 @@ class Trainer:
                 state["global_step"],
             )
             saved_batch = state.get("config", {}).get("train", {}).get("batch_size", batch_size)
+            saved_images = (state.get("results") or {}).get("train_images", len(train))
+            if saved_images != len(train):  # files added or removed since the checkpoint
+                if start_step:
+                    raise DataError(
+                        f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
+                        f"of {saved_images} training images; {d_source} holds {len(train)} "
+                        "now, so that epoch's order and the schedule no longer fit. Restore the "
+                        "data, or start over with --overwrite"
+                    )
+                global_step = start_epoch * steps_per_epoch
+                if env.is_main:
+                    print(
+                        f"selfsup: note: {d_source} holds {len(train)} training images, "
+                        f"{saved_images} at the checkpoint; the schedule continues at epoch "
+                        f"{start_epoch + 1} (step {global_step} of {total_steps})",
+                        file=sys.stderr,
+                    )
             if saved_batch != batch_size:  # steps per epoch changed: count steps anew
                 if start_step:
                     raise ConfigError(
@@ -543,6 +600,7 @@ class Trainer:
                         file=sys.stderr,
                     )
             results.update(state.get("results", {}))
+            results["train_images"] = len(train)  # this invocation's data
             if env.is_main and start_epoch >= t.epochs:
                 print(
                     f"selfsup: {path} is the end of the run: all {t.epochs} epochs are done, "
