@@ -1156,3 +1156,34 @@ def test_a_killed_cache_builds_temporary_file_is_removed_by_the_next_build(tmp_p
     (folder / "4.png").write_bytes((folder / "0.png").read_bytes())  # the source changed
     assert len(load_dataset(str(folder), image_size=8, cache_dir=cache, progress=False)) == 5
     assert not orphan.exists() and alive.exists()
+
+
+def test_a_stop_between_log_steps_leaves_the_loss_curve_of_an_uninterrupted_run(
+    tmp_path, good_folder, cache, monkeypatch
+):
+    """Logging every 3 steps, stopped (SIGINT) after step 4: the resumed run's metrics.jsonl
+    holds the same train/loss lines as a run that was never stopped."""
+
+    def curve(run: Path) -> dict[int, float]:
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
+
+    every = "train.log_every=3"
+    whole = tmp_path / "whole"
+    assert pretrain(whole, every, data=good_folder, cache=cache) == 0
+    real_set_lr, calls = trainer.set_lr, []
+
+    def set_lr_then_interrupt(optimizer, factor):  # called once per step, before the update
+        calls.append(1)
+        if len(calls) == 5:  # during step 5: it finishes, checkpoints and stops
+            signal.raise_signal(signal.SIGINT)
+        return real_set_lr(optimizer, factor)
+
+    monkeypatch.setattr(trainer, "set_lr", set_lr_then_interrupt)
+    stopped = tmp_path / "stopped"
+    assert pretrain(stopped, every, data=good_folder, cache=cache) == 3
+    state = torch.load(stopped / "checkpoints" / "last.pt", weights_only=False)
+    assert state["global_step"] == 5 and state["log_window"]["steps"] >= 1  # mid-window
+    monkeypatch.setattr(trainer, "set_lr", real_set_lr)
+    assert resume(stopped) == 0
+    assert curve(stopped) == curve(whole)

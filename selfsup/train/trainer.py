@@ -669,6 +669,13 @@ class Trainer:
                     "epoch": epoch,
                     "step_in_epoch": step_in_epoch,
                     "global_step": global_step,
+                    # a stop between two log steps: the steps since the last metrics line, so
+                    # the resumed run logs the same mean loss as an uninterrupted one
+                    "log_window": {
+                        "loss_sum": float(loss_sum),
+                        "steps": window_steps,
+                        "bad_steps": int(bad_steps),
+                    },
                     "method": cfg.method.name,
                     "config_hash": chash,
                     "results": results,
@@ -703,6 +710,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         bad_steps = torch.zeros((), device=self.device, dtype=torch.int64)
         window_steps, window_start = 0, time.monotonic()
+        saved_window = state.get("log_window") if loaded else None
+        if saved_window and saved_window["steps"] and env.world_size == 1:
+            loss_sum.fill_(saved_window["loss_sum"])
+            bad_steps.fill_(saved_window["bad_steps"])
+            window_steps = saved_window["steps"]
         images_per_s = 0.0
         finished = False
         try:
@@ -770,36 +782,37 @@ class Trainer:
                                 f"(try train.precision=fp32), or a collapsed batch. Resume with a "
                                 f"lower lr, or set train.on_nan=skip to skip such steps"
                             )
-                        elapsed = time.monotonic() - window_start
-                        images_per_s = window_steps * batch_size / max(elapsed, 1e-9)
-                        # NaN when every step of the window was skipped: there is no loss to show
-                        counted = window_steps * env.world_size - n_bad
-                        mean_loss = (
-                            float(all_reduce_sum(loss_sum)) / counted
-                            if counted > 0
-                            else float("nan")
-                        )
-                        if n_bad:
-                            results["skipped_steps"] = results.get("skipped_steps", 0) + n_bad
-                        logged = {
-                            "loss": mean_loss,
-                            "lr": current_lr,
-                            "images_per_s": images_per_s,
-                            "epoch": epoch + 1,
-                            "skipped_steps": n_bad,
-                        }
-                        if scaler.is_enabled():  # halves on each overflow, so it shows them
-                            logged["loss_scale"] = scaler.get_scale()
-                        logger.log(global_step, logged)
-                        bar.set_postfix(
-                            loss=f"{mean_loss:.4f}",
-                            lr=f"{current_lr:.3g}",
-                            img_s=f"{images_per_s:.0f}",
-                            epoch=epoch + 1,
-                        )
-                        loss_sum.zero_()
-                        bad_steps.zero_()  # skipped_steps is per logging window, like the loss
-                        window_steps, window_start = 0, time.monotonic()
+                        if sync_step:  # a stop between log steps keeps its window
+                            elapsed = time.monotonic() - window_start
+                            images_per_s = window_steps * batch_size / max(elapsed, 1e-9)
+                            # NaN when every step of the window was skipped: no loss to show
+                            counted = window_steps * env.world_size - n_bad
+                            mean_loss = (
+                                float(all_reduce_sum(loss_sum)) / counted
+                                if counted > 0
+                                else float("nan")
+                            )
+                            if n_bad:
+                                results["skipped_steps"] = results.get("skipped_steps", 0) + n_bad
+                            logged = {
+                                "loss": mean_loss,
+                                "lr": current_lr,
+                                "images_per_s": images_per_s,
+                                "epoch": epoch + 1,
+                                "skipped_steps": n_bad,
+                            }
+                            if scaler.is_enabled():  # halves on each overflow, so it shows them
+                                logged["loss_scale"] = scaler.get_scale()
+                            logger.log(global_step, logged)
+                            bar.set_postfix(
+                                loss=f"{mean_loss:.4f}",
+                                lr=f"{current_lr:.3g}",
+                                img_s=f"{images_per_s:.0f}",
+                                epoch=epoch + 1,
+                            )
+                            loss_sum.zero_()
+                            bad_steps.zero_()  # skipped_steps is per logging window, like the loss
+                            window_steps, window_start = 0, time.monotonic()
 
                     if t.collapse != "off" and global_step % t.collapse_every == 0:
                         with torch.no_grad():
