@@ -202,6 +202,21 @@ def _load_labeled_splits(
     return train, test
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """A ConfigError now, not after the whole evaluation, when ``folder`` takes no files."""
+    import uuid
+
+    probe = folder / f".selfsup-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write {what} to {folder} ({exc.strerror or exc}); choose a writable place"
+        ) from None
+
+
 def check_results_csv(csv_path: Path) -> None:
     """A DataError unless ``csv_path`` is absent or a results CSV of selfsup (this or the earlier
     format): results are appended to no one else's CSV."""
@@ -453,6 +468,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         run_label = f"{owner} ({target.relative_to(owner)})"
     csv_path = Path(args.results_csv) if args.results_csv else owner.parent / "results.csv"
     check_results_csv(csv_path)  # before any work
+    if is_main():
+        check_writable(csv_path.parent, "the results CSV")
+        check_writable(run_dir, "the evaluation's JSON")
     source = absolute_source(args.data) or info.get("eval_data") or info.get("pretrain_data")
     if source is None:
         raise ConfigError(
@@ -862,6 +880,7 @@ def _embed(args: argparse.Namespace) -> int:
         )
     if out.suffix == ".parquet":
         _require_pyarrow(out)  # before any encoding
+    check_writable(out.parent, "the embeddings")
     from selfsup.train.distributed import cleanup, is_main
 
     try:

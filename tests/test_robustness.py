@@ -592,7 +592,9 @@ def test_torn_last_checkpoint_falls_back_to_prev(copy_of_baseline, baseline, cap
     for name in ("encoder.pt", "results.json"):
         (out / name).unlink()
     assert resume(out) == 0
-    assert "prev.pt" in capsys.readouterr().err  # resumed from epoch 1, trained epoch 2 again
+    err = capsys.readouterr().err
+    assert "prev.pt" in err  # resumed from epoch 1, trained epoch 2 again
+    assert f"warning: checkpoint {last} cannot be read" in err  # and it says why
     assert_same_weights(out / "encoder.pt", baseline / "encoder.pt")
 
 

@@ -718,3 +718,16 @@ def test_an_exported_file_is_evaluated_into_its_runs_results_csv(trained, tmp_pa
     assert rows and {r["run"] for r in rows} == {f"{run} (export/encoder.safetensors)"}
     assert (run / "export" / "eval_mnist5k_limit200_knn_encoder_safetensors.json").exists()
     assert not (run / "export" / "results.csv").exists()
+
+
+def test_embed_and_eval_refuse_an_unwritable_destination_before_any_work(trained, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # (root ignores permissions: a file in the way instead)
+    rc, _, err = cli(
+        "embed", str(trained["run"]), "--data", "mnist5k", "--out", str(blocker / "e.npz")
+    )
+    assert rc == 2 and "cannot write the embeddings" in err
+    rc, _, err = cli(
+        "eval", str(trained["run"]), "--protocol", "knn", "--results-csv", str(blocker / "r.csv")
+    )
+    assert rc == 2 and "cannot write the results CSV" in err

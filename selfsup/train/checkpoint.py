@@ -8,6 +8,7 @@ then fsyncs the directory. ``load_checkpoint`` falls back to ``prev.pt`` when ``
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,9 @@ def load_checkpoint(
             )
         if state.get("method") != method:
             raise CheckpointError(
-                f"{path} was written by method {state.get('method')!r}, not {method!r}; "
-                f"pass --method {state.get('method')} or choose another --out"
+                f"{path} was written by method {state.get('method')!r}, not {method!r}: the "
+                f"run directory mixes two runs' files (if its config.yaml is gone, pass --method "
+                f"{state.get('method')}); choose another --out, or --overwrite"
             )
         if state.get("config_hash") != config_hash:
             differ = (
@@ -172,6 +174,11 @@ def load_checkpoint(
                 f"(hash {state.get('config_hash')} != {config_hash}){which}; resume with the "
                 f"run's own settings (drop those overrides), or start a new run with --out "
                 f"elsewhere or --overwrite"
+            )
+        if errors:  # last.pt was torn: say so, as the run goes back one checkpoint
+            print(
+                f"selfsup: warning: {'; '.join(errors)}; resuming from {path} instead",
+                file=sys.stderr,
             )
         return state, path
     if errors:
