@@ -1091,7 +1091,7 @@ def results_table(csv_path: Path, metric: str = "top1") -> str:
     for r in rows:  # the newest line of each (row, protocol) wins
         key = (r["run"], r.get("weights", ""), r["encoder"], r["eval_data"], r.get("limit", ""))
         latest[(*key, r.get("image_size", ""), r["protocol"])] = r
-    protocols = sorted({k[-1] for k in latest})
+    protocols = sorted({k[-1] for k in latest}, key=_protocol_order)
     first: dict[tuple, dict] = {}
     for key, row in latest.items():
         first.setdefault(key[:-1], row)
@@ -1113,6 +1113,14 @@ def results_table(csv_path: Path, metric: str = "top1") -> str:
             + " |"
         )
     return "\n".join(lines)
+
+
+def _protocol_order(protocol: str) -> tuple:
+    """knn, linear_fast, linear_full, then fine-tuning by label fraction (1% before 10%)."""
+    import re
+
+    match = re.fullmatch(r"finetune_([\d.]+)pct", protocol)
+    return (1, float(match.group(1)), "") if match else (0, 0.0, protocol)
 
 
 def _table(args: argparse.Namespace) -> int:

@@ -20,6 +20,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = [
+    "byol_loss",
+    "concat_all_gather",
+    "distributed_world",
+    "gather_with_grad",
+    "info_nce_loss",
+    "negative_cosine_similarity",
+    "nt_xent_loss",
+]
+
 
 def _full_precision(loss_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Run ``loss_fn`` outside autocast, with fp16/bf16 tensor arguments cast to float32."""

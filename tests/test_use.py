@@ -731,3 +731,12 @@ def test_embed_and_eval_refuse_an_unwritable_destination_before_any_work(trained
         "eval", str(trained["run"]), "--protocol", "knn", "--results-csv", str(blocker / "r.csv")
     )
     assert rc == 2 and "cannot write the results CSV" in err
+
+
+def test_table_columns_order_fine_tuning_by_label_fraction() -> None:
+    from selfsup.commands import _protocol_order
+
+    names = ["finetune_10pct", "knn", "finetune_1pct", "linear_fast", "finetune_100pct"]
+    assert sorted(names, key=_protocol_order) == [
+        "knn", "linear_fast", "finetune_1pct", "finetune_10pct", "finetune_100pct",
+    ]  # fmt: skip

@@ -84,4 +84,6 @@ class BYOL(nn.Module):
             self.target_projector.update_(self.projector, tau)
 
     def param_groups(self) -> list[dict]:
+        """One optimizer group: the online network (backbone, projector, predictor); the EMA
+        target takes no gradients."""
         return [{"name": "online", "params": [p for p in self.parameters() if p.requires_grad]}]

@@ -198,4 +198,6 @@ class MoCo(nn.Module):
             self._enqueue(keys)
 
     def param_groups(self) -> list[dict]:
+        """One optimizer group: the query encoder and projector; the key encoder is a momentum
+        copy without gradients."""
         return [{"name": "online", "params": [p for p in self.parameters() if p.requires_grad]}]

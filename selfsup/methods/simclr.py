@@ -63,4 +63,5 @@ class SimCLR(nn.Module):
         """SimCLR has no target network."""
 
     def param_groups(self) -> list[dict]:
+        """One optimizer group: the backbone and projector."""
         return [{"name": "online", "params": [p for p in self.parameters() if p.requires_grad]}]
