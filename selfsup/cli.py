@@ -138,8 +138,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     given = {o.split("=", 1)[0].strip() for o in args.overrides or []}
     if (
         not args.resume
+        and not launch  # the workers print it, rank 0 once
+        and os.environ.get("RANK", "0") == "0"
         and args.preset is None
         and args.data is not None
+        and args.data not in ("cifar10", "cifar100")  # 32 px already
         and not args.image_size
         and not (given & {"data.image_size", "data"})
     ):

@@ -61,8 +61,8 @@ def _run_info(target: Path) -> dict[str, Any]:
 def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
     """(cached size, network input size): the pre-training run's storage and crop sizes, so the
     encoder sees its images prepared exactly as during training; ``--image-size`` sets both."""
-    if image_size:
-        return int(image_size), int(image_size)
+    if image_size:  # cached with the run's margin for its centre crop (data.eval_crop)
+        return round(int(image_size) / float(info.get("eval_crop") or 1.0)), int(image_size)
     size = int(info.get("image_size") or 32)
     return int(info.get("storage_size") or size), size
 
@@ -379,6 +379,9 @@ def _add_eval(sub, name: str) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+DEFAULT_RULES = {"finetune_epochs": "SimCLR's: 60 at 1% of the labels, 30 above"}  # for the JSON
+
+
 def finetune_epochs(given: int | None, fraction: int) -> int:
     """``--finetune-epochs``, else SimCLR's (Chen et al. 2020, Appendix B.5): 60 epochs on 1% of
     the labels, 30 on 10% or more."""
@@ -531,7 +534,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         "train_augment": {"crop_scale": list(crop_scale), "flip_p": flip_p},
         # the knobs of the protocols: an earlier eval is merged into this file only if they agree
         "settings": {
-            k: getattr(args, k)
+            k: getattr(args, k) if getattr(args, k) is not None else DEFAULT_RULES.get(k)
             for k in (
                 "knn_k",
                 "knn_temperature",

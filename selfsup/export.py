@@ -306,7 +306,7 @@ def export_encoder(
     info_path = base / EXPORT_INFO
     files: dict[str, str] = {}
     if info_path.exists():
-        with contextlib.suppress(ValueError, OSError, AttributeError):
+        with contextlib.suppress(ValueError, OSError, AttributeError, KeyError, TypeError):
             earlier = json.loads(info_path.read_text())
             files = dict(earlier.get("files") or {earlier["format"]: earlier["file"]})
     files[fmt] = target.name

@@ -860,6 +860,14 @@ def test_a_limit_decodes_only_the_images_it_keeps_into_a_cache_of_its_own(tmp_pa
     small = load_dataset(str(source), "train", limit=4, **kwargs)
     npys = sorted(p.name for p in cache.glob("*.npy"))
     assert len(small) == 4 and len(npys) == 1 and "limit4" in npys[0]
+    import selfsup.data.cache as cache_module
+
+    def no_listing(*args, **kwargs):
+        raise AssertionError("a warm limited cache must not list (decompress) the source")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache_module, "list_tar", no_listing)
+        assert load_dataset(str(source), "train", limit=4, **kwargs).paths == small.paths
     full = load_dataset(str(source), "train", **kwargs)
     assert len(full) == 20 and len(list(cache.glob("*.npy"))) == 2  # both kept
     assert small.paths == full.spread(4).paths  # the same images a spread of all would keep

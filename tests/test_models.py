@@ -200,3 +200,12 @@ def test_prediction_head_is_bottleneck_with_hidden_bn_only() -> None:
     assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert head[0].out_features == 16 and head[3].out_features == 64
     assert head(torch.randn(4, 64)).shape == (4, 64)
+
+
+def test_a_resnet_with_its_own_head_or_a_given_dim_is_kept_as_it_is() -> None:
+    own = torchvision.models.resnet18(weights=None)
+    own.fc = nn.Linear(512, 128)  # the user's feature layer
+    module, dim = build_backbone(own)
+    assert dim == 128 and module.fc is own.fc
+    stock = torchvision.models.resnet18(weights=None)
+    assert build_backbone(stock, feat_dim=1000) == (stock, 1000) and isinstance(stock.fc, nn.Linear)

@@ -121,3 +121,16 @@ def test_set_lr_works_on_an_optimizer_built_by_hand():
     opt = torch.optim.SGD([{"params": [w]}], lr=0.2)
     assert set_lr(opt, 0.5) == pytest.approx(0.1)
     assert set_lr(opt, 1.0) == pytest.approx(0.2)  # the base is the lr it was built with
+
+
+def test_optimizer_from_an_unresolved_config_excludes_bias_and_norm_for_lars():
+    from omegaconf import OmegaConf
+
+    from selfsup.train import optimizer_from_config
+    from selfsup.train.config import RunConfig
+
+    cfg = OmegaConf.structured(RunConfig)  # not through resolve_config: exclude_bias_norm None
+    cfg.optim.name = "lars"
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    groups = optimizer_from_config(model, cfg.optim, 64).param_groups
+    assert sorted(g["lars_exclude"] for g in groups) == [False, True]

@@ -1150,14 +1150,18 @@ def test_a_killed_cache_builds_temporary_file_is_removed_by_the_next_build(tmp_p
     (npy,) = cache.glob("*.npy")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    orphan = cache / f".{npy.name}.{dead}.0123abcd.tmp"
-    alive = cache / f".{npy.name}.{os.getpid()}.4567abcd.tmp"  # a build still running
-    for path in (orphan, alive):
+    from selfsup.data.cache import _writer_tag
+
+    host = _writer_tag().rsplit("-", 1)[0]
+    orphan = cache / f".{npy.name}.{host}-{dead}.0123abcd.tmp"
+    alive = cache / f".{npy.name}.{host}-{os.getpid()}.4567abcd.tmp"  # a build still running
+    elsewhere = cache / f".{npy.name}.otherhost-{dead}.89abcdef.tmp"  # its pid means nothing here
+    for path in (orphan, alive, elsewhere):
         path.write_bytes(b"\0" * 1000)
         os.utime(path, (time.time() - 600, time.time() - 600))
     (folder / "4.png").write_bytes((folder / "0.png").read_bytes())  # the source changed
     assert len(load_dataset(str(folder), image_size=8, cache_dir=cache, progress=False)) == 5
-    assert not orphan.exists() and alive.exists()
+    assert not orphan.exists() and alive.exists() and elsewhere.exists()
 
 
 def test_a_stop_between_log_steps_leaves_the_loss_curve_of_an_uninterrupted_run(
@@ -1189,3 +1193,11 @@ def test_a_stop_between_log_steps_leaves_the_loss_curve_of_an_uninterrupted_run(
     monkeypatch.setattr(trainer, "set_lr", real_set_lr)
     assert resume(stopped) == 0
     assert curve(stopped) == curve(whole)
+
+
+def test_an_out_path_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way")
+    assert main(["pretrain", "--out", str(blocker), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to output directory" in err and "Traceback" not in err

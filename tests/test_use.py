@@ -717,7 +717,7 @@ def test_an_exported_file_is_evaluated_into_its_runs_results_csv(trained, tmp_pa
         rows = list(csv.DictReader(fh))
     assert rows and {r["run"] for r in rows} == {f"{run} (export/encoder.safetensors)"}
     assert (run / "export" / "eval_mnist5k_limit200_knn_encoder_safetensors.json").exists()
-    assert not (run / "export" / "results.csv").exists()
+    assert not (run / "results.csv").exists()  # where the export's rows went before
 
 
 def test_embed_and_eval_refuse_an_unwritable_destination_before_any_work(trained, tmp_path):
@@ -740,3 +740,13 @@ def test_table_columns_order_fine_tuning_by_label_fraction() -> None:
     assert sorted(names, key=_protocol_order) == [
         "knn", "linear_fast", "finetune_1pct", "finetune_10pct", "finetune_100pct",
     ]  # fmt: skip
+
+
+def test_export_over_an_export_json_of_another_shape(trained, tmp_path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    (run / "export").mkdir(exist_ok=True)
+    (run / "export" / "export.json").write_text('{"note": "mine"}')
+    assert cli("export", str(run), "--format", "safetensors")[0] == 0
+    info = json.loads((run / "export" / "export.json").read_text())
+    assert info["files"] == {"safetensors": "encoder.safetensors"}

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import struct
 import time
 import uuid
@@ -213,20 +214,29 @@ def load_dataset(
         assert spec.location is not None
         stat = spec.location.stat()
         identity += [str(spec.location), stat.st_size, stat.st_mtime_ns]
-        if limit is not None:  # the listing decides whether the limit keeps fewer items
-            listed = list_tar(spec, split)
-    if listed is not None and limit is not None and limit < len(listed.paths):
-        listed = listed.spread(limit)
-        size_tag += f"-limit{limit}"  # its own cache: the whole source's is kept for full runs
-        identity.append(size_tag)
-    key = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()[:20]
-    stem = _cache_stem(spec, split, size_tag)
-    npy_path = root / f"{stem}-{key}.npy"
-    meta_path = root / f"{stem}-{key}.json"
 
+    def paths_of(tag: str) -> tuple[str, Path, Path]:
+        ident = identity if tag == size_tag else [*identity, tag]
+        key = hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:20]
+        stem = _cache_stem(spec, split, tag)
+        return stem, root / f"{stem}-{key}.npy", root / f"{stem}-{key}.json"
+
+    stem, npy_path, meta_path = paths_of(size_tag)
     cached = _load_cache(npy_path, meta_path)
-    if cached is not None:
+    if cached is not None:  # the whole source is cached: a limit is a spread of it
         return cached.spread(limit)
+    if limit is not None and spec.kind in ("folder", "tar"):
+        # its own, smaller cache (the whole source's is kept for full runs): looked up before
+        # listing an archive, which reads (and decompresses) all of it
+        limited = paths_of(f"{size_tag}-limit{limit}")
+        cached = _load_cache(limited[1], limited[2])
+        if cached is not None:
+            return cached.spread(limit)
+        if listed is None:
+            listed = list_tar(spec, split)
+        if limit < len(listed.paths):
+            listed = listed.spread(limit)
+            stem, npy_path, meta_path = limited
     if root.is_dir():
         _remove_orphans(root, stem)
 
@@ -292,7 +302,7 @@ def load_dataset(
             f"cannot write the data cache {npy_path} ({error.strerror}); free space there, or "
             "set data.cache_dir (eval/embed: --cache-dir) or $SELFSUP_CACHE to a disk with room"
         ) from None
-    _remove_stale(root, stem, keep=key)
+    _remove_stale(root, stem, keep=npy_path.stem.rsplit("-", 1)[1])
     loaded = _load_cache(npy_path, meta_path)
     if loaded is None:  # pragma: no cover - only if the disk changed under us
         raise DataError(f"the cache {npy_path} just written cannot be read back; check the disk")
@@ -436,7 +446,7 @@ class _NpyWriter:
     def __init__(self, final_path: Path) -> None:
         self.final_path = final_path
         self.tmp_path = final_path.with_name(
-            f".{final_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+            f".{final_path.name}.{_writer_tag()}.{uuid.uuid4().hex[:8]}.tmp"
         )
         self.row_shape: tuple[int, ...] | None = None
         self.first_path = ""
@@ -530,7 +540,7 @@ def _load_cache(npy_path: Path, meta_path: Path) -> ImageDataset | None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary name, fsync, rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{_writer_tag()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -582,22 +592,35 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def _writer_tag() -> str:
+    """``<host>-<pid>`` for temporary names: which process on which machine is writing (a cache
+    folder may be shared by several machines)."""
+    host = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
 def _remove_orphans(root: Path, stem: str) -> None:
     """Delete the temporary files of builds of this cache whose process is gone (``kill -9``,
-    a pre-empted job): each is as large as the dataset. A build still running (its process
-    alive) keeps its file; a name without a pid, or one touched in the last minute, is left."""
+    a pre-empted job): each is as large as the dataset. Judged by pid only for this machine's
+    writers; another machine's file is left a day (no build idles that long). A file touched in
+    the last minute is always left."""
     # the temporary names of _NpyWriter and atomic_write_text
-    name = r"-[0-9a-f]{20}\.(npy|json)\.(\d+)\.[0-9a-f]{8}\.tmp"
+    name = r"-[0-9a-f]{20}\.(npy|json)\.([A-Za-z0-9]+)-(\d+)\.[0-9a-f]{8}\.tmp"
     pattern = re.compile(r"\." + re.escape(stem) + name)
-    now = time.time()
+    here, now = _writer_tag().rsplit("-", 1)[0], time.time()
     for path in root.iterdir():
         match = pattern.fullmatch(path.name)
         if not match:
             continue
         try:
-            if now - path.stat().st_mtime < 60:
+            age = now - path.stat().st_mtime
+            if age < 60:
                 continue
-            os.kill(int(match.group(2)), 0)  # raises if no such process
+            if match.group(2) != here:
+                if age > 86400:
+                    path.unlink(missing_ok=True)
+                continue
+            os.kill(int(match.group(3)), 0)  # raises if no such process
         except ProcessLookupError:
             path.unlink(missing_ok=True)
         except OSError:  # gone already, or a process of another user: not ours to judge

@@ -144,9 +144,9 @@ def build_backbone(
 
     Args:
         name: ``"resnet18"`` (D=512), ``"resnet50"`` (D=2048), ``"resnet_tiny"`` (D=128), or any
-            ``nn.Module`` returning [B, D] features. A torchvision ``ResNet`` instance gets its
-            ``fc`` classifier replaced by ``nn.Identity`` (in place), as the named ones do; for
-            other modules D is found by a dummy forward at ``image_size`` unless ``feat_dim``
+            ``nn.Module`` returning [B, D] features. A torchvision ``ResNet`` with its 1000-class
+            ImageNet ``fc`` gets that replaced by ``nn.Identity`` (in place), as the named ones
+            do; otherwise D is found by a dummy forward at ``image_size`` unless ``feat_dim``
             is given.
         small_stem: use the CIFAR stem (3x3 stride-1 conv1, no max-pool) for images of ~32 px.
             Ignored for a user module.
@@ -155,13 +155,14 @@ def build_backbone(
         feat_dim: D of a user module, skipping the dummy forward.
     """
     if isinstance(name, nn.Module):
-        if isinstance(name, ResNet) and isinstance(name.fc, nn.Linear):
-            # its logits are no features: keep the pooled ones, as for a backbone by name
-            dim = name.fc.in_features
-            name.fc = nn.Identity()
-            return name, dim
         if feat_dim is not None:
             return name, int(feat_dim)
+        fc = getattr(name, "fc", None)
+        if isinstance(name, ResNet) and isinstance(fc, nn.Linear) and fc.out_features == 1000:
+            # torchvision's ImageNet classifier: its logits are no features; keep the pooled ones,
+            # as for a backbone by name (a head of the user's own, or feat_dim=, is kept)
+            name.fc = nn.Identity()
+            return name, fc.in_features
         return name, _infer_feature_dim(name, image_size)
     model = backbone_to_torchvision(name, small_stem)
     feat_dim = model.fc.in_features

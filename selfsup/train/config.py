@@ -283,14 +283,24 @@ def validate_config(cfg: DictConfig) -> None:
     _require(
         d.storage_size is None or d.storage_size >= d.image_size,
         f"data.storage_size ({d.storage_size}) must be >= data.image_size ({d.image_size}); "
-        f"set data.storage_size={round(d.image_size * 1.14)} too (the imagenette preset's 1.14x "
-        "margin) or data.storage_size=null (cache at the crop size)",
+        f"set data.storage_size="
+        f"{round(d.image_size / d.eval_crop) if d.eval_crop < 1 else round(d.image_size * 1.14)}"
+        " too (the imagenette preset's margin of 1 / 0.875)"
+        + (" or data.storage_size=null (cache at the crop size)" if d.eval_crop == 1 else ""),
     )
     _require(
         0 < d.eval_crop <= 1,
         f"data.eval_crop={d.eval_crop} must lie in (0, 1] (the fraction of the image that "
         "evaluation's centre crop keeps; 1: all of it, 0.875: ImageNet's 224/256)",
     )
+    if 0 < d.eval_crop < 1:  # the centre crop needs a margin in the cache, or it upsamples
+        needed = round(d.image_size / d.eval_crop)
+        _require(
+            (d.storage_size or d.image_size) >= needed,
+            f"data.eval_crop={d.eval_crop} takes the central {d.image_size} px of "
+            f"{needed} px images: set data.storage_size={needed} (it is "
+            f"{d.storage_size or d.image_size}), or data.eval_crop=1",
+        )
     _require(d.limit is None or d.limit >= 2, f"data.limit must be >= 2, got {d.limit}")
     _require(
         d.limit is None or d.limit >= t.batch_size,

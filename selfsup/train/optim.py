@@ -151,13 +151,16 @@ def build_optimizer(
 def optimizer_from_config(method: nn.Module, optim_cfg, batch_size: int) -> torch.optim.Optimizer:
     """The optimizer a run's ``optim`` settings describe, with the base lr scaled to the batch."""
     lr = scaled_lr(optim_cfg.lr, batch_size, optim_cfg.lr_reference_batch, optim_cfg.lr_scaling)
+    exclude = optim_cfg.exclude_bias_norm
+    if exclude is None:  # unset: on for LARS, off for SGD (as resolve_config decides)
+        exclude = optim_cfg.name == "lars"
     return build_optimizer(
         method,
         optim_cfg.name,
         lr,
         optim_cfg.momentum,
         optim_cfg.weight_decay,
-        optim_cfg.exclude_bias_norm,
+        exclude,
         optim_cfg.trust_coefficient,
     )
 

@@ -89,7 +89,7 @@ def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
 # these and nothing else, so other files, also inside checkpoints/, tb/ or export/, survive.
 TEMPORARY_OUTPUTS = (  # what a write killed between its temp file and its rename leaves
     "checkpoints/.last.pt.*.tmp", ".encoder.pt.*.tmp", ".config.yaml.*.tmp",
-    ".results.json.*.tmp", ".collapse.json.*.tmp",
+    ".results.json.*.tmp", ".collapse.json.*.tmp", "export/.*.tmp*",
 )  # fmt: skip
 RUN_OUTPUTS = (
     "config.yaml", "metrics.jsonl", "results.json", "encoder.pt", "skipped.csv", "collapse.json",
@@ -111,8 +111,13 @@ def lock_run_dir(out: Path):
     an earlier, killed process left here."""
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open until the process ends
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open until the process ends
+    except OSError as exc:  # a file in the way, a path that cannot be made
+        raise ConfigError(
+            f"cannot write to output directory {out}: {exc.strerror or exc}"
+        ) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -340,12 +345,14 @@ class Trainer:
 
             default = inspect.signature(MoCo.__init__).parameters["queue_size"].default
             queue = self.cfg.method.get("queue_size") or default
-        if queue and queue > n and self.env.is_main:
-            # the queue then holds each image's key several times, and stale ones
+        per_epoch = n * (2 if self.cfg.method.get("symmetric") else 1)  # keys enqueued
+        if queue and queue > per_epoch and self.env.is_main:
+            # the queue then holds several keys of one image, stale ones among them
+            keep = per_epoch - per_epoch % self.cfg.train.batch_size
             print(
-                f"selfsup: warning: method.queue_size={queue} is larger than the {n} training "
-                f"images; negatives repeat (a queue of at most {n - n % self.cfg.train.batch_size}"
-                " keeps each image once)",
+                f"selfsup: warning: method.queue_size={queue} is more than the {per_epoch} keys "
+                f"an epoch of {n} images enqueues; negatives repeat (a queue of at most {keep} "
+                "holds each key once)",
                 file=sys.stderr,
             )
         bank, query = None, None
@@ -710,11 +717,12 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         bad_steps = torch.zeros((), device=self.device, dtype=torch.int64)
         window_steps, window_start = 0, time.monotonic()
+        timed_from = 0  # images/s counts the window's steps of this invocation only
         saved_window = state.get("log_window") if loaded else None
         if saved_window and saved_window["steps"] and env.world_size == 1:
             loss_sum.fill_(saved_window["loss_sum"])
             bad_steps.fill_(saved_window["bad_steps"])
-            window_steps = saved_window["steps"]
+            window_steps = timed_from = saved_window["steps"]
         images_per_s = 0.0
         finished = False
         try:
@@ -784,7 +792,8 @@ class Trainer:
                             )
                         if sync_step:  # a stop between log steps keeps its window
                             elapsed = time.monotonic() - window_start
-                            images_per_s = window_steps * batch_size / max(elapsed, 1e-9)
+                            timed = window_steps - timed_from
+                            images_per_s = timed * batch_size / max(elapsed, 1e-9)
                             # NaN when every step of the window was skipped: no loss to show
                             counted = window_steps * env.world_size - n_bad
                             mean_loss = (
@@ -812,7 +821,7 @@ class Trainer:
                             )
                             loss_sum.zero_()
                             bad_steps.zero_()  # skipped_steps is per logging window, like the loss
-                            window_steps, window_start = 0, time.monotonic()
+                            window_steps, window_start, timed_from = 0, time.monotonic(), 0
 
                     if t.collapse != "off" and global_step % t.collapse_every == 0:
                         with torch.no_grad():
