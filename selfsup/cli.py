@@ -107,8 +107,20 @@ def _pretrain(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
     from selfsup.train.config import resolve_config
-    from selfsup.train.distributed import barrier, cleanup, init_distributed, launch_local
-    from selfsup.train.trainer import Trainer, check_data_sources, lock_run_dir, prepare_run_dir
+    from selfsup.train.distributed import (
+        any_rank,
+        barrier,
+        cleanup,
+        init_distributed,
+        launch_local,
+    )
+    from selfsup.train.trainer import (
+        Trainer,
+        check_data_sources,
+        check_run_dir,
+        lock_run_dir,
+        prepare_run_dir,
+    )
 
     launch = args.devices is not None and args.devices != 1 and "WORLD_SIZE" not in os.environ
     out = Path(args.out) if args.out else None
@@ -159,6 +171,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         if args.devices < 1:
             raise SelfsupError(f"--devices must be >= 1, got {args.devices}")
         per_rank_batch_size(cfg.train.batch_size, args.devices)
+        check_run_dir(out, resume=args.resume, overwrite=args.overwrite)  # once, not per rank
         import torch
 
         gpus = torch.cuda.device_count()
@@ -172,9 +185,18 @@ def _pretrain(args: argparse.Namespace) -> int:
     env = init_distributed(cfg.train.device)
     lock = None
     try:
+        refused: SelfsupError | None = None
         if env.is_main:
-            lock = lock_run_dir(out)  # before --overwrite could delete a running run's files
-            prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+            try:
+                lock = lock_run_dir(out)  # before --overwrite could delete a running run's files
+                prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+            except SelfsupError as exc:
+                refused = exc
+        # every rank learns of rank 0's refusal, instead of waiting for it at a barrier
+        if any_rank(refused is not None):
+            if refused is not None:
+                raise refused
+            return 2  # rank 0 says why
         barrier()
         result = Trainer(cfg, out, resume=args.resume).fit()
     finally:
@@ -279,7 +301,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         return _HANDLERS[args.command](args)
     except SelfsupError as exc:
-        print(f"selfsup: error: {exc}", file=sys.stderr)
+        from selfsup.errors import ConfigError
+
+        # every rank finds the same setting at fault: under torchrun rank 0 alone says so
+        if not (isinstance(exc, ConfigError) and os.environ.get("RANK", "0") != "0"):
+            print(f"selfsup: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `selfsup config | head`: the reader left, which is no error
         # Python would report the pipe again when flushing stdout at exit
@@ -295,13 +321,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 2
     except KeyboardInterrupt:  # before training's own handlers (decoding, the first kNN)
-        hint = (
-            "; run the same command with --resume to continue (from step 0 if no checkpoint was "
-            "written yet), or with --overwrite to start over"
-            if args.command == "pretrain"
-            else ""
-        )
-        print(f"selfsup: interrupted{hint}", file=sys.stderr)
+        hint = ""
+        if args.command == "pretrain":
+            out = getattr(args, "out", None)
+            started = out is not None and (Path(out) / "config.yaml").exists()
+            hint = (
+                "; run the same command with --resume to continue (from step 0 if no checkpoint "
+                "was written yet), or with --overwrite to start over"
+                if started or args.resume
+                else "; nothing was trained yet: run the same command again (the data decoded "
+                "so far is cached)"
+            )
+        if os.environ.get("RANK", "0") == "0":
+            print(f"selfsup: interrupted{hint}", file=sys.stderr)
         return 130
     except RuntimeError as exc:  # pretrain reports its own; this is for eval, embed, neighbors
         torch = sys.modules.get("torch")

@@ -207,6 +207,9 @@ def check_writable(folder: Path, what: str) -> None:
     import uuid
 
     probe = folder / f".selfsup-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"x")
@@ -471,9 +474,10 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         run_label = f"{owner} ({target.relative_to(owner)})"
     csv_path = Path(args.results_csv) if args.results_csv else owner.parent / "results.csv"
     check_results_csv(csv_path)  # before any work
-    if is_main():
-        check_writable(csv_path.parent, "the results CSV")
-        check_writable(run_dir, "the evaluation's JSON")
+    # on every rank (the same answer everywhere): a refusal on rank 0 alone would leave the
+    # others waiting for it under torchrun
+    check_writable(csv_path.parent, "the results CSV")
+    check_writable(run_dir, "the evaluation's JSON")
     source = absolute_source(args.data) or info.get("eval_data") or info.get("pretrain_data")
     if source is None:
         raise ConfigError(

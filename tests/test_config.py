@@ -154,7 +154,7 @@ def test_selfsup_config_shows_the_method_defaults_and_resolved_views(capsys):
 
     assert main(["config", "--method", "moco", "augment.view2.blur_p=0.25"]) == 0
     out = capsys.readouterr().out
-    assert "#   method.queue_size: 4096" in out and "#   method.bn_splits: 8" in out
+    assert "#   method.momentum: 0.99" in out and "#   method.bn_splits: 8" in out
     view2 = next(line for line in out.splitlines() if line.startswith("#   view2:"))
     assert "blur_p: 0.25" in view2 and "crop_scale: [0.3, 1.0]" in view2
 

@@ -516,6 +516,19 @@ def strip_devices_flag(argv: Sequence[str]) -> list[str]:
 EXIT_STATUS_ENV = "SELFSUP_EXIT_STATUS_FILE"  # where rank 0 writes its exit status (launcher)
 
 
+def _die_with_parent() -> None:
+    """In the torchrun child: SIGTERM when the launcher dies (Linux ``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: the signals above still reach it
+        pass
+
+
 def launch_local(nproc: int, argv: Sequence[str]) -> int:
     """``selfsup ... --devices N``: rerun this command under ``torchrun --standalone`` with N
     processes on this machine; returns rank 0's exit status (0 done, 2 error, 3 stopped with a
@@ -523,7 +536,9 @@ def launch_local(nproc: int, argv: Sequence[str]) -> int:
 
     ``argv`` is the selfsup command line after the program name (``--devices`` is removed).
     SIGINT and SIGTERM sent to this launcher are passed on to torchrun, which passes them to the
-    workers: they checkpoint and stop, as a single-process run does, instead of being orphaned.
+    workers: they checkpoint and stop, as a single-process run does, instead of being orphaned;
+    a SIGHUP (the terminal closed) is passed on as SIGTERM, and on Linux torchrun gets SIGTERM
+    when the launcher dies of anything else (SIGKILL included).
     """
     import signal
     import tempfile
@@ -545,13 +560,14 @@ def launch_local(nproc: int, argv: Sequence[str]) -> int:
         env = {**os.environ, EXIT_STATUS_ENV: str(status_file)}
         # its own session: a terminal's Ctrl-C reaches the workers once, through this launcher
         # (twice, the second would abort them before their checkpoint)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
         def forward(signum, frame):  # noqa: ARG001
-            if proc.poll() is None:
-                proc.send_signal(signum)
+            if proc.poll() is None:  # a hang-up (terminal closed) stops the job as Ctrl-C does
+                proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {sig: signal.signal(sig, forward) for sig in forwarded}
         try:
             returncode = proc.wait()
         finally:

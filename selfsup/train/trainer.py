@@ -101,6 +101,7 @@ RUN_OUTPUTS = (
     *TEMPORARY_OUTPUTS,
 )  # fmt: skip
 LOCK_FILE = ".selfsup.lock"
+STOP_CHECK_EVERY = 5  # steps between the ranks' agreements on a stop (one host sync each)
 
 
 def lock_run_dir(out: Path):
@@ -163,8 +164,9 @@ def remove_run_outputs(out: Path) -> None:
             (out / folder).rmdir()
 
 
-def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory; check it is writable before any long work."""
+def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """The checks of :func:`prepare_run_dir` that change nothing: a run there without --resume
+    or --overwrite, or --resume with no run there."""
     marker = out / "config.yaml"
     if marker.exists() and not (resume or overwrite):
         raise ConfigError(
@@ -182,6 +184,12 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"--resume: {out} holds no run (no config.yaml, no checkpoints/last.pt); "
             f"start without --resume"
         )
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory; check it is writable before any long work."""
+    check_run_dir(out, resume=resume, overwrite=overwrite)
+    marker = out / "config.yaml"
     if overwrite and not resume and out.exists():
         if is_selfsup_run(out):
             remove_run_outputs(out)
@@ -526,7 +534,8 @@ class Trainer:
             "selfsup_version": selfsup.__version__,
         }
         if self.resume and not any((ckpt_dir / n).exists() for n in ("last.pt", "prev.pt")):
-            print(
+            print_main = print if env.is_main else (lambda *a, **k: None)
+            print_main(
                 f"selfsup: {ckpt_dir} holds no checkpoint yet (the run stopped before its "
                 f"first); starting from step 0",
                 file=sys.stderr,
@@ -768,8 +777,11 @@ class Trainer:
                         global_step % t.log_every == 0 or step_in_epoch == steps_per_epoch - 1
                     )
                     stop = self._stop_reason is not None
-                    if env.distributed:  # all ranks must agree, on the steps that sync anyway
-                        stop = sync_step and any_rank(stop)
+                    if env.distributed:  # all ranks must agree: on the steps that sync anyway,
+                        # and every STOP_CHECK_EVERY steps, as torchrun kills its workers 30 s
+                        # after it forwards a signal (a log step can be minutes away)
+                        check = sync_step or global_step % STOP_CHECK_EVERY == 0
+                        stop = check and any_rank(stop)
                         if stop and self._stop_reason is None:
                             self._stop_reason = "stop requested on another rank"
                     # also before a stop checkpoint, so no checkpoint holds NaN weights
@@ -853,8 +865,13 @@ class Trainer:
                             raise
 
                     if stop:
-                        checkpoint(epoch, step_in_epoch + 1)
-                        raise StopRequested(self._stop_reason)
+                        if step_in_epoch + 1 < steps_per_epoch:
+                            checkpoint(epoch, step_in_epoch + 1)
+                            raise StopRequested(self._stop_reason)
+                        if epoch + 1 < t.epochs:  # an epoch's end: saved as the next one's start
+                            checkpoint(epoch + 1, 0)  # (so a resume may change the batch size)
+                            raise StopRequested(self._stop_reason)
+                        # the last step of the run: finishing costs less than a resume
 
                 done_epochs = epoch + 1
                 last_epoch = done_epochs == t.epochs
