@@ -147,6 +147,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             )
     out = out or _default_out(cfg, method, args.data)
     cfg.out = str(out)
+    args.resolved_out = str(out)  # for the Ctrl-C hint
     given = {o.split("=", 1)[0].strip() for o in args.overrides or []}
     if (
         not args.resume
@@ -304,7 +305,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from selfsup.errors import ConfigError
 
         # every rank finds the same setting at fault: under torchrun rank 0 alone says so
-        if not (isinstance(exc, ConfigError) and os.environ.get("RANK", "0") != "0"):
+        # (unless the error is one rank's own, such as a GPU index it lacks)
+        same_everywhere = isinstance(exc, ConfigError) and not getattr(exc, "per_rank", False)
+        if not (same_everywhere and os.environ.get("RANK", "0") != "0"):
             print(f"selfsup: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `selfsup config | head`: the reader left, which is no error
@@ -323,7 +326,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # before training's own handlers (decoding, the first kNN)
         hint = ""
         if args.command == "pretrain":
-            out = getattr(args, "out", None)
+            out = getattr(args, "resolved_out", None) or getattr(args, "out", None)
             started = out is not None and (Path(out) / "config.yaml").exists()
             hint = (
                 "; run the same command with --resume to continue (from step 0 if no checkpoint "

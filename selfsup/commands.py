@@ -207,7 +207,10 @@ def check_writable(folder: Path, what: str) -> None:
     import uuid
 
     probe = folder / f".selfsup-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    try:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    except OSError:  # a parent that cannot be looked into: the write below says why
+        blocker = None
     if blocker is not None and not blocker.is_dir():
         raise ConfigError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder")
     try:

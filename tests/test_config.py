@@ -284,3 +284,23 @@ def test_eval_crop_needs_its_margin_in_the_cache():
 
     assert _sizes({"image_size": 128, "storage_size": 146, "eval_crop": 0.875}, 256) == (293, 256)
     assert _sizes({"image_size": 32}, 64) == (64, 64)
+
+
+def test_under_torchrun_a_shared_config_error_prints_on_rank_0_only_and_a_ranks_own_always(
+    monkeypatch, capsys
+):
+    import selfsup.cli as cli
+
+    def shared(args):
+        raise ConfigError("optim.lr must be > 0")
+
+    def own(args):
+        error = ConfigError("LOCAL_RANK=1 but only 1 CUDA GPU(s) are visible")
+        error.per_rank = True
+        raise error
+
+    monkeypatch.setenv("RANK", "1")
+    for handler, printed in ((shared, False), (own, True)):
+        monkeypatch.setitem(cli._HANDLERS, "config", handler)
+        assert cli.main(["config"]) == 2
+        assert ("selfsup: error:" in capsys.readouterr().err) is printed

@@ -1201,3 +1201,30 @@ def test_an_out_path_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
     assert main(["pretrain", "--out", str(blocker), "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert "cannot write to output directory" in err and "Traceback" not in err
+
+
+def test_a_stop_at_an_epochs_last_step_runs_that_epochs_knn_and_resumes_at_the_next(
+    tmp_path, cache, monkeypatch, capsys
+):
+    """Saved as (epoch + 1, 0) after the epoch's end, kNN included: the resumed run has a kNN
+    line for every epoch, as an uninterrupted one, and may change the batch size."""
+    out = tmp_path / "run"
+    argv = ["pretrain", "--no-progress", "--out", str(out), "--epochs", "3", "data.limit=256"]
+    argv += ["train.batch_size=64", "train.knn_every=1", "model.backbone=resnet_tiny"]
+    argv += ["train.collapse=off", f"data.cache_dir={cache}"]
+    real_set_lr, calls = trainer.set_lr, []
+
+    def set_lr_then_interrupt(optimizer, factor):
+        calls.append(1)
+        if len(calls) == 4:  # the last of epoch 1's 4 steps
+            signal.raise_signal(signal.SIGINT)
+        return real_set_lr(optimizer, factor)
+
+    monkeypatch.setattr(trainer, "set_lr", set_lr_then_interrupt)
+    assert main(argv) == 3
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
+    monkeypatch.setattr(trainer, "set_lr", real_set_lr)
+    assert resume(out, "train.batch_size=32") == 0  # a new batch size at an epoch's start
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["eval/epoch"] for r in lines if "eval/epoch" in r) == [1, 2, 3]

@@ -168,10 +168,12 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
                 "(processes on the CPU talk over gloo)"
             )
         if local_rank >= count:
-            raise ConfigError(
+            error = ConfigError(
                 f"LOCAL_RANK={local_rank} but only {count} CUDA GPU(s) are visible; lower "
                 f"--nproc_per_node / --devices to at most {count}, or use train.device=cpu"
             )
+            error.per_rank = True  # raised by some ranks only: each prints its own
+            raise error
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:

@@ -734,6 +734,7 @@ class Trainer:
             window_steps = timed_from = saved_window["steps"]
         images_per_s = 0.0
         finished = False
+        stop = False  # the ranks' agreed stop flag of the latest step
         try:
             for epoch in range(start_epoch, t.epochs):
                 method.train()
@@ -864,14 +865,11 @@ class Trainer:
                                 )
                             raise
 
-                    if stop:
-                        if step_in_epoch + 1 < steps_per_epoch:
-                            checkpoint(epoch, step_in_epoch + 1)
-                            raise StopRequested(self._stop_reason)
-                        if epoch + 1 < t.epochs:  # an epoch's end: saved as the next one's start
-                            checkpoint(epoch + 1, 0)  # (so a resume may change the batch size)
-                            raise StopRequested(self._stop_reason)
-                        # the last step of the run: finishing costs less than a resume
+                    if stop and step_in_epoch + 1 < steps_per_epoch:
+                        checkpoint(epoch, step_in_epoch + 1)
+                        raise StopRequested(self._stop_reason)
+                    # at an epoch's last step, the epoch's end (its kNN, a checkpoint as the
+                    # next epoch's start, so a resume may change the batch size) comes first
 
                 done_epochs = epoch + 1
                 last_epoch = done_epochs == t.epochs
@@ -889,22 +887,35 @@ class Trainer:
                     )
                     if env.is_main:
                         bar.write(f"epoch {done_epochs}: kNN top-1 {knn['top1']:.4f}")
-                if last_epoch or done_epochs % t.checkpoint_every == 0:
+                stopping = self._stop_reason is not None and (
+                    not env.distributed or stop  # under DDP, what the ranks agreed on
+                )
+                if last_epoch or done_epochs % t.checkpoint_every == 0 or stopping:
                     checkpoint(done_epochs, 0)
+                if stopping and not last_epoch:
+                    raise StopRequested(self._stop_reason)
+                if stopping and env.is_main:  # the run's last step: it is done, not stopped
+                    print(
+                        f"\nselfsup: {self._stop_reason} at the run's last step: finishing it",
+                        file=sys.stderr,
+                    )
                 # epochs of this invocation, as time_limit_min counts its minutes: a job script
                 # that resumes with stop_after_epochs=10 trains 10 epochs each time
                 this_run = done_epochs - start_epoch
                 if t.stop_after_epochs and this_run >= t.stop_after_epochs and not last_epoch:
                     raise StopRequested(f"train.stop_after_epochs={t.stop_after_epochs}")
             finished = True
-        except StopRequested as stop:
+        except StopRequested as stopped:
             bar.close()
             if env.is_main:
-                print(
-                    f"\nselfsup: stopped ({stop}); checkpoint saved in {ckpt_dir}.\n"
-                    f"Resume with: selfsup pretrain --out {self.run_dir} --resume",
-                    file=sys.stderr,
-                )
+                try:  # a hang-up's closed terminal (EIO) must not turn the stop into a crash
+                    print(
+                        f"\nselfsup: stopped ({stopped}); checkpoint saved in {ckpt_dir}.\n"
+                        f"Resume with: selfsup pretrain --out {self.run_dir} --resume",
+                        file=sys.stderr,
+                    )
+                except OSError:
+                    pass
         finally:
             bar.close()
             logger.close()
