@@ -151,15 +151,16 @@ def run_ablation(
         size += ["train.knn_every=0", "train.collapse_every=10"]
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
-    rows = []
-    for i, v in enumerate(spec.variants):
-        varied = {o.split("=", 1)[0] for o in v.overrides}
-        clash = sorted(varied & {o.split("=", 1)[0].strip() for o in extra})
+    given = {o.split("=", 1)[0].strip() for o in extra}
+    for v in spec.variants:  # all of them before any variant trains
+        clash = sorted({o.split("=", 1)[0] for o in v.overrides} & given)
         if clash:
             raise ConfigError(
                 f"{', '.join(clash)} is what the {name} ablation varies ({v.label}: "
                 f"{' '.join(v.overrides)}); drop it from the overrides"
             )
+    rows = []
+    for i, v in enumerate(spec.variants):
         run_dir = out / name / f"{i:02d}_{v.method}"
         flags = {"data.source": data, "train.progress": progress}
         cfg = resolve_config(v.method, preset, flags=flags, overrides=[*size, *extra, *v.overrides])

@@ -53,9 +53,11 @@ def test_simsiam_stopgrad_ablation_writes_its_table(tmp_path, capsys):
     assert "was run with other settings; rerunning" in capsys.readouterr().out
     assert "lr: 0.01" in (runs[0] / "config.yaml").read_text()
     assert (runs[0] / "results.json").stat().st_mtime != first_mtime
-    # the ablation's own variable cannot be overridden away
-    assert main([*args, "method.stop_gradient=true"]) == 2
+    # the ablation's own variable cannot be overridden away, and nothing trains first
+    before = (runs[0] / "results.json").stat().st_mtime
+    assert main([*args, "method.stop_gradient=false"]) == 2
     assert "is what the simsiam-stopgrad ablation varies" in capsys.readouterr().err
+    assert (runs[0] / "results.json").stat().st_mtime == before  # variant 0 was not rerun
 
 
 def test_a_stopped_variant_says_how_to_go_on(tmp_path, capsys):

@@ -1228,3 +1228,15 @@ def test_a_stop_at_an_epochs_last_step_runs_that_epochs_knn_and_resumes_at_the_n
     assert resume(out, "train.batch_size=32") == 0  # a new batch size at an epoch's start
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["eval/epoch"] for r in lines if "eval/epoch" in r) == [1, 2, 3]
+
+
+def test_files_skipped_from_the_knn_checks_data_are_reported(tmp_path, cache, capsys):
+    root = tmp_path / "data"
+    for split, n in (("train", 16), ("test", 8)):
+        for c in "ab":
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), (i * 15, ord(c), 0)).save(root / split / c / f"{i}.png")
+    (root / "test" / "a" / "zero.png").write_bytes(b"")
+    assert pretrain(tmp_path / "run", "train.knn_every=1", data=root, cache=cache) == 0
+    assert "kNN check data (test): skipped 1 of 17 files: 1 zero-byte" in capsys.readouterr().err

@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 
 import selfsup
 from selfsup.augment import EvalTransform, TwoViewAugment
-from selfsup.data import ImageDataset, load_dataset, parse_source, write_skip_report
+from selfsup.data import (
+    ImageDataset,
+    load_dataset,
+    parse_source,
+    summarize_skips,
+    write_skip_report,
+)
 from selfsup.data.cache import atomic_write_text
 from selfsup.errors import (
     CheckpointError,
@@ -93,7 +99,7 @@ TEMPORARY_OUTPUTS = (  # what a write killed between its temp file and its renam
 )  # fmt: skip
 RUN_OUTPUTS = (
     "config.yaml", "metrics.jsonl", "results.json", "encoder.pt", "skipped.csv", "collapse.json",
-    "eval_*.json", "subset_*.csv",
+    "eval_*.json", "subset_*.csv", "export/eval_*.json", "export/subset_*.csv",
     "checkpoints/last.pt", "checkpoints/prev.pt",
     "tb/events.out.tfevents.*",
     "export/export.json", "export/*_torchvision.pt", "export/encoder.safetensors",
@@ -387,6 +393,10 @@ class Trainer:
                     "train/<class>/* and test/<class>/*) to serve the kNN check"
                 )
             bank, query = None, None
+        for split, ds in (("train", bank), ("test", query)):
+            if ds is not None and ds is not train and ds.skipped and self.env.is_main:
+                summary = summarize_skips(ds.skipped, len(ds) + len(ds.skipped))
+                print(f"selfsup: kNN check data ({split}): {summary}", file=sys.stderr)
         if bank is not None and query is not None:
             # each split numbers its own class folders: score by class name, not by number
             query, dropped = query.with_classes_of(bank)
