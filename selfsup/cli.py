@@ -216,10 +216,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     import dataclasses
-    import inspect
     import json
 
-    from selfsup.methods import METHOD_CLASSES, method_options
+    from selfsup.methods import method_defaults
     from selfsup.train.config import resolve_config, resolve_views, to_yaml
 
     preset = args.preset or ("quickstart" if args.data is None else None)  # as pretrain
@@ -228,11 +227,11 @@ def _config(args: argparse.Namespace) -> int:
     cfg.out = str(_default_out(cfg, args.method, args.data))  # what pretrain would write to
     print(to_yaml(cfg))
     # what the keys left unset above resolve to, so every setting can be seen (and overridden)
-    params = inspect.signature(METHOD_CLASSES[cfg.method.name].__init__).parameters
-    unset = [k for k in method_options(cfg.method.name) if k not in cfg.method]
+    defaults = method_defaults(cfg.method.name)
     print(f"# method.* not set above take {cfg.method.name}'s defaults:")
-    for key in unset:
-        print(f"#   method.{key}: {json.dumps(params[key].default)}")
+    for key, default in defaults.items():
+        if key not in cfg.method:
+            print(f"#   method.{key}: {json.dumps(default)}")
     print("# the two views: the method's recipe with the augment.* settings above applied")
     print("# (override any key as augment.view1.<key>, augment.view2.<key> or augment.both.<key>):")
     for name, view in zip(("view1", "view2"), resolve_views(cfg), strict=True):

@@ -158,10 +158,7 @@ def _load(
         source, split, image_size=image_size, cache_dir=cache_dir, progress=progress, limit=limit
     )
     if ds.skipped and os.environ.get("RANK", "0") == "0":  # as pretrain's skipped.csv line
-        from selfsup.data import summarize_skips
-
-        summary = summarize_skips(ds.skipped, len(ds) + len(ds.skipped))
-        print(f"selfsup: {source} ({split}): {summary}", file=sys.stderr)
+        print(f"selfsup: {source} ({split}): {ds.skip_summary()}", file=sys.stderr)
     return _limit(ds, limit)
 
 

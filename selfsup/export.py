@@ -25,6 +25,7 @@ from torch import nn
 from selfsup.data.cache import atomic_write, atomic_write_text
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.models import BACKBONES, backbone_to_torchvision, build_backbone
+from selfsup.train.checkpoint import atomic_torch_save
 
 EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript")
 EXPORT_INFO = "export.json"  # written beside exported files: backbone, small_stem, mean, std, size
@@ -286,7 +287,7 @@ def export_encoder(
                 f"{missing[:5]}, unexpected {unexpected[:5]}"
             )
         target = base / f"{name}_torchvision.pt"
-        atomic_write(target, lambda tmp: torch.save(tv.state_dict(), tmp))
+        atomic_torch_save(tv.state_dict(), target)
     elif fmt == "safetensors":
         from safetensors.torch import save_file
 

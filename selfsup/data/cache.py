@@ -119,6 +119,10 @@ class ImageDataset:
             skipped=list(self.skipped),
         )
 
+    def skip_summary(self) -> str:
+        """``"skipped 5 of 1,205 files: 2 corrupt, ..."`` for ``skipped`` (see summarize_skips)."""
+        return summarize_skips(self.skipped, len(self) + len(self.skipped))
+
     def with_classes_of(self, reference: ImageDataset) -> tuple[ImageDataset, list[str]]:
         """This (test) split relabelled by class *name* onto ``reference``'s (train) labels.
 
@@ -322,7 +326,7 @@ def write_skip_report(dataset: ImageDataset, path: str | os.PathLike[str]) -> st
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
         writer.writerows(dataset.skipped)
-    return summarize_skips(dataset.skipped, len(dataset) + len(dataset.skipped))
+    return dataset.skip_summary()
 
 
 # --------------------------------------------------------------------------- decoding

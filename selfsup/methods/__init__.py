@@ -37,6 +37,12 @@ def method_options(name: str) -> tuple[str, ...]:
     return tuple(params[3:])  # drop self, backbone, feat_dim
 
 
+def method_defaults(name: str) -> dict[str, Any]:
+    """Each keyword option of method ``name`` with its default value."""
+    params = inspect.signature(METHOD_CLASSES[name].__init__).parameters
+    return {key: params[key].default for key in method_options(name)}
+
+
 # The numeric options' valid ranges: (check, what it must be). Used by build_method and, before any
 # data is read, by the CLI's config check, so both name the same problem. MoCo's queue_size and
 # bn_splits have their own checks, which also depend on the batch size.
@@ -114,5 +120,6 @@ __all__ = [
     "build_method",
     "cosine_tau",
     "ema_update_",
+    "method_defaults",
     "method_options",
 ]

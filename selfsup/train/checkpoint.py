@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from selfsup.data.cache import default_file_mode, os_error_behind
+from selfsup.data.cache import atomic_write, default_file_mode, os_error_behind
 from selfsup.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -45,19 +45,17 @@ def _save(obj: Any, fh: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save via temp file + fsync + rename: readers see the old or the new file."""
+    """torch.save via temp file + fsync + rename (:func:`atomic_write`): readers see the old or
+    the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would differ from the run's other files
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(tmp: Path) -> None:
+        # into an open file: given a path, torch.save names the archive's records after the
+        # (random) temporary name, and the same weights would give other bytes each time
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    atomic_write(path, write)
     _fsync_dir(path.parent)
 
 

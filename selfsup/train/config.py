@@ -419,7 +419,7 @@ def validate_method_and_model(cfg: DictConfig) -> None:
     data is read: ``build_method`` would only find these after the dataset is decoded."""
     import inspect
 
-    from selfsup.methods import METHOD_CLASSES, method_options, option_problem
+    from selfsup.methods import METHOD_CLASSES, method_defaults, method_options, option_problem
     from selfsup.models import BACKBONES
 
     name = cfg.method.get("name")
@@ -437,7 +437,7 @@ def validate_method_and_model(cfg: DictConfig) -> None:
     own = method_options(name)
     # options of other methods are allowed (and ignored), so one preset serves every method
     known = sorted({k for m in METHOD_CLASSES for k in method_options(m)})
-    params = inspect.signature(METHOD_CLASSES[name].__init__).parameters
+    defaults = method_defaults(name)
     for key, value in cfg.method.items():
         if key == "name":
             continue
@@ -450,7 +450,7 @@ def validate_method_and_model(cfg: DictConfig) -> None:
         )
         if key not in own:
             continue
-        default = params[key].default
+        default = defaults[key]
         if value is None or default is None or default is inspect.Parameter.empty:
             continue
         number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -474,7 +474,7 @@ def validate_method_and_model(cfg: DictConfig) -> None:
 
         def option(key: str):  # None means the method's default; 0 is a value to check
             value = cfg.method.get(key)
-            return params[key].default if value is None else value
+            return defaults[key] if value is None else value
 
         queue = option("queue_size")
         batch = cfg.train.batch_size

@@ -24,13 +24,7 @@ from tqdm.auto import tqdm
 
 import selfsup
 from selfsup.augment import EvalTransform, TwoViewAugment
-from selfsup.data import (
-    ImageDataset,
-    load_dataset,
-    parse_source,
-    summarize_skips,
-    write_skip_report,
-)
+from selfsup.data import ImageDataset, load_dataset, parse_source, write_skip_report
 from selfsup.data.cache import atomic_write_text
 from selfsup.errors import (
     CheckpointError,
@@ -42,7 +36,7 @@ from selfsup.errors import (
     memory_report,
 )
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
-from selfsup.methods import build_method
+from selfsup.methods import build_method, method_defaults
 from selfsup.models import build_backbone
 from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.progress import bar_options
@@ -94,7 +88,8 @@ def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
 # What selfsup writes into a run directory (pretrain, eval, export), by name: --overwrite removes
 # these and nothing else, so other files, also inside checkpoints/, tb/ or export/, survive.
 TEMPORARY_OUTPUTS = (  # what a write killed between its temp file and its rename leaves
-    "checkpoints/.last.pt.*.tmp", ".encoder.pt.*.tmp", ".config.yaml.*.tmp",
+    # .encoder.*.tmp.pt: atomic_write's name; .encoder.pt.*.tmp: that of selfsup before it
+    "checkpoints/.last.pt.*.tmp", ".encoder.*.tmp.pt", ".encoder.pt.*.tmp", ".config.yaml.*.tmp",
     ".results.json.*.tmp", ".collapse.json.*.tmp", "export/.*.tmp*",
 )  # fmt: skip
 RUN_OUTPUTS = (
@@ -353,12 +348,7 @@ class Trainer:
             )
         queue = None
         if self.cfg.method.name == "moco":
-            import inspect
-
-            from selfsup.methods import MoCo
-
-            default = inspect.signature(MoCo.__init__).parameters["queue_size"].default
-            queue = self.cfg.method.get("queue_size") or default
+            queue = self.cfg.method.get("queue_size") or method_defaults("moco")["queue_size"]
         per_epoch = n * (2 if self.cfg.method.get("symmetric") else 1)  # keys enqueued
         if queue and queue > per_epoch and self.env.is_main:
             # the queue then holds several keys of one image, stale ones among them
@@ -395,8 +385,7 @@ class Trainer:
             bank, query = None, None
         for split, ds in (("train", bank), ("test", query)):
             if ds is not None and ds is not train and ds.skipped and self.env.is_main:
-                summary = summarize_skips(ds.skipped, len(ds) + len(ds.skipped))
-                print(f"selfsup: kNN check data ({split}): {summary}", file=sys.stderr)
+                print(f"selfsup: kNN check data ({split}): {ds.skip_summary()}", file=sys.stderr)
         if bank is not None and query is not None:
             # each split numbers its own class folders: score by class name, not by number
             query, dropped = query.with_classes_of(bank)
