@@ -20,6 +20,13 @@ QUICKSTART_OUT = "runs/quickstart"
 QUICKSTART_SOURCE = "mnist5k"  # the quickstart preset's data.source
 
 
+def is_first_rank() -> bool:
+    """True outside torchrun, and on its rank 0: the process that prints what every rank sees.
+
+    Read from the environment, so that it holds before the process group is up."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags that set run settings, shared by ``pretrain`` and ``config``."""
     p.add_argument(
@@ -152,7 +159,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if (
         not args.resume
         and not launch  # the workers print it, rank 0 once
-        and os.environ.get("RANK", "0") == "0"
+        and is_first_rank()
         and args.preset is None
         and args.data is not None
         and args.data not in ("cifar10", "cifar100")  # 32 px already
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     from selfsup.train.distributed import EXIT_STATUS_ENV
 
     report = os.environ.get(EXIT_STATUS_ENV)
-    if report and os.environ.get("RANK", "0") == "0":  # for the --devices launcher
+    if report and is_first_rank():  # for the --devices launcher
         Path(report).write_text(str(status))
     return status
 
@@ -306,7 +313,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         # every rank finds the same setting at fault: under torchrun rank 0 alone says so
         # (unless the error is one rank's own, such as a GPU index it lacks)
         same_everywhere = isinstance(exc, ConfigError) and not getattr(exc, "per_rank", False)
-        if not (same_everywhere and os.environ.get("RANK", "0") != "0"):
+        if is_first_rank() or not same_everywhere:
             print(f"selfsup: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `selfsup config | head`: the reader left, which is no error
@@ -334,7 +341,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 else "; nothing was trained yet: run the same command again (the data decoded "
                 "so far is cached)"
             )
-        if os.environ.get("RANK", "0") == "0":
+        if is_first_rank():
             print(f"selfsup: interrupted{hint}", file=sys.stderr)
         return 130
     except RuntimeError as exc:  # pretrain reports its own; this is for eval, embed, neighbors

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfsup.cli import register
+from selfsup.cli import is_first_rank, register
 from selfsup.errors import ConfigError, DataError
 
 PROTOCOLS = ("knn", "linear", "finetune", "all")
@@ -157,7 +157,7 @@ def _load(
     ds = load_dataset(
         source, split, image_size=image_size, cache_dir=cache_dir, progress=progress, limit=limit
     )
-    if ds.skipped and os.environ.get("RANK", "0") == "0":  # as pretrain's skipped.csv line
+    if ds.skipped and is_first_rank():  # as pretrain's skipped.csv line
         print(f"selfsup: {source} ({split}): {ds.skip_summary()}", file=sys.stderr)
     return _limit(ds, limit)
 
