@@ -341,14 +341,15 @@ def _add_eval(sub, name: str) -> None:
         default=None,
         metavar=("MIN", "MAX"),
         help="random-resized-crop area range of the full linear probe and fine-tuning "
-        "(default: the run's augment.both.crop_scale if set, else the papers' 0.08 1)",
+        "(default: the run's augment.both.crop_scale if set and --data is the run's data, else "
+        "the papers' 0.08 1)",
     )
     p.add_argument(
         "--flip-p",
         type=float,
         default=None,
-        help="horizontal flip probability there (default: the run's augment.both.flip_p if set, "
-        "else 0.5; 0 for data that flipping changes)",
+        help="horizontal flip probability there (default: the run's augment.both.flip_p if set "
+        "and --data is the run's data, else 0.5; 0 for data that flipping changes)",
     )
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--knn-temperature", type=float, default=0.1)
@@ -500,7 +501,10 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     with main_process_first():  # under torchrun rank 0 builds the cache, the others read it
         train, test = _load_labeled_splits(source, load_size, args.cache_dir, args.limit, progress)
     mean, std = _normalisation(info, train.images)
-    run_augment = _pretrain_augment(run_dir)  # the run's crops and flips, unless given here
+    # the run's crops and flips (e.g. no flips for digits) belong to its data: a transfer to
+    # other data takes the papers' defaults unless given here
+    same_data = source in (info.get("pretrain_data"), info.get("eval_data"))
+    run_augment = _pretrain_augment(run_dir) if same_data else {}
     crop_scale = args.crop_scale or run_augment.get("crop_scale") or PAPER_CROP_SCALE
     crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
     flip_p = next(v for v in (args.flip_p, run_augment.get("flip_p"), 0.5) if v is not None)
@@ -627,7 +631,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 feats[1],
                 test.labels,
                 num_classes=num_classes,
-                epochs=args.lbfgs_iters,
+                max_iter=args.lbfgs_iters,
                 device=device,
                 seed=args.seed,
             )

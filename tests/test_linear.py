@@ -96,11 +96,11 @@ def assert_bit_identical(before: dict[str, torch.Tensor], module: nn.Module) -> 
 def test_fast_linear_probe_separable_features() -> None:
     train_x, train_y = blobs(40)
     test_x, test_y = blobs(20, seed=1)
-    result = linear_probe_features(train_x, train_y, test_x, test_y, epochs=30)
+    result = linear_probe_features(train_x, train_y, test_x, test_y, max_iter=30)
     assert result["mode"] == FAST_MODE
     assert result["top1"] >= 0.98 and result["top5"] == 1.0
     assert result["train_top1"] >= 0.98
-    chunked = linear_probe_features(train_x, train_y, test_x, test_y, epochs=30, batch_size=7)
+    chunked = linear_probe_features(train_x, train_y, test_x, test_y, max_iter=30, batch_size=7)
     assert chunked["top1"] == result["top1"]
     assert chunked["final_loss"] == pytest.approx(result["final_loss"], rel=1e-3, abs=1e-6)
 

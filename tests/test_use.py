@@ -419,6 +419,8 @@ def test_transfer_to_another_labeled_dataset(trained, tmp_path) -> None:
     assert results["num_classes"] == 3 and (results["n_train"], results["n_test"]) == (36, 18)
     assert results["eval_data"] == str(folder) and results["pretrain_data"] == "mnist5k"
     assert results["protocols"]["linear_fast"]["ssl"]["top1"] >= 0.9
+    # the run's no-flip, 0.5-1 crops were chosen for digits: other data gets the papers' own
+    assert results["train_augment"] == {"crop_scale": [0.08, 1.0], "flip_p": 0.5}
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["eval_data"] for r in rows} == {str(folder)}
