@@ -50,6 +50,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "resnet101, wide_resnet50_2, resnext50_32x4d, ...)",
     )
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use N evenly spaced images of each split, for a quick trial (data.limit)",
+    )
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
 
 
@@ -60,6 +66,7 @@ def _run_flags(args: argparse.Namespace) -> dict:
         "train.batch_size": args.batch_size,
         "model.backbone": args.backbone,
         "data.image_size": args.image_size,
+        "data.limit": args.limit,
         "train.device": args.device,
     }
 
@@ -77,7 +84,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         "--method",
         choices=METHOD_NAMES,
         default=None,
-        help="default: simclr (or the method of the run being resumed)",
+        help="default: the method of the run being resumed, or the method.name of a --preset "
+        "file, else simclr",
     )
     _add_run_flags(p)
     p.add_argument(
@@ -143,9 +151,10 @@ def _pretrain(args: argparse.Namespace) -> int:
             )
         cfg = resolve_config(method, preset=str(saved), flags=flags, overrides=args.overrides)
     else:
-        method = args.method or "simclr"
         preset = args.preset or ("quickstart" if args.data is None else None)
-        cfg = resolve_config(method, preset=preset, flags=flags, overrides=args.overrides)
+        # --method, else the method.name of a recipe file, else simclr
+        cfg = resolve_config(args.method, preset=preset, flags=flags, overrides=args.overrides)
+        method = cfg.method.name
         # a preset for a folder (imagenette) leaves the quickstart's digits as the source
         if args.data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:
             raise SelfsupError(
@@ -216,7 +225,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     if not result.finished:
         return 3
     r = result.results
-    print(json.dumps({k: r[k] for k in ("method", "knn_top1", "knn_top1_random_init") if k in r}))
+    shown = ("method", "train_images", "epochs", "final_loss", "knn_top1", "knn_top1_random_init")
+    print(json.dumps({k: r[k] for k in shown if k in r}))
     print(f"selfsup: encoder saved to {out / 'encoder.pt'}; results in {out / 'results.json'}")
     return 0
 
@@ -231,7 +241,7 @@ def _config(args: argparse.Namespace) -> int:
     preset = args.preset or ("quickstart" if args.data is None else None)  # as pretrain
     flags = _run_flags(args)
     cfg = resolve_config(args.method, preset=preset, flags=flags, overrides=args.overrides)
-    cfg.out = str(_default_out(cfg, args.method, args.data))  # what pretrain would write to
+    cfg.out = str(_default_out(cfg, cfg.method.name, args.data))  # what pretrain would write to
     print(to_yaml(cfg))
     # what the keys left unset above resolve to, so every setting can be seen (and overridden)
     defaults = method_defaults(cfg.method.name)
@@ -257,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     _add_pretrain(sub)
     p = sub.add_parser("config", help="print the fully resolved config of a method and preset")
-    p.add_argument("--method", choices=METHOD_NAMES, default="simclr")
+    p.add_argument(
+        "--method",
+        choices=METHOD_NAMES,
+        default=None,
+        help="default: the method.name of a --preset file, else simclr",
+    )
     _add_run_flags(p)
     p.add_argument("overrides", nargs="*")
     for name, adder in _EXTRA_COMMANDS.items():

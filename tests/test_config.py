@@ -131,6 +131,19 @@ def test_a_preset_that_is_not_yaml_is_a_one_line_config_error(tmp_path):
         resolve_config("simclr", preset=str(listing))
 
 
+def test_a_recipe_file_names_its_method(tmp_path):
+    """A user's recipe with method.name (as solo-learn's do) trains that method without
+    --method; a --method that contradicts it is refused, not silently preferred."""
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("method:\n  name: byol\n  pred_hidden: 256\n")
+    cfg = resolve_config(None, preset=str(recipe))
+    assert (cfg.method.name, cfg.method.pred_hidden) == ("byol", 256)
+    assert resolve_config("byol", preset=str(recipe)).method.name == "byol"
+    with pytest.raises(ConfigError, match="recipe for method.name=byol, not --method moco"):
+        resolve_config("moco", preset=str(recipe))
+    assert resolve_config(None, preset="quickstart").method.name == "simclr"  # the default
+
+
 def test_augmentation_settings_are_checked_when_the_config_is_resolved():
     with pytest.raises(
         ConfigError, match=r"'augment.both.jitter_pp' \(did you mean 'augment.both.jitter_p'"
@@ -304,3 +317,10 @@ def test_under_torchrun_a_shared_config_error_prints_on_rank_0_only_and_a_ranks_
         monkeypatch.setitem(cli._HANDLERS, "config", handler)
         assert cli.main(["config"]) == 2
         assert ("selfsup: error:" in capsys.readouterr().err) is printed
+
+
+def test_limit_flag_sets_data_limit(capsys):
+    from selfsup.cli import main
+
+    assert main(["config", "--limit", "300"]) == 0
+    assert "  limit: 300\n" in capsys.readouterr().out

@@ -821,6 +821,40 @@ def test_resume_with_a_new_batch_size_continues_the_schedule(tmp_path, good_fold
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6), step
 
 
+def test_resume_extends_a_run_and_refuses_to_shorten_it(tmp_path, good_folder, cache, capsys):
+    """More epochs: results.json and config.yaml say the new length and the schedule is
+    re-planned, said once. Fewer epochs than the checkpoint has trained: refused, the run's
+    records untouched (they must describe the weights)."""
+    out = tmp_path / "run"
+    assert pretrain(out, data=good_folder, cache=cache) == 0
+    capsys.readouterr()
+    assert resume(out, f"train.epochs={EPOCHS + 1}") == 0
+    assert f"train.epochs {EPOCHS} -> {EPOCHS + 1}: the warm-up + cosine" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["epochs"] == EPOCHS + 1
+    assert OmegaConf.load(out / "config.yaml").train.epochs == EPOCHS + 1
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "results.json")}
+    assert resume(out, f"train.epochs={EPOCHS}") == 2
+    err = capsys.readouterr().err
+    assert f"has trained {EPOCHS + 1} epochs, more than train.epochs={EPOCHS}" in err
+    assert f"--epochs {EPOCHS + 1}" in err
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_moco_queue_longer_than_an_epoch_of_keys_is_warned_with_the_right_count(
+    tmp_path, good_folder, cache, capsys
+):
+    # 64 images at batch 24: 2 steps (the short batch is dropped), 48 keys an epoch
+    argv = ("method.queue_size=96", "train.batch_size=24", "train.epochs=1")
+    assert (
+        pretrain(tmp_path / "run", *argv, data=good_folder, cache=cache, flags=("--method", "moco"))
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "queue_size=96 is more than the 48 keys an epoch enqueues (2 steps of 24 images)" in err
+    assert "a queue of at most 48 holds each key once" in err
+    assert "data.eval_source=DIR" in err  # the folder has no test split: how to get the kNN check
+
+
 def test_resume_mid_epoch_with_a_new_batch_size_is_refused(tmp_path, good_folder, cache, capsys):
     out = tmp_path / "run"
     # a time limit this small stops after the first step, mid-epoch, with a checkpoint

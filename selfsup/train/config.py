@@ -101,6 +101,7 @@ class RunConfig:
 
 
 PRESET_DIR = "presets"
+DEFAULT_METHOD = "simclr"  # with no --method and no method.name in a preset file
 
 
 def available_presets() -> list[str]:
@@ -179,16 +180,21 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
 
 
 def resolve_config(
-    method: str,
+    method: str | None,
     preset: str | None = "quickstart",
     flags: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
 ) -> DictConfig:
-    """Build the fully resolved run config; every error here happens before any long work."""
+    """Build the fully resolved run config; every error here happens before any long work.
+
+    ``method`` ``None`` takes the ``method.name`` a preset file sets, else ``simclr``; a method
+    given and a preset that names another is an error (the recipe is that method's).
+    """
     cfg = OmegaConf.structured(RunConfig)
-    cfg.method = {"name": method}
+    cfg.method = {"name": method or DEFAULT_METHOD}
     if preset:
-        for text in preset_texts(preset, method):
+        named = None  # the method.name the preset's own text sets
+        for text in preset_texts(preset, method or DEFAULT_METHOD):
             try:
                 loaded = OmegaConf.create(text)
             except (OmegaConfBaseException, yaml.YAMLError) as exc:
@@ -199,8 +205,14 @@ def resolve_config(
                     f"preset {preset!r} is YAML but not a mapping of settings (e.g. "
                     "'optim: {lr: 0.1}')"
                 )
+            named = OmegaConf.select(loaded, "method.name", default=None) or named
             cfg = _merge(cfg, loaded, f"preset {preset!r}")
-        cfg.method.name = method
+        if method is not None and named is not None and named != method:
+            raise ConfigError(
+                f"preset {preset!r} is a recipe for method.name={named}, not --method {method}; "
+                f"drop --method (or pass --method {named}), or change method.name in the file"
+            )
+        cfg.method.name = method or named or DEFAULT_METHOD
     preset_source, preset_eval_source = cfg.data.source, cfg.data.eval_source
     if flags:
         dotlist = [f"{k}={v}" for k, v in flags.items() if v is not None]

@@ -349,14 +349,15 @@ class Trainer:
         queue = None
         if self.cfg.method.name == "moco":
             queue = self.cfg.method.get("queue_size") or method_defaults("moco")["queue_size"]
-        per_epoch = n * (2 if self.cfg.method.get("symmetric") else 1)  # keys enqueued
+        batch, symmetric = self.cfg.train.batch_size, self.cfg.method.get("symmetric")
+        per_epoch = (n // batch) * batch * (2 if symmetric else 1)  # keys enqueued (drop_last)
         if queue and queue > per_epoch and self.env.is_main:
             # the queue then holds several keys of one image, stale ones among them
-            keep = per_epoch - per_epoch % self.cfg.train.batch_size
             print(
                 f"selfsup: warning: method.queue_size={queue} is more than the {per_epoch} keys "
-                f"an epoch of {n} images enqueues; negatives repeat (a queue of at most {keep} "
-                "holds each key once)",
+                f"an epoch enqueues ({n // batch} steps of {batch} images"
+                + (", both views" if symmetric else "")
+                + f"); negatives repeat (a queue of at most {per_epoch} holds each key once)",
                 file=sys.stderr,
             )
         bank, query = None, None
@@ -374,7 +375,11 @@ class Trainer:
                 raise DataError(
                     f"data.eval_source={d.eval_source!r} cannot serve the kNN check: {exc}"
                 ) from None
-            print(f"selfsup: kNN monitoring off: {exc}", file=sys.stderr)
+            print(
+                f"selfsup: kNN monitoring off: {exc}; or name labeled data for the check with "
+                "data.eval_source=DIR",
+                file=sys.stderr,
+            )
             bank, query = None, None
         if bank is not None and (bank.labels is None or query is None or query.labels is None):
             if d.eval_source:
@@ -579,7 +584,16 @@ class Trainer:
                 state["step_in_epoch"],
                 state["global_step"],
             )
-            saved_batch = state.get("config", {}).get("train", {}).get("batch_size", batch_size)
+            saved_train = state.get("config", {}).get("train", {})
+            saved_batch = saved_train.get("batch_size", batch_size)
+            saved_epochs = saved_train.get("epochs", t.epochs)
+            if start_epoch > t.epochs or (start_epoch == t.epochs and start_step):
+                done = f"{start_epoch} epochs" + (f" and {start_step} steps" if start_step else "")
+                raise ConfigError(
+                    f"{path} has trained {done}, more than train.epochs={t.epochs}; a resume "
+                    f"can only go on: pass --epochs {start_epoch + (1 if start_step else 0)} (or "
+                    "more), or start over with --overwrite"
+                )
             saved_images = (state.get("results") or {}).get("train_images", len(train))
             if saved_images != len(train):  # files added or removed since the checkpoint
                 if start_step:
@@ -615,11 +629,20 @@ class Trainer:
                         file=sys.stderr,
                     )
             results.update(state.get("results", {}))
-            results["train_images"] = len(train)  # this invocation's data
+            # this invocation's data and length: a resume may extend the run or change its batch
+            results.update(train_images=len(train), epochs=t.epochs, batch_size=batch_size)
+            if env.is_main and saved_epochs != t.epochs and start_epoch < t.epochs:
+                print(
+                    f"selfsup: train.epochs {saved_epochs} -> {t.epochs}: the warm-up + cosine "
+                    f"lr schedule (and an EMA or momentum schedule) is re-planned over "
+                    f"{t.epochs} epochs; it continues at step {global_step} of {total_steps}",
+                    file=sys.stderr,
+                )
             if env.is_main and start_epoch >= t.epochs:
                 print(
-                    f"selfsup: {path} is the end of the run: all {t.epochs} epochs are done, "
-                    f"nothing is left to train (the encoder and results are written again)",
+                    f"selfsup: {path} is the end of the run: "
+                    + (f"all {t.epochs} epochs are" if t.epochs > 1 else "its 1 epoch is")
+                    + " done, nothing is left to train (the encoder and results are written again)",
                     file=sys.stderr,
                 )
             elif env.is_main:
@@ -813,6 +836,7 @@ class Trainer:
                                 if counted > 0
                                 else float("nan")
                             )
+                            results["final_loss"] = mean_loss  # the last logged window's
                             if n_bad:
                                 results["skipped_steps"] = results.get("skipped_steps", 0) + n_bad
                             logged = {
