@@ -182,7 +182,7 @@ def run_ablation(
         results = json.loads((run_dir / "results.json").read_text())
         monitors = _last_collapse(run_dir)
         verdict = CollapseMonitor(v.method, mode="off")._symptoms(monitors) if monitors else []
-        rows.append((v, results, monitors, bool(verdict)))
+        rows.append((v, results, monitors, bool(verdict) if monitors else None))
 
     run_epochs = sorted({int(results.get("epochs", 0)) for _, results, _, _ in rows})
     lines = [
@@ -200,8 +200,14 @@ def run_ablation(
         lines.append(
             f"| {v.label} | {_fmt(results.get('knn_top1'))} | "
             f"{_fmt(results.get('knn_top1_random_init'))} | {_fmt(mon.get('z_std_ratio'), 3)} | "
-            f"{_fmt(mon.get('z_erank'), 1)} | {'yes' if collapsed else 'no'} | {v.seed_value} |"
+            f"{_fmt(mon.get('z_erank'), 1)} | {_verdict(collapsed)} | {v.seed_value} |"
         )
+    if any(collapsed is None for *_, collapsed in rows):
+        lines += [
+            "",
+            "not checked: the run ended before its first collapse check; lower "
+            "train.collapse_every (or train longer) to judge it.",
+        ]
     table = "\n".join(lines) + "\n"
     (out / name).mkdir(parents=True, exist_ok=True)
     (out / name / "table.md").write_text(table)
@@ -236,6 +242,10 @@ def _same_plan(run_dir: Path, cfg) -> bool:
             if isinstance(node, dict):
                 node.pop(leaf, None)
     return saved == now
+
+
+def _verdict(collapsed: bool | None) -> str:
+    return "not checked" if collapsed is None else "yes" if collapsed else "no"
 
 
 def _fmt(value, digits: int = 4) -> str:

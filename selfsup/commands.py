@@ -9,8 +9,8 @@ Accuracies are fractions in [0, 1].
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import hashlib
 import json
 import os
 import sys
@@ -439,7 +439,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     from selfsup.evaluate.knn import knn_accuracy
     from selfsup.evaluate.linear import linear_probe, linear_probe_features
     from selfsup.evaluate.subsets import balanced_subset, save_subset
-    from selfsup.export import encoder_file, load_encoder
+    from selfsup.export import load_encoder, weights_digest
     from selfsup.train.distributed import (
         distributed_extract_features,
         distributed_world,
@@ -470,9 +470,10 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     owner = run_dir
     if (run_dir / "export.json").exists() and (run_dir.parent / "config.yaml").exists():
         owner = run_dir.parent
-    run_label = str(owner)
+    # absolute: one run is one row of the table, however its path was typed
+    run_label = str(owner.resolve())
     if target.is_file() and target.name != "encoder.pt":
-        run_label = f"{owner} ({target.relative_to(owner)})"
+        run_label = f"{run_label} ({target.resolve().relative_to(owner.resolve())})"
     csv_path = Path(args.results_csv) if args.results_csv else owner.parent / "results.csv"
     check_results_csv(csv_path)  # before any work
     # on every rank (the same answer everywhere): a refusal on rank 0 alone would leave the
@@ -521,7 +522,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     if args.baselines:
         arch = _architecture(info, encoder)
         encoders["random_init"] = _fresh_backbone(*arch, seed=args.seed)
-    weights = _file_digest(encoder_file(target))
+    weights = weights_digest(encoder)  # of the tensors: an export of a run shares its digest
     results: dict[str, Any] = {
         "encoder": str(target),
         "weights": weights,
@@ -701,33 +702,42 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     of_file = f"_{_slug(target.name)}" if target.is_file() and target.name != "encoder.pt" else ""
     out_json = run_dir / f"eval_{_slug(source)}{pool}_{args.protocol}{of_file}.json"
     if is_main():  # every process computed the same numbers; one writes them
-        _merge_earlier(out_json, results)
+        replaced = _merge_earlier(out_json, results)
+        if replaced:
+            print(
+                f"selfsup: note: {out_json} held results at other settings ({replaced}); "
+                f"this evaluation replaces them ({csv_path} keeps their rows)",
+                file=sys.stderr,
+            )
         write_json(out_json, results)
         append_results(csv_path, rows)
     results["_json"], results["_csv"] = str(out_json), str(csv_path)
     return results
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
-def _merge_earlier(path: Path, results: dict[str, Any]) -> None:
+def _merge_earlier(path: Path, results: dict[str, Any]) -> str:
     """Keep the protocols of an earlier eval of the same weights, data and sizes in ``results``
-    (``--label-fraction 1`` after ``10`` keeps both); another encoder's file is replaced."""
+    (``--label-fraction 1`` after ``10`` keeps both); another encoder's file is replaced.
+
+    Returns what differed when an earlier file is replaced (``""`` when merged or none)."""
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
-        return
+        return ""
+    if not isinstance(earlier, dict):
+        return ""
     same = ("weights", "eval_data", "image_size", "limit", "seed", "train_augment", "settings")
-    if isinstance(earlier, dict) and all(earlier.get(k) == results.get(k) for k in same):
+    differ = [k for k in same if earlier.get(k) != results.get(k)]
+    if not differ:
         for protocol, by_encoder in (earlier.get("protocols") or {}).items():
             merged = {**by_encoder, **results["protocols"].get(protocol, {})}
             results["protocols"][protocol] = merged
+        return ""
+    if "settings" in differ:  # name the knobs, not the whole dict
+        before, now = earlier.get("settings") or {}, results.get("settings") or {}
+        knobs = [f"{k} {before.get(k)} -> {now.get(k)}" for k in now if before.get(k) != now.get(k)]
+        differ[differ.index("settings")] = ", ".join(knobs) or "settings"
+    return ", ".join(differ)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -1119,11 +1129,18 @@ def results_table(csv_path: Path, metric: str = "top1") -> str:
         ]
         where = data + (f" (limit {limit})" if limit else "") + (f", {size} px" if size else "")
         lines.append(
-            f"| {run} | {row['method']} | {row['epochs']} | {weights[:8]} | {enc} | {where} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {_shown_run(run)} | {row['method']} | {row['epochs']} | {weights[:8]} | {enc} | "
+            f"{where} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
+
+
+def _shown_run(run: str) -> str:
+    """A run's recorded (absolute) path, relative to this directory when it lies below it."""
+    path, sep, rest = run.partition(" (")  # "<run> (export/encoder.safetensors)"
+    with contextlib.suppress(ValueError):
+        path = str(Path(path).relative_to(Path.cwd()))
+    return path + sep + rest
 
 
 def _protocol_order(protocol: str) -> tuple:

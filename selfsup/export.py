@@ -216,6 +216,22 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
     return state, name, small
 
 
+def weights_digest(module: nn.Module) -> str:
+    """sha256 (12 hex digits) of a module's tensors: names, dtypes, shapes and values.
+
+    The same weights give the same digest whatever file holds them (``encoder.pt``, a
+    safetensors, torchvision or TorchScript export), unlike a hash of the file's bytes.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """A ready backbone ``[B, 3, S, S] -> [B, D]`` in eval mode.
 

@@ -34,6 +34,7 @@ def test_simsiam_stopgrad_ablation_writes_its_table(tmp_path, capsys):
     table = (out / "simsiam-stopgrad" / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| with")]
     assert len(rows) == 2 and "67.7" in rows[0] and "0.1" in rows[1]
+    assert all("| yes |" in row or "| no |" in row for row in rows)  # collapse was checked
     runs = sorted((out / "simsiam-stopgrad").glob("0*_simsiam"))
     stop_gradient = [
         json.loads((r / "results.json").read_text()) and (r / "config.yaml").read_text()
@@ -49,9 +50,12 @@ def test_simsiam_stopgrad_ablation_writes_its_table(tmp_path, capsys):
     assert (runs[0] / "results.json").stat().st_mtime == first_mtime
 
     # other settings are other numbers: the variants run again, and say why
-    assert main([*args, "optim.lr=0.01"]) == 0
+    assert main([*args, "optim.lr=0.01", "train.collapse_every=1000"]) == 0
     assert "was run with other settings; rerunning" in capsys.readouterr().out
     assert "lr: 0.01" in (runs[0] / "config.yaml").read_text()
+    # 4 steps, no collapse check: the table says so instead of "no"
+    table = (out / "simsiam-stopgrad" / "table.md").read_text()
+    assert table.count("| not checked |") == 2 and "lower train.collapse_every" in table
     assert (runs[0] / "results.json").stat().st_mtime != first_mtime
     # the ablation's own variable cannot be overridden away, and nothing trains first
     before = (runs[0] / "results.json").stat().st_mtime

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 import sys
 from collections import Counter
@@ -35,6 +36,7 @@ from selfsup.data import load_dataset
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.linear import linear_probe
 from selfsup.evaluate.subsets import balanced_subset, load_subset
+from selfsup.export import weights_digest
 from selfsup.models import backbone_to_torchvision
 from selfsup.train.config import config_hash
 
@@ -341,7 +343,7 @@ def test_table_prints_a_row_per_run(trained, evaluated) -> None:
     ssl_knn = evaluated["results"]["protocols"]["knn"]["ssl"]["top1"]
     assert rows[(str(trained["run"]), "ssl")][knn_col] == f"{ssl_knn:.4f}"
     assert rows[(str(second), "ssl")][header.index("linear_fast")] == ""  # not evaluated
-    sha = hashlib.sha256((trained["run"] / "encoder.pt").read_bytes()).hexdigest()[:8]
+    sha = weights_digest(selfsup.load_encoder(trained["run"]))[:8]
     assert rows[(str(second), "ssl")][3] == rows[(str(trained["run"]), "ssl")][3] == sha
     assert "(limit 200)" in rows[(str(second), "ssl")][5]
     assert f"(limit {LIMIT})" in rows[(str(trained["run"]), "ssl")][5]
@@ -624,8 +626,9 @@ def test_eval_results_merge_only_the_same_weights_data_and_settings(trained, tmp
     assert set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl", "random_init"}
     assert cli("eval", str(run), *common, "--knn-k", "7")[0] == 0  # same settings: kept
     assert set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl", "random_init"}
-    assert cli("eval", str(run), *common)[0] == 0  # another k: the baseline is not comparable
-    assert set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl"}
+    rc, _, err = cli("eval", str(run), *common)  # another k: the baseline is not comparable
+    assert rc == 0 and set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl"}
+    assert f"{path} held results at other settings (knn_k 7 -> 200)" in err  # and it is said
 
     # a relative --data is recorded absolute: the same words from another folder are other data
     folder = tmp_path / "colours"
@@ -719,6 +722,16 @@ def test_an_exported_file_is_evaluated_into_its_runs_results_csv(trained, tmp_pa
         rows = list(csv.DictReader(fh))
     assert rows and {r["run"] for r in rows} == {f"{run} (export/encoder.safetensors)"}
     assert (run / "export" / "eval_mnist5k_limit200_knn_encoder_safetensors.json").exists()
+    # the digest is of the tensors: the run's own encoder.pt has the same, typed any way
+    rc, _, err = cli(
+        "eval", os.path.relpath(run, Path.cwd()), "--protocol", "knn", "--limit", "200",
+        "--cache-dir", trained["cache"], "--no-progress",
+    )  # fmt: skip
+    assert rc == 0, err
+    with open(runs / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["run"] for r in rows} == {str(run), f"{run} (export/encoder.safetensors)"}
+    assert len({r["weights"] for r in rows}) == 1
     assert not (run / "results.csv").exists()  # where the export's rows went before
 
 
