@@ -103,6 +103,32 @@ def test_throughput_ours_and_compute_limit_report(image_folder, tmp_path):
     assert criteria["met"] is False  # lightly was not measured
 
 
+def test_every_timed_window_holds_one_collapse_check(image_folder, tmp_path, monkeypatch):
+    """The trainer's collapse monitor runs in the step: "ours" and the compute limit must pay
+    for it alike, one check per window, or their ratio is biased."""
+    checks: list[int] = []
+    per_window: list[int] = []
+    metrics, window = throughput.collapse_metrics, throughput.time_window
+    monkeypatch.setattr(
+        throughput, "collapse_metrics", lambda *a, **k: checks.append(1) or metrics(*a, **k)
+    )
+
+    def counted(*a, **k):
+        before = len(checks)
+        out = window(*a, **k)
+        per_window.append(len(checks) - before)
+        return out
+
+    monkeypatch.setattr(throughput, "time_window", counted)
+    argv = ["--device", "cpu", "--data", str(image_folder), "--methods", "byol"]
+    argv += ["--batch-size", str(BATCH), "--steps", "2", "--warmup", "1", "--repeats", "2"]
+    argv += ["--no-lightly", "--no-compile", "--cache-dir", str(tmp_path / "cache")]
+    out = tmp_path / "t.json"
+    throughput.main([*argv, "--json-out", str(out), *[f"--set={item}" for item in TINY]])
+    assert per_window == [1, 1, 1, 1]  # compute limit, ours, compute limit, ours
+    assert "partial" not in json.loads(out.read_text())  # the final write replaced the partial
+
+
 def bench_cfg(method: str, image_folder: Path, tmp_path: Path):
     return resolve_config(
         method,

@@ -145,7 +145,10 @@ class BatchStream:
         self, order: torch.Tensor, batches: list[torch.Tensor]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         assert self._on_device is not None
-        order_on_device = order.to(self.device)
+        if self.device.type == "cuda":  # from pinned memory the copy does not wait for the GPU
+            order_on_device = order.pin_memory().to(self.device, non_blocking=True)
+        else:
+            order_on_device = order.to(self.device)
         for step, indices in enumerate(batches, start=self.start_step):
             start = step * self.batch_size
             device_indices = order_on_device[start : start + len(indices)]
