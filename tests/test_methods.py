@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -161,6 +162,10 @@ def test_moco_momentum_update_and_schedule() -> None:
     key_before = scheduled.key_projector.module[0].weight.clone()
     scheduled.update_target(1.0)  # m = 1 at the end of training
     assert torch.equal(scheduled.key_projector.module[0].weight, key_before)
+    # what the trainer logs as train/target_momentum
+    assert method.target_momentum(0.7) == 0.9
+    halfway = 1 - 0.1 * (math.cos(math.pi / 2) + 1) / 2  # cosine from 0.9 to 1, at 0.5
+    assert scheduled.target_momentum(0.5) == pytest.approx(halfway)
 
 
 def test_moco_queue_is_fifo_with_wrap_around() -> None:
@@ -228,6 +233,12 @@ def test_moco_enqueues_normalised_detached_keys_after_the_loss(symmetric: bool) 
     n = new_keys.shape[0]
     torch.testing.assert_close(method.queue[:n], new_keys)
     assert torch.equal(method.queue[n:], queue_before[n:])
+    # the monitors' query-key cosine on the same view, where the key of view 1 was computed
+    if symmetric:
+        expected_cos = (F.normalize(q1, dim=1) * k1).sum(dim=1).mean()
+        torch.testing.assert_close(out["online_target_cos"], expected_cos)
+    else:
+        assert "online_target_cos" not in out
     assert int(method.queue_ptr) == n
     assert not method.queue.requires_grad and method.queue.grad_fn is None
     torch.testing.assert_close(method.queue.norm(dim=1), torch.ones(32))

@@ -1085,6 +1085,25 @@ def test_resume_drops_the_replayed_steps_from_the_logs(tmp_path, good_folder, ca
     assert steps == sorted(set(steps)) and steps[-1] == TOTAL_STEPS
 
 
+def test_byol_logs_its_tau_schedule_and_tensorboard_holds_the_config(tmp_path, good_folder, cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from selfsup.methods.ema import cosine_tau
+
+    out = tmp_path / "run"
+    assert pretrain(out, data=good_folder, cache=cache, flags=("--method", "byol")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    taus = {r["step"]: r["train/target_momentum"] for r in records if "train/loss" in r}
+    assert sorted(taus) == list(range(1, TOTAL_STEPS + 1))
+    for step, tau in taus.items():  # the tau of the EMA update that step made
+        assert tau == pytest.approx(cosine_tau(0.99, step / TOTAL_STEPS)), step
+    events = EventAccumulator(str(out / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "train/target_momentum" in events.Tags()["scalars"]
+    text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "name: byol" in text and f"epochs: {EPOCHS}" in text
+
+
 def _run_with_file_size_limit(args: list[str], limit_bytes: int) -> subprocess.CompletedProcess:
     """`python -m selfsup *args` where no file may grow past ``limit_bytes`` (``ulimit -f``):
     a real write failure (EFBIG), as a full disk gives (ENOSPC), not a mocked one."""

@@ -76,10 +76,14 @@ class BYOL(nn.Module):
             "online_target_cos": online_target_cos,
         }
 
+    def target_momentum(self, progress: float) -> float:
+        """tau at ``progress`` in [0, 1]: the cosine from ``tau_base`` to 1 (a fixed target: 1)."""
+        return cosine_tau(self.tau_base, progress) if self.target == "ema" else 1.0
+
     def update_target(self, progress: float) -> None:
         """EMA step of the target backbone and projector (no-op for ``target="random_fixed"``)."""
         if self.target == "ema":
-            tau = cosine_tau(self.tau_base, progress)
+            tau = self.target_momentum(progress)
             self.target_backbone.update_(self.backbone, tau)
             self.target_projector.update_(self.projector, tau)
 

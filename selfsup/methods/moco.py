@@ -163,7 +163,7 @@ class MoCo(nn.Module):
 
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
         """Views x1, x2: [B, 3, S, S] -> {"loss", "z": q1, "z2": q2 or k2 [B, d], "h": [B, D] of
-        view 1, "pos_cos": mean q1.k2}."""
+        view 1, "pos_cos": mean q1.k2, and when symmetric "online_target_cos": mean q1.k1}."""
         queue = self.queue
         h1 = self.backbone(x1)
         q1 = self.projector(h1)
@@ -181,16 +181,24 @@ class MoCo(nn.Module):
             # was: an in-place write here, inside a torch.compile'd forward, gave wrong gradients
             # (tests/test_methods.py::test_compiled_moco_split_bn_step_matches_eager).
             self._pending_keys = torch.cat([concat_all_gather(k) for k in keys])
-        pos_cos = (F.normalize(q1.detach(), dim=1) * k2).sum(dim=1).mean()
+        q1n = F.normalize(q1.detach(), dim=1)
+        pos_cos = (q1n * k2).sum(dim=1).mean()
         # The monitors' alignment compares z with view 2's embedding: the query encoder's when
         # the loss computed it (symmetric), else the key encoder's, its momentum copy.
         z2 = q2.detach() if self.symmetric else k2
-        return {"loss": loss, "z": q1.detach(), "z2": z2, "h": h1.detach(), "pos_cos": pos_cos}
+        out = {"loss": loss, "z": q1.detach(), "z2": z2, "h": h1.detach(), "pos_cos": pos_cos}
+        if self.symmetric:  # the key of view 1 exists: query vs key encoder on the same view
+            out["online_target_cos"] = (q1n * k1).sum(dim=1).mean()
+        return out
+
+    def target_momentum(self, progress: float) -> float:
+        """The key encoder's momentum m at ``progress`` in [0, 1] (cosine to 1 if configured)."""
+        return cosine_tau(self.momentum, progress) if self.momentum_cosine else self.momentum
 
     def update_target(self, progress: float) -> None:
         """After the optimizer step: momentum update of the key encoder and key projector (MoCo
         eq. 2), and the last training forward's keys pushed onto the queue."""
-        m = cosine_tau(self.momentum, progress) if self.momentum_cosine else self.momentum
+        m = self.target_momentum(progress)
         self.key_backbone.update_(self.backbone, m)
         self.key_projector.update_(self.projector, m)
         keys, self._pending_keys = self._pending_keys, None

@@ -59,6 +59,12 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{prefix}/{key}", float(value), step)
             self._tb.flush()
 
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        """Text for TensorBoard's Text tab (the run's config): markdown, shown as a code block."""
+        if self._tb is not None:
+            self._tb.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+            self._tb.flush()
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()

@@ -664,6 +664,7 @@ class Trainer:
             enabled=env.is_main,
             resume_step=(global_step if loaded else -1) if self.resume else None,
         )
+        logger.log_text("config", to_yaml(saved) if env.is_main else "", global_step)
         model = wrap_ddp(method, env)
         step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
 
@@ -846,6 +847,9 @@ class Trainer:
                                 "epoch": epoch + 1,
                                 "skipped_steps": n_bad,
                             }
+                            momentum = getattr(method, "target_momentum", None)
+                            if momentum is not None:  # BYOL's tau, MoCo's m: their schedule
+                                logged["target_momentum"] = momentum(global_step / total_steps)
                             if scaler.is_enabled():  # halves on each overflow, so it shows them
                                 logged["loss_scale"] = scaler.get_scale()
                             logger.log(global_step, logged)
