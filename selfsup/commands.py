@@ -311,7 +311,7 @@ def _add_eval(sub, name: str) -> None:
         choices=LINEAR_MODES,
         default="fast",
         help="fast: L-BFGS logistic regression on cached features; full: the papers' "
-        "protocol (augmented crops and flips, SGD, cosine); both (default: fast)",
+        "protocol (augmented crops and flips, SGD, cosine); both: the two (default: fast)",
     )
     p.add_argument("--linear-epochs", type=int, default=100, help="full linear probe epochs")
     p.add_argument("--linear-lr", type=float, default=0.1, help="full linear probe SGD lr")
@@ -326,7 +326,8 @@ def _add_eval(sub, name: str) -> None:
         "--finetune-lr",
         type=float,
         default=0.01,
-        help="encoder lr when fine-tuning (the head gets 10x)",
+        help="encoder lr when fine-tuning (the head gets 10x; SimCLR's single lr is "
+        "0.05 x batch / 256)",
     )
     p.add_argument(
         "--supervised-lr",
@@ -797,7 +798,7 @@ def _add_embed(sub, name: str) -> None:
     )
     p.add_argument("encoder", help="run directory or encoder file")
     p.add_argument("--data", required=True)
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="split to embed (default: train)")
     p.add_argument(
         "--out", required=True, help="output .npz (embeddings, paths, labels), .parquet or .npy"
     )
@@ -938,17 +939,22 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _add_neighbors(sub, name: str) -> None:
-    p = sub.add_parser(name, help="the most similar images of a dataset to query images")
+    p = sub.add_parser(
+        name,
+        help="the most similar images of a dataset to query images",
+        description="Embed --data with the encoder and print, for each query image, the -k "
+        "images of the dataset with the highest cosine similarity.",
+    )
     p.add_argument("encoder")
     p.add_argument("--data", required=True, help="the images to search")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="split to search (default: train)")
     p.add_argument(
         "--query",
         required=True,
         nargs="+",
         help="query image files, or one .txt file listing image paths (one a line)",
     )
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=int, default=5, help="neighbours per query (default: 5)")
     p.add_argument("--limit", type=int, default=None, help="search only N images, evenly spaced")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256, help="images encoded at once")
@@ -1069,7 +1075,9 @@ def _add_export(sub, name: str) -> None:
         "traced module that loads without selfsup.",
     )
     p.add_argument("run", help="run directory or encoder file")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="torchvision")
+    p.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="torchvision", help="default: torchvision"
+    )
     p.add_argument("--out", default=None, help="output folder (default <run>/export)")
     p.add_argument(
         "--image-size",

@@ -63,7 +63,9 @@ def finetune(
             ``generator`` keyword if it accepts one, seeded from ``seed``.
         eval_transform: deterministic uint8 batch -> normalised float batch.
         epochs: passes over the subset (SimCLR: 60 for 1%, 30 for 10% of ImageNet).
-        lr: encoder learning rate (SimCLR: 0.05 x batch / 256 with batch 4096).
+        lr: encoder learning rate. The default 0.01 with a 10x head is the split-lr recipe of
+            solo-learn's fine-tuning, not SimCLR's single lr of 0.05 x batch / 256 (batch 4096,
+            LARS); pass ``lr=0.05 * batch_size / 256, head_lr=lr`` for SimCLR's.
         head_lr: head learning rate; defaults to ``10 * lr``.
         weight_decay: applied to both groups (SimCLR fine-tunes without it).
         batch_size: images per step; a trailing batch of 1 is dropped (BatchNorm).
