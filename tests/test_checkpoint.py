@@ -76,3 +76,44 @@ def test_refuses_a_checkpoint_of_another_selfsup_release(tmp_path):
         load_checkpoint(tmp_path, method="byol", config_hash="abc", version="0.1.0")
     loaded, _ = load_checkpoint(tmp_path, method="byol", config_hash="abc", version="0.9.3")
     assert loaded["model"]["w"].item() == 1.0
+
+
+def test_a_write_that_dies_midway_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    """encoder.pt, config.yaml and results.json are replaced whole or not at all: a save that
+    fails after writing part of its bytes (a kill, a full disk) leaves the previous file."""
+    from selfsup.data import cache
+
+    encoder, results = tmp_path / "encoder.pt", tmp_path / "results.json"
+    ckpt.atomic_torch_save({"w": torch.ones(3)}, encoder)
+    cache.atomic_write_text(results, '{"knn_top1": 0.5}')
+
+    def torn_save(obj, fh, *args, **kwargs):
+        fh.write(b"PK\x03\x04 half an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.atomic_torch_save({"w": torch.zeros(3)}, encoder)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(encoder, weights_only=True)["w"], torch.ones(3))
+
+    real_open = open
+
+    def torn_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            write = handle.write
+
+            def write_half(text):
+                write(text[: len(text) // 2])
+                raise OSError(28, "No space left on device")
+
+            handle.write = write_half
+        return handle
+
+    monkeypatch.setattr("builtins.open", torn_open)
+    with pytest.raises(OSError, match="No space left"):
+        cache.atomic_write_text(results, '{"knn_top1": 0.9, "knn_top5": 1.0}')
+    monkeypatch.undo()
+    assert results.read_text() == '{"knn_top1": 0.5}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.pt", "results.json"]

@@ -191,6 +191,16 @@ def test_resize_shorter_shrinks_upscales_and_center_crops():
     assert resize_shorter(tall, 5).shape == (5, 5, 3)
 
 
+def test_resize_shorter_center_crops_tall_images_vertically():
+    """A tall image is cropped around its vertical centre, not from the top (the wide case of
+    the test above, turned on its side)."""
+    tall = np.zeros((40, 20, 3), dtype=np.uint8)
+    tall[10:30] = 255  # the central square is white, the top and bottom black
+    out = resize_shorter(tall, 10)
+    assert out.shape == (10, 10, 3)
+    assert out[1:-1].min() > 200  # the band fills the crop: nothing of the black top kept
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -321,6 +331,29 @@ def test_tar_links_are_skipped_and_corrupt_archive_is_a_data_error(tmp_path):
     broken.write_bytes(_make_tar(folder, tmp_path / "ok.tar.gz", "f").read_bytes()[:60])
     with pytest.raises(DataError, match="broken.tar.gz.*corrupt, truncated"):
         load(broken, image_size=6, cache_dir=tmp_path / "cache")
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_tar_members_out_of_sorted_order_keep_their_folders_labels(tmp_path):
+    """Items follow archive order, classes sorted order: an archive that stores dog/ before
+    cat/ must still label each image by its own folder, not by its sorted position."""
+    archive = tmp_path / "reversed.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, color in (("dog", BLUE), ("cat", RED)):  # not sorted: dog first
+            for i in range(2):
+                _add_member(tar, f"pets/{name}/{i}.png", encode(Image.new("RGB", (6, 6), color)))
+    dataset = load(archive, cache_dir=tmp_path / "cache")
+    assert dataset.classes == ["cat", "dog"]
+    assert [Path(p).parent.name for p in dataset.paths] == ["dog", "dog", "cat", "cat"]
+    names = [dataset.classes[label] for label in dataset.labels.tolist()]
+    assert names == [Path(p).parent.name for p in dataset.paths]
+    colour = {"cat": list(RED), "dog": list(BLUE)}
+    assert [dataset.images[i, :, 0, 0].tolist() for i in range(4)] == [colour[n] for n in names]
 
 
 def test_mnist5k_embedded_source(tmp_path):
@@ -541,6 +574,15 @@ def _count_decodes(monkeypatch) -> list[str]:
     return calls
 
 
+def _is_memory_mapped(path: Path) -> bool:
+    """Whether this process has ``path`` mapped into memory (Linux: ``/proc/self/maps``)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps to see memory mappings")
+    real = os.path.realpath(path)
+    return any(line.rstrip("\n").endswith(" " + real) for line in maps.read_text().splitlines())
+
+
 def test_cache_reused_when_unchanged_and_rebuilt_when_a_file_changes(tmp_path, monkeypatch):
     root = make_imagefolder(tmp_path / "pets")
     cache_dir = tmp_path / "cache"
@@ -550,7 +592,8 @@ def test_cache_reused_when_unchanged_and_rebuilt_when_a_file_changes(tmp_path, m
     again = load(root, image_size=8, cache_dir=cache_dir)
     assert len(calls) == 5  # nothing decoded the second time
     assert torch.equal(first.images, again.images) and again.paths == first.paths
-    assert isinstance(again.images.numpy().base, np.memmap) or again.images.numpy().base is not None
+    (npy,) = cache_dir.glob("*.npy")
+    assert _is_memory_mapped(npy)  # a cache hit maps the file, it does not read it into RAM
 
     changed = root / "train" / "cat" / "c1.png"
     save_image(changed, (12, 10), GREEN)
@@ -575,6 +618,39 @@ def test_tar_cache_keyed_on_archive_stat(tmp_path, monkeypatch):
     os.utime(archive, ns=(0, archive.stat().st_mtime_ns + 10**9))
     assert len(load(archive, image_size=8, cache_dir=tmp_path / "cache")) == 6
     assert len(calls) == 11
+
+
+def test_tar_rewritten_to_the_same_size_is_redecoded_after_its_mtime_changes(tmp_path):
+    """An uncompressed tar pads members to 512 bytes, so an image swapped for another of the
+    same dimensions leaves the archive's size unchanged: only its mtime tells the cache."""
+    folder = tmp_path / "pets"
+    changed = save_image(folder / "cat" / "c.ppm", (6, 6), RED, fmt="PPM")  # raw: fixed size
+    save_image(folder / "dog" / "d.ppm", (6, 6), BLUE, fmt="PPM")
+    archive = _make_tar(folder, tmp_path / "pets.tar", "pets", mode="w")
+    size = archive.stat().st_size
+    first = load(archive, cache_dir=tmp_path / "cache")
+    assert first.images[0, :, 0, 0].tolist() == list(RED)
+
+    save_image(changed, (6, 6), GREEN, fmt="PPM")
+    _make_tar(folder, archive, "pets", mode="w")
+    os.utime(archive, ns=(0, archive.stat().st_mtime_ns + 10**9))
+    assert archive.stat().st_size == size  # the size alone cannot tell the archives apart
+    again = load(archive, cache_dir=tmp_path / "cache")
+    assert again.images[0, :, 0, 0].tolist() == list(GREEN)
+
+
+def test_cache_built_under_a_pixel_limit_is_not_reused_without_it(tmp_path):
+    """``max_pixels`` decides which images are skipped, so a cache built under a small limit
+    (the large image skipped as a bomb) must not serve a load with no limit."""
+    folder = tmp_path / "data"
+    save_image(folder / "small.png", (8, 8))
+    save_image(folder / "large.png", (40, 40))
+    limited = load(folder, image_size=8, cache_dir=tmp_path / "cache", max_pixels=100)
+    assert [Path(p).name for p in limited.paths] == ["small.png"]
+    assert limited.skipped[0][1].startswith("decompression bomb")
+    unlimited = load(folder, image_size=8, cache_dir=tmp_path / "cache", max_pixels=None)
+    assert sorted(Path(p).name for p in unlimited.paths) == ["large.png", "small.png"]
+    assert unlimited.skipped == []
 
 
 def test_interrupted_build_leaves_no_partial_cache(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from selfsup.evaluate.linear import (
     linear_probe_features,
 )
 from selfsup.evaluate.subsets import balanced_subset, load_subset, save_subset
+
+# the module itself (``selfsup.evaluate.finetune`` is also the name of the function it exports)
+finetune_module = importlib.import_module("selfsup.evaluate.finetune")
 
 # --- synthetic data ---
 
@@ -150,6 +154,23 @@ def test_fast_linear_probe_rejects_bad_labels() -> None:
         linear_probe_features(train_x, train_y, train_x, train_y, num_classes=3)
 
 
+def test_fast_linear_probe_standardises_test_features_with_train_statistics() -> None:
+    """Test features are standardised with the *train* mean/std, so an image's prediction does
+    not depend on the other test images: scoring each class on its own (whose own mean would
+    erase the class) gives the accuracy of the full test set."""
+    train_x, train_y = blobs(20)
+    test_x, test_y = blobs(10, seed=1)
+    full = linear_probe_features(train_x, train_y, test_x, test_y, max_iter=30)
+    per_class = [
+        linear_probe_features(
+            train_x, train_y, test_x[test_y == c], test_y[test_y == c], num_classes=5, max_iter=30
+        )["top1"]
+        for c in range(5)
+    ]
+    assert full["top1"] >= 0.9
+    assert sum(per_class) / 5 == pytest.approx(full["top1"])  # 10 test images per class
+
+
 # --- full mode ---
 
 
@@ -196,6 +217,32 @@ def test_full_linear_probe_is_seeded() -> None:
     assert a["final_loss"] == b["final_loss"]
     c = linear_probe(net, train_images, train_labels, test_images, test_labels, seed=1, **kwargs)
     assert c["final_loss"] != a["final_loss"]
+
+
+def test_full_linear_probe_scores_each_test_image_independently_of_the_others() -> None:
+    """The head's BatchNorm1d scores in eval mode (its running statistics from training): in
+    train mode it would normalise by the test batch itself, and a one-class test set would lose
+    the very offset that marks its class. Scoring each class alone must add up to the full set."""
+    net = warmed_net()
+    train_images, train_labels = colour_images(10)
+    test_images, test_labels = colour_images(6, seed=1)
+    kwargs = dict(
+        num_classes=3,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        epochs=8,
+        batch_size=16,
+        progress=False,
+    )
+
+    def top1(keep: torch.Tensor) -> float:
+        data = (train_images, train_labels, test_images[keep], test_labels[keep])
+        return linear_probe(net, *data, **kwargs)["top1"]
+
+    full = top1(torch.ones_like(test_labels, dtype=torch.bool))
+    per_class = [top1(test_labels == c) for c in range(3)]
+    assert full > 0.6  # chance is 0.33
+    assert sum(per_class) / 3 == pytest.approx(full)  # 6 test images per class
 
 
 def test_fast_and_full_modes_agree_on_easy_task() -> None:
@@ -269,6 +316,42 @@ def test_finetune_trains_the_encoder_copy() -> None:
     frozen = finetune(net, *data, lr=0.0, **kwargs)
     trained = finetune(net, *data, lr=0.1, **kwargs)
     assert trained["final_loss"] < frozen["final_loss"]
+
+
+def test_finetune_trains_batchnorm_in_training_mode(monkeypatch) -> None:
+    """Fine-tuning trains the whole encoder as the papers do, BatchNorm included: its running
+    statistics move with the fine-tuning batches. They move in the deep copy that is trained
+    (recorded here), never in the caller's backbone."""
+    copies: list[nn.Module] = []
+    real = finetune_module.plain_batchnorm
+
+    def recording(module: nn.Module) -> nn.Module:
+        copies.append(real(module))
+        return copies[-1]
+
+    monkeypatch.setattr(finetune_module, "plain_batchnorm", recording)
+    net = warmed_net()
+    before = snapshot(net)
+    train_images, train_labels = colour_images(6)
+    finetune(
+        net,
+        train_images,
+        train_labels,
+        train_images,
+        train_labels,
+        num_classes=3,
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        epochs=1,
+        batch_size=9,
+        progress=False,
+    )
+    (trained,) = copies
+    for index in (1, 4):  # the two BatchNorm2d layers of conv_bn_net
+        bn = trained[index]
+        assert bn.num_batches_tracked > before[f"{index}.num_batches_tracked"]
+        assert not torch.equal(bn.running_mean, before[f"{index}.running_mean"])
+    assert_bit_identical(before, net)
 
 
 def test_supervised_baseline_uses_fresh_copy() -> None:

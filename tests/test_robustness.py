@@ -1060,9 +1060,22 @@ def test_collapse_and_stop_settings_are_checked_with_the_config():
         ("train.collapse_patience=0", "train.collapse_patience must be >= 1"),
         ("train.time_limit_min=-1", "train.time_limit_min must be > 0"),
         ("train.stop_after_epochs=0", "train.stop_after_epochs must be > 0"),
+        # each of these trained on before it was checked (checkpoint_every=0: a whole epoch,
+        # then ZeroDivisionError and no checkpoint; optim.momentum=1.5: a run that "finished")
+        ("train.checkpoint_every=0", "train.checkpoint_every must be >= 1"),
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("optim.momentum=1.5", r"optim.momentum must be in \[0, 1\)"),
+        ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0"),
+        ("optim.warmup_epochs=200", r"optim.warmup_epochs \(200.0\) must be below train.epochs"),
+        ("data.image_size=4", "data.image_size must be >= 8"),
+        ("data.limit=1", "data.limit must be >= 2"),
+        ("data.limit=8", "data.limit=8 keeps fewer images than one batch"),
+        ("data.eval_crop=1.5", r"data.eval_crop=1.5 must lie in \(0, 1\]"),
     ):
         with pytest.raises(ConfigError, match=message):
             resolve_config("simclr", overrides=[bad])
+    with pytest.raises(ConfigError, match="data.std must be > 0 per channel"):
+        resolve_config("simclr", overrides=["data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0,0.2]"])
 
 
 def test_resume_drops_the_replayed_steps_from_the_logs(tmp_path, good_folder, cache):
@@ -1264,7 +1277,8 @@ def test_a_stop_at_an_epochs_last_step_runs_that_epochs_knn_and_resumes_at_the_n
     out = tmp_path / "run"
     argv = ["pretrain", "--no-progress", "--out", str(out), "--epochs", "3", "data.limit=256"]
     argv += ["train.batch_size=64", "train.knn_every=1", "model.backbone=resnet_tiny"]
-    argv += ["train.collapse=off", f"data.cache_dir={cache}"]
+    # checkpoint_every=5 (the cifar10 presets'): a stop saves whatever the period says
+    argv += ["train.collapse=off", "train.checkpoint_every=5", f"data.cache_dir={cache}"]
     real_set_lr, calls = trainer.set_lr, []
 
     def set_lr_then_interrupt(optimizer, factor):

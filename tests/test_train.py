@@ -50,6 +50,18 @@ def test_resume_after_epoch_matches_uninterrupted_run(tmp_path, method):
     assert full.keys() == split.keys()
     for key in full:
         assert torch.equal(full[key], split[key]), key
+    # the records too: the random-init kNN is the first run's (not re-measured on trained
+    # weights at the resume), and the final kNN is the one logged, top-1 under top-5
+    results = {
+        d: json.loads((tmp_path / d / "results.json").read_text()) for d in ("full", "split")
+    }
+    for key in ("knn_top1_random_init", "knn_top5_random_init", "knn_top1", "knn_top5"):
+        assert results["full"][key] == results["split"][key], key
+    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").open()]
+    logged = [r for r in records if "eval/knn_top1" in r]
+    assert results["split"]["knn_top1"] == logged[-1]["eval/knn_top1"]
+    assert results["split"]["knn_top1"] <= results["split"]["knn_top5"]
+    assert results["split"]["knn_top1_random_init"] == logged[0]["eval/knn_top1"]
 
 
 def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
