@@ -216,7 +216,7 @@ def scenario_moco(env: DistEnv, out_dir: Path) -> dict:
         "grads": grads,  # DDP's averages over the ranks
     }
     ids = torch.arange(B, dtype=torch.float32)[:, None] + env.rank * B  # global row ids [B, 1]
-    torch.manual_seed(1)
+    torch.manual_seed(1 + env.rank)  # ranks' own streams: rank 0's draw must be everyone's
     shuffled, idx_unshuffle = batch_shuffle_ddp(ids)
     result["shuffle"] = {
         "shuffled": shuffled,
@@ -661,6 +661,10 @@ def test_two_process_run_resumes(tmp_path):
     first = tmp_path / "run"
     pretrain(2, first, "train.epochs=2")
     assert _checkpoint_epoch(first) == 2 and (first / "encoder.pt").exists()
+    # rank 0 alone writes the logs: each logged step once, in order
+    records = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps and steps == sorted(set(steps)), steps
     for nproc in (1, 2):
         run = tmp_path / f"resume{nproc}"
         shutil.copytree(first, run)

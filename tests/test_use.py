@@ -673,6 +673,32 @@ def test_finetune_epochs_default_to_simclrs_60_for_1pct_and_30_for_10pct(
     assert seen == {LIMIT // 100: 60, LIMIT // 10: 30}
 
 
+def test_eval_seed_draws_the_subset_it_names(trained, tmp_path, monkeypatch) -> None:
+    """--seed 1 fine-tunes on balanced_subset(..., seed=1), saved under that seed's name."""
+    ft = sys.modules["selfsup.evaluate.finetune"]
+    seen: list[torch.Tensor] = []
+
+    def recording(*args, epochs, **kwargs):
+        seen.append(args[2].clone())  # the subset's labels
+        return {"top1": 0.0, "top5": 0.0, "final_loss": 0.0, "mode": "finetune", "epochs": epochs}
+
+    monkeypatch.setattr(ft, "finetune", recording)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "encoder.pt"):
+        shutil.copy(trained["run"] / name, run / name)
+    rc, _, err = cli(
+        "eval", str(run), "--protocol", "finetune", "--label-fraction", "10", "--seed", "1",
+        "--limit", str(LIMIT), "--cache-dir", trained["cache"], "--no-progress",
+    )  # fmt: skip
+    assert rc == 0, err
+    indices, _, labels = load_subset(run / f"subset_mnist5k_limit{LIMIT}_10pct_seed1.csv")
+    train = digits(trained)
+    assert torch.equal(indices, balanced_subset(train.labels, 10, seed=1))
+    assert not torch.equal(indices, balanced_subset(train.labels, 10, seed=0))
+    assert torch.equal(seen[0], train.labels[indices])
+
+
 def test_embed_reports_the_files_it_skipped(trained, tmp_path) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -700,6 +726,10 @@ def test_exports_share_one_export_json_and_files_keep_the_usual_mode(trained, tm
         "safetensors": "encoder.safetensors",
         "torchscript": "encoder.torchscript.pt",
     }
+    # what an export must carry for eval / embed to prepare images as the run did
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert (info["mean"], info["std"]) == (list(cfg.data.mean), list(cfg.data.std))
+    assert info["image_size"] == cfg.data.image_size
     modes = {p.name: p.stat().st_mode & 0o777 for p in (run / "export").iterdir()}
     assert set(modes.values()) == {default_file_mode()}, modes
     assert (trained["run"] / "encoder.pt").stat().st_mode & 0o777 == default_file_mode()
