@@ -89,8 +89,10 @@ def test_throughput_ours_and_compute_limit_report(image_folder, tmp_path):
         for mode in ("ours", "compute_limit"):
             stats = row[mode]
             assert stats["images_per_s"] > 0
-            # images/s and step time describe the same window
-            assert stats["images_per_s"] * stats["step_ms"] / 1000 == pytest.approx(BATCH, 1e-3)
+            # images/s and step time describe the same window (up to images/s's 0.1 rounding,
+            # which is a large share of a slow window's rate on a busy machine)
+            rounding = 0.05 / stats["images_per_s"] + 1e-3
+            assert stats["images_per_s"] * stats["step_ms"] / 1000 == pytest.approx(BATCH, rounding)
             assert math.isfinite(stats["last_loss"])
         # two windows of (1 warm-up + 2 timed) steps, all through the same optimizer
         assert row["ours"]["optimizer_steps_total"] == 6
