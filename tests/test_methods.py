@@ -107,20 +107,27 @@ def test_cosine_tau_schedule() -> None:
     assert cosine_tau(0.99, 1.5) == pytest.approx(1.0) and cosine_tau(0.99, -1) == pytest.approx(
         0.99
     )
+    # BYOL Sec. 3.2: tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, away from 0, 1/2, 1 too
+    for progress in (0.1, 0.25, 0.3, 0.75, 0.9):
+        expected = 1 - (1 - 0.99) * (math.cos(math.pi * progress) + 1) / 2
+        assert cosine_tau(0.99, progress) == pytest.approx(expected, abs=1e-12), progress
 
 
 @pytest.mark.parametrize("progress", [0.0, 0.3, 1.0])
 def test_byol_update_target_uses_cosine_tau(progress: float) -> None:
     method = make("byol", tau_base=0.9)
+    pairs = ((method.target_backbone, method.backbone), (method.target_projector, method.projector))
     with torch.no_grad():
-        for p in method.backbone.parameters():
-            p.add_(1.0)
-    xi = [p.clone() for p in method.target_backbone.parameters()]
-    theta = list(method.backbone.parameters())
+        for _, online in pairs:
+            for p in online.parameters():
+                p.add_(1.0)
+    xi = [[p.clone() for p in target.parameters()] for target, _ in pairs]
     method.update_target(progress)
     tau = cosine_tau(0.9, progress)
-    for got, x, t in zip(method.target_backbone.parameters(), xi, theta, strict=True):
-        torch.testing.assert_close(got, tau * x + (1 - tau) * t, rtol=0, atol=1e-6)
+    for (target, online), before in zip(pairs, xi, strict=True):  # the backbone and projector
+        theta = list(online.parameters())
+        for got, x, t in zip(target.parameters(), before, theta, strict=True):
+            torch.testing.assert_close(got, tau * x + (1 - tau) * t, rtol=0, atol=1e-6)
 
 
 def test_byol_random_fixed_target_never_moves() -> None:
@@ -136,13 +143,22 @@ def test_byol_random_fixed_target_never_moves() -> None:
 def test_byol_loss_is_symmetric_online_vs_target() -> None:
     method = make("byol")
     x1, x2 = views()
-    with torch.no_grad():
-        method.projector[0].weight.add_(0.1)  # online != target (BN would undo a rescale)
+    with torch.no_grad():  # online != target in both parts (BN would undo a rescale)
+        method.projector[0].weight.add_(0.1)
+        method.backbone.conv1.weight.add_(0.1)
     out = method(x1, x2)
     with torch.no_grad():
-        p1, p2 = (method.predictor(method.projector(method.backbone(torch.cat([x1, x2]))))).chunk(2)
+        h = method.backbone(torch.cat([x1, x2]))
+        z1, z2 = method.projector(h).chunk(2)
+        p1, p2 = method.predictor(method.projector(h)).chunk(2)
         zt1, zt2 = method.target_projector(method.target_backbone(torch.cat([x1, x2]))).chunk(2)
     torch.testing.assert_close(out["loss"].detach(), byol_loss(p1, zt2) + byol_loss(p2, zt1))
+    # what the monitors read: view 1's features, both views' projections, the same-view cosine
+    torch.testing.assert_close(out["h"], h[: x1.shape[0]])
+    torch.testing.assert_close(out["z"], z1)
+    torch.testing.assert_close(out["z2"], z2)
+    expected_cos = F.cosine_similarity(z1, zt1, dim=1).mean()
+    torch.testing.assert_close(out["online_target_cos"], expected_cos)
     assert 0.0 < out["online_target_cos"] < 1.0
     no_predictor = make("byol", predictor=False)
     assert no_predictor.predictor is None and no_predictor(x1, x2)["loss"].requires_grad
@@ -150,12 +166,16 @@ def test_byol_loss_is_symmetric_online_vs_target() -> None:
 
 def test_moco_momentum_update_and_schedule() -> None:
     method = make("moco", momentum=0.9)
+    pairs = ((method.key_backbone, method.backbone), (method.key_projector, method.projector))
     with torch.no_grad():
-        method.projector[0].weight.add_(1.0)
-    key_before = method.key_projector.module[0].weight.clone()
+        for _, query in pairs:
+            for p in query.parameters():
+                p.add_(1.0)
+    before = [[p.clone() for p in key.parameters()] for key, _ in pairs]
     method.update_target(1.0)  # constant momentum: progress is ignored
-    expected = 0.9 * key_before + 0.1 * method.projector[0].weight
-    torch.testing.assert_close(method.key_projector.module[0].weight, expected, rtol=0, atol=1e-6)
+    for (key, query), xi in zip(pairs, before, strict=True):  # MoCo eq. 2, every parameter
+        for got, x, t in zip(key.parameters(), xi, query.parameters(), strict=True):
+            torch.testing.assert_close(got, 0.9 * x + 0.1 * t, rtol=0, atol=1e-6)
     scheduled = make("moco", momentum=0.9, momentum_cosine=True)
     with torch.no_grad():
         scheduled.projector[0].weight.add_(1.0)
@@ -233,6 +253,10 @@ def test_moco_enqueues_normalised_detached_keys_after_the_loss(symmetric: bool) 
     n = new_keys.shape[0]
     torch.testing.assert_close(method.queue[:n], new_keys)
     assert torch.equal(method.queue[n:], queue_before[n:])
+    # the monitors' inputs: q1, view 2's query (symmetric) or key, mean cos(q1, k2)
+    torch.testing.assert_close(out["z"], q1)
+    torch.testing.assert_close(out["z2"], q2 if symmetric else k2)
+    torch.testing.assert_close(out["pos_cos"], (F.normalize(q1, dim=1) * k2).sum(dim=1).mean())
     # the monitors' query-key cosine on the same view, where the key of view 1 was computed
     if symmetric:
         expected_cos = (F.normalize(q1, dim=1) * k1).sum(dim=1).mean()
@@ -294,9 +318,19 @@ def test_simclr_loss_is_nt_xent_of_the_projections() -> None:
     x1, x2 = views()
     out = method(x1, x2)
     with torch.no_grad():
-        z1, z2 = method.projector(method.backbone(torch.cat([x1, x2]))).chunk(2)
+        h = method.backbone(torch.cat([x1, x2]))
+        z1, z2 = method.projector(h).chunk(2)
     torch.testing.assert_close(out["loss"].detach(), nt_xent_loss(z1, z2, 0.3))
+    assert_monitor_outputs(out, h[: x1.shape[0]], z1, z2)
+
+
+def assert_monitor_outputs(out: dict, h1, z1, z2) -> None:
+    """What the collapse monitors read: view 1's features, both views' projections and the
+    mean cosine of the positive pairs."""
+    torch.testing.assert_close(out["h"], h1)
     torch.testing.assert_close(out["z"], z1)
+    torch.testing.assert_close(out["z2"], z2)
+    torch.testing.assert_close(out["pos_cos"], F.cosine_similarity(z1, z2, dim=1).mean())
 
 
 def test_simsiam_loss_value() -> None:
@@ -304,10 +338,12 @@ def test_simsiam_loss_value() -> None:
     x1, x2 = views()
     out = method(x1, x2)
     with torch.no_grad():
-        z = method.projector(method.backbone(torch.cat([x1, x2])))
+        h = method.backbone(torch.cat([x1, x2]))
+        z = method.projector(h)
         (z1, z2), (p1, p2) = z.chunk(2), method.predictor(z).chunk(2)
     expected = 0.5 * negative_cosine_similarity(p1, z2) + 0.5 * negative_cosine_similarity(p2, z1)
     torch.testing.assert_close(out["loss"].detach(), expected)
+    assert_monitor_outputs(out, h[: x1.shape[0]], z1, z2)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -134,3 +134,50 @@ def test_optimizer_from_an_unresolved_config_excludes_bias_and_norm_for_lars():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     groups = optimizer_from_config(model, cfg.optim, 64).param_groups
     assert sorted(g["lars_exclude"] for g in groups) == [False, True]
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_sgd_applies_the_configured_weight_decay(exclude):
+    """A zero-gradient SGD step (momentum 0) shrinks a weight by lr * wd exactly; with the
+    exclusion on, biases and norm parameters are not decayed."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    opt = build_optimizer(model, "sgd", lr=0.1, momentum=0.0, weight_decay=5e-4,
+                          exclude_bias_norm=exclude)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        decayed = not (exclude and p.ndim == 1)
+        expected = before[name] * (1 - 0.1 * 5e-4) if decayed else before[name]
+        # the decay moves a weight by ~5e-5 of itself; float32 rounding is ~1e-7 of it
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_optimizer_from_config_passes_every_setting_on():
+    from omegaconf import OmegaConf
+
+    from selfsup.train import optimizer_from_config
+    from selfsup.train.config import RunConfig
+
+    cfg = OmegaConf.structured(RunConfig)
+    cfg.optim.name, cfg.optim.trust_coefficient, cfg.optim.weight_decay = "lars", 0.02, 1e-5
+    cfg.optim.momentum, cfg.optim.lr, cfg.optim.lr_reference_batch = 0.8, 0.3, 256
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    opt = optimizer_from_config(model, cfg.optim, 512)
+    assert {g["trust_coefficient"] for g in opt.param_groups} == {0.02}
+    assert {g["momentum"] for g in opt.param_groups} == {0.8}
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 1e-5}  # bias/norm excluded
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.3 * 512 / 256] * 2)
+
+
+def test_warmup_cosine_with_a_floor_peaks_at_one_and_decays_to_it():
+    """lr factor = min + (1 - min) (cos(pi t) + 1) / 2 after warm-up (never above 1)."""
+    total, warm, floor = 100, 10, 0.1
+    assert warmup_cosine(warm, total, warm, min_ratio=floor) == pytest.approx(1.0)
+    mid = warm + (total - warm) // 2
+    assert warmup_cosine(mid, total, warm, min_ratio=floor) == pytest.approx(0.55)
+    for step in (20, 37, 80):
+        t = (step - warm) / (total - warm)
+        expected = floor + (1 - floor) * (math.cos(math.pi * t) + 1) / 2
+        assert warmup_cosine(step, total, warm, min_ratio=floor) == pytest.approx(expected), step
