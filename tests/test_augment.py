@@ -157,6 +157,92 @@ def test_parameters_differ_between_samples_of_one_batch() -> None:
     assert all(not torch.equal(views[0], views[i]) for i in range(1, 8))
 
 
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two 1-D samples (as float64)."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def test_view_params_draws_are_mutually_independent() -> None:
+    """Each mask and factor has its own uniform draw: sharing one (gray reusing the jitter coin,
+    sigma from the blur coin, the op order overlapping the solarize coin) couples augmentations
+    that torchvision draws independently."""
+    n = 20000
+    cfg = ViewConfig(
+        flip_p=0.5, jitter_p=0.5, gray_p=0.5, blur_p=0.5, solarize_p=0.5, blur_sigma=(0.1, 2.0)
+    )
+    p = sample_view_params(cfg, n, 32, 32, generator=torch.Generator().manual_seed(21))
+    masks = {
+        "flip": p.flip,
+        "jitter": p.jitter,
+        "gray": p.gray,
+        "blur": p.blur,
+        "solarize": p.solarize,
+    }
+    for (name_a, a), (name_b, b) in itertools.combinations(masks.items(), 2):
+        joint = (a & b).float().mean().item()
+        product = a.float().mean().item() * b.float().mean().item()
+        assert abs(joint - product) < 0.02, f"P({name_a} & {name_b}) {joint:.3f} != {product:.3f}"
+    # Position of each jitter op in the sample's order (inverse permutation).
+    position = p.order.argsort(dim=1)
+    continuous = {
+        "sigma": p.sigma,
+        "brightness": p.brightness,
+        "contrast": p.contrast,
+        "saturation": p.saturation,
+        "hue": p.hue,
+        **{f"position of op {op}": position[:, op] for op in range(4)},
+    }
+    for (name_m, mask), (name_c, values) in itertools.product(masks.items(), continuous.items()):
+        r = _corr(mask, values)
+        assert abs(r) < 0.05, f"corr({name_m}, {name_c}) = {r:.3f}"
+    # Blurred samples' sigma still spans the whole configured range uniformly.
+    sigma = p.sigma[p.blur]
+    reference = 0.1 + 1.9 * torch.rand(sigma.numel(), generator=torch.Generator().manual_seed(22))
+    stat = _ks_statistic(sigma, reference)
+    assert stat < _ks_critical(sigma.numel(), sigma.numel()), f"blurred sigma KS {stat:.3f}"
+    assert (sigma > 1.5).float().mean() > 0.2
+
+
+def test_crop_left_offset_is_drawn_independently_of_top() -> None:
+    """The left offset has its own uniform draw: reusing the top's would put every crop on the
+    image diagonal."""
+    n = 5000
+    # A fixed 16 x 16 crop of a 32 x 32 image: top and left are independent U{0..16}.
+    fixed = sample_crop_params(
+        n, 32, 32, (0.25, 0.25), (1.0, 1.0), generator=torch.Generator().manual_seed(23)
+    )
+    assert (fixed[:, 2:] == 16).all()
+    assert abs(_corr(fixed[:, 0], fixed[:, 1])) < 0.05
+    # Random sizes correlate top and left a little (both shrink with the crop): as torchvision.
+    ours = sample_crop_params(n, 32, 32, generator=torch.Generator().manual_seed(24))
+    torch.manual_seed(25)
+    image = torch.zeros(3, 32, 32)
+    theirs = torch.tensor(
+        [RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)]
+    )
+    ours_r, theirs_r = _corr(ours[:, 0], ours[:, 1]), _corr(theirs[:, 0], theirs[:, 1])
+    assert abs(ours_r - theirs_r) < 0.05, f"corr(top, left) {ours_r:.3f} vs {theirs_r:.3f}"
+
+
+def test_crop_aspect_ratio_is_width_over_height() -> None:
+    """``ratio`` bounds width / height as in torchvision: an asymmetric range (1, 2) must give
+    wide crops, not tall ones with width and height swapped."""
+    n = 5000
+    ours = sample_crop_params(
+        n, 64, 64, (0.25, 1.0), (1.0, 2.0), generator=torch.Generator().manual_seed(26)
+    )
+    aspect = ours[:, 3].double() / ours[:, 2].double()  # fallback (0, 0, 64, 64) has ratio 1
+    assert aspect.min() >= 1.0 - 0.05 and aspect.max() <= 2.0 + 0.1
+    torch.manual_seed(27)
+    image = torch.zeros(3, 64, 64)
+    theirs = torch.tensor(
+        [RandomResizedCrop.get_params(image, [0.25, 1.0], [1.0, 2.0]) for _ in range(n)]
+    )
+    their_aspect = theirs[:, 3].double() / theirs[:, 2].double()
+    assert abs(aspect.mean().item() - their_aspect.mean().item()) < 0.03
+
+
 # --------------------------------------------------------------------------- ops vs torchvision
 
 
@@ -370,6 +456,30 @@ def test_identity_config_only_normalises() -> None:
     mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
     std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
     torch.testing.assert_close(out, (images.float() / 255 - mean) / std, atol=1e-5, rtol=0)
+
+
+def test_two_view_augment_applies_each_views_own_config() -> None:
+    """View 1 follows ``view1``'s config and view 2 ``view2``'s (BYOL's asymmetric recipe): an
+    identity view 1 only normalises, a solarize-always view 2 comes out solarised."""
+    identity = ViewConfig(
+        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0
+    )
+    solarizing = ViewConfig(
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        gray_p=0.0,
+        solarize_p=1.0,
+    )
+    images = (_images(4, 20, seed=28) * 255).to(torch.uint8)
+    v1, v2 = TwoViewAugment(identity, solarizing, 20, CIFAR10_MEAN, CIFAR10_STD)(
+        images, torch.Generator().manual_seed(29)
+    )
+    x = images.float() / 255
+    torch.testing.assert_close(v1, normalize(x, CIFAR10_MEAN, CIFAR10_STD), atol=1e-5, rtol=0)
+    expected = normalize(TF.solarize(x, 0.5), CIFAR10_MEAN, CIFAR10_STD)
+    torch.testing.assert_close(v2, expected, atol=1e-5, rtol=0)
 
 
 def test_presets_follow_the_published_recipes() -> None:
