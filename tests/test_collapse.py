@@ -177,6 +177,22 @@ def test_collapse_metrics_keys_and_values() -> None:
     }
 
 
+def test_collapse_metrics_pair_and_backbone_statistics_use_their_own_inputs() -> None:
+    """pair_cos compares z with z2, h_erank centres h, h_std_ratio scales by sqrt(D): each on
+    inputs where the wrong variant gives a different number."""
+    z = gaussian(256, 16)
+    z2 = z + 1.5 * gaussian(256, 16, seed=3)  # an independent noisy view, not a multiple of z
+    h = gaussian(256, 64, seed=5) + 5.0  # a large common mean
+    metrics = collapse_metrics(z, h=h, z2=z2)
+    expected_cos = torch.nn.functional.cosine_similarity(z, z2, dim=1).mean().item()
+    assert expected_cos < 0.9
+    assert metrics["pair_cos"] == pytest.approx(expected_cos, rel=1e-5)
+    assert metrics["h_erank"] == pytest.approx(effective_rank(h), rel=1e-6)
+    uncentred = effective_rank(h, center=False)
+    assert abs(metrics["h_erank"] - uncentred) > 1.0
+    assert metrics["h_std_ratio"] == pytest.approx(feature_std(h) * 8.0, rel=1e-6)
+
+
 def test_collapse_metrics_work_under_autograd_and_bf16() -> None:
     z = gaussian(64, 8).requires_grad_(True)
     metrics = collapse_metrics(z.to(torch.bfloat16) * 1.0)
@@ -206,6 +222,26 @@ def test_monitor_rank_criterion_alone() -> None:
     assert metrics["z_std_ratio"] > 0.5
     verdict = CollapseMonitor(mode="off").check(metrics)
     assert verdict.collapsed and "effective rank" in verdict.reason and "std" not in verdict.reason
+
+
+def axis_aligned(n: int, d: int, k: int, seed: int = 0) -> torch.Tensor:
+    """``[n, d]`` Gaussian in the first ``k`` coordinates, zero in the others."""
+    z = torch.zeros(n, d)
+    z[:, :k] = gaussian(n, k, seed=seed)
+    return z
+
+
+def test_monitor_std_threshold_near_its_default() -> None:
+    """k of d axis-aligned directions score sqrt(k/d): 2 of 64 (~0.18) is below the 0.2
+    threshold, 16 of 64 (0.5) is well above it."""
+    monitor = CollapseMonitor(mode="off")
+    narrow = collapse_metrics(axis_aligned(512, 64, 2))
+    assert narrow["z_std_ratio"] == pytest.approx(math.sqrt(2 / 64), rel=0.1)
+    verdict = monitor.check(narrow)
+    assert verdict.collapsed and "std" in verdict.reason
+    wide = collapse_metrics(axis_aligned(512, 64, 16))
+    assert wide["z_std_ratio"] == pytest.approx(0.5, rel=0.1) and wide["z_erank"] >= 3
+    assert not monitor.check(wide).collapsed
 
 
 def test_monitor_stop_mode_respects_patience_and_explains() -> None:

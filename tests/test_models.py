@@ -60,6 +60,15 @@ def test_small_stem_is_3x3_stride_1_without_maxpool() -> None:
     assert standard.conv1.kernel_size == (7, 7) and isinstance(standard.maxpool, nn.MaxPool2d)
 
 
+def test_small_stem_conv1_gets_torchvision_kaiming_fan_out_init() -> None:
+    """The replaced stem is initialised like the rest of a torchvision ResNet (kaiming fan-out,
+    std sqrt(2 / (64 * 3 * 3))), not with nn.Conv2d's default uniform init."""
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18", small_stem=True)
+    expected = (2.0 / (64 * 3 * 3)) ** 0.5
+    assert backbone.conv1.weight.std().item() == pytest.approx(expected, rel=0.1)
+
+
 def test_resnet_tiny_is_a_narrow_torchvision_resnet() -> None:
     backbone, feat_dim = build_backbone("resnet_tiny", small_stem=False)
     assert isinstance(backbone, torchvision.models.ResNet)
