@@ -463,11 +463,16 @@ def ratio(num: dict[str, Any] | None, den: dict[str, Any] | None) -> float | Non
     return round(num["images_per_s"] / den["images_per_s"], 3)
 
 
-def save_partial(result: dict[str, Any], path: str | None) -> None:
-    """Write what is measured so far (``"partial": true``), so a timeout loses only the rest."""
+def write_json_out(path: str | None, obj: dict[str, Any]) -> None:
+    """``--json-out``: the JSON object to ``path`` (nothing without one)."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({**result, "partial": True}, indent=2) + "\n")
+        Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def save_partial(result: dict[str, Any], path: str | None) -> None:
+    """Write what is measured so far (``"partial": true``), so a timeout loses only the rest."""
+    write_json_out(path, {**result, "partial": True})
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -642,11 +647,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    write_json_out(args.json_out, result)
     return result
 
 

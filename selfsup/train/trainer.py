@@ -651,20 +651,23 @@ class Trainer:
                     file=sys.stderr,
                 )
         results["precision"] = self.precision  # this invocation's: a resume may change it
+        run_config = ""  # the run's config.yaml text, also shown in TensorBoard
         if env.is_main:
             # only now, once a resume was accepted: a refused one must leave the run's config as
             # it was. Limits of this invocation are not part of the run (a --resume must not
             # inherit them).
             saved = cfg.copy()
             saved.train.stop_after_epochs, saved.train.time_limit_min = None, None
-            atomic_write_text(self.run_dir / "config.yaml", to_yaml(saved))
+            run_config = to_yaml(saved)
+            atomic_write_text(self.run_dir / "config.yaml", run_config)
         logger = MetricsLogger(
             # a resume keeps the records up to its checkpoint (a restart from step 0: none)
             self.run_dir,
             enabled=env.is_main,
             resume_step=(global_step if loaded else -1) if self.resume else None,
         )
-        logger.log_text("config", to_yaml(saved) if env.is_main else "", global_step)
+        logger.log_text("config", run_config, global_step)  # a no-op off rank 0 (no writer)
+        target_momentum = getattr(method, "target_momentum", None)  # BYOL's tau, MoCo's m
         model = wrap_ddp(method, env)
         step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
 
@@ -847,9 +850,10 @@ class Trainer:
                                 "epoch": epoch + 1,
                                 "skipped_steps": n_bad,
                             }
-                            momentum = getattr(method, "target_momentum", None)
-                            if momentum is not None:  # BYOL's tau, MoCo's m: their schedule
-                                logged["target_momentum"] = momentum(global_step / total_steps)
+                            if target_momentum is not None:
+                                logged["target_momentum"] = target_momentum(
+                                    global_step / total_steps
+                                )
                             if scaler.is_enabled():  # halves on each overflow, so it shows them
                                 logged["loss_scale"] = scaler.get_scale()
                             logger.log(global_step, logged)
