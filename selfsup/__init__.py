@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "encoder_metadata", "load_encoder"]
+__all__ = ["__version__", "encoder_metadata", "load_encoder", "pretrain"]
 
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
@@ -32,3 +32,11 @@ def encoder_metadata(path: str | Path) -> dict[str, Any]:
     from selfsup.export import encoder_metadata as _metadata
 
     return _metadata(path)
+
+
+def pretrain(*args: Any, **kwargs: Any):
+    """Pretrain an encoder from Python, as ``selfsup pretrain`` does (:func:`selfsup.run.pretrain`:
+    the same arguments, ``overrides`` as a dict); returns its ``TrainResult``."""
+    from selfsup.run import pretrain as _pretrain
+
+    return _pretrain(*args, **kwargs)

@@ -14,17 +14,9 @@ import sys
 from pathlib import Path
 
 from selfsup.errors import SelfsupError
+from selfsup.run import QUICKSTART_OUT, QUICKSTART_SOURCE, is_first_rank  # noqa: F401
 
 METHOD_NAMES = ("simclr", "moco", "byol", "simsiam")
-QUICKSTART_OUT = "runs/quickstart"
-QUICKSTART_SOURCE = "mnist5k"  # the quickstart preset's data.source
-
-
-def is_first_rank() -> bool:
-    """True outside torchrun, and on its rank 0: the process that prints what every rank sees.
-
-    Read from the environment, so that it holds before the process group is up."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -110,59 +102,21 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key=value settings")
 
 
-def _default_out(cfg, method: str, data: str | None) -> Path:
-    """runs/quickstart(-<method>) for the quickstart, one directory per method so all four can
-    be tried side by side; else runs/<method>."""
-    if cfg.data.source == QUICKSTART_SOURCE and data is None:
-        return Path(QUICKSTART_OUT if method == "simclr" else f"{QUICKSTART_OUT}-{method}")
-    return Path(f"runs/{method}")
-
-
 def _pretrain(args: argparse.Namespace) -> int:
-    from omegaconf import OmegaConf
-
-    from selfsup.train.config import resolve_config
-    from selfsup.train.distributed import (
-        any_rank,
-        barrier,
-        cleanup,
-        init_distributed,
-        launch_local,
-    )
-    from selfsup.train.trainer import (
-        Trainer,
-        check_data_sources,
-        check_run_dir,
-        lock_run_dir,
-        prepare_run_dir,
-    )
+    from selfsup.run import pretrain_config, run_pretrain
+    from selfsup.train.trainer import check_data_sources, check_run_dir
 
     launch = args.devices is not None and args.devices != 1 and "WORLD_SIZE" not in os.environ
-    out = Path(args.out) if args.out else None
-    saved = out / "config.yaml" if out else None
     flags = _run_flags(args) | {"train.progress": False if args.no_progress else None}
-    if args.resume and saved is not None and saved.exists():
-        # resume from the run's own resolved config; flags and overrides given now still apply
-        base = OmegaConf.load(saved)
-        method = args.method or base.method.name
-        if args.method and args.method != base.method.name:
-            raise SelfsupError(
-                f"{saved} is a {base.method.name} run; --method {args.method} cannot resume it"
-            )
-        cfg = resolve_config(method, preset=str(saved), flags=flags, overrides=args.overrides)
-    else:
-        preset = args.preset or ("quickstart" if args.data is None else None)
-        # --method, else the method.name of a recipe file, else simclr
-        cfg = resolve_config(args.method, preset=preset, flags=flags, overrides=args.overrides)
-        method = cfg.method.name
-        # a preset for a folder (imagenette) leaves the quickstart's digits as the source
-        if args.data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:
-            raise SelfsupError(
-                f"--preset {preset} needs --data (an image folder or .tar.gz); it names no "
-                "data source of its own"
-            )
-    out = out or _default_out(cfg, method, args.data)
-    cfg.out = str(out)
+    cfg, out = pretrain_config(
+        args.method,
+        args.data,
+        preset=args.preset,
+        out=Path(args.out) if args.out else None,
+        resume=args.resume,
+        flags=flags,
+        overrides=args.overrides,
+    )
     args.resolved_out = str(out)  # for the Ctrl-C hint
     given = {o.split("=", 1)[0].strip() for o in args.overrides or []}
     if (
@@ -181,16 +135,16 @@ def _pretrain(args: argparse.Namespace) -> int:
             "images give --image-size N (or --preset imagenette: 128 px)",
             file=sys.stderr,
         )
-    check_data_sources(cfg, out)  # before --overwrite clears anything
     if launch:  # checked once here, not once per process after each has decoded the data
-        from selfsup.train.distributed import per_rank_batch_size
+        import torch
 
+        from selfsup.train.distributed import launch_local, per_rank_batch_size
+
+        check_data_sources(cfg, out)
         if args.devices < 1:
             raise SelfsupError(f"--devices must be >= 1, got {args.devices}")
         per_rank_batch_size(cfg.train.batch_size, args.devices)
         check_run_dir(out, resume=args.resume, overwrite=args.overwrite)  # once, not per rank
-        import torch
-
         gpus = torch.cuda.device_count()
         if cfg.train.device.startswith("cuda") and gpus < args.devices:
             raise SelfsupError(
@@ -199,28 +153,10 @@ def _pretrain(args: argparse.Namespace) -> int:
                 "processes on the CPU)"
             )
         return launch_local(args.devices, sys.argv[1:])
-    env = init_distributed(cfg.train.device)
-    lock = None
-    try:
-        refused: SelfsupError | None = None
-        if env.is_main:
-            try:
-                lock = lock_run_dir(out)  # before --overwrite could delete a running run's files
-                prepare_run_dir(out, resume=args.resume, overwrite=args.overwrite)
-            except SelfsupError as exc:
-                refused = exc
-        # every rank learns of rank 0's refusal, instead of waiting for it at a barrier
-        if any_rank(refused is not None):
-            if refused is not None:
-                raise refused
-            return 2  # rank 0 says why
-        barrier()
-        result = Trainer(cfg, out, resume=args.resume).fit()
-    finally:
-        if lock is not None:
-            lock.close()  # releases the flock
-        cleanup()
-    if not env.is_main:
+    result = run_pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    if result is None:
+        return 2  # rank 0 says why
+    if not is_first_rank():
         return 0 if result.finished else 3
     if not result.finished:
         return 3
@@ -236,12 +172,13 @@ def _config(args: argparse.Namespace) -> int:
     import json
 
     from selfsup.methods import method_defaults
+    from selfsup.run import default_out
     from selfsup.train.config import resolve_config, resolve_views, to_yaml
 
     preset = args.preset or ("quickstart" if args.data is None else None)  # as pretrain
     flags = _run_flags(args)
     cfg = resolve_config(args.method, preset=preset, flags=flags, overrides=args.overrides)
-    cfg.out = str(_default_out(cfg, cfg.method.name, args.data))  # what pretrain would write to
+    cfg.out = str(default_out(cfg, cfg.method.name, args.data))  # what pretrain would write to
     print(to_yaml(cfg))
     # what the keys left unset above resolve to, so every setting can be seen (and overridden)
     defaults = method_defaults(cfg.method.name)

@@ -315,7 +315,20 @@ def _add_eval(sub, name: str) -> None:
     )
     p.add_argument("--linear-epochs", type=int, default=100, help="full linear probe epochs")
     p.add_argument("--linear-lr", type=float, default=0.1, help="full linear probe SGD lr")
+    p.add_argument(
+        "--linear-weight-decay",
+        type=float,
+        default=0.0,
+        help="full linear probe SGD weight decay (default: 0, as in SimCLR / BYOL's probes)",
+    )
     p.add_argument("--lbfgs-iters", type=int, default=100, help="fast linear probe iterations")
+    p.add_argument(
+        "--lbfgs-weight-decay",
+        type=float,
+        default=1e-4,
+        help="fast linear probe L2 penalty weight_decay / 2 * ||W||^2 (default: 1e-4); raise "
+        "it when the fast probe overfits few labels",
+    )
     p.add_argument(
         "--finetune-epochs",
         type=int,
@@ -415,6 +428,12 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     ):
         if not value > 0:
             raise ConfigError(f"{flag} must be > 0, got {value}")
+    for flag, value in (
+        ("--linear-weight-decay", args.linear_weight_decay),
+        ("--lbfgs-weight-decay", args.lbfgs_weight_decay),
+    ):
+        if not value >= 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
     if args.image_size is not None and args.image_size < 8:  # as pretrain's data.image_size
         raise ConfigError(f"--image-size must be >= 8 pixels, got {args.image_size}")
     if args.flip_p is not None and not 0 <= args.flip_p <= 1:
@@ -550,7 +569,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 "knn_temperature",
                 "linear_epochs",
                 "linear_lr",
+                "linear_weight_decay",
                 "lbfgs_iters",
+                "lbfgs_weight_decay",
                 "finetune_epochs",
                 "finetune_lr",
                 "supervised_lr",
@@ -634,6 +655,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 test.labels,
                 num_classes=num_classes,
                 max_iter=args.lbfgs_iters,
+                weight_decay=args.lbfgs_weight_decay,
                 device=device,
                 seed=args.seed,
             )
@@ -655,6 +677,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 num_classes=num_classes,
                 epochs=args.linear_epochs,
                 lr=args.linear_lr,
+                weight_decay=args.linear_weight_decay,
                 batch_size=args.batch_size,
                 device=device,
                 seed=args.seed,

@@ -39,3 +39,18 @@ def test_readme_plain_torchvision_loading_runs_as_written(tmp_path, monkeypatch)
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(images), backbone.eval()(images), atol=1e-5)
+
+
+def test_readme_python_pretrain_runs_as_written(tmp_path, monkeypatch):
+    """The README's ``selfsup.pretrain`` example: it trains, writes its run directory, learns
+    (measured 0.644 -> 0.768), and its encoder loads."""
+    (block,) = [block for block in python_blocks() if "selfsup.pretrain(" in block]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "cache"))
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    result, r = namespace["result"], namespace["r"]
+    assert result.finished and (tmp_path / "runs" / "simclr-python" / "encoder.pt").is_file()
+    assert r["epochs"] == 2 and r["train_images"] == 2000
+    assert r["knn_top1"] > r["knn_top1_random_init"] + 0.05, r
+    assert namespace["encoder"].training is False

@@ -216,6 +216,34 @@ def test_knn_settings_are_configurable(trained) -> None:
     assert results["train_augment"] == {"crop_scale": [0.5, 1.0], "flip_p": 0.0}
 
 
+def test_linear_probe_weight_decay_flags_reach_both_probes(trained, tmp_path) -> None:
+    """--lbfgs-weight-decay and --linear-weight-decay are the probes' L2: recorded, and strong
+    enough a penalty costs accuracy (measured on 300 digits)."""
+
+    def probe(*flags: str) -> dict:
+        rc, _, err = cli(
+            "eval", str(trained["run"]), "--protocol", "linear", "--linear-mode", "both",
+            "--linear-epochs", "2", "--limit", "300", "--no-progress", "--crop-scale", "0.8",
+            "1.0", "--flip-p", "0", "--cache-dir", trained["cache"], "--results-csv",
+            str(tmp_path / "wd.csv"), *flags,
+        )  # fmt: skip
+        assert rc == 0, err
+        path = trained["run"] / "eval_mnist5k_limit300_linear.json"
+        return json.loads(path.read_text())
+
+    plain = probe()
+    assert plain["settings"]["lbfgs_weight_decay"] == 1e-4
+    assert plain["protocols"]["linear_full"]["ssl"]["weight_decay"] == 0.0
+    heavy = probe("--lbfgs-weight-decay", "30", "--linear-weight-decay", "0.05")
+    fast, full = heavy["protocols"]["linear_fast"]["ssl"], heavy["protocols"]["linear_full"]["ssl"]
+    assert fast["weight_decay"] == 30 and full["weight_decay"] == 0.05
+    assert fast["top1"] < plain["protocols"]["linear_fast"]["ssl"]["top1"] - 0.05
+    rc, _, err = cli(
+        "eval", str(trained["run"]), "--protocol", "linear", "--lbfgs-weight-decay", "-1"
+    )
+    assert rc == 2 and "--lbfgs-weight-decay must be >= 0" in err
+
+
 def test_trained_encoder_beats_random_init(evaluated) -> None:
     protocols = evaluated["results"]["protocols"]
     for protocol in ("knn", "linear_fast", "linear_full"):

@@ -1,0 +1,207 @@
+"""Pretraining as one call: what ``selfsup pretrain`` does, for the command line and for Python.
+
+:func:`pretrain_config` resolves the run's settings (a resumed run's own ``config.yaml``, else
+preset + flags + overrides), :func:`run_pretrain` trains them into a run directory (the lock,
+the refusal to mix two runs, torchrun's process group), and :func:`pretrain` is both for Python::
+
+    import selfsup
+
+    result = selfsup.pretrain("byol", data="path/to/images", epochs=100, out="runs/byol",
+                              overrides={"optim.lr": 0.5})
+    result.results["knn_top1"], result.run_dir / "encoder.pt"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from selfsup.errors import ConfigError, SelfsupError
+
+QUICKSTART_OUT = "runs/quickstart"
+QUICKSTART_SOURCE = "mnist5k"  # the quickstart preset's data.source
+
+
+def is_first_rank() -> bool:
+    """True outside torchrun, and on its rank 0: the process that prints what every rank sees.
+
+    Read from the environment, so that it holds before the process group is up."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def default_out(cfg, method: str, data: str | None) -> Path:
+    """runs/quickstart(-<method>) for the quickstart, one directory per method so all four can
+    be tried side by side; else runs/<method>."""
+    if cfg.data.source == QUICKSTART_SOURCE and data is None:
+        return Path(QUICKSTART_OUT if method == "simclr" else f"{QUICKSTART_OUT}-{method}")
+    return Path(f"runs/{method}")
+
+
+def pretrain_config(
+    method: str | None,
+    data: str | None,
+    *,
+    preset: str | None,
+    out: Path | None,
+    resume: bool,
+    flags: dict[str, Any],
+    overrides: list[str],
+):
+    """The resolved config and output directory of a pretrain; every error before long work.
+
+    ``--resume`` of a run with a ``config.yaml`` starts from that file (flags and overrides
+    given now still apply); otherwise the preset (``quickstart`` without ``data``), ``method``
+    (else the preset file's ``method.name``, else simclr), flags and ``key=value`` overrides.
+    """
+    from omegaconf import OmegaConf
+
+    from selfsup.train.config import resolve_config
+
+    saved = out / "config.yaml" if out else None
+    if resume and saved is not None and saved.exists():
+        base = OmegaConf.load(saved)
+        if method and method != base.method.name:
+            raise ConfigError(
+                f"{saved} is a {base.method.name} run; --method {method} cannot resume it"
+            )
+        cfg = resolve_config(
+            method or base.method.name, preset=str(saved), flags=flags, overrides=overrides
+        )
+    else:
+        preset = preset or ("quickstart" if data is None else None)
+        cfg = resolve_config(method, preset=preset, flags=flags, overrides=overrides)
+        # a preset for a folder (imagenette) leaves the quickstart's digits as the source
+        if data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:
+            raise ConfigError(
+                f"--preset {preset} needs --data (an image folder or .tar.gz); it names no "
+                "data source of its own"
+            )
+    out = out or default_out(cfg, cfg.method.name, data)
+    cfg.out = str(out)
+    return cfg, out
+
+
+def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
+    """Train ``cfg`` into ``out`` in this process (one of torchrun's, or alone).
+
+    Returns the :class:`~selfsup.train.trainer.TrainResult` (``finished`` false when a signal
+    or a time limit stopped it, its last checkpoint kept), or ``None`` on a rank other than 0
+    when rank 0 refused the run directory (rank 0 raises why)."""
+    from selfsup.train.distributed import any_rank, barrier, cleanup, init_distributed
+    from selfsup.train.trainer import (
+        Trainer,
+        check_data_sources,
+        lock_run_dir,
+        prepare_run_dir,
+    )
+
+    check_data_sources(cfg, out)  # before --overwrite clears anything
+    env = init_distributed(cfg.train.device)
+    lock = None
+    try:
+        refused: SelfsupError | None = None
+        if env.is_main:
+            try:
+                lock = lock_run_dir(out)  # before --overwrite could delete a running run's files
+                prepare_run_dir(out, resume=resume, overwrite=overwrite)
+            except SelfsupError as exc:
+                refused = exc
+        # every rank learns of rank 0's refusal, instead of waiting for it at a barrier
+        if any_rank(refused is not None):
+            if refused is not None:
+                raise refused
+            return None  # rank 0 says why
+        barrier()
+        return Trainer(cfg, out, resume=resume).fit()
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock
+        cleanup()
+
+
+def _override_text(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _override_strings(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
+    """``{"optim.lr": 0.1}`` or ``["optim.lr=0.1"]`` -> ``["optim.lr=0.1"]``."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        raise ConfigError(
+            f"overrides={overrides!r}: give a dict such as {{'optim.lr': 0.1}} or a list of "
+            "'key=value' strings"
+        )
+    if isinstance(overrides, Mapping):
+        # strings as written (OmegaConf parses them as the command line's are); the rest as
+        # JSON, which YAML reads back: true, null, [0.2, 1.0]
+        return [f"{k}={_override_text(v)}" for k, v in overrides.items()]
+    return list(overrides)
+
+
+def pretrain(
+    method: str | None = None,
+    data: str | os.PathLike | None = None,
+    *,
+    preset: str | None = None,
+    out: str | os.PathLike | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    backbone: str | None = None,
+    image_size: int | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+):
+    """Pretrain an encoder, as ``selfsup pretrain`` does with the same arguments.
+
+    ``selfsup.pretrain()`` is the offline quickstart; ``selfsup.pretrain("byol",
+    data="images/", preset="cifar10", epochs=200, out="runs/byol")`` the command line's
+    ``--method byol --data images/ --preset cifar10 --epochs 200 --out runs/byol``. ``overrides``
+    are its ``key=value`` settings, as a dict (``{"optim.lr": 0.5}``) or a list of strings.
+    ``progress=False`` hides the progress bar. The run directory holds what the command writes
+    (``config.yaml``, ``metrics.jsonl``, checkpoints, ``encoder.pt``, ``results.json``).
+
+    Returns a :class:`~selfsup.train.trainer.TrainResult`: ``run_dir``, ``results`` (the
+    ``results.json`` dict: ``knn_top1``, ``final_loss``, ...) and ``finished`` (false when Ctrl-C
+    ``train.time_limit_min`` or ``train.stop_after_epochs`` stopped
+    it; ``resume=True`` continues). Raises
+    :class:`~selfsup.errors.ConfigError` for bad settings, before any data is decoded.
+    """
+    flags = {
+        "data.source": None if data is None else os.fspath(data),
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "model.backbone": backbone,
+        "data.image_size": image_size,
+        "data.limit": limit,
+        "train.device": device,
+        "train.progress": None if progress else False,
+    }
+    cfg, run_dir = pretrain_config(
+        method,
+        flags["data.source"],
+        preset=preset,
+        out=None if out is None else Path(out),
+        resume=resume,
+        flags=flags,
+        overrides=_override_strings(overrides),
+    )
+    result = run_pretrain(cfg, run_dir, resume=resume, overwrite=overwrite)
+    if result is None:  # another rank of torchrun, whose rank 0 refused the run directory
+        raise ConfigError(f"rank 0 refused the run directory {run_dir}; see its message")
+    if not result.finished and is_first_rank():
+        print(
+            f"selfsup: stopped; pretrain(..., out={str(run_dir)!r}, resume=True) continues",
+            file=sys.stderr,
+        )
+    return result
