@@ -260,12 +260,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         return _HANDLERS[args.command](args)
     except SelfsupError as exc:
-        from selfsup.errors import ConfigError
+        from selfsup.errors import CollapseError, ConfigError, DataError, NumericalError
 
-        # every rank finds the same setting at fault: under torchrun rank 0 alone says so
-        # (unless the error is one rank's own, such as a GPU index it lacks)
-        same_everywhere = isinstance(exc, ConfigError) and not getattr(exc, "per_rank", False)
-        if is_first_rank() or not same_everywhere:
+        # every rank finds the same setting at fault, and stops on the same NaN or collapse
+        # (decided from all-reduced values): under torchrun rank 0 alone says so; a data error
+        # once per machine (each machine reads its own copy); an error that is one rank's own
+        # (a GPU index it lacks) by that rank
+        shared = not getattr(exc, "per_rank", False)
+        same_everywhere = shared and isinstance(exc, ConfigError | NumericalError | CollapseError)
+        same_on_machine = shared and isinstance(exc, DataError)
+        first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"
+        if (
+            is_first_rank()
+            or not (same_everywhere or same_on_machine)
+            or (same_on_machine and first_on_machine)
+        ):
             print(f"selfsup: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `selfsup config | head`: the reader left, which is no error

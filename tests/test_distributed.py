@@ -808,6 +808,26 @@ def test_devices_launcher_reports_rank_0s_status_and_forwards_sigterm(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err[-3000:]
     assert (run / "checkpoints" / "last.pt").exists() and "selfsup: stopped" in err
+    # rank 0 said why it stopped: torchrun's SignalException traceback would only repeat it
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+
+
+def test_devices_launcher_prints_a_run_ending_error_once(tmp_path):
+    """`--devices 2`: a NaN loss (every rank sees the all-reduced loss) ends the run with one
+    selfsup line, not one per rank and torchrun's ChildFailedError report after them."""
+    run = tmp_path / "run"
+    argv = [
+        sys.executable, "-m", "selfsup", "pretrain", "--devices", "2", "--out", str(run),
+        "data.image_size=16", "model.backbone=resnet_tiny", "train.device=cpu",
+        "train.progress=false", "train.knn_every=0", "data.limit=256", "train.epochs=1",
+        "train.batch_size=32", "train.log_every=1", "optim.lr=1e12", "optim.warmup_epochs=0",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    done = subprocess.run(argv, env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("selfsup: error: loss became NaN/Inf") == 1, done.stderr[-3000:]
+    assert "ChildFailedError" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.count("kNN monitoring off") <= 1
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs fewer than 2 GPUs")

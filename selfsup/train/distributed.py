@@ -531,6 +531,36 @@ def _die_with_parent() -> None:
         pass
 
 
+def _torchrun_main() -> None:
+    """``torchrun`` for :func:`launch_local`. When rank 0 reported its exit status it has said
+    why the run ended (an error, a stop): torchrun's own log lines and its ``ChildFailedError``
+    or ``SignalException`` traceback, which repeat that a worker exited non-zero, are held back.
+    Without a status (a worker crashed) they are shown, as plain torchrun shows them."""
+    import io
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    held = io.StringIO()
+    handler = logging.StreamHandler(held)
+    handler.setFormatter(logging.Formatter("%(levelname).1s %(name)s] %(message)s"))
+    for name, log in list(logging.Logger.manager.loggerDict.items()):
+        # torch.distributed and those of its loggers that have their own stderr handler
+        if name.split(".")[:2] == ["torch", "distributed"] and isinstance(log, logging.Logger):
+            if name == "torch.distributed" or log.handlers:
+                log.handlers, log.propagate = [handler], False
+    status = Path(os.environ[EXIT_STATUS_ENV])
+    try:
+        main()
+    except (ChildFailedError, SignalException):
+        if not status.exists():
+            sys.stderr.write(held.getvalue())
+            raise
+        sys.exit(1)  # launch_local returns rank 0's status
+
+
 def launch_local(nproc: int, argv: Sequence[str]) -> int:
     """``selfsup ... --devices N``: rerun this command under ``torchrun --standalone`` with N
     processes on this machine; returns rank 0's exit status (0 done, 2 error, 3 stopped with a
@@ -549,8 +579,8 @@ def launch_local(nproc: int, argv: Sequence[str]) -> int:
         raise ConfigError(f"--devices must be >= 1, got {nproc}")
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "-c",
+        "from selfsup.train.distributed import _torchrun_main; _torchrun_main()",
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",

@@ -375,11 +375,12 @@ class Trainer:
                 raise DataError(
                     f"data.eval_source={d.eval_source!r} cannot serve the kNN check: {exc}"
                 ) from None
-            print(
-                f"selfsup: kNN monitoring off: {exc}; or name labeled data for the check with "
-                "data.eval_source=DIR",
-                file=sys.stderr,
-            )
+            if self.env.is_main:
+                print(
+                    f"selfsup: kNN monitoring off: {exc}; or name labeled data for the check "
+                    "with data.eval_source=DIR",
+                    file=sys.stderr,
+                )
             bank, query = None, None
         if bank is not None and (bank.labels is None or query is None or query.labels is None):
             if d.eval_source:
@@ -713,10 +714,13 @@ class Trainer:
                     "global_step": global_step,
                     # a stop between two log steps: the steps since the last metrics line, so
                     # the resumed run logs the same mean loss as an uninterrupted one
+                    # summed over the ranks (every rank builds this dict), per global step: the
+                    # sum of the window's global-batch mean losses and its skipped steps, so a
+                    # resume on any number of processes continues the window
                     "log_window": {
-                        "loss_sum": float(loss_sum),
+                        "loss_sum": float(all_reduce_sum(loss_sum)) / env.world_size,
                         "steps": window_steps,
-                        "bad_steps": int(bad_steps),
+                        "bad_steps": int(all_reduce_sum(bad_steps)) // env.world_size,
                     },
                     "method": cfg.method.name,
                     "config_hash": chash,
@@ -754,9 +758,10 @@ class Trainer:
         window_steps, window_start = 0, time.monotonic()
         timed_from = 0  # images/s counts the window's steps of this invocation only
         saved_window = state.get("log_window") if loaded else None
-        if saved_window and saved_window["steps"] and env.world_size == 1:
-            loss_sum.fill_(saved_window["loss_sum"])
-            bad_steps.fill_(saved_window["bad_steps"])
+        if saved_window and saved_window["steps"]:
+            if env.is_main:  # the window's sums, counted once: all_reduce_sum adds the ranks
+                loss_sum.fill_(saved_window["loss_sum"] * env.world_size)
+                bad_steps.fill_(saved_window["bad_steps"] * env.world_size)
             window_steps = timed_from = saved_window["steps"]
         images_per_s = 0.0
         finished = False
@@ -841,14 +846,18 @@ class Trainer:
                                 else float("nan")
                             )
                             results["final_loss"] = mean_loss  # the last logged window's
-                            if n_bad:
-                                results["skipped_steps"] = results.get("skipped_steps", 0) + n_bad
+                            # a skipped step is skipped on every rank: each counted it
+                            n_skipped = n_bad // env.world_size
+                            if n_skipped:
+                                results["skipped_steps"] = (
+                                    results.get("skipped_steps", 0) + n_skipped
+                                )
                             logged = {
                                 "loss": mean_loss,
                                 "lr": current_lr,
                                 "images_per_s": images_per_s,
                                 "epoch": epoch + 1,
-                                "skipped_steps": n_bad,
+                                "skipped_steps": n_skipped,
                             }
                             if target_momentum is not None:
                                 logged["target_momentum"] = target_momentum(
