@@ -201,6 +201,28 @@ def test_resize_shorter_center_crops_tall_images_vertically():
     assert out[1:-1].min() > 200  # the band fills the crop: nothing of the black top kept
 
 
+def test_resize_shorter_of_a_long_strip_resamples_only_its_square(tmp_path):
+    """A 2 x 200,000 px strip at 224 px: scaled whole first it would be 224 x 22,400,000 px
+    (15 GB); the central square alone is 224 x 224. Run under an address-space cap of 1 GB more
+    than the process already has, where the whole-image resize fails."""
+    import subprocess
+    import sys
+
+    code = """
+import resource, re, numpy as np
+from selfsup.data.decode import resize_shorter
+strip = np.zeros((2, 200_000, 3), dtype=np.uint8)
+strip[:, 99_990:100_010] = 255  # white around the central square, the rest black
+vm = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.RLIM_INFINITY))
+out = resize_shorter(strip, 224)
+assert out.shape == (224, 224, 3) and out.min() > 200, (out.shape, out.min())
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------- sources
 
 

@@ -997,10 +997,15 @@ def test_an_explicit_eval_source_that_cannot_serve_the_knn_check_is_an_error(
 def test_resuming_a_finished_run_says_it_is_done(copy_of_baseline, capsys):
     out = copy_of_baseline
     before = (out / "encoder.pt").read_bytes()
+    measured = json.loads((out / "results.json").read_text())
+    assert measured["train_time_s"] > 0 and measured["images_per_s_last"] > 0
     assert resume(out) == 0
     err = capsys.readouterr().err
     assert "epochs are done, nothing is left to train" in err and "resumed from" not in err
     assert (out / "encoder.pt").read_bytes() == before
+    again = json.loads((out / "results.json").read_text())  # not this invocation's zeros
+    for key in ("train_time_s", "images_per_s_last", "final_loss"):
+        assert again[key] == measured[key], key
 
 
 def test_small_user_errors_say_what_was_meant(copy_of_baseline, tmp_path, monkeypatch, capsys):

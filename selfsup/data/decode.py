@@ -186,14 +186,13 @@ def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
     height, width = image.shape[:2]
     if height == size and width == size:
         return image
-    scale = size / min(height, width)
-    # max(size, ...) guards against rounding the longer side below the crop.
-    new_width = max(size, round(width * scale))
-    new_height = max(size, round(height * scale))
-    if (new_width, new_height) != (width, height):
-        pil = Image.fromarray(image)
-        pil = pil.resize((new_width, new_height), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        image = np.asarray(pil, dtype=np.uint8)
-    top = (new_height - size) // 2
-    left = (new_width - size) // 2
-    return np.ascontiguousarray(image[top : top + size, left : left + size])
+    # Resample only the central square of the source (PIL's box, in source pixels), not the
+    # whole image: a 1 x 20,000 strip scaled whole to 32 px would be 640,000 x 32 (0.7 GB).
+    side = min(height, width)
+    left, top = (width - side) / 2, (height - side) / 2
+    pil = Image.fromarray(image)
+    pil = pil.resize(
+        (size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side),
+        reducing_gap=3.0,
+    )  # fmt: skip
+    return np.asarray(pil, dtype=np.uint8)

@@ -643,7 +643,8 @@ class Trainer:
                 print(
                     f"selfsup: {path} is the end of the run: "
                     + (f"all {t.epochs} epochs are" if t.epochs > 1 else "its 1 epoch is")
-                    + " done, nothing is left to train (the encoder and results are written again)",
+                    + " done, nothing is left to train (the encoder and results are written again, "
+                    "with the timings measured when it trained)",
                     file=sys.stderr,
                 )
             elif env.is_main:
@@ -971,8 +972,18 @@ class Trainer:
                 file=sys.stderr,
             )
         if finished and env.is_main:
-            results["train_time_s"] = round(time.monotonic() - started, 2)
-            results["images_per_s_last"] = round(images_per_s, 1)
+            timings = {
+                "train_time_s": round(time.monotonic() - started, 2),
+                "images_per_s_last": round(images_per_s, 1),
+            }
+            if loaded and start_epoch >= t.epochs:  # nothing trained now: keep what was measured
+                try:
+                    earlier = json.loads((self.run_dir / "results.json").read_text())
+                except (OSError, ValueError):
+                    earlier = {}
+                if isinstance(earlier, dict):
+                    timings |= {k: earlier[k] for k in timings if k in earlier}
+            results.update(timings)
             # CPU tensors: a plain torch.load on a machine without a GPU must open it
             encoder_state = {k: v.detach().cpu() for k, v in method.backbone.state_dict().items()}
             atomic_torch_save(encoder_state, self.run_dir / "encoder.pt")
