@@ -299,8 +299,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 "; run the same command with --resume to continue (from step 0 if no checkpoint "
                 "was written yet), or with --overwrite to start over"
                 if started or args.resume
-                else "; nothing was trained yet: run the same command again (the data decoded "
-                "so far is cached)"
+                else "; nothing was trained yet: run the same command again (a data split "
+                "decoded completely is cached and reused; the one interrupted is decoded again)"
             )
         if is_first_rank():
             print(f"selfsup: interrupted{hint}", file=sys.stderr)

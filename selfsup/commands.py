@@ -58,10 +58,19 @@ def _run_info(target: Path) -> dict[str, Any]:
     return {**encoder_metadata(target), "run_dir": run_dir}
 
 
+def check_encode_args(image_size: int | None, batch_size: int | None) -> None:
+    """Refuse an impossible ``--image-size`` or ``--batch-size`` of eval, embed and neighbors
+    before any data is loaded."""
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if image_size is not None and image_size < 8:  # as pretrain's data.image_size
+        raise ConfigError(f"--image-size must be >= 8 pixels, got {image_size}")
+
+
 def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
     """(cached size, network input size): the pre-training run's storage and crop sizes, so the
     encoder sees its images prepared exactly as during training; ``--image-size`` sets both."""
-    if image_size:  # cached with the run's margin for its centre crop (data.eval_crop)
+    if image_size is not None:  # cached with the run's margin for its centre crop (eval_crop)
         return round(int(image_size) / float(info.get("eval_crop") or 1.0)), int(image_size)
     size = int(info.get("image_size") or 32)
     return int(info.get("storage_size") or size), size
@@ -410,12 +419,12 @@ def finetune_epochs(given: int | None, fraction: int) -> int:
 
 def _check_eval_args(args: argparse.Namespace) -> None:
     """Refuse impossible settings before loading data or training anything."""
+    check_encode_args(args.image_size, args.batch_size)
     positive = {
         "--linear-epochs": args.linear_epochs,
         "--lbfgs-iters": args.lbfgs_iters,
         "--finetune-epochs": args.finetune_epochs,
         "--knn-k": args.knn_k,
-        "--batch-size": args.batch_size,
     }
     for flag, value in positive.items():
         if value is not None and value < 1:
@@ -434,8 +443,6 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     ):
         if not value >= 0:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
-    if args.image_size is not None and args.image_size < 8:  # as pretrain's data.image_size
-        raise ConfigError(f"--image-size must be >= 8 pixels, got {args.image_size}")
     if args.flip_p is not None and not 0 <= args.flip_p <= 1:
         raise ConfigError(f"--flip-p must be in [0, 1], got {args.flip_p}")
     if args.crop_scale is not None and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
@@ -483,6 +490,8 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     target = Path(args.encoder)
     if not target.exists():
         raise ConfigError(f"{target} does not exist: pass a run directory or an encoder file")
+    # first: a folder that is no run, or a file that is no encoder, is what to fix (not --data)
+    encoder = load_encoder(target)
     info = _run_info(target)
     run_dir: Path = info["run_dir"]
     # an exported file (<run>/export/encoder.safetensors) belongs to its run: the run's
@@ -517,7 +526,6 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 "where it is on this machine (or any labeled dataset)"
             ) from None
     load_size, image_size = _sizes(info, args.image_size)
-    encoder = load_encoder(target)
     progress = not args.no_progress and is_main()
     with main_process_first():  # under torchrun rank 0 builds the cache, the others read it
         train, test = _load_labeled_splits(source, load_size, args.cache_dir, args.limit, progress)
@@ -853,6 +861,9 @@ def embed_dataset(
     from selfsup.export import load_encoder
     from selfsup.train.distributed import distributed_extract_features, main_process_first
 
+    check_encode_args(image_size, batch_size)
+    # loaded before the data: a folder that is no run, or a file that is no encoder, fails fast
+    model = encoder if encoder is not None else load_encoder(encoder_path)
     info = _run_info(Path(encoder_path))
     load_size, size = _sizes(info, image_size)
     with main_process_first():
@@ -860,7 +871,6 @@ def embed_dataset(
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
     _, eval_t = _transforms(size, mean, std, dev, eval_crop=float(info.get("eval_crop", 1.0)))
-    model = encoder if encoder is not None else load_encoder(encoder_path)
     feats = distributed_extract_features(
         model, ds.images, eval_t, batch_size=batch_size, device=dev
     )
@@ -868,15 +878,50 @@ def embed_dataset(
 
 
 EMBED_FORMATS = (".npz", ".parquet", ".npy")
+INDEX_FIELDS = ("index", "path", "label")  # the header of the CSV beside an embed's .npy
+
+
+def _text_path(path: str) -> str:
+    """``path`` as valid UTF-8 text, for the CSV and parquet files (which must hold UTF-8).
+
+    A file name that is not valid UTF-8 (Linux allows any bytes) arrives from ``os.listdir`` with
+    its bad bytes as lone surrogates; those are written back-slash escaped, ``bad\\xff.png``, as
+    ``write_skip_report`` does: readable, and the rest of the name exact. (.npz keeps the names
+    as they are: numpy's strings hold surrogates, and ``os.fsencode`` gives the bytes back.)
+    """
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a surrogate that no file name decodes to: escape it as such
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def check_index_csv(out: Path) -> None:
+    """A ConfigError unless the ``.csv`` beside an ``.npy`` --out is absent or an index an earlier
+    ``selfsup embed`` wrote (its header row is :data:`INDEX_FIELDS`): no one else's file is
+    replaced."""
+    index = out.with_suffix(".csv")
+    if not index.exists() and not index.is_symlink():
+        return
+    header = None
+    with contextlib.suppress(OSError, csv.Error):  # a folder, or unreadable: not ours either
+        with open(index, newline="", encoding="utf-8", errors="replace") as fh:
+            header = next(csv.reader(fh), None)
+    if header != list(INDEX_FIELDS):
+        raise ConfigError(
+            f"--out {out}: the paths and labels of a .npy go to {index}, which exists and is "
+            f"not an index written by `selfsup embed` (header {','.join(INDEX_FIELDS)}); pass "
+            "another --out, or move that file aside"
+        )
 
 
 def _write_index_csv(path: Path, ds) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(("index", "path", "label"))
+        writer.writerow(INDEX_FIELDS)
         for i in range(len(ds)):
             label = "" if ds.labels is None else int(ds.labels[i])
-            writer.writerow((i, ds.paths[i] if ds.paths else "", label))
+            writer.writerow((i, _text_path(ds.paths[i]) if ds.paths else "", label))
 
 
 def _require_pyarrow(out: Path):
@@ -898,12 +943,14 @@ def _write_parquet(path: Path, feats: np.ndarray, ds) -> None:
     import pyarrow.parquet as pq
 
     n, dim = feats.shape
-    columns = {"path": pa.array(list(ds.paths or [""] * n), pa.string())}
+    # pa.string() is UTF-8: names that are not are escaped (_text_path), as in the .npy's CSV
+    columns = {"path": pa.array([_text_path(p) for p in ds.paths or [""] * n], pa.string())}
     if ds.labels is not None:
         labels = np.asarray(ds.labels, dtype=np.int64)
         columns["label"] = pa.array(labels)
-        if ds.classes:
-            columns["class"] = pa.array([ds.classes[i] for i in labels], pa.string())
+        if ds.classes:  # folder names, as undecodable as file names
+            classes = [_text_path(c) for c in ds.classes]
+            columns["class"] = pa.array([classes[i] for i in labels], pa.string())
     flat = pa.array(np.ascontiguousarray(feats, dtype=np.float32).reshape(-1))
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim)
     pq.write_table(pa.table(columns), path)
@@ -923,9 +970,12 @@ def _embed(args: argparse.Namespace) -> int:
             f"--out {out}: use a .npz (embeddings, paths, labels), .parquet (one row per image) "
             "or .npy (embeddings only) file name"
         )
+    check_encode_args(args.image_size, args.batch_size)
     if out.suffix == ".parquet":
         _require_pyarrow(out)  # before any encoding
     check_writable(out.parent, "the embeddings")
+    if out.suffix == ".npy":
+        check_index_csv(out)
     from selfsup.train.distributed import cleanup, is_main
 
     try:
@@ -1009,6 +1059,7 @@ def nearest_neighbors(
 
     if k < 1:
         raise ConfigError(f"-k must be >= 1, got {k}")
+    check_encode_args(image_size, batch_size)
     listing = None
     if len(queries) == 1 and queries[0].endswith(".txt"):
         listing = Path(queries[0])

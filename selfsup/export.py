@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -154,6 +155,14 @@ def encoder_file(path: Path) -> Path:
                 f"{path} is a folder of `selfsup export` files; pass one of them: "
                 f"{', '.join(str(path / name) for name in exported) or '(none left)'}"
             )
+        if not candidate.exists() and not (
+            (path / "config.yaml").exists() or (path / "checkpoints").is_dir()
+        ):  # resuming is advice for a started run only, not for any other folder
+            raise CheckpointError(
+                f"{path} is not a run directory (no config.yaml, checkpoints/ or encoder.pt); "
+                "pass the --out folder of a `selfsup pretrain` run, an encoder.pt, or a file "
+                "written by `selfsup export`"
+            )
         if not candidate.exists():
             raise CheckpointError(
                 f"{path} has no encoder.pt: the run has not finished; "
@@ -181,12 +190,12 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError as exc:  # the file is there (encoder_file) but cannot be read
+            raise CheckpointError(f"cannot read {path} ({exc.strerror or exc})") from None
         except Exception as exc:
-            first_line = (str(exc).strip().splitlines() or [""])[0]  # torch's text runs to pages
-            raise CheckpointError(
-                f"{path} is neither an encoder state_dict, a safetensors file "
-                f"nor TorchScript ({type(exc).__name__}: {first_line})"
-            ) from None
+            # torch's own text advises weights_only=False: unsafe for a file of unknown origin,
+            # and meaningless for a JPEG or YAML; so say what the file is not, and what to pass
+            raise CheckpointError(_not_a_checkpoint(path, exc)) from None
         state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
         if not isinstance(state, dict) or not all(
             isinstance(v, torch.Tensor) for v in state.values()
@@ -214,6 +223,23 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
         return state, name, small
     name, small = infer_architecture(state)
     return state, name, small
+
+
+def _not_a_checkpoint(path: Path, exc: Exception) -> str:
+    """The message for a file ``torch.load(weights_only=True)`` refused with ``exc``."""
+    accepted = (
+        "pass a run directory, its encoder.pt, or a file written by `selfsup export` "
+        "(torchvision, safetensors or TorchScript)"
+    )
+    pickled = zipfile.is_zipfile(path) and isinstance(exc, pickle.UnpicklingError)
+    if pickled and str(exc).startswith("Weights only load failed"):
+        # torch's own zip format holding more than tensors: a whole pickled model, say
+        return (
+            f"{path} is a PyTorch file holding Python objects besides tensors (a whole pickled "
+            "model?), which selfsup does not unpickle; save its model.state_dict() instead, or "
+            + accepted
+        )
+    return f"{path} is not a PyTorch state_dict, safetensors or TorchScript file; " + accepted
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -278,22 +304,28 @@ def export_encoder(
 
     ``export.json`` beside the file records the same metadata.
     """
+    from selfsup.commands import check_writable
+
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
+    if image_size is not None and image_size < 8:  # as eval's --image-size
+        raise ConfigError(f"--image-size must be >= 8 pixels, got {image_size}")
     src = encoder_file(Path(source))
     if is_torchscript(src):
         raise ConfigError(
             f"{src} is TorchScript, which holds no architecture to re-export; "
             f"export from the run directory or its encoder.pt"
         )
+    base = Path(out) if out else src.parent / "export"
+    check_writable(base, "the export")  # a file in the way is said now, not after the trace
     state, name, small = _load_state(src)
     model = load_encoder(src)
     source_meta = encoder_metadata(src)
-    size = int(image_size or source_meta.get("image_size") or 32)
-    base = Path(out) if out else src.parent / "export"
-    base.mkdir(parents=True, exist_ok=True)
+    # --image-size is only the trace's example input: the metadata keeps the size the encoder
+    # was trained at (eval / embed of the export prepare images at it), none when unknown
+    size = int(image_size if image_size is not None else source_meta.get("image_size") or 32)
     meta = {k: v for k, v in source_meta.items() if k not in ("backbone", "small_stem")}
-    meta.update(backbone=name, small_stem=small, image_size=size)
+    meta.update(backbone=name, small_stem=small)
     if fmt == "torchvision":
         tv = backbone_to_torchvision(name, small)
         missing, unexpected = tv.load_state_dict(model.state_dict(), strict=False)

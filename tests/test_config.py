@@ -324,3 +324,15 @@ def test_limit_flag_sets_data_limit(capsys):
 
     assert main(["config", "--limit", "300"]) == 0
     assert "  limit: 300\n" in capsys.readouterr().out
+
+
+def test_an_empty_flag_is_named_not_a_type_error(capsys) -> None:
+    """`--data ""` (an unset shell variable): the accepted data forms, not OmegaConf's
+    "Incompatible value 'None'"; another empty flag is named."""
+    from selfsup.cli import main
+
+    assert main(["config", "--data", ""]) == 2
+    err = capsys.readouterr().err
+    assert "data source is empty; accepted forms" in err and "Incompatible" not in err
+    assert main(["config", "--backbone", " "]) == 2
+    assert "model.backbone is empty" in capsys.readouterr().err

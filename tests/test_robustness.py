@@ -1074,7 +1074,7 @@ def test_collapse_and_stop_settings_are_checked_with_the_config():
         ("optim.warmup_epochs=200", r"optim.warmup_epochs \(200.0\) must be below train.epochs"),
         ("data.image_size=4", "data.image_size must be >= 8"),
         ("data.limit=1", "data.limit must be >= 2"),
-        ("data.limit=8", "data.limit=8 keeps fewer images than one batch"),
+        ("data.limit=8", "data.limit=8 keeps at most 8 images, fewer than one batch"),
         ("data.eval_crop=1.5", r"data.eval_crop=1.5 must lie in \(0, 1\]"),
     ):
         with pytest.raises(ConfigError, match=message):
@@ -1312,3 +1312,22 @@ def test_files_skipped_from_the_knn_checks_data_are_reported(tmp_path, cache, ca
     (root / "test" / "a" / "zero.png").write_bytes(b"")
     assert pretrain(tmp_path / "run", "train.knn_every=1", data=root, cache=cache) == 0
     assert "kNN check data (test): skipped 1 of 17 files: 1 zero-byte" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_decoding_says_what_the_rerun_decodes(
+    tmp_path, good_folder, monkeypatch, capsys
+):
+    """Ctrl-C while the first split decodes: exit 130, the hint says that split starts over
+    (it is not cached half-done), and no run was begun."""
+    import selfsup.data.cache as cache_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module, "resize_shorter", interrupted)
+    cache = tmp_path / "cache"
+    assert pretrain(tmp_path / "run", data=good_folder, cache=cache) == 130
+    err = capsys.readouterr().err
+    assert "selfsup: interrupted; nothing was trained yet" in err
+    assert "the one interrupted is decoded again" in err and "Traceback" not in err
+    assert not list(cache.rglob("*.npy"))  # nothing half-decoded is kept as a cache

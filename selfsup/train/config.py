@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from selfsup.data.sources import parse_source
 from selfsup.errors import ConfigError
 from selfsup.precision import PRECISIONS
 
@@ -215,6 +216,11 @@ def resolve_config(
         cfg.method.name = method or named or DEFAULT_METHOD
     preset_source, preset_eval_source = cfg.data.source, cfg.data.eval_source
     if flags:
+        for key, value in flags.items():  # `--data ""`: YAML would read the empty text as null
+            if isinstance(value, str) and not value.strip():
+                if key == "data.source":
+                    parse_source(value)  # its message lists the accepted forms
+                raise ConfigError(f"{key} is empty (an empty command-line flag); give it a value")
         dotlist = [f"{k}={v}" for k, v in flags.items() if v is not None]
         cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "command-line flag")
     for item in overrides or []:
@@ -316,8 +322,9 @@ def validate_config(cfg: DictConfig) -> None:
     _require(d.limit is None or d.limit >= 2, f"data.limit must be >= 2, got {d.limit}")
     _require(
         d.limit is None or d.limit >= t.batch_size,
-        f"data.limit={d.limit} keeps fewer images than one batch (train.batch_size="
-        f"{t.batch_size}); lower --batch-size or raise data.limit",
+        f"data.limit={d.limit} keeps at most {d.limit} images, fewer than one batch "
+        f"(train.batch_size={t.batch_size}); lower --batch-size, or raise data.limit if the "
+        "data holds more images",
     )
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.knn_every >= 0, f"train.knn_every must be >= 0, got {t.knn_every}")
