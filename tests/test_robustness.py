@@ -1331,3 +1331,17 @@ def test_ctrl_c_while_decoding_says_what_the_rerun_decodes(
     assert "selfsup: interrupted; nothing was trained yet" in err
     assert "the one interrupted is decoded again" in err and "Traceback" not in err
     assert not list(cache.rglob("*.npy"))  # nothing half-decoded is kept as a cache
+
+
+def test_resume_mid_epoch_on_other_data_names_both_sources(copy_of_baseline, tmp_path, capsys):
+    """A mid-epoch checkpoint resumed with another --data: the message says the run trained on
+    its own source and --data names another, not that the run's data changed."""
+    out = copy_of_baseline
+    other = tmp_path / "other"
+    _write_good_folder(other, GOOD_PER_CLASS // 2)
+    for name in ("last.pt", "prev.pt"):
+        _rewrite(out / "checkpoints" / name, epoch=0, step_in_epoch=1, global_step=1)
+    assert resume(out, "--data", str(other), f"data.cache_dir={tmp_path / 'cache'}") == 2
+    err = capsys.readouterr().err
+    assert "it trained on data.source=" in err and f"--data '{other}' holds 32" in err, err
+    assert "resume without --data" in err

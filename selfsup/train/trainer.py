@@ -596,13 +596,20 @@ class Trainer:
                     "more), or start over with --overwrite"
                 )
             saved_images = (state.get("results") or {}).get("train_images", len(train))
-            if saved_images != len(train):  # files added or removed since the checkpoint
+            saved_source = state.get("config", {}).get("data", {}).get("source", cfg.data.source)
+            if saved_images != len(train):  # files added or removed, or other data named
                 if start_step:
+                    now = (
+                        f"{d_source} holds {len(train)} now"
+                        if saved_source == cfg.data.source
+                        else f"it trained on data.source={saved_source!r}, and --data "
+                        f"{cfg.data.source!r} holds {len(train)}"
+                    )
                     raise DataError(
                         f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
-                        f"of {saved_images} training images; {d_source} holds {len(train)} "
-                        "now, so that epoch's order and the schedule no longer fit. Restore the "
-                        "data, or start over with --overwrite"
+                        f"of {saved_images} training images; {now}, so that epoch's order and "
+                        "the schedule no longer fit. Restore the data (or resume without "
+                        "--data), or start over with --overwrite"
                     )
                 global_step = start_epoch * steps_per_epoch
                 if env.is_main:
