@@ -276,12 +276,25 @@ def test_flat_and_unstructured_folders_are_unlabeled(tmp_path):
     flat = load(tmp_path / "flat", image_size=6, cache_dir=tmp_path / "cache")
     assert len(flat) == 3 and flat.labels is None and flat.classes is None
     assert flat.num_classes is None
-    # Loose images next to folders, and nesting deeper than <class>/<file>: no class structure.
+    # Loose images next to class folders: no class structure.
     save_image(tmp_path / "mixed" / "loose.png")
     save_image(tmp_path / "mixed" / "a" / "x.png")
     save_image(tmp_path / "mixed" / "b" / "deep" / "y.png")
     mixed = load(tmp_path / "mixed", image_size=6, cache_dir=tmp_path / "cache")
     assert len(mixed) == 3 and mixed.labels is None
+
+
+def test_images_nested_below_a_class_folder_are_that_class(tmp_path):
+    """As torchvision's ImageFolder: train/<class>/sub/more/x.png is <class>'s (it was left
+    unlabeled, silently losing the kNN check)."""
+    for split in ("train", "test"):
+        save_image(tmp_path / "deep" / split / "cat" / "sub" / "more" / "0.png", color=RED)
+        save_image(tmp_path / "deep" / split / "cat" / "1.png", color=RED)
+        save_image(tmp_path / "deep" / split / "dog" / "a" / "0.png", color=BLUE)
+    train = load(tmp_path / "deep", "train", image_size=6, cache_dir=tmp_path / "cache")
+    assert train.classes == ["cat", "dog"] and sorted(train.labels.tolist()) == [0, 0, 1]
+    test = load(tmp_path / "deep", "test", image_size=6, cache_dir=tmp_path / "cache")
+    assert test.classes == ["cat", "dog"] and len(test) == 3
 
 
 def test_native_size_kept_when_uniform_and_error_when_not(tmp_path):

@@ -59,7 +59,9 @@ from selfsup.errors import ConfigError, DataError
 from selfsup.progress import bar_options
 
 #: Bumped whenever decoding, resizing or the file layout changes, so old caches are rebuilt.
-FORMAT_VERSION = 2  # 2: the storage resize samples the central square only (decode.resize_shorter)
+# 2: the storage resize samples the central square only (decode.resize_shorter), and images
+# nested below a class folder are that class's (sources._layout)
+FORMAT_VERSION = 2
 _HEADER_BYTES = 128  # fixed .npy header size, so the header can be written after the data
 
 

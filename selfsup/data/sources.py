@@ -10,9 +10,10 @@ Accepted source specs (an existing path wins over a name: write ``./cifar10`` to
      ``test`` (case-insensitive), ``split`` picks one (a missing one is a :class:`DataError`
      listing those found); without split folders only ``split="train"`` exists and means
      everything;
-  3. **labels**: if every image sits exactly one folder below the (split) root,
-     (``<class>/<file>``) the folder names are the classes (sorted, as torchvision's
-     ``ImageFolder``); anything else (loose images, deeper nesting) is **unlabeled**.
+  3. **labels**: if every image sits inside a folder below the (split) root
+     (``<class>/<file>``, or deeper: ``<class>/any/sub/folders/<file>``), the first-level folder
+     names are the classes (sorted, as torchvision's ``ImageFolder``, which also takes a class's
+     files at any depth); with loose images beside the folders it is **unlabeled**.
      Class folders holding no image files are reported as skipped ("empty class folder") and do
      not become classes. A class whose files all fail to decode stays a class (label indices
      are fixed when listing, before decoding), with no images.
@@ -294,7 +295,8 @@ def _layout(
     skipped = [(display, reason) for parts, display, reason in others if under_base(parts)]
 
     depth = len(base)
-    labeled = bool(selected) and all(len(e.parts) == depth + 2 for e in selected)
+    # as torchvision's ImageFolder: a class folder's images at any depth below it are its own
+    labeled = bool(selected) and all(len(e.parts) >= depth + 2 for e in selected)
     if not labeled:
         return selected, None, None, skipped
     classes = sorted({e.parts[depth] for e in selected})
