@@ -1345,3 +1345,15 @@ def test_resume_mid_epoch_on_other_data_names_both_sources(copy_of_baseline, tmp
     err = capsys.readouterr().err
     assert "it trained on data.source=" in err and f"--data '{other}' holds 32" in err, err
     assert "resume without --data" in err
+
+
+def test_split_folders_without_class_folders_say_why_knn_is_off(tmp_path, capsys):
+    """train/ and test/ whose images lie loose: unlabeled, and the run says so (it was silent)."""
+    root = tmp_path / "loose"
+    for split in ("train", "test"):
+        _write_good_folder(root / split, GOOD_PER_CLASS)
+        Image.new("RGB", (16, 16), (9, 9, 9)).save(root / split / "loose.png")
+    out = tmp_path / "run"
+    assert pretrain(out, "train.epochs=1", data=root, cache=tmp_path / "cache") == 0
+    err = capsys.readouterr().err
+    assert "kNN monitoring off: the train split of" in err and "no class folders" in err, err

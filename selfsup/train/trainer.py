@@ -388,6 +388,15 @@ class Trainer:
                     f"data.eval_source={d.eval_source!r} has no labels (it needs class folders, "
                     "train/<class>/* and test/<class>/*) to serve the kNN check"
                 )
+            if self.env.is_main:  # split folders without class folders: say why, as above
+                unlabeled = "train" if bank.labels is None else "test"
+                print(
+                    f"selfsup: kNN monitoring off: the {unlabeled} split of {eval_source!r} has "
+                    "no class folders (images loose beside them are unlabeled); arrange it as "
+                    "train/<class>/* and test/<class>/*, or name labeled data for the check with "
+                    "data.eval_source=DIR",
+                    file=sys.stderr,
+                )
             bank, query = None, None
         for split, ds in (("train", bank), ("test", query)):
             if ds is not None and ds is not train and ds.skipped and self.env.is_main:
