@@ -284,9 +284,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG):
             raise
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # else not writable
         print(
-            f"selfsup: error: {exc.strerror}: {exc.filename or 'writing the run'}; free disk "
-            f"space, or choose a writable --out (and data.cache_dir)",
+            f"selfsup: error: {exc.strerror}: {exc.filename or 'writing the run'}; "
+            + ("free disk space, or " if full else "")
+            + "choose a writable --out (and data.cache_dir)",
             file=sys.stderr,
         )
         return 2

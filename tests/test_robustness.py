@@ -1357,3 +1357,25 @@ def test_split_folders_without_class_folders_say_why_knn_is_off(tmp_path, capsys
     assert pretrain(out, "train.epochs=1", data=root, cache=tmp_path / "cache") == 0
     err = capsys.readouterr().err
     assert "kNN monitoring off: the train split of" in err and "no class folders" in err, err
+
+
+@pytest.mark.parametrize(
+    ("code", "advice"), [("ENOSPC", True), ("EROFS", False), ("EACCES", False)]
+)
+def test_write_errors_advise_freeing_space_only_when_the_disk_is_full(
+    monkeypatch, capsys, code, advice
+):
+    import errno
+    import os
+
+    import selfsup.cli as cli
+
+    def failing(args):
+        number = getattr(errno, code)
+        raise OSError(number, os.strerror(number), "/runs/x/encoder.pt")
+
+    monkeypatch.setitem(cli._HANDLERS, "config", failing)
+    assert main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert "/runs/x/encoder.pt" in err and "choose a writable --out" in err
+    assert ("free disk space" in err) == advice, err
