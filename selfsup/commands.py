@@ -1157,7 +1157,8 @@ def _add_export(sub, name: str) -> None:
         "--image-size",
         type=int,
         default=None,
-        help="example input size for TorchScript (default: the pre-training size)",
+        help="example input size for TorchScript, >= 8 (default: the pre-training size, which "
+        "the export's metadata records either way)",
     )
 
 

@@ -302,7 +302,8 @@ def export_encoder(
       (``torch.jit.load`` it; no selfsup needed). Traced on a ``[1, 3, S, S]`` example; the
       pooling is adaptive, so other sizes work too.
 
-    ``export.json`` beside the file records the same metadata.
+    ``export.json`` beside the file records the same metadata. ``image_size`` (>= 8) is only the
+    TorchScript example's size: the metadata keeps the size the encoder was trained at.
     """
     from selfsup.commands import check_writable
 
