@@ -260,7 +260,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         return _HANDLERS[args.command](args)
     except SelfsupError as exc:
-        from selfsup.errors import CollapseError, ConfigError, DataError, NumericalError
+        from selfsup.errors import (
+            CollapseError,
+            ConfigError,
+            DataError,
+            NumericalError,
+            OtherRankError,
+        )
+
+        if isinstance(exc, OtherRankError):  # the failing rank printed the reason
+            return 2
 
         # every rank finds the same setting at fault, and stops on the same NaN or collapse
         # (decided from all-reduced values): under torchrun rank 0 alone says so; a data error

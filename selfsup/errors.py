@@ -29,6 +29,10 @@ class DeviceMemoryError(SelfsupError):
     """The device (GPU) ran out of memory."""
 
 
+class OtherRankError(SelfsupError):
+    """Under torchrun, another rank failed and says why itself: this one stops without a word."""
+
+
 def memory_report(device) -> str:
     """``"NVIDIA ... (15.6 GiB; peak use 14.9 GiB)"`` for a CUDA device, ``"the CPU"`` else."""
     import torch

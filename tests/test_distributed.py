@@ -301,11 +301,28 @@ def scenario_collectives(env: DistEnv, out_dir: Path) -> dict:
     }
 
 
+def scenario_failed_write(env: DistEnv, out_dir: Path) -> dict:
+    """Rank 0's write fails (a full disk): every rank raises, none waits at a barrier forever,
+    and the group still works for the next write."""
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device", str(out_dir / "last.pt"))
+
+    raised = None
+    try:
+        save_on_main(full_disk)
+    except Exception as exc:  # which error each rank sees
+        raised = type(exc).__name__
+    after = save_on_main(lambda: "written")
+    return {"raised": raised, "after": after}
+
+
 SCENARIOS = {
     "simclr": scenario_simclr,
     "moco": scenario_moco,
     "ema": scenario_ema,
     "collectives": scenario_collectives,
+    "failed_write": scenario_failed_write,  # last: without the fix the ranks would stall here
 }
 
 
@@ -840,3 +857,11 @@ def test_devices_that_the_machine_cannot_give_are_refused_before_launching(tmp_p
     assert main(["pretrain", "--devices", "0", *out]) == 2
     assert "--devices must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_write_on_rank_0_stops_every_rank(dist_results):
+    """Rank 0 raises its OSError (the checkpoint wrapper names the disk); the other rank raises
+    OtherRankError, which the CLI leaves silent, instead of waiting at the barrier forever."""
+    got = scenario(dist_results, "failed_write")
+    assert [r["raised"] for r in got] == ["OSError", "OtherRankError"]
+    assert [r["after"] for r in got] == ["written", None]

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from selfsup.data.batches import BatchStream
-from selfsup.errors import ConfigError
+from selfsup.errors import ConfigError, OtherRankError
 from selfsup.evaluate.features import Transform, extract_features
 from selfsup.evaluate.knn import knn_accuracy
 from selfsup.losses import concat_all_gather, distributed_world, gather_with_grad
@@ -258,8 +258,17 @@ def save_on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
     reading the file (resume, export) before it is complete; atomicity comes from ``fn`` itself
     (``checkpoint.save_checkpoint`` writes a temp file and renames it).
     """
-    result = fn(*args, **kwargs) if is_main() else None
-    barrier()
+    result, failure = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # a full disk: the other ranks must not wait for it forever
+            failure = exc
+    # the all-reduce is the barrier, and tells every rank whether rank 0's write failed
+    if any_rank(failure is not None):
+        if failure is not None:
+            raise failure
+        raise OtherRankError("rank 0 could not write its file; it says why")
     return result
 
 
