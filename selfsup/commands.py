@@ -1093,6 +1093,12 @@ def nearest_neighbors(
     _, eval_t = _transforms(size, mean, std, dev, eval_crop=float(info.get("eval_crop", 1.0)))
     qf = extract_features(encoder, torch.stack(arrays), eval_t, batch_size=batch_size, device=dev)
     sims = torch.nn.functional.normalize(qf, dim=1) @ torch.nn.functional.normalize(feats, dim=1).T
+    if k > feats.shape[0] and is_first_rank():
+        print(
+            f"selfsup: note: -k {k} is more than the {feats.shape[0]} images of {source}; "
+            f"listing all {feats.shape[0]}",
+            file=sys.stderr,
+        )
     top = sims.topk(min(k, feats.shape[0]), dim=1)
     out = []
     for qi, q in enumerate(queries):

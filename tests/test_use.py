@@ -537,6 +537,12 @@ def test_neighbors_of_a_dataset_image_start_with_itself(trained, tmp_path) -> No
             assert hits[0]["label"] == str(int(train.labels[i]))
             sims = [h["similarity"] for h in hits]
             assert sims == sorted(sims, reverse=True)
+    rc, out, err = cli(
+        "neighbors", str(trained["run"]), "--data", "mnist5k", "--query", str(queries[0]),
+        "-k", "500", "--limit", "200", "--cache-dir", trained["cache"], "--json",
+    )  # fmt: skip
+    assert rc == 0 and len(json.loads(out)[0]["neighbors"]) == 200
+    assert "-k 500 is more than the 200 images" in err  # capped, and said so
 
 
 # ---------------------------------------------------------------------------- export
