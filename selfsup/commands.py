@@ -1025,7 +1025,8 @@ def _add_neighbors(sub, name: str) -> None:
         "--query",
         required=True,
         nargs="+",
-        help="query image files, or one .txt file listing image paths (one a line)",
+        help="query image files, or one .txt file listing image paths (one a line; '#' lines "
+        "are comments; relative paths may be relative to the list's folder)",
     )
     p.add_argument("-k", type=int, default=5, help="neighbours per query (default: 5)")
     p.add_argument("--limit", type=int, default=None, help="search only N images, evenly spaced")
@@ -1065,7 +1066,16 @@ def nearest_neighbors(
         listing = Path(queries[0])
         if not listing.is_file():
             raise DataError(f"query list {listing} does not exist")
-        queries = [q.strip() for q in listing.read_text().splitlines() if q.strip()]
+        lines = [q.strip() for q in listing.read_text().splitlines()]
+        queries = [q for q in lines if q and not q.startswith("#")]  # "# comment" lines
+        # a relative path not found from here is read from the list's own folder
+        queries = [
+            str(listing.parent / q)
+            if not Path(q).is_absolute() and not Path(q).exists()
+            and (listing.parent / q).exists()
+            else q
+            for q in queries
+        ]  # fmt: skip
         if not queries:
             raise DataError(f"query list {listing} names no images; write one path a line")
     info = _run_info(Path(encoder_path))

@@ -543,6 +543,16 @@ def test_neighbors_of_a_dataset_image_start_with_itself(trained, tmp_path) -> No
     )  # fmt: skip
     assert rc == 0 and len(json.loads(out)[0]["neighbors"]) == 200
     assert "-k 500 is more than the 200 images" in err  # capped, and said so
+    # a list with a comment and a path relative to the list's folder, read from elsewhere
+    (tmp_path / "lists").mkdir()
+    relative = tmp_path / "lists" / "relative.txt"
+    relative.write_text(f"# the first query\n../{queries[0].name}\n")
+    rc, out, err = cli(
+        "neighbors", str(trained["run"]), "--data", "mnist5k", "--query", str(relative),
+        "-k", "1", "--limit", "200", "--cache-dir", trained["cache"], "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(out)[0]["neighbors"][0]["path"] == train.paths[5]
 
 
 # ---------------------------------------------------------------------------- export
