@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from selfsup.errors import SelfsupError
-from selfsup.run import QUICKSTART_OUT, QUICKSTART_SOURCE, is_first_rank  # noqa: F401
+from selfsup.run import QUICKSTART_OUT, is_first_rank
 
 METHOD_NAMES = ("simclr", "moco", "byol", "simsiam")
 
@@ -271,19 +271,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         if isinstance(exc, OtherRankError):  # the failing rank printed the reason
             return 2
 
-        # every rank finds the same setting at fault, and stops on the same NaN or collapse
-        # (decided from all-reduced values): under torchrun rank 0 alone says so; a data error
-        # once per machine (each machine reads its own copy); an error that is one rank's own
-        # (a GPU index it lacks) by that rank
-        shared = not getattr(exc, "per_rank", False)
-        same_everywhere = shared and isinstance(exc, ConfigError | NumericalError | CollapseError)
-        same_on_machine = shared and isinstance(exc, DataError)
-        first_on_machine = os.environ.get("LOCAL_RANK", "0") == "0"
-        if (
-            is_first_rank()
-            or not (same_everywhere or same_on_machine)
-            or (same_on_machine and first_on_machine)
-        ):
+        # under torchrun: every rank finds the same setting at fault, and stops on the same NaN
+        # or collapse (decided from all-reduced values), so rank 0 alone says so; a data error
+        # once per machine (each reads its own copy); an error one rank's own (a GPU index it
+        # lacks) by that rank
+        if getattr(exc, "per_rank", False):
+            prints = True
+        elif isinstance(exc, ConfigError | NumericalError | CollapseError):
+            prints = is_first_rank()
+        elif isinstance(exc, DataError):
+            prints = os.environ.get("LOCAL_RANK", "0") == "0"
+        else:
+            prints = True
+        if prints:
             print(f"selfsup: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `selfsup config | head`: the reader left, which is no error

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfsup.cli import is_first_rank, register
+from selfsup.cli import register
 from selfsup.errors import ConfigError, DataError
+from selfsup.run import is_first_rank
 
 PROTOCOLS = ("knn", "linear", "finetune", "all")
 LINEAR_MODES = ("fast", "full", "both")

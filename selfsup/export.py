@@ -305,12 +305,11 @@ def export_encoder(
     ``export.json`` beside the file records the same metadata. ``image_size`` (>= 8) is only the
     TorchScript example's size: the metadata keeps the size the encoder was trained at.
     """
-    from selfsup.commands import check_writable
+    from selfsup.commands import check_encode_args, check_writable
 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
-    if image_size is not None and image_size < 8:  # as eval's --image-size
-        raise ConfigError(f"--image-size must be >= 8 pixels, got {image_size}")
+    check_encode_args(image_size, None)  # as eval's --image-size
     src = encoder_file(Path(source))
     if is_torchscript(src):
         raise ConfigError(
