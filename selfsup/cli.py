@@ -17,6 +17,9 @@ from selfsup.errors import SelfsupError
 from selfsup.run import QUICKSTART_OUT, is_first_rank
 
 METHOD_NAMES = ("simclr", "moco", "byol", "simsiam")
+# selfsup.train.distributed.EXIT_STATUS_ENV, spelled out so that a command that imported no torch
+# (or whose import of it was interrupted) does not import it to exit (tests/test_cli_startup.py)
+EXIT_STATUS_ENV = "SELFSUP_EXIT_STATUS_FILE"
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -161,7 +164,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     if not result.finished:
         return 3
     r = result.results
-    shown = ("method", "train_images", "epochs", "final_loss", "knn_top1", "knn_top1_random_init")
+    shown = ("method", "train_images", "epochs", "final_loss", "knn_top1")
+    shown += ("knn_top1_init", "init") if "init" in r else ("knn_top1_random_init",)
     print(json.dumps({k: r[k] for k in shown if k in r}))
     print(f"selfsup: encoder saved to {out / 'encoder.pt'}; results in {out / 'results.json'}")
     return 0
@@ -228,6 +232,17 @@ def register(name: str, adder, handler) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``selfsup`` console script and ``python -m selfsup`` (also each torchrun worker)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the command's own handling (_dispatch) began
+        if is_first_rank():
+            print("selfsup: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    # light modules: torch, numpy and omegaconf are imported by the commands that use them
     from selfsup import ablate, commands  # noqa: F401  (they register their subcommands)
 
     parser = build_parser()
@@ -248,8 +263,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     status = _dispatch(args)
-    from selfsup.train.distributed import EXIT_STATUS_ENV
-
     report = os.environ.get(EXIT_STATUS_ENV)
     if report and is_first_rank():  # for the --devices launcher
         Path(report).write_text(str(status))

@@ -16,14 +16,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from selfsup.cli import register
 from selfsup.errors import ConfigError, DataError
 from selfsup.run import is_first_rank
+
+if TYPE_CHECKING:  # imported where used: `selfsup --help` and argument errors stay fast
+    import numpy as np
+    import torch
 
 PROTOCOLS = ("knn", "linear", "finetune", "all")
 LINEAR_MODES = ("fast", "full", "both")
@@ -47,6 +48,9 @@ RESULT_FIELDS = (
 TABLE_FIELDS = RESULT_FIELDS[:-3]  # what a results CSV of an earlier selfsup holds
 CSV_METRICS = ("top1", "top5", "seconds")  # the numbers of a result that get a CSV line
 PAPER_CROP_SCALE = (0.08, 1.0)  # RandomResizedCrop area range of the papers' linear protocol
+# selfsup.export.EXPORT_FORMATS, spelled out so that building the parser imports no torch
+# (tests/test_cli_startup.py checks that the two agree)
+EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript")
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -281,6 +285,8 @@ def _architecture(info: dict[str, Any], encoder: torch.nn.Module) -> tuple[str, 
 
 def _fresh_backbone(name: str, small_stem: bool, seed: int) -> torch.nn.Module:
     """A seeded random-init backbone of the architecture, leaving the global RNG as it was."""
+    import torch
+
     from selfsup.models import build_backbone
 
     with torch.random.fork_rng(devices=[]):
@@ -940,6 +946,8 @@ def _require_pyarrow(out: Path):
 def _write_parquet(path: Path, feats: np.ndarray, ds) -> None:
     """One row per image: ``path``, ``label`` and ``class`` (labeled data only), ``embedding``
     (``fixed_size_list<float32>[D]``, which pandas reads as one array per row)."""
+    import numpy as np
+
     pa = _require_pyarrow(path)
     import pyarrow.parquet as pq
 
@@ -977,6 +985,8 @@ def _embed(args: argparse.Namespace) -> int:
     check_writable(out.parent, "the embeddings")
     if out.suffix == ".npy":
         check_index_csv(out)
+    import numpy as np
+
     from selfsup.train.distributed import cleanup, is_main
 
     try:
@@ -1055,6 +1065,9 @@ def nearest_neighbors(
     Returns one ``{"query": path, "neighbors": [{"path", "similarity", "label"}, ...]}`` per
     query, neighbors best first.
     """
+    import numpy as np
+    import torch
+
     from selfsup.data.decode import decode_image, resize_shorter
     from selfsup.evaluate.features import extract_features
     from selfsup.export import load_encoder
@@ -1156,8 +1169,6 @@ def _neighbors(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- export / table
 def _add_export(sub, name: str) -> None:
-    from selfsup.export import EXPORT_FORMATS
-
     p = sub.add_parser(
         name,
         help="export the encoder of a run",

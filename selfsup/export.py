@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +24,10 @@ from torch import nn
 from selfsup.data.cache import atomic_write, atomic_write_text
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.models import BACKBONES, backbone_to_torchvision, build_backbone
+from selfsup.models.weights import EXPORT_INFO, encoder_file, is_torchscript, read_state_dict
 from selfsup.train.checkpoint import atomic_torch_save
 
 EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript")
-EXPORT_INFO = "export.json"  # written beside exported files: backbone, small_stem, mean, std, size
 
 
 def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
@@ -60,14 +58,6 @@ def _backbone_shapes(name: str, small_stem: bool) -> dict[str, tuple[int, ...]]:
     """What :func:`_encoder_shapes` gives for backbone ``name``, built on the meta device."""
     with torch.device("meta"):
         return _encoder_shapes(backbone_to_torchvision(name, small_stem).state_dict())
-
-
-def is_torchscript(path: Path) -> bool:
-    """Whether ``path`` is a TorchScript archive (a zip holding ``constants.pkl`` and code)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def encoder_metadata(path: str | Path) -> dict[str, Any]:
@@ -144,66 +134,9 @@ def _decode_header(raw: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
-def encoder_file(path: Path) -> Path:
-    """The weights file of a run directory (its encoder.pt) or the file itself; a clear error if
-    there is none."""
-    if path.is_dir():
-        candidate = path / "encoder.pt"
-        if not candidate.exists() and (path / EXPORT_INFO).exists():
-            exported = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".safetensors"))
-            raise CheckpointError(
-                f"{path} is a folder of `selfsup export` files; pass one of them: "
-                f"{', '.join(str(path / name) for name in exported) or '(none left)'}"
-            )
-        if not candidate.exists() and not (
-            (path / "config.yaml").exists() or (path / "checkpoints").is_dir()
-        ):  # resuming is advice for a started run only, not for any other folder
-            raise CheckpointError(
-                f"{path} is not a run directory (no config.yaml, checkpoints/ or encoder.pt); "
-                "pass the --out folder of a `selfsup pretrain` run, an encoder.pt, or a file "
-                "written by `selfsup export`"
-            )
-        if not candidate.exists():
-            raise CheckpointError(
-                f"{path} has no encoder.pt: the run has not finished; "
-                f"resume it with `selfsup pretrain --out {path} --resume`"
-            )
-        return candidate
-    if not path.exists():
-        raise CheckpointError(
-            f"encoder file {path} does not exist; pass a run directory, an "
-            f"encoder.pt, or a file written by `selfsup export`"
-        )
-    return path
-
-
 def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
     """(state_dict on the CPU, backbone name, small_stem) of a state-dict or safetensors file."""
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
-    else:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except OSError as exc:  # the file is there (encoder_file) but cannot be read
-            raise CheckpointError(f"cannot read {path} ({exc.strerror or exc})") from None
-        except Exception as exc:
-            # torch's own text advises weights_only=False: unsafe for a file of unknown origin,
-            # and meaningless for a JPEG or YAML; so say what the file is not, and what to pass
-            raise CheckpointError(_not_a_checkpoint(path, exc)) from None
-        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
-        if not isinstance(state, dict) or not all(
-            isinstance(v, torch.Tensor) for v in state.values()
-        ):
-            raise CheckpointError(
-                f"{path} does not hold an encoder state_dict; pass encoder.pt "
-                f"(a training checkpoint is in checkpoints/, not an encoder)"
-            )
+    state = read_state_dict(path)
     meta = encoder_metadata(path)
     if isinstance(meta.get("backbone"), str) and "small_stem" in meta:
         name, small = meta["backbone"], bool(meta["small_stem"])
@@ -223,23 +156,6 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
         return state, name, small
     name, small = infer_architecture(state)
     return state, name, small
-
-
-def _not_a_checkpoint(path: Path, exc: Exception) -> str:
-    """The message for a file ``torch.load(weights_only=True)`` refused with ``exc``."""
-    accepted = (
-        "pass a run directory, its encoder.pt, or a file written by `selfsup export` "
-        "(torchvision, safetensors or TorchScript)"
-    )
-    pickled = zipfile.is_zipfile(path) and isinstance(exc, pickle.UnpicklingError)
-    if pickled and str(exc).startswith("Weights only load failed"):
-        # torch's own zip format holding more than tensors: a whole pickled model, say
-        return (
-            f"{path} is a PyTorch file holding Python objects besides tensors (a whole pickled "
-            "model?), which selfsup does not unpickle; save its model.state_dict() instead, or "
-            + accepted
-        )
-    return f"{path} is not a PyTorch state_dict, safetensors or TorchScript file; " + accepted
 
 
 def weights_digest(module: nn.Module) -> str:

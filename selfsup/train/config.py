@@ -43,6 +43,8 @@ class ModelConfig:
     # a torchvision ResNet (resnet18/34/50/101/152, wide_resnet*, resnext*) or resnet_tiny
     backbone: str = "resnet18"
     small_stem: bool = True  # 3x3 conv, no max-pool: for 32-64 px images
+    # starting weights: None (random), imagenet (torchvision's), a run directory or weights file
+    init: str | None = None
 
 
 @dataclass
@@ -453,6 +455,24 @@ def validate_method_and_model(cfg: DictConfig) -> None:
         f"model.backbone must be one of {list(BACKBONES)}, got "
         f"{backbone!r}{_did_you_mean(str(backbone), list(BACKBONES))}",
     )
+    init = cfg.model.get("init")
+    _require(
+        init is None or (isinstance(init, str) and init.strip() != ""),
+        f"model.init must be imagenet, a run directory or a weights file, got {init!r}",
+    )
+    if init == "imagenet":  # torchvision's weights have the ImageNet stem: say so before a download
+        _require(
+            backbone != "resnet_tiny",
+            "model.init=imagenet: torchvision has no ImageNet weights for "
+            "model.backbone=resnet_tiny; choose a torchvision ResNet (resnet18, resnet50, ...) "
+            "or pass model.init=PATH (a run directory or a weights file)",
+        )
+        _require(
+            not cfg.model.small_stem,
+            "model.init=imagenet: torchvision's ImageNet weights have the ImageNet stem (7x7 "
+            "conv1 and max-pool); set model.small_stem=false (and --image-size 96 or more, so "
+            "the last stage still sees a few pixels)",
+        )
     own = method_options(name)
     # options of other methods are allowed (and ignored), so one preset serves every method
     known = sorted({k for m in METHOD_CLASSES for k in method_options(m)})
@@ -517,6 +537,8 @@ def validate_method_and_model(cfg: DictConfig) -> None:
 def config_hash(cfg: DictConfig, keys: tuple[str, ...] = ("method", "model", "augment")) -> str:
     """Short hash of the parts of a config that define what a checkpoint's weights mean."""
     part = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}
+    if isinstance(part.get("model"), dict) and part["model"].get("init") is None:
+        part["model"].pop("init", None)  # runs from before model.init keep their hash
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
 
 

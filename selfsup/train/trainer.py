@@ -38,6 +38,7 @@ from selfsup.errors import (
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
 from selfsup.methods import build_method, method_defaults
 from selfsup.models import build_backbone
+from selfsup.models.weights import init_state
 from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.progress import bar_options
 from selfsup.train.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
@@ -142,9 +143,14 @@ def lock_run_dir(out: Path):
     return handle
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether run directory ``out`` holds a checkpoint to resume from (last.pt or prev.pt)."""
+    return any((out / "checkpoints" / name).exists() for name in ("last.pt", "prev.pt"))
+
+
 def is_selfsup_run(out: Path) -> bool:
     """Whether ``out`` holds a selfsup run: a checkpoint, or a config.yaml with its sections."""
-    if (out / "checkpoints" / "last.pt").exists() or (out / "checkpoints" / "prev.pt").exists():
+    if has_checkpoint(out):
         return True
     try:
         config = OmegaConf.load(out / "config.yaml")
@@ -174,12 +180,7 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"{out} already holds a run (config.yaml); pass --resume to continue it, --overwrite "
             f"to replace it, or choose another --out"
         )
-    if (
-        resume
-        and not marker.exists()
-        and not (out / "checkpoints" / "last.pt").exists()
-        and not (out / "checkpoints" / "prev.pt").exists()
-    ):
+    if resume and not marker.exists() and not has_checkpoint(out):
         # with config.yaml but no checkpoint yet (killed early), --resume restarts from step 0
         raise ConfigError(
             f"--resume: {out} holds no run (no config.yaml, no checkpoints/last.pt); "
@@ -248,8 +249,12 @@ def _limit(dataset: ImageDataset, limit: int | None) -> ImageDataset:
     return dataset.spread(limit)
 
 
-def build_model(cfg: DictConfig) -> torch.nn.Module:
+def build_model(cfg: DictConfig, init: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The method of ``cfg``; its backbone starts from ``init`` (``model.init``'s weights, from
+    :func:`selfsup.models.weights.init_state`) before a method copies it into a target network."""
     backbone, feat_dim = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
+    if init is not None:
+        backbone.load_state_dict(init)
     # options of other methods are ignored, so one preset can serve every method
     options = OmegaConf.to_container(cfg.method, resolve=True)
     return build_method(cfg.method.name, backbone, feat_dim, cfg=options)
@@ -324,6 +329,21 @@ class Trainer:
         self._activity = "setting up"  # named by an out-of-memory message
 
     # ------------------------------------------------------------------ set-up
+    def _init_weights(self) -> dict[str, torch.Tensor] | None:
+        """``model.init``'s weights for the backbone, checked against it; None for a random
+        start, or for a resume (its checkpoint holds the weights)."""
+        source = self.cfg.model.init
+        if not source or (self.resume and has_checkpoint(self.run_dir)):
+            return None
+        m = self.cfg.model
+        with torch.device("meta"):  # shapes only
+            shapes, _ = build_backbone(m.backbone, small_stem=m.small_stem)
+        with main_process_first():  # one download of torchvision's weights, then the cache
+            state = init_state(str(source), shapes, m.backbone)
+        if self.env.is_main:
+            print(f"selfsup: starting from model.init={source}", file=sys.stderr)
+        return state
+
     def _load_data(self) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
         d = self.cfg.data
         kwargs = dict(
@@ -496,6 +516,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
         self.precision = resolve_precision(t.precision, self.device)
+        init = self._init_weights()  # checked before the data is decoded
         train, bank, query = self._load_data()
 
         mean, std = (
@@ -511,7 +532,7 @@ class Trainer:
             cfg.data.image_size, mean=mean, std=std, crop_fraction=cfg.data.eval_crop
         ).to(self.device)
 
-        method = convert_sync_batchnorm(build_model(cfg), t.sync_bn, env).to(self.device)
+        method = convert_sync_batchnorm(build_model(cfg, init), t.sync_bn, env).to(self.device)
         if self.device.type == "cuda" and t.channels_last:
             method = method.to(memory_format=torch.channels_last)
         batch_size = t.batch_size
@@ -547,7 +568,7 @@ class Trainer:
             "batch_size": batch_size,
             "selfsup_version": selfsup.__version__,
         }
-        if self.resume and not any((ckpt_dir / n).exists() for n in ("last.pt", "prev.pt")):
+        if self.resume and not has_checkpoint(self.run_dir):
             print_main = print if env.is_main else (lambda *a, **k: None)
             print_main(
                 f"selfsup: {ckpt_dir} holds no checkpoint yet (the run stopped before its "
@@ -753,10 +774,13 @@ class Trainer:
         if bank is not None:  # what the kNN numbers mean: which labeled images, how many
             results["knn_data"] = cfg.data.eval_source or cfg.data.source
             results["knn_images"] = {"bank": len(bank), "query": len(query)}
-        if bank is not None and "knn_top1_random_init" not in results:
+        start = "init" if cfg.model.init else "random_init"  # the weights before training
+        if cfg.model.init:
+            results["init"] = cfg.model.init
+        if bank is not None and f"knn_top1_{start}" not in results:
             knn0 = self._knn(method.backbone, bank, query)
-            results["knn_top1_random_init"] = knn0["top1"]
-            results["knn_top5_random_init"] = knn0["top5"]
+            results[f"knn_top1_{start}"] = knn0["top1"]
+            results[f"knn_top5_{start}"] = knn0["top5"]
             logger.log(0, {"knn_top1": knn0["top1"], "knn_top5": knn0["top5"]}, prefix="eval")
 
         previous_handlers = self._install_signal_handlers()
