@@ -673,8 +673,8 @@ def _nan_loss_at(monkeypatch, bad_calls: set[int]):
     """Make the method's loss NaN on the given (1-based) forward calls; returns the real builder."""
     real_build = trainer.build_model
 
-    def build(cfg):
-        method = real_build(cfg)
+    def build(cfg, init=None):
+        method = real_build(cfg, init)
         forward, calls = method.forward, [0]
 
         def nan_forward(x1, x2):
