@@ -145,3 +145,23 @@ def test_config_hash_of_runs_without_init_is_unchanged() -> None:
     before = config_hash(OmegaConf.create(plain))
     assert config_hash(resolve_config("simclr", "quickstart")) == before
     assert config_hash(resolve_config("simclr", "quickstart", overrides=["model.init=x"])) != before
+
+
+def test_imagenet_init_loads_torchvision_weights_and_their_normalisation(
+    monkeypatch, tmp_path
+) -> None:
+    fake = torchvision.models.resnet18(weights=None).state_dict()  # stands in for the download
+    calls = []
+
+    def download(self, *args, **kwargs):
+        calls.append(self)
+        return fake
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", download)
+    args = ("model.backbone=resnet18", "model.small_stem=false", "data.limit=128")
+    assert run(tmp_path, "simclr", "train.epochs=1", "model.init=imagenet", *args) == 0
+    assert calls == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert saved.data.mean == [0.485, 0.456, 0.406] and saved.data.std == [0.229, 0.224, 0.225]
+    results = _results(tmp_path / "run")
+    assert results["init"] == "imagenet" and "knn_top1_init" in results

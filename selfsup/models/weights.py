@@ -21,6 +21,10 @@ from selfsup.errors import CheckpointError, ConfigError
 
 EXPORT_INFO = "export.json"  # written beside exported files: backbone, small_stem, mean, std, size
 IMAGENET = "imagenet"  # model.init: torchvision's ImageNet weights of model.backbone
+# the normalisation of torchvision's ImageNet weights (their transforms()): a run started from
+# them normalises with it unless data.mean / data.std say otherwise
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def is_torchscript(path: Path) -> bool:

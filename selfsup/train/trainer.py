@@ -38,7 +38,7 @@ from selfsup.errors import (
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
 from selfsup.methods import build_method, method_defaults
 from selfsup.models import build_backbone
-from selfsup.models.weights import init_state
+from selfsup.models.weights import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, init_state
 from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.progress import bar_options
 from selfsup.train.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
@@ -519,11 +519,12 @@ class Trainer:
         init = self._init_weights()  # checked before the data is decoded
         train, bank, query = self._load_data()
 
-        mean, std = (
-            (list(cfg.data.mean), list(cfg.data.std))
-            if cfg.data.mean
-            else dataset_stats(train.images)
-        )
+        if cfg.data.mean:
+            mean, std = list(cfg.data.mean), list(cfg.data.std)
+        elif cfg.model.init == IMAGENET:  # the inputs those weights were trained on
+            mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        else:
+            mean, std = dataset_stats(train.images)
         if cfg.data.mean is None or cfg.data.std is None:
             cfg.data.mean, cfg.data.std = mean, std
         env = self.env
