@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "encoder_metadata", "load_encoder", "pretrain"]
+__all__ = ["__version__", "encoder_metadata", "load_classifier", "load_encoder", "pretrain"]
 
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
@@ -32,6 +32,17 @@ def encoder_metadata(path: str | Path) -> dict[str, Any]:
     from selfsup.export import encoder_metadata as _metadata
 
     return _metadata(path)
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
+    """A classifier saved by ``selfsup eval --save-classifiers`` (``path``: a
+    ``classifiers/*.pt`` or the ``.json`` beside it), as a ``selfsup.export.Classifier``:
+    ``model`` (eval mode, normalised ``[B, 3, S, S]`` -> logits ``[B, C]``), ``classes`` (in
+    logit order), the preprocessing (``image_size``, ``eval_crop``, ``mean``, ``std``;
+    ``transform()`` applies it to uint8 images), ``predict(images)`` and ``metadata``."""
+    from selfsup.export import load_classifier as _load
+
+    return _load(path, map_location=map_location)
 
 
 def pretrain(*args: Any, **kwargs: Any):

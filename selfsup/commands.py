@@ -1,9 +1,11 @@
-"""``selfsup eval / embed / neighbors / export / table``: use and judge a trained encoder.
+"""``selfsup eval / embed / neighbors / predict / export / table``: use and judge a trained
+encoder.
 
 ``eval`` runs the papers' protocols on a labeled dataset (the pre-training data, or another one
 with other classes: transfer) and writes ``eval_<data>_<protocol>.json`` into the run directory
-plus one line per number to a results CSV; ``table`` turns that CSV into a runs x protocols table.
-Accuracies are fractions in [0, 1].
+plus one line per number to a results CSV (with ``--save-classifiers``, also the classifiers it
+trained, under ``classifiers/``, which ``predict`` applies to new images); ``table`` turns that
+CSV into a runs x protocols table. Accuracies are fractions in [0, 1].
 """
 
 from __future__ import annotations
@@ -411,6 +413,13 @@ def _add_eval(sub, name: str) -> None:
         help="append one line per number here (default: <run dir>/../results.csv)",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--save-classifiers",
+        action="store_true",
+        help="keep each classifier trained for the encoder (linear fast / full, fine-tuned per "
+        "label fraction) in <run>/classifiers/ as a torchvision state_dict + .json, for "
+        "`selfsup predict`",
+    )
 
 
 DEFAULT_RULES = {"finetune_epochs": "SimCLR's: 60 at 1% of the labels, 30 above"}  # for the JSON
@@ -426,6 +435,11 @@ def finetune_epochs(given: int | None, fraction: int) -> int:
 
 def _check_eval_args(args: argparse.Namespace) -> None:
     """Refuse impossible settings before loading data or training anything."""
+    if getattr(args, "save_classifiers", False) and args.protocol == "knn":
+        raise ConfigError(
+            "--save-classifiers keeps the classifiers that --protocol linear, finetune or all "
+            "train; --protocol knn trains none"
+        )
     check_encode_args(args.image_size, args.batch_size)
     positive = {
         "--linear-epochs": args.linear_epochs,
@@ -473,7 +487,14 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     from selfsup.evaluate.knn import knn_accuracy
     from selfsup.evaluate.linear import linear_probe, linear_probe_features
     from selfsup.evaluate.subsets import balanced_subset, save_subset
-    from selfsup.export import load_encoder, weights_digest
+    from selfsup.export import (
+        CLASSIFIER_DIR,
+        check_classifier_architecture,
+        classifier_state,
+        load_encoder,
+        save_classifier,
+        weights_digest,
+    )
     from selfsup.train.distributed import (
         distributed_extract_features,
         distributed_world,
@@ -516,6 +537,12 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     # others waiting for it under torchrun
     check_writable(csv_path.parent, "the results CSV")
     check_writable(run_dir, "the evaluation's JSON")
+    save_classifiers = bool(getattr(args, "save_classifiers", False))
+    arch = None
+    if save_classifiers:  # a custom encoder or a blocked folder is said before any work
+        arch = _architecture(info, encoder)
+        check_classifier_architecture(encoder, *arch)
+        check_writable(run_dir / CLASSIFIER_DIR, "the classifiers")
     source = absolute_source(args.data) or info.get("eval_data") or info.get("pretrain_data")
     if source is None:
         raise ConfigError(
@@ -553,9 +580,8 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
 
     encoders: dict[str, torch.nn.Module] = {"ssl": encoder}
-    arch = None
     if args.baselines:
-        arch = _architecture(info, encoder)
+        arch = arch or _architecture(info, encoder)
         encoders["random_init"] = _fresh_backbone(*arch, seed=args.seed)
     weights = weights_digest(encoder)  # of the tensors: an export of a run shares its digest
     results: dict[str, Any] = {
@@ -596,9 +622,26 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         "protocols": {},
     }
     rows: list[dict[str, Any]] = []
+    # protocol -> (state_dict of the torchvision classifier, its metrics): the ssl encoder's only
+    classifiers: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+    # the linear probes return their trained head only when asked (callers that patch them in
+    # tests return the metrics alone)
+    wanted = {"return_head": True} if save_classifiers else {}
+
+    def keep(enc: str, protocol: str, trunk: torch.nn.Module, returned):
+        """The metrics of a protocol's ``returned`` value (with ``**wanted``: metrics and head);
+        the ssl encoder's classifier is kept."""
+        if not save_classifiers:
+            return returned
+        metrics, head = returned
+        if enc == "ssl":
+            classifiers[protocol] = (classifier_state(trunk, head, *arch), {})
+        return metrics
 
     def record(enc: str, protocol: str, metrics: dict[str, Any]) -> None:
         results["protocols"].setdefault(protocol, {})[enc] = metrics
+        if enc == "ssl" and protocol in classifiers:
+            classifiers[protocol] = (classifiers[protocol][0], metrics)
         for key in CSV_METRICS:
             if key in metrics:
                 rows.append(
@@ -673,7 +716,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 weight_decay=args.lbfgs_weight_decay,
                 device=device,
                 seed=args.seed,
+                **wanted,
             )
+            m = keep(enc_name, "linear_fast", enc, m)
             record(
                 enc_name,
                 "linear_fast",
@@ -697,7 +742,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 device=device,
                 seed=args.seed,
                 progress=progress,
+                **wanted,
             )
+            m = keep(enc_name, "linear_full", enc, m)
             record(enc_name, "linear_full", {**m, "seconds": round(time.monotonic() - t0, 2)})
         if "finetune" in protocols and enc_name == "ssl":
             # the random-init encoder trained end to end is the supervised baseline below
@@ -718,12 +765,14 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                     "label_fraction": fraction,
                 }
                 trainers = {"ssl": (finetune, args.finetune_lr)}
-                if arch is not None:
+                if args.baselines:
                     trainers["supervised"] = (supervised_baseline, args.supervised_lr)
                 for label, (train_fn, lr) in trainers.items():
                     t0 = time.monotonic()
                     # the baseline's seeded random-init encoder is built inside its timing
                     start = enc if label == "ssl" else _fresh_backbone(*arch, seed=args.seed)
+                    # the ssl encoder's fine-tuned copy comes back too, for --save-classifiers
+                    returned = {"return_model": True} if save_classifiers and label == "ssl" else {}
                     m = train_fn(
                         start,
                         train.images[idx],
@@ -732,7 +781,12 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                         test.labels,
                         lr=lr,
                         **common,
+                        **returned,
                     )
+                    if returned:
+                        m, tuned, head = m
+                        keep(label, f"finetune_{fraction:g}pct", tuned, (m, head))
+                        del tuned, head  # its state_dict is kept (CPU), not the network
                     m = {**m, **extra, "seconds": round(time.monotonic() - t0, 2)}
                     record(label, f"finetune_{fraction:g}pct", m)
 
@@ -750,7 +804,44 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
             )
         write_json(out_json, results)
         append_results(csv_path, rows)
+    saved = []
+    if classifiers and is_main():
+        classes = list(train.classes or [str(i) for i in range(num_classes)])
+        preparation = {
+            "backbone": arch[0],
+            "small_stem": arch[1],
+            "image_size": image_size,
+            "storage_size": load_size,  # the size the eval decoded (cached) the images at
+            "eval_crop": eval_crop,
+            "mean": mean,
+            "std": std,
+        }
+        for protocol, (state, m) in classifiers.items():
+            # named like the eval JSON: the data, its --limit and the evaluated file
+            path = run_dir / CLASSIFIER_DIR / f"{_slug(source)}{pool}_{protocol}{of_file}.pt"
+            meta = {
+                "protocol": protocol,
+                "mode": m.get("mode"),
+                **{k: m[k] for k in ("label_fraction", "labeled_images", "subset_file") if k in m},
+                "classes": classes,
+                "num_classes": num_classes,
+                **preparation,
+                "top1": m.get("top1"),
+                "top5": m.get("top5"),
+                "n_train": m.get("n_train"),
+                "n_test": m.get("n_test"),
+                "eval_data": source,
+                "limit": args.limit,
+                "seed": args.seed,
+                "eval_json": out_json.name,
+                "encoder": str(target),
+                "weights": weights,
+                "method": info.get("method"),
+                "pretrain_data": info.get("pretrain_data"),
+            }
+            saved.append(str(save_classifier(path, state, meta)))
     results["_json"], results["_csv"] = str(out_json), str(csv_path)
+    results["_classifiers"] = saved
     return results
 
 
@@ -793,6 +884,10 @@ def _eval(args: argparse.Namespace) -> int:
             f"selfsup: results in {results['_json']}; one line per number appended to "
             f"{results['_csv']}"
         )
+        if results.get("_classifiers"):
+            names = ", ".join(Path(p).name for p in results["_classifiers"])
+            folder = Path(results["_classifiers"][0]).parent
+            print(f"selfsup: classifiers saved in {folder}: {names} (each with its .json)")
     return 0
 
 
@@ -866,22 +961,42 @@ def embed_dataset(
     (after ``_torchrun_device``), each process encodes its share and all get every row.
     """
     from selfsup.export import load_encoder
-    from selfsup.train.distributed import distributed_extract_features, main_process_first
 
     check_encode_args(image_size, batch_size)
     # loaded before the data: a folder that is no run, or a file that is no encoder, fails fast
     model = encoder if encoder is not None else load_encoder(encoder_path)
     info = _run_info(Path(encoder_path))
+    return _encode_source(
+        model, info, source, split, image_size, batch_size, device, cache_dir, limit
+    )
+
+
+def _encode_source(
+    model: torch.nn.Module,
+    info: dict[str, Any],
+    source: str,
+    split: str,
+    image_size: int | None,
+    batch_size: int,
+    device: str | None,
+    cache_dir: str | None,
+    limit: int | None,
+):
+    """(``model``'s outputs float32 ``[N, K]`` on the CPU, the ``ImageDataset``): ``source`` /
+    ``split`` decoded at the sizes of ``info`` (a run's or a classifier's metadata: storage and
+    image size, eval_crop, mean/std) and prepared by the evaluation's transform, as ``eval`` does.
+    The images of ``embed`` (K = the feature size) and ``predict`` (K = the classes). Under
+    torchrun each process encodes its share and all get every row."""
+    from selfsup.train.distributed import distributed_extract_features, main_process_first
+
     load_size, size = _sizes(info, image_size)
     with main_process_first():
         ds = _load(source, split, load_size, cache_dir, limit)
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
-    _, eval_t = _transforms(size, mean, std, dev, eval_crop=float(info.get("eval_crop", 1.0)))
-    feats = distributed_extract_features(
-        model, ds.images, eval_t, batch_size=batch_size, device=dev
-    )
-    return feats, ds
+    _, eval_t = _transforms(size, mean, std, dev, eval_crop=float(info.get("eval_crop") or 1.0))
+    out = distributed_extract_features(model, ds.images, eval_t, batch_size=batch_size, device=dev)
+    return out, ds
 
 
 EMBED_FORMATS = (".npz", ".parquet", ".npy")
@@ -1167,6 +1282,136 @@ def _neighbors(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- predict
+PREDICT_FIELDS = ("path", "class", "confidence")  # + "label" when the data has labels
+
+
+def _add_predict(sub, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="classify images with a classifier saved by `selfsup eval --save-classifiers`",
+        description="Classify every image of --data with a classifier that `selfsup eval "
+        "--save-classifiers` saved (<run>/classifiers/*.pt), its images prepared as that "
+        "evaluation prepared them. Writes a CSV with path, class, confidence (the softmax "
+        "probability of that class) and, when the data has labels, label; prints the "
+        "accuracy when the labels' class names are the classifier's.",
+    )
+    p.add_argument("classifier", help="a <run>/classifiers/*.pt (or the .json beside it)")
+    p.add_argument("--data", required=True, help="the images to classify (as `selfsup embed`)")
+    p.add_argument("--split", default="train", help="split to classify (default: train)")
+    p.add_argument("--out", default="predictions.csv", help="output CSV (default: predictions.csv)")
+    p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced")
+    p.add_argument("--batch-size", type=int, default=256, help="images classified at once")
+    p.add_argument("--device", default=None)
+    p.add_argument("--cache-dir", default=None)
+
+
+def predict_dataset(
+    classifier_path: str | Path,
+    source: str,
+    split: str = "train",
+    batch_size: int = 256,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    limit: int | None = None,
+    classifier=None,
+) -> dict[str, Any]:
+    """Classify ``source`` / ``split`` with a saved classifier (``classifier``, when given, is the
+    loaded one). Returns ``{"dataset", "index" int64 [N], "confidence" [N], "classes",
+    "correct", "scored"}``: ``scored`` counts the labeled images whose class name is one of the
+    classifier's (0 for unlabeled data), ``correct`` those predicted right."""
+    import torch
+
+    from selfsup.export import load_classifier
+
+    check_encode_args(None, batch_size)
+    # loaded before the data: a missing or foreign classifier fails fast
+    clf = classifier if classifier is not None else load_classifier(classifier_path)
+    logits, ds = _encode_source(
+        clf.model, clf.metadata, source, split, None, batch_size, device, cache_dir, limit
+    )
+    confidence, index = logits.softmax(dim=1).max(dim=1)
+    correct = scored = 0
+    if ds.labels is not None:
+        names = ds.classes or [str(i) for i in range(int(ds.labels.max()) + 1)]
+        position = {c: i for i, c in enumerate(clf.classes)}
+        # the data's label numbers as the classifier's (-1: a class it does not know)
+        as_clf = torch.tensor([position.get(str(c), -1) for c in names], dtype=torch.long)
+        truth = as_clf[ds.labels.long()]
+        known = truth >= 0
+        scored = int(known.sum())
+        correct = int((index[known] == truth[known]).sum())
+    return {
+        "dataset": ds,
+        "index": index,
+        "confidence": confidence,
+        "classes": clf.classes,
+        "correct": correct,
+        "scored": scored,
+    }
+
+
+def _write_predictions(path: Path, result: dict[str, Any]) -> None:
+    ds, classes = result["dataset"], result["classes"]
+    labeled = ds.labels is not None
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow((*PREDICT_FIELDS, "label") if labeled else PREDICT_FIELDS)
+        for i, (k, p) in enumerate(
+            zip(result["index"].tolist(), result["confidence"].tolist(), strict=True)
+        ):
+            row = [_text_path(ds.paths[i]) if ds.paths else str(i), _text_path(classes[k])]
+            row.append(f"{p:.6f}")
+            if labeled:
+                value = int(ds.labels[i])
+                row.append(_text_path(ds.classes[value]) if ds.classes else str(value))
+            writer.writerow(row)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from selfsup.export import load_classifier
+    from selfsup.train.distributed import cleanup, is_main
+
+    out = Path(args.out)
+    check_encode_args(None, args.batch_size)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be a positive number of images, got {args.limit}")
+    clf = load_classifier(args.classifier)  # a missing or foreign file: before any decoding
+    if out.is_dir():
+        raise ConfigError(
+            f"--out {out} is a folder; pass a file name such as {out}/predictions.csv"
+        )
+    check_writable(out.parent, "the predictions")
+    try:
+        device = _torchrun_device(args.device, "predict")
+        result = predict_dataset(
+            args.classifier,
+            args.data,
+            args.split,
+            args.batch_size,
+            str(device),
+            args.cache_dir,
+            args.limit,
+            classifier=clf,
+        )
+        main = is_main()
+    finally:
+        cleanup()
+    if not main:  # every process holds all the rows; one writes them
+        return 0
+    _atomic_output(out, lambda tmp: _write_predictions(tmp, result))
+    n, scored, ds = len(result["index"]), result["scored"], result["dataset"]
+    line = f"selfsup: {n} images of {args.data} ({args.split}) classified into {out}"
+    if scored:
+        line += f"; accuracy {result['correct'] / scored:.4f} ({result['correct']}/{scored})"
+        if scored < n:
+            line += f", {n - scored} images of classes the classifier does not know left out"
+    elif ds.labels is not None:
+        line += "; no accuracy: none of the data's class names is one of the classifier's"
+    print(line)
+    return 0
+
+
 # ---------------------------------------------------------------------------- export / table
 def _add_export(sub, name: str) -> None:
     p = sub.add_parser(
@@ -1271,6 +1516,7 @@ for _name, _adder, _handler in (
     ("eval", _add_eval, _eval),
     ("embed", _add_embed, _embed),
     ("neighbors", _add_neighbors, _neighbors),
+    ("predict", _add_predict, _predict),
     ("export", _add_export, _export),
     ("table", _add_table, _table),
 ):
@@ -1282,5 +1528,6 @@ __all__ = [
     "evaluate_encoder",
     "format_eval_table",
     "nearest_neighbors",
+    "predict_dataset",
     "results_table",
 ]

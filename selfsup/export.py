@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from selfsup.models.weights import EXPORT_INFO, encoder_file, is_torchscript, re
 from selfsup.train.checkpoint import atomic_torch_save
 
 EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript")
+CLASSIFIER_FORMAT = "selfsup-classifier/1"  # the "format" of a saved classifier's .json
+CLASSIFIER_DIR = "classifiers"  # in the run directory: what `selfsup eval --save-classifiers` saves
 
 
 def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
@@ -278,3 +281,143 @@ def export_encoder(
     info = {**meta, "files": files}
     atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
     return target
+
+
+# ---------------------------------------------------------------------------- classifiers
+@dataclass
+class Classifier:
+    """A classifier saved by ``selfsup eval --save-classifiers`` (:func:`load_classifier`).
+
+    ``model``: the torchvision ResNet of the run's architecture with its trained ``fc``, in eval
+    mode: normalised images ``[B, 3, S, S]`` -> logits ``[B, C]``, ``C = len(classes)``.
+    ``classes``: the class names, in logit order. Prepare images as the evaluation did:
+    shorter side resized to ``round(image_size / eval_crop)``, centre crop ``image_size``,
+    normalised with ``mean`` / ``std`` (:meth:`transform` does that to uint8 ``[B, 3, H, W]``).
+    ``metadata``: the whole ``.json`` beside the weights (protocol, top1, eval data, ...).
+    """
+
+    model: nn.Module
+    classes: list[str]
+    image_size: int
+    eval_crop: float
+    mean: list[float]
+    std: list[float]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def transform(self) -> nn.Module:
+        """The evaluation's ``EvalTransform``: uint8 ``[B, 3, H, W]`` -> the model's input."""
+        from selfsup.augment import EvalTransform
+
+        return EvalTransform(
+            self.image_size, mean=self.mean, std=self.std, crop_fraction=self.eval_crop
+        )
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class index int64 ``[B]``, softmax probability of that class ``[B]``) of uint8
+        images ``[B, 3, H, W]``, on the model's device."""
+        device = next(self.model.parameters()).device
+        logits = self.model(self.transform().to(device)(images.to(device)))
+        confidence, index = logits.float().softmax(dim=1).max(dim=1)
+        return index, confidence
+
+
+def check_classifier_architecture(encoder: nn.Module, name: str, small_stem: bool) -> None:
+    """A CheckpointError now, before any training, when ``encoder``'s tensors are not those of
+    torchvision's ``name`` (a custom module): its classifiers could not be saved as one."""
+    if _encoder_shapes(encoder.state_dict()) != _backbone_shapes(name, small_stem):
+        raise CheckpointError(
+            f"the encoder's tensors are not those of a {name} (small_stem={small_stem}); "
+            "--save-classifiers saves torchvision ResNets only"
+        )
+
+
+def classifier_state(
+    encoder: nn.Module, head: nn.Linear, name: str, small_stem: bool
+) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` (CPU) of ``backbone_to_torchvision(name, small_stem, num_classes=C)``
+    holding ``encoder``'s tensors and ``head`` as its ``fc``: it loads with ``strict=True``."""
+    model = backbone_to_torchvision(name, small_stem, num_classes=head.out_features)
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    state["fc.weight"] = head.weight.detach().cpu().float()
+    state["fc.bias"] = head.bias.detach().cpu().float()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the trained classifier does not map onto torchvision {name}: {str(exc)[:300]}"
+        ) from None
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def save_classifier(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """``path`` (.pt, the state_dict) and the ``.json`` beside it, each written atomically; the
+    .json last, so a classifier with metadata always has its weights."""
+    path = Path(path)
+    meta = {"format": CLASSIFIER_FORMAT, **meta, "file": path.name}
+    atomic_torch_save(state, path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def _classifier_files(path: Path) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.suffix == ".json":
+        return path.with_suffix(".pt"), path
+    return path, path.with_suffix(".json")
+
+
+def classifier_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``.json`` of a saved classifier (``path``: its ``.pt`` or the ``.json``); a
+    CheckpointError when either file is missing or the .json is not one selfsup wrote."""
+    weights, info = _classifier_files(Path(path))
+    advice = "pass a classifiers/*.pt written by `selfsup eval --save-classifiers`"
+    if Path(path).is_dir():
+        raise CheckpointError(f"classifier {path} is a folder; {advice}")
+    if not weights.is_file():
+        raise CheckpointError(f"classifier file {weights} does not exist; {advice}")
+    if not info.is_file():
+        raise CheckpointError(
+            f"{weights} has no {info.name} beside it (classes, image size, normalisation); {advice}"
+        )
+    try:
+        meta = json.loads(info.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{info} is not readable JSON ({exc}); {advice}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CLASSIFIER_FORMAT:
+        raise CheckpointError(f"{info} is not the metadata of a selfsup classifier; {advice}")
+    missing = [
+        k
+        for k in ("classes", "backbone", "small_stem", "image_size", "mean", "std")
+        if k not in meta
+    ]
+    if missing:
+        raise CheckpointError(f"{info} lacks {', '.join(missing)}; {advice}")
+    return meta
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+    """A classifier saved by ``selfsup eval --save-classifiers``: ``path`` is its ``.pt`` or the
+    ``.json`` beside it. Returns a :class:`Classifier` (model in eval mode, classes,
+    preprocessing); a CheckpointError for a missing or foreign file."""
+    weights, _ = _classifier_files(Path(path))
+    meta = classifier_metadata(path)
+    classes = [str(c) for c in meta["classes"]]
+    state = read_state_dict(weights)
+    model = backbone_to_torchvision(meta["backbone"], bool(meta["small_stem"]), len(classes))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{weights} does not hold the {meta['backbone']} classifier of {len(classes)} classes "
+            f"its .json describes: {' '.join(str(exc).split())[:300]}"
+        ) from None
+    return Classifier(
+        model=model.to(map_location).eval(),
+        classes=classes,
+        image_size=int(meta["image_size"]),
+        eval_crop=float(meta.get("eval_crop") or 1.0),
+        mean=[float(v) for v in meta["mean"]],
+        std=[float(v) for v in meta["std"]],
+        metadata=meta,
+    )

@@ -14,7 +14,12 @@ from selfsup.evaluate.collapse import (
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.finetune import finetune, supervised_baseline
 from selfsup.evaluate.knn import knn_accuracy, knn_predict, topk_accuracy
-from selfsup.evaluate.linear import linear_probe, linear_probe_features
+from selfsup.evaluate.linear import (
+    fold_batchnorm_head,
+    fold_standardisation,
+    linear_probe,
+    linear_probe_features,
+)
 from selfsup.evaluate.subsets import balanced_subset, load_subset, save_subset
 
 __all__ = [
@@ -29,6 +34,8 @@ __all__ = [
     "extract_features",
     "feature_std",
     "finetune",
+    "fold_batchnorm_head",
+    "fold_standardisation",
     "knn_accuracy",
     "knn_predict",
     "linear_probe",

@@ -48,7 +48,8 @@ def finetune(
     amp: bool = True,
     progress: bool = True,
     mode: str = FINETUNE_MODE,
-) -> dict[str, float | int | str]:
+    return_model: bool = False,
+) -> dict[str, float | int | str] | tuple[dict[str, float | int | str], nn.Module, nn.Linear]:
     """Fine-tune a deep copy of ``backbone`` plus a linear head; evaluate on the full test split.
 
     The caller's ``backbone`` is never modified: a deep copy is trained (all its parameters get
@@ -75,9 +76,13 @@ def finetune(
         progress: show a tqdm bar over steps.
         mode: the result's ``mode`` label; its part before `` (`` names the progress bar
             (:func:`supervised_baseline` passes ``SUPERVISED_MODE``).
+        return_model: also return the fine-tuned encoder and its head.
 
     Returns:
-        ``{"top1", "top5" (fractions in [0, 1]), "final_loss": ..., "mode": mode, ...settings}``.
+        ``{"top1", "top5" (fractions in [0, 1]), "final_loss": ..., "mode": mode, ...settings}``;
+        with ``return_model``, ``(that dict, encoder, head)``: the fine-tuned copy of
+        ``backbone`` (plain BatchNorm, on the run device) and its ``nn.Linear(D, C)``, which
+        together gave the test accuracy (``head(encoder(x))``, encoder in eval mode).
     """
     # a MoCo backbone's SplitBatchNorm needs batches divisible by its groups: plain BN here
     model = plain_batchnorm(backbone)
@@ -108,7 +113,7 @@ def finetune(
         return feats.float()
 
     model.train()
-    return train_and_test_head(
+    metrics = train_and_test_head(
         encode,
         model,
         head,
@@ -131,6 +136,9 @@ def finetune(
         progress_desc=mode.split(" (")[0],
         progress=progress,
     )
+    if return_model:
+        return metrics, model.eval(), head.eval()
+    return metrics
 
 
 def supervised_baseline(

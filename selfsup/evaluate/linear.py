@@ -89,6 +89,40 @@ def make_linear_head(
     return head
 
 
+@torch.no_grad()
+def fold_standardisation(linear: nn.Linear, mean: Tensor | float, std: Tensor | float) -> nn.Linear:
+    """The ``nn.Linear`` that maps raw features ``x`` to ``linear((x - mean) / std)``.
+
+    ``W' = W / std`` (per input dimension) and ``b' = b - W' mean``, computed in float64: one
+    linear layer that needs no standardisation in front of it. ``mean`` / ``std``: ``[D]`` or
+    scalars. The result is a new float32 module on ``linear``'s device.
+    """
+    weight = linear.weight.detach().double()
+    bias = (
+        linear.bias.detach().double()
+        if linear.bias is not None
+        else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+    )
+    mean = torch.as_tensor(mean, dtype=torch.float64, device=weight.device).expand(weight.shape[1])
+    std = torch.as_tensor(std, dtype=torch.float64, device=weight.device).expand(weight.shape[1])
+    folded = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.device)
+    new_weight = weight / std
+    folded.weight.copy_(new_weight.float())
+    folded.bias.copy_((bias - new_weight @ mean).float())
+    return folded
+
+
+def fold_batchnorm_head(head: nn.Sequential) -> nn.Linear:
+    """The full probe's ``BatchNorm1d(affine=False) -> Linear`` head as one ``nn.Linear``: the
+    eval-mode normalisation ``(x - running_mean) / sqrt(running_var + eps)`` folded into the
+    weights (:func:`fold_standardisation`), so it gives the head's eval-mode logits."""
+    norm, linear = head
+    if not isinstance(norm, nn.BatchNorm1d) or norm.affine or not isinstance(linear, nn.Linear):
+        raise TypeError(f"expected BatchNorm1d(affine=False) -> Linear, got {head}")
+    std = (norm.running_var.detach().double() + norm.eps).sqrt()
+    return fold_standardisation(linear, norm.running_mean.detach(), std)
+
+
 def cosine_sgd(
     params,
     *,
@@ -298,7 +332,8 @@ def linear_probe_features(
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
-) -> dict[str, float | int | str]:
+    return_head: bool = False,
+) -> dict[str, float | int | str] | tuple[dict[str, float | int | str], nn.Linear]:
     """Fast linear evaluation: L2-regularised multinomial logistic regression on cached features.
 
     Features are standardised with the training mean and std (per dimension), then an
@@ -322,10 +357,13 @@ def linear_probe_features(
             very large feature sets; ``None`` = all at once. Does not change the result.
         device: defaults to ``train_feats.device``.
         seed: seeds the initialisation.
+        return_head: also return the trained classifier.
 
     Returns:
         ``{"top1", "top5", "train_top1" (fractions in [0, 1]), "final_loss": ...,
-        "mode": FAST_MODE, ...}``.
+        "mode": FAST_MODE, ...}``; with ``return_head``, ``(that dict, head)`` where ``head`` is
+        an ``nn.Linear(D, C)`` on the *raw* features, the standardisation folded into it
+        (:func:`fold_standardisation`).
     """
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(
@@ -378,7 +416,7 @@ def linear_probe_features(
         final_loss = F.cross_entropy(head(x_train), y_train).item()
         top1, top5 = topk_accuracy(head(x_test), test_labels, (1, 5))
         (train_top1,) = topk_accuracy(head(x_train), train_labels, (1,))
-    return {
+    metrics = {
         "top1": top1,
         "top5": top5,
         "train_top1": train_top1,
@@ -391,6 +429,9 @@ def linear_probe_features(
         "n_train": int(n_train),
         "n_test": int(test_feats.shape[0]),
     }
+    if return_head:
+        return metrics, fold_standardisation(head, mean, std)
+    return metrics
 
 
 class FrozenEncoder:
@@ -438,7 +479,8 @@ def linear_probe(
     seed: int = 0,
     amp: bool = True,
     progress: bool = True,
-) -> dict[str, float | int | str]:
+    return_head: bool = False,
+) -> dict[str, float | int | str] | tuple[dict[str, float | int | str], nn.Linear]:
     """Full linear evaluation with augmentation on a frozen encoder (the papers' protocol).
 
     Each epoch the training images are shuffled, augmented by ``train_transform`` (random resized
@@ -464,10 +506,13 @@ def linear_probe(
         seed: seeds head initialisation, shuffling and (when supported) augmentation.
         amp: autocast for the encoder on CUDA (bf16, or fp16 where bf16 is not native).
         progress: show a tqdm bar over steps.
+        return_head: also return the trained classifier.
 
     Returns:
         ``{"top1", "top5" (fractions in [0, 1]), "mode": FULL_MODE, "final_loss": ...,
-        ...settings}``.
+        ...settings}``; with ``return_head``, ``(that dict, head)`` where ``head`` is one
+        ``nn.Linear(D, C)`` on the encoder's features, the head's BatchNorm (eval mode) folded
+        into it (:func:`fold_batchnorm_head`).
     """
     if num_classes is None:
         num_classes = infer_num_classes(train_labels, test_labels)
@@ -497,7 +542,7 @@ def linear_probe(
             make_linear_head(feat_dim, num_classes, generator=cpu_generator),
         ).to(run_device)
         # extract the test features while the encoder is still frozen
-        return train_and_test_head(
+        metrics = train_and_test_head(
             encode,
             backbone,
             head,
@@ -520,3 +565,6 @@ def linear_probe(
             progress_desc="linear probe",
             progress=progress,
         )
+    if return_head:
+        return metrics, fold_batchnorm_head(head)
+    return metrics

@@ -1,0 +1,213 @@
+"""``selfsup eval --save-classifiers``, ``selfsup.load_classifier`` and ``selfsup predict``: the
+classifiers an evaluation trains are kept, reproduce its accuracy, and classify new images.
+
+One tiny SimCLR run (``resnet_tiny``, 16 px, 300 digits, 1 epoch) is trained and evaluated once
+for the module (all protocols, 2 epochs each, 10% of the labels, baselines, ``--limit 300``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_runs import run as tiny_run
+
+import selfsup
+import selfsup.commands as commands
+from selfsup.augment import EvalTransform
+from selfsup.cli import main
+from selfsup.data import load_dataset
+from selfsup.errors import CheckpointError
+from selfsup.models import backbone_to_torchvision
+
+LIMIT = 300
+PROTOCOLS = ("linear_fast", "linear_full", "finetune_10pct")
+EVAL = [
+    "--protocol",
+    "all",
+    "--linear-mode",
+    "both",
+    "--label-fraction",
+    "10",
+    "--linear-epochs",
+    "2",
+    "--finetune-epochs",
+    "2",
+    "--baselines",
+    "--limit",
+    str(LIMIT),
+    "--batch-size",
+    "64",
+    "--no-progress",
+    "--save-classifiers",
+]
+
+
+@pytest.fixture
+def cli(capsys):
+    """``selfsup *argv`` in-process: (exit status, stdout, stderr)."""
+
+    def call(*argv: str | Path) -> tuple[int, str, str]:
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> dict:
+    """The run, its cache, the eval JSON and the eval's stdout."""
+    root = tmp_path_factory.mktemp("classifier")
+    assert tiny_run(root, "simclr", "train.epochs=1", f"data.limit={LIMIT}") == 0
+    run, cache = root / "run", str(root / "cache")
+    rc = main(["eval", str(run), *EVAL, "--cache-dir", cache])
+    assert rc == 0
+    results = json.loads((run / f"eval_mnist5k_limit{LIMIT}_all.json").read_text())
+    return {"run": run, "cache": cache, "results": results}
+
+
+def classifier_file(evaluated, protocol: str) -> Path:
+    return evaluated["run"] / "classifiers" / f"mnist5k_limit{LIMIT}_{protocol}.pt"
+
+
+def test_only_the_ssl_encoders_classifiers_are_saved(evaluated) -> None:
+    names = sorted(p.name for p in (evaluated["run"] / "classifiers").iterdir())
+    expected = sorted(
+        f"mnist5k_limit{LIMIT}_{p}{ext}" for p in PROTOCOLS for ext in (".pt", ".json")
+    )
+    assert names == expected  # no random_init / supervised ones, no temporary files left
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_saved_classifier_reproduces_the_reported_accuracy(evaluated, protocol) -> None:
+    """The plain torchvision model with the saved state_dict (strict) scores the test split as
+    the evaluation did: the fast mode's standardisation and the full mode's BatchNorm are folded
+    into ``fc``, and fine-tuning saves its fine-tuned encoder."""
+    path = classifier_file(evaluated, protocol)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    reported = evaluated["results"]["protocols"][protocol]["ssl"]
+    assert meta["protocol"] == protocol and meta["top1"] == reported["top1"]
+    assert meta["classes"] == [str(d) for d in range(10)] and meta["eval_data"] == "mnist5k"
+    assert (meta["backbone"], meta["small_stem"]) == ("resnet_tiny", True)
+    assert meta["mean"] == evaluated["results"]["mean"] and meta["image_size"] == 16
+    assert ("label_fraction" in meta) == protocol.startswith("finetune")
+
+    model = backbone_to_torchvision(meta["backbone"], meta["small_stem"], num_classes=10)
+    model.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    test = load_dataset(
+        "mnist5k", "test", image_size=meta["storage_size"], cache_dir=evaluated["cache"]
+    ).spread(LIMIT)
+    prepare = EvalTransform(
+        meta["image_size"], mean=meta["mean"], std=meta["std"], crop_fraction=meta["eval_crop"]
+    )
+    with torch.no_grad():
+        predicted = model.eval()(prepare(test.images)).argmax(dim=1)
+    correct = int((predicted == test.labels).sum())
+    assert len(test) == reported["n_test"] == LIMIT
+    assert abs(correct - round(reported["top1"] * LIMIT)) <= 1, (correct, reported["top1"])
+
+
+def test_load_classifier_and_predict_give_the_classifiers_accuracy(evaluated, cli, tmp_path):
+    path = classifier_file(evaluated, "linear_full")
+    clf = selfsup.load_classifier(path.with_suffix(".json"))  # the .json names it too
+    assert not clf.model.training and clf.classes == [str(d) for d in range(10)]
+    assert (clf.image_size, clf.eval_crop, clf.metadata["protocol"]) == (16, 1.0, "linear_full")
+    with torch.no_grad():
+        assert clf.model(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
+
+    out = tmp_path / "sub" / "pred.csv"
+    rc, stdout, err = cli(
+        "predict", path, "--data", "mnist5k", "--split", "test", "--limit", LIMIT,
+        "--out", out, "--cache-dir", evaluated["cache"], "--batch-size", "64",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert len(stdout.strip().splitlines()) == 1
+    found = re.search(r"accuracy ([\d.]+) \((\d+)/(\d+)\)", stdout)
+    assert found and int(found.group(3)) == LIMIT, stdout
+    correct = int(found.group(2))
+    assert abs(correct - round(clf.metadata["top1"] * LIMIT)) <= 1, (stdout, clf.metadata["top1"])
+
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["path", "class", "confidence", "label"] and len(rows) == LIMIT
+    assert sum(r["class"] == r["label"] for r in rows) == correct
+    assert all(0.1 <= float(r["confidence"]) <= 1 for r in rows)  # the top of 10 probabilities
+    test = load_dataset("mnist5k", "test", image_size=16, cache_dir=evaluated["cache"]).spread(
+        LIMIT
+    )
+    assert [r["path"] for r in rows] == test.paths
+    index, _ = clf.predict(test.images[:8])  # the same answer from Python
+    assert [clf.classes[i] for i in index.tolist()] == [r["class"] for r in rows[:8]]
+
+
+def test_saving_classifiers_adds_no_baseline(evaluated, cli, tmp_path, monkeypatch) -> None:
+    """Without --baselines nothing but the encoder is trained, saved or not."""
+    ft = sys.modules["selfsup.evaluate.finetune"]  # the package re-exports a function of this name
+    monkeypatch.setattr(ft, "supervised_baseline", lambda *a, **k: pytest.fail("a baseline"))
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "encoder.pt"):
+        shutil.copy(evaluated["run"] / name, run / name)
+    rc, out, err = cli(
+        "eval", run, "--protocol", "finetune", "--label-fraction", "10", "--finetune-epochs", "1",
+        "--limit", LIMIT, "--batch-size", "64", "--cache-dir", evaluated["cache"], "--no-progress",
+        "--results-csv", tmp_path / "r.csv", "--save-classifiers",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "classifiers saved in" in out and f"mnist5k_limit{LIMIT}_finetune_10pct.pt" in out
+    results = json.loads((run / f"eval_mnist5k_limit{LIMIT}_finetune.json").read_text())
+    assert list(results["protocols"]["finetune_10pct"]) == ["ssl"]
+    meta = json.loads(
+        (run / "classifiers" / f"mnist5k_limit{LIMIT}_finetune_10pct.json").read_text()
+    )
+    assert meta["label_fraction"] == 10 and meta["labeled_images"] == LIMIT // 10
+
+
+@pytest.fixture
+def no_data_loading(monkeypatch) -> None:
+    monkeypatch.setattr(commands, "_load", lambda *a, **k: pytest.fail("loaded the data first"))
+
+
+def test_knn_has_no_classifier_to_save(evaluated, cli, tmp_path, no_data_loading) -> None:
+    cache = tmp_path / "cache"
+    rc, _, err = cli(
+        "eval", evaluated["run"], "--protocol", "knn", "--save-classifiers", "--cache-dir", cache
+    )
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--save-classifiers" in err and "--protocol knn trains none" in err
+    assert not cache.exists()
+
+
+def test_predict_refuses_bad_input_before_decoding(evaluated, cli, tmp_path, no_data_loading):
+    cache = tmp_path / "cache"
+    common = ["--data", "mnist5k", "--cache-dir", cache]
+    missing = tmp_path / "nope.pt"
+    rc, _, err = cli("predict", missing, *common)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"classifier file {missing} does not exist" in err
+    # an encoder is no classifier: no .json beside it
+    rc, _, err = cli("predict", evaluated["run"] / "encoder.pt", *common)
+    assert rc == 2 and "has no encoder.json beside it" in err, err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    good = classifier_file(evaluated, "linear_fast")
+    rc, _, err = cli("predict", good, *common, "--out", blocker / "pred.csv")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{blocker} is a file, not a folder" in err
+    assert not cache.exists()
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        selfsup.load_classifier(missing)
+    foreign = tmp_path / "other.json"
+    foreign.write_text('{"classes": ["a"]}')
+    (tmp_path / "other.pt").write_bytes(good.read_bytes())
+    with pytest.raises(CheckpointError, match="is not the metadata of a selfsup classifier"):
+        selfsup.load_classifier(foreign)
