@@ -211,3 +211,17 @@ def test_predict_refuses_bad_input_before_decoding(evaluated, cli, tmp_path, no_
     (tmp_path / "other.pt").write_bytes(good.read_bytes())
     with pytest.raises(CheckpointError, match="is not the metadata of a selfsup classifier"):
         selfsup.load_classifier(foreign)
+
+
+def test_overwrite_removes_the_replaced_runs_classifiers(evaluated, tmp_path) -> None:
+    from selfsup.train.trainer import remove_run_outputs
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(evaluated["run"], run_dir)
+    assert len(list((run_dir / "classifiers").glob("*.pt"))) == len(PROTOCOLS)
+    remove_run_outputs(run_dir)  # what --overwrite does first
+    assert not (run_dir / "classifiers").exists()  # emptied by selfsup: gone
+    shutil.copytree(evaluated["run"] / "classifiers", run_dir / "classifiers")
+    (run_dir / "classifiers" / "notes.txt").write_text("mine")  # not selfsup's: kept
+    remove_run_outputs(run_dir)
+    assert [p.name for p in (run_dir / "classifiers").iterdir()] == ["notes.txt"]

@@ -91,7 +91,7 @@ def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
 TEMPORARY_OUTPUTS = (  # what a write killed between its temp file and its rename leaves
     # .encoder.*.tmp.pt: atomic_write's name; .encoder.pt.*.tmp: that of selfsup before it
     "checkpoints/.last.pt.*.tmp", ".encoder.*.tmp.pt", ".encoder.pt.*.tmp", ".config.yaml.*.tmp",
-    ".results.json.*.tmp", ".collapse.json.*.tmp", "export/.*.tmp*",
+    ".results.json.*.tmp", ".collapse.json.*.tmp", "export/.*.tmp*", "classifiers/.*.tmp*",
 )  # fmt: skip
 RUN_OUTPUTS = (
     "config.yaml", "metrics.jsonl", "results.json", "encoder.pt", "skipped.csv", "collapse.json",
@@ -100,6 +100,7 @@ RUN_OUTPUTS = (
     "tb/events.out.tfevents.*",
     "export/export.json", "export/*_torchvision.pt", "export/encoder.safetensors",
     "export/encoder.torchscript.pt",
+    "classifiers/*_*.pt", "classifiers/*_*.json",  # eval --save-classifiers: <data>_<protocol>
     *TEMPORARY_OUTPUTS,
 )  # fmt: skip
 LOCK_FILE = ".selfsup.lock"
@@ -166,7 +167,7 @@ def remove_run_outputs(out: Path) -> None:
         for path in out.glob(pattern):
             if path.is_file() or path.is_symlink():
                 path.unlink(missing_ok=True)
-    for folder in ("checkpoints", "tb", "export"):
+    for folder in ("checkpoints", "tb", "export", "classifiers"):
         if (out / folder).is_dir() and not any((out / folder).iterdir()):
             (out / folder).rmdir()
 
