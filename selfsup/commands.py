@@ -1161,6 +1161,12 @@ def _add_neighbors(sub, name: str) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--grid",
+        default=None,
+        help="also write an image grid (.png or .jpg): one row per query, the query first, "
+        "then its neighbours, best first",
+    )
 
 
 def nearest_neighbors(
@@ -1174,11 +1180,13 @@ def nearest_neighbors(
     split: str = "train",
     limit: int | None = None,
     batch_size: int = 256,
+    grid: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """The ``k`` images of ``source`` most cosine-similar to each query image.
 
     Returns one ``{"query": path, "neighbors": [{"path", "similarity", "label"}, ...]}`` per
-    query, neighbors best first.
+    query, neighbors best first. ``grid``: also write those images as one picture (see
+    :func:`write_neighbor_grid`).
     """
     import numpy as np
     import torch
@@ -1190,6 +1198,11 @@ def nearest_neighbors(
     if k < 1:
         raise ConfigError(f"-k must be >= 1, got {k}")
     check_encode_args(image_size, batch_size)
+    if grid is not None:
+        grid = Path(grid)
+        if grid.suffix.lower() not in GRID_SUFFIXES:
+            raise ConfigError(f"--grid {grid}: give a .png or .jpg file name")
+        check_writable(grid.parent, "the neighbour grid")
     listing = None
     if len(queries) == 1 and queries[0].endswith(".txt"):
         listing = Path(queries[0])
@@ -1255,7 +1268,41 @@ def nearest_neighbors(
                 }
             )
         out.append({"query": q, "neighbors": hits})
+    if grid is not None and is_first_rank():
+        rows = [
+            [arrays[qi], *(ds.images[i] for i in top.indices[qi].tolist())]
+            for qi in range(len(queries))
+        ]
+        write_neighbor_grid(grid, rows)
     return out
+
+
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
+GRID_TILE = 96  # px: a 32 px CIFAR image is upscaled to stay visible
+
+
+def write_neighbor_grid(path: Path, rows: list[list[torch.Tensor]], tile: int = GRID_TILE) -> None:
+    """One picture of uint8 ``[3, H, W]`` images, one row per list (the query, then its
+    neighbours), each centre-cropped to a square and resized to ``tile`` px, written atomically."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as tvf
+    from torchvision.utils import make_grid
+
+    from selfsup.data.cache import atomic_write
+
+    width = max(len(r) for r in rows)
+    tiles = []
+    for row in rows:
+        for image in row:
+            side = min(image.shape[-2:])
+            square = tvf.center_crop(image, [side, side])
+            tiles.append(tvf.resize(square, [tile, tile], antialias=True))
+        tiles += [torch.full((3, tile, tile), 255, dtype=torch.uint8)] * (width - len(row))
+    picture = make_grid(torch.stack(tiles), nrow=width, padding=4, pad_value=255)
+    array = np.ascontiguousarray(picture.permute(1, 2, 0).numpy())
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp))
 
 
 def _neighbors(args: argparse.Namespace) -> int:
@@ -1270,7 +1317,10 @@ def _neighbors(args: argparse.Namespace) -> int:
         args.split,
         args.limit,
         args.batch_size,
+        args.grid,
     )
+    if args.grid and is_first_rank():
+        print(f"selfsup: neighbour grid written to {args.grid}", file=sys.stderr)
     if args.json:
         print(json.dumps(out, indent=2))
     else:

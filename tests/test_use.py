@@ -555,6 +555,43 @@ def test_neighbors_of_a_dataset_image_start_with_itself(trained, tmp_path) -> No
     assert json.loads(out)[0]["neighbors"][0]["path"] == train.paths[5]
 
 
+def test_neighbors_grid_shows_each_query_then_its_neighbours(trained, tmp_path) -> None:
+    from torchvision.transforms.v2 import functional as tvf
+
+    from selfsup.commands import GRID_TILE
+
+    train = digits(trained, n=200)
+    queries = []
+    for i in (5, 17):
+        queries.append(tmp_path / f"query{i}.png")
+        Image.fromarray(train.images[i].permute(1, 2, 0).numpy()).save(queries[-1])
+    common = ("--data", "mnist5k", "--limit", "200", "--cache-dir", trained["cache"], "--json")
+    grid = tmp_path / "grid.png"
+    rc, out, err = cli(
+        "neighbors", str(trained["run"]), "--query", *map(str, queries), "-k", "3",
+        "--grid", str(grid), *common,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert f"grid written to {grid}" in err
+    found = json.loads(out)
+    picture = torch.from_numpy(np.array(Image.open(grid))).permute(2, 0, 1)
+    step = GRID_TILE + 4  # make_grid's padding of 4 px before each tile
+    assert picture.shape == (3, 2 * step + 4, 4 * step + 4)  # 2 rows: query + 3 neighbours
+    by_path = {p: i for i, p in enumerate(train.paths)}
+    for row, item in enumerate(found):
+        shown = [train.images[5 if row == 0 else 17]]
+        shown += [train.images[by_path[h["path"]]] for h in item["neighbors"]]
+        for col, image in enumerate(shown):
+            y, x = 4 + row * step, 4 + col * step
+            tile = picture[:, y : y + GRID_TILE, x : x + GRID_TILE]
+            assert torch.equal(tile, tvf.resize(image, [GRID_TILE, GRID_TILE], antialias=True))
+    rc, out, err = cli(
+        "neighbors", str(trained["run"]), "--query", str(queries[0]), "--grid",
+        str(tmp_path / "grid.gif"), *common,
+    )  # fmt: skip
+    assert rc == 2 and "give a .png or .jpg" in err
+
+
 # ---------------------------------------------------------------------------- export
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_round_trips(trained, tmp_path) -> None:
