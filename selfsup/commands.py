@@ -834,15 +834,35 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 "limit": args.limit,
                 "seed": args.seed,
                 "eval_json": out_json.name,
-                "encoder": str(target),
+                "encoder": str(target.resolve()),
                 "weights": weights,
                 "method": info.get("method"),
                 "pretrain_data": info.get("pretrain_data"),
             }
+            _note_replaced_classifier(path, meta)
             saved.append(str(save_classifier(path, state, meta)))
     results["_json"], results["_csv"] = str(out_json), str(csv_path)
     results["_classifiers"] = saved
     return results
+
+
+def _note_replaced_classifier(path: Path, meta: dict[str, Any]) -> None:
+    """Say so when ``path`` holds a classifier of other data or weights (another folder of the
+    same name, a retrained run): the new one replaces it."""
+    try:
+        old = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # none there (or not readable: it is replaced all the same)
+    if not isinstance(old, dict):
+        return
+    changed = [k for k in ("eval_data", "weights", "classes") if old.get(k) != meta.get(k)]
+    if changed:
+        was = "; ".join(f"{k} {old.get(k)!r}" for k in changed)[:300]
+        print(
+            f"selfsup: note: {path} held a classifier of other {', '.join(changed)} ({was}); "
+            "the new one replaces it",
+            file=sys.stderr,
+        )
 
 
 def _merge_earlier(path: Path, results: dict[str, Any]) -> str:
@@ -1202,6 +1222,10 @@ def nearest_neighbors(
         grid = Path(grid)
         if grid.suffix.lower() not in GRID_SUFFIXES:
             raise ConfigError(f"--grid {grid}: give a .png or .jpg file name")
+        if grid.is_dir():
+            raise ConfigError(
+                f"--grid {grid} is a folder; give a file name such as {grid / 'nn.png'}"
+            )
         check_writable(grid.parent, "the neighbour grid")
     listing = None
     if len(queries) == 1 and queries[0].endswith(".txt"):

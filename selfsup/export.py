@@ -374,6 +374,11 @@ def classifier_metadata(path: str | Path) -> dict[str, Any]:
     advice = "pass a classifiers/*.pt written by `selfsup eval --save-classifiers`"
     if Path(path).is_dir():
         raise CheckpointError(f"classifier {path} is a folder; {advice}")
+    if Path(path).suffix == ".json" and not weights.is_file() and info.is_file():
+        raise CheckpointError(
+            f"{info} is not a classifier's metadata (no {weights.name} beside it; an eval "
+            f"result?); {advice}"
+        )
     if not weights.is_file():
         raise CheckpointError(f"classifier file {weights} does not exist; {advice}")
     if not info.is_file():
@@ -403,7 +408,13 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     weights, _ = _classifier_files(Path(path))
     meta = classifier_metadata(path)
     classes = [str(c) for c in meta["classes"]]
-    state = read_state_dict(weights)
+    try:
+        state = read_state_dict(weights)
+    except CheckpointError:
+        raise CheckpointError(
+            f"{weights} is damaged or holds no classifier weights (its .json is fine); run "
+            "`selfsup eval --save-classifiers` again to rewrite it"
+        ) from None
     model = backbone_to_torchvision(meta["backbone"], bool(meta["small_stem"]), len(classes))
     try:
         model.load_state_dict(state, strict=True)

@@ -80,9 +80,29 @@ def pretrain_config(
                 f"--preset {preset} needs --data (an image folder or .tar.gz); it names no "
                 "data source of its own"
             )
+    if cfg.model.init and cfg.model.init != "imagenet":  # recorded as a path from anywhere
+        cfg.model.init = str(Path(cfg.model.init).expanduser().absolute())
     out = out or default_out(cfg, cfg.method.name, data)
     cfg.out = str(out)
     return cfg, out
+
+
+def check_init(cfg, out: Path, *, resume: bool, overwrite: bool) -> None:
+    """``model.init``'s weights fit the backbone, and ``--overwrite`` would not delete them:
+    said before the run directory is touched."""
+    from selfsup.train.trainer import has_checkpoint, is_selfsup_run, starting_weights
+
+    if not cfg.model.init or (resume and has_checkpoint(out)):
+        return  # a resume continues from its checkpoint
+    init = Path(cfg.model.init)
+    if overwrite and cfg.model.init != "imagenet" and is_selfsup_run(out):
+        if init.resolve().is_relative_to(out.resolve()):
+            raise ConfigError(
+                f"model.init={init} is inside --out {out}, which --overwrite empties first; "
+                f"copy it elsewhere (cp {init} ...) and start from the copy, or choose another "
+                "--out"
+            )
+    starting_weights(cfg)
 
 
 def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
@@ -106,6 +126,7 @@ def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
         refused: SelfsupError | None = None
         if env.is_main:
             try:
+                check_init(cfg, out, resume=resume, overwrite=overwrite)  # before --overwrite
                 lock = lock_run_dir(out)  # before --overwrite could delete a running run's files
                 prepare_run_dir(out, resume=resume, overwrite=overwrite)
             except SelfsupError as exc:

@@ -225,3 +225,25 @@ def test_overwrite_removes_the_replaced_runs_classifiers(evaluated, tmp_path) ->
     (run_dir / "classifiers" / "notes.txt").write_text("mine")  # not selfsup's: kept
     remove_run_outputs(run_dir)
     assert [p.name for p in (run_dir / "classifiers").iterdir()] == ["notes.txt"]
+
+
+def test_damaged_classifiers_and_eval_results_are_named_as_such(evaluated, tmp_path) -> None:
+    good = classifier_file(evaluated, "linear_fast")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(good.read_bytes()[:1000])  # an interrupted copy
+    shutil.copy(good.with_suffix(".json"), damaged.with_suffix(".json"))
+    with pytest.raises(CheckpointError, match="damaged or holds no classifier weights"):
+        selfsup.load_classifier(damaged)
+    eval_json = evaluated["run"] / f"eval_mnist5k_limit{LIMIT}_all.json"
+    with pytest.raises(CheckpointError, match=r"not a classifier's metadata .*an eval result"):
+        selfsup.load_classifier(eval_json)
+
+
+def test_a_classifier_of_other_data_is_replaced_with_a_note(evaluated, capsys) -> None:
+    path = classifier_file(evaluated, "linear_fast")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    commands._note_replaced_classifier(path, meta)  # the same data and weights: quiet
+    assert capsys.readouterr().err == ""
+    commands._note_replaced_classifier(path, {**meta, "eval_data": "/elsewhere/mnist5k"})
+    err = capsys.readouterr().err
+    assert f"{path} held a classifier of other eval_data" in err and "replaces it" in err

@@ -122,8 +122,15 @@ def test_imagenet_offline_names_the_file_to_fetch(monkeypatch, tmp_path) -> None
     with pytest.raises(ConfigError) as error:
         init_state("imagenet", resnet18, "resnet18")
     message = str(error.value)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
-    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+    assert f"put it in {cached}" in message
+    # the file passed by path is normalised as model.init=imagenet would: said how
+    assert "data.mean=[0.485,0.456,0.406] data.std=[0.229,0.224,0.225]" in message
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"truncated")  # what an interrupted download leaves
+    with pytest.raises(ConfigError, match=f"the cached {cached} does not load.*delete it"):
+        init_state("imagenet", resnet18, "resnet18")
 
 
 def test_a_resume_keeps_its_checkpoint_not_the_init(first_run, tmp_path) -> None:
@@ -160,8 +167,54 @@ def test_imagenet_init_loads_torchvision_weights_and_their_normalisation(
     monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", download)
     args = ("model.backbone=resnet18", "model.small_stem=false", "data.limit=128")
     assert run(tmp_path, "simclr", "train.epochs=1", "model.init=imagenet", *args) == 0
-    assert calls == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
+    assert set(calls) == {torchvision.models.ResNet18_Weights.IMAGENET1K_V1}  # (checked, read)
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert saved.data.mean == [0.485, 0.456, 0.406] and saved.data.std == [0.229, 0.224, 0.225]
     results = _results(tmp_path / "run")
     assert results["init"] == "imagenet" and "knn_top1_init" in results
+
+
+def test_overwrite_with_bad_init_weights_deletes_nothing(first_run, tmp_path, capsys) -> None:
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(first_run, old)
+    for init in (tmp_path / "missing.pt", old / "encoder.pt"):  # absent; deleted by --overwrite
+        argv = ("--overwrite", "train.epochs=1", "data.limit=256", f"model.init={init}")
+        assert run(tmp_path, "simclr", *argv, out="old") == 2
+        assert "model.init=" in capsys.readouterr().err
+        assert (old / "encoder.pt").is_file() and (old / "checkpoints" / "last.pt").is_file()
+
+
+def test_init_reads_wrapped_and_prefixed_checkpoints(first_run, tmp_path) -> None:
+    tiny, _ = build_backbone("resnet_tiny", small_stem=True)
+    reference = torch.load(first_run / "encoder.pt", weights_only=True)
+    head = {"projector.0.weight": torch.zeros(4, 4)}
+    layouts = {
+        "ddp.pt": {f"module.{k}": v for k, v in reference.items()},
+        "ssl_model.pt": {"model": {**{f"backbone.{k}": v for k, v in reference.items()}, **head}},
+        "lightning.ckpt": {"state_dict": {f"model.encoder.{k}": v for k, v in reference.items()}},
+    }
+    for name, content in layouts.items():
+        path = tmp_path / name
+        torch.save(content, path)
+        notes: list[str] = []
+        state = init_state(str(path), tiny, "resnet_tiny", notes=notes)
+        assert state.keys() == reference.keys(), name
+        assert all(torch.equal(state[k], v) for k, v in reference.items()), name
+        first_key = next(iter(content.get("model", content.get("state_dict", content))))
+        prefix = first_key[: -len("conv1.weight")]  # module. / backbone. / model.encoder.
+        assert notes == [f"model.init: the backbone's tensors are those under {prefix!r} in {path}"]
+    with pytest.raises(ConfigError, match="training checkpoint, not an encoder"):
+        init_state(str(first_run / "checkpoints" / "last.pt"), tiny, "resnet_tiny")
+
+
+def test_relative_init_is_recorded_as_an_absolute_path(first_run, tmp_path, monkeypatch) -> None:
+    from selfsup.run import pretrain_config
+
+    monkeypatch.chdir(first_run.parent)
+    overrides = [f"model.init={first_run.name}", "model.backbone=resnet_tiny"]
+    cfg, _ = pretrain_config(
+        "byol", None, preset=None, out=tmp_path / "r", resume=False, flags={}, overrides=overrides
+    )
+    assert cfg.model.init == str(first_run)

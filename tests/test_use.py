@@ -590,6 +590,12 @@ def test_neighbors_grid_shows_each_query_then_its_neighbours(trained, tmp_path) 
         str(tmp_path / "grid.gif"), *common,
     )  # fmt: skip
     assert rc == 2 and "give a .png or .jpg" in err
+    (tmp_path / "shots.png").mkdir()
+    rc, out, err = cli(
+        "neighbors", str(trained["run"]), "--query", str(queries[0]), "--grid",
+        str(tmp_path / "shots.png"), *common,
+    )  # fmt: skip
+    assert rc == 2 and "is a folder; give a file name" in err
 
 
 # ---------------------------------------------------------------------------- export

@@ -94,7 +94,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         # torch's own text advises weights_only=False: unsafe for a file of unknown origin,
         # and meaningless for a JPEG or YAML; so say what the file is not, and what to pass
         raise CheckpointError(_not_a_checkpoint(path, exc)) from None
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    if isinstance(loaded, dict) and "selfsup_version" in loaded:  # checkpoints/last.pt
+        raise CheckpointError(
+            f"{path} is a selfsup training checkpoint, not an encoder; pass the run's "
+            "encoder.pt (or the run directory)"
+        )
+    state = loaded
+    for wrapper in ("state_dict", "model"):  # {"state_dict": ...}, {"model": ...}: common layouts
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
             f"{path} does not hold an encoder state_dict; pass encoder.pt "
@@ -133,30 +141,62 @@ def _imagenet_state(backbone: str) -> dict[str, torch.Tensor]:
             f"model.backbone={backbone}; choose a torchvision ResNet (resnet18, resnet50, ...) "
             "or pass model.init=PATH (a run directory or a weights file)"
         ) from None
+    name = weights.url.rsplit("/", 1)[-1]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    was_cached = cached.is_file()
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # URLError offline, a proxy's error page, a truncated download
-        name = weights.url.rsplit("/", 1)[-1]
-        hub = Path(torch.hub.get_dir()) / "checkpoints"
+    except Exception as exc:  # URLError offline, a proxy's error page, a truncated file
+        if was_cached:
+            raise ConfigError(
+                f"model.init=imagenet: the cached {cached} does not load "
+                f"({type(exc).__name__}: {exc}); it is damaged or incomplete: delete it and "
+                "run again (it is downloaded anew)"
+            ) from None
         raise ConfigError(
             f"model.init=imagenet: could not download torchvision's {weights} weights for "
             f"{backbone} from {weights.url} ({type(exc).__name__}: {exc}); with no network, "
-            f"fetch that file elsewhere and put it in {hub / name}, or pass "
-            f"model.init=PATH/{name}"
+            f"fetch that file elsewhere and put it in {cached} (model.init=imagenet then reads "
+            f"it), or pass model.init=PATH/{name} data.mean=[{','.join(map(str, IMAGENET_MEAN))}] "
+            f"data.std=[{','.join(map(str, IMAGENET_STD))}]"
         ) from None
 
 
+def _strip_prefix(
+    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, torch.Tensor], str]:
+    """``state``'s tensors under the prefix that holds every expected key (``module.`` of a
+    DistributedDataParallel, ``backbone.`` or ``encoder.`` of a whole SSL model), and that
+    prefix; ``state`` itself and "" when its keys are the backbone's already."""
+    needed = [k for k in expected if not k.endswith("num_batches_tracked")]
+    if not needed or all(k in state for k in needed):
+        return state, ""
+    first = needed[0]  # conv1.weight: a prefix is whatever stands before it
+    prefixes = sorted({k[: -len(first)] for k in state if k.endswith("." + first)}, key=len)
+    for prefix in prefixes:
+        inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if all(k in inner for k in needed):
+            return inner, prefix
+    return state, ""
+
+
 def init_state(
-    source: str, backbone: nn.Module, arch: str, *, where: str = "model.init"
+    source: str,
+    backbone: nn.Module,
+    arch: str,
+    *,
+    where: str = "model.init",
+    notes: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state_dict to start ``backbone`` (built as ``arch``, a name of ``BACKBONES``) from.
 
     ``source``: ``imagenet`` (torchvision's weights of ``arch``), a run directory (its
-    ``encoder.pt``) or a weights file (see :func:`read_state_dict`). The classifier ``fc.*`` of a
-    torchvision checkpoint is dropped (the backbone's ``fc`` is ``nn.Identity``), and BatchNorm's
-    step counters, absent from torchvision's oldest files, count from 0. Any other key missing,
-    extra or of another shape is a :class:`ConfigError` naming it, so a caller can check the
-    weights before any data is read.
+    ``encoder.pt``) or a weights file (see :func:`read_state_dict`). Keys under one prefix
+    (``module.``, ``backbone.``, ...) are taken from under it (said in ``notes``); the
+    classifier ``fc.*`` of a torchvision checkpoint is dropped (the backbone's ``fc`` is
+    ``nn.Identity``); BatchNorm's step counters, absent from torchvision's oldest files, count
+    from 0. Any other key missing, extra or of another shape is a :class:`ConfigError` naming
+    it, so a caller can check the weights before any data is read.
     """
     if source == IMAGENET:
         state, origin = _imagenet_state(arch), f"torchvision's ImageNet {arch} weights"
@@ -170,8 +210,11 @@ def init_state(
         except CheckpointError as exc:
             raise ConfigError(f"{where}={source}: {exc}") from None
         origin = str(path)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = backbone.state_dict()
+    state, prefix = _strip_prefix(state, {k: tuple(v.shape) for k, v in own.items()})
+    if prefix and notes is not None:
+        notes.append(f"{where}: the backbone's tensors are those under {prefix!r} in {origin}")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     for key, value in own.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros(value.shape, dtype=value.dtype)  # value may be on meta

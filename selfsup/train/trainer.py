@@ -250,6 +250,15 @@ def _limit(dataset: ImageDataset, limit: int | None) -> ImageDataset:
     return dataset.spread(limit)
 
 
+def starting_weights(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``model.init``'s weights for ``cfg``'s backbone, checked against its shapes (a
+    :class:`ConfigError` naming what does not fit), and notes on how they were read."""
+    m, notes = cfg.model, []
+    with torch.device("meta"):  # shapes only
+        shapes, _ = build_backbone(m.backbone, small_stem=m.small_stem)
+    return init_state(str(m.init), shapes, m.backbone, notes=notes), notes
+
+
 def build_model(cfg: DictConfig, init: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """The method of ``cfg``; its backbone starts from ``init`` (``model.init``'s weights, from
     :func:`selfsup.models.weights.init_state`) before a method copies it into a target network."""
@@ -333,16 +342,14 @@ class Trainer:
     def _init_weights(self) -> dict[str, torch.Tensor] | None:
         """``model.init``'s weights for the backbone, checked against it; None for a random
         start, or for a resume (its checkpoint holds the weights)."""
-        source = self.cfg.model.init
-        if not source or (self.resume and has_checkpoint(self.run_dir)):
+        if not self.cfg.model.init or (self.resume and has_checkpoint(self.run_dir)):
             return None
-        m = self.cfg.model
-        with torch.device("meta"):  # shapes only
-            shapes, _ = build_backbone(m.backbone, small_stem=m.small_stem)
         with main_process_first():  # one download of torchvision's weights, then the cache
-            state = init_state(str(source), shapes, m.backbone)
+            state, notes = starting_weights(self.cfg)
         if self.env.is_main:
-            print(f"selfsup: starting from model.init={source}", file=sys.stderr)
+            for note in notes:
+                print(f"selfsup: note: {note}", file=sys.stderr)
+            print(f"selfsup: starting from model.init={self.cfg.model.init}", file=sys.stderr)
         return state
 
     def _load_data(self) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
