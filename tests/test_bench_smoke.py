@@ -222,7 +222,23 @@ def test_time_to_accuracy_excludes_gaps_between_parts(tmp_path):
     assert [c["wall_clock_s"] for c in result["knn_curve"]] == [20.0, 50.0, 65.0, 90.0]
 
 
-def run_device_check(tmp_path: Path, *phases: str, budget_s: int):
+@pytest.fixture(scope="module")
+def split_folder(tmp_path_factory) -> Path:
+    """``root/{train,test}/<class>/<i>.png``: 128 + 32 random 32x32 RGB images in two classes,
+    a data set for a smoke run of the device check with its kNN checks (2 steps an epoch at
+    the smoke batch of 64, instead of mnist5k's 16)."""
+    root = tmp_path_factory.mktemp("split_images")
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 128), ("test", 32)):
+        for i in range(n):
+            folder = root / split / ("cat" if i % 2 else "dog")
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def run_device_check(tmp_path: Path, *phases: str, budget_s: int, data: str = "mnist5k"):
     import os
     import subprocess
 
@@ -232,7 +248,7 @@ def run_device_check(tmp_path: Path, *phases: str, budget_s: int):
         "SMOKE": "1",
         "OUT": str(out),
         "BUDGET_S": str(budget_s),
-        "DATA": "mnist5k",
+        "DATA": data,
         "PYTHON": sys.executable,
         "RUNS": str(tmp_path / "runs"),
         "CACHE": str(tmp_path / "cache"),
@@ -250,8 +266,10 @@ def run_device_check(tmp_path: Path, *phases: str, budget_s: int):
     return proc, out, [json.loads(line) for line in lines]
 
 
-def test_device_check_runs_a_phase_and_brings_its_results_back(tmp_path):
-    proc, out, phases = run_device_check(tmp_path, "pretrain-simclr", budget_s=280)
+def test_device_check_runs_a_phase_and_brings_its_results_back(tmp_path, split_folder):
+    proc, out, phases = run_device_check(
+        tmp_path, "pretrain-simclr", budget_s=280, data=str(split_folder)
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert phases == [{"phase": "pretrain-simclr", "rc": 0, "wall_s": phases[0]["wall_s"]}]
     results = json.loads((out / "pretrain-simclr-results.json").read_text())

@@ -326,7 +326,22 @@ SCENARIOS = {
 }
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def scenario_refusal(argv: list[str]) -> dict:
+    """``selfsup eval --protocol finetune`` (``argv``) in this 2-process group, whose processes
+    have what torchrun gives each (RANK, WORLD_SIZE, MASTER_ADDR/PORT): refused before any work.
+    Run after the other scenarios: the command leaves the process group, as under torchrun."""
+    import contextlib
+    import io
+
+    from selfsup.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(argv)
+    return {"status": status, "stderr": err.getvalue()}
+
+
+def _worker(rank: int, port: int, out_dir: str, refusal_argv: list[str]) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -337,10 +352,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     env = init_distributed("cpu")
     results: dict = {}
+    scenarios = {
+        **{name: lambda fn=fn: fn(env, Path(out_dir)) for name, fn in SCENARIOS.items()},
+        "refusal": lambda: scenario_refusal(refusal_argv),
+    }
     try:
-        for name, scenario in SCENARIOS.items():
+        for name, run_scenario in scenarios.items():
             try:
-                results[name] = scenario(env, Path(out_dir))
+                results[name] = run_scenario()
             except Exception:  # reported by the test that owns the scenario
                 results[name] = {"error": traceback.format_exc()}
     finally:
@@ -354,11 +373,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _eval_options(cache: Path) -> list[str]:
+    return ["--limit", "300", "--cache-dir", str(cache), "--no-progress", "--baselines"]
+
+
 @pytest.fixture(scope="module")
-def dist_results(tmp_path_factory) -> list[dict]:
+def eval_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny pretraining run (and its data cache) for the eval and embed commands."""
+    from selfsup.cli import main
+
+    root = tmp_path_factory.mktemp("eval")
+    cache, run = root / "cache", root / "run"
+    tiny = ["model.backbone=resnet_tiny", "data.image_size=16", "data.storage_size=16"]
+    train = ["data.limit=256", "train.batch_size=64", "train.epochs=1", "train.knn_every=0"]
+    argv = ["pretrain", "--out", str(run), "--no-progress", *tiny, *train]
+    assert main([*argv, f"data.cache_dir={cache}"]) == 0
+    return run, cache
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory, eval_run) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ddp")
+    run, cache = eval_run
+    refusal = ["eval", str(run), "--protocol", "finetune", *_eval_options(cache)]
     context = mp.start_processes(
-        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+        _worker,
+        args=(_free_port(), str(out_dir), refusal),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=1):
@@ -634,6 +677,8 @@ def _child_env() -> dict[str, str]:
 
 
 def test_two_process_run_resumes(tmp_path):
+    from selfsup.cli import main
+
     env = _child_env()
     overrides = [
         "data.source=mnist5k",
@@ -644,48 +689,42 @@ def test_two_process_run_resumes(tmp_path):
         "train.progress=false",
         "train.knn_every=0",
         "method.queue_size=64",
-        "data.limit=256",
+        "data.limit=128",  # 4 steps an epoch: logged at each epoch's end
         f"data.cache_dir={tmp_path / 'cache'}",
     ]
 
-    def pretrain(nproc: int, run: Path, *extra: str) -> None:
-        launcher = (
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={nproc}",
-            ]
-            if nproc > 1
-            else [sys.executable]
+    def argv(run: Path, *extra: str) -> list[str]:
+        return ["pretrain", "--method", "moco", "--out", str(run), *extra, *overrides]
+
+    def torchrun(run: Path, *extra: str) -> subprocess.Popen:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd = [*launcher, "--nproc_per_node=2", "-m", "selfsup", *argv(run, *extra)]
+        return subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        cmd = [
-            *launcher,
-            "-m",
-            "selfsup",
-            "pretrain",
-            "--method",
-            "moco",
-            "--out",
-            str(run),
-            *extra,
-            *overrides,
-        ]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-4000:]
+
+    def finished(proc: subprocess.Popen) -> None:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
 
     first = tmp_path / "run"
-    pretrain(2, first, "train.epochs=2")
+    finished(torchrun(first, "train.epochs=2"))
     assert _checkpoint_epoch(first) == 2 and (first / "encoder.pt").exists()
     # rank 0 alone writes the logs: each logged step once, in order
     records = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "train/loss" in r]
     assert steps and steps == sorted(set(steps)), steps
-    for nproc in (1, 2):
-        run = tmp_path / f"resume{nproc}"
+    runs = {nproc: tmp_path / f"resume{nproc}" for nproc in (1, 2)}
+    for run in runs.values():
         shutil.copytree(first, run)
-        pretrain(nproc, run, "--resume", "train.epochs=3")
+    # resumed on 2 processes (torchrun, in the background) and on 1 (`selfsup pretrain` in this
+    # process, which has torch imported already) at the same time: the two copies share nothing
+    two = torchrun(runs[2], "--resume", "train.epochs=3")
+    try:
+        assert main(argv(runs[1], "--resume", "train.epochs=3")) == 0
+    finally:
+        finished(two)
+    for run in runs.values():
         assert _checkpoint_epoch(run) == 3
         assert (run / "results.json").exists() and (run / "encoder.pt").exists()
 
@@ -693,6 +732,8 @@ def test_two_process_run_resumes(tmp_path):
 def test_torchrun_with_one_process_matches_the_plain_run(tmp_path):
     """The same run launched plainly and through torchrun (1 process, gloo, DDP-wrapped) ends with
     bit-identical weights: the distributed path adds no change of its own."""
+    from selfsup.cli import main
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     settings = [
         "pretrain",
@@ -711,10 +752,20 @@ def test_torchrun_with_one_process_matches_the_plain_run(tmp_path):
         f"data.cache_dir={tmp_path / 'cache'}",
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    for name, launcher in (("plain", [sys.executable]), ("torchrun", torchrun)):
-        cmd = [*launcher, "-m", "selfsup", *settings, "--out", str(tmp_path / name)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-4000:]
+    # torchrun's run in the background while the plain one runs in this process (one thread
+    # each; the cache is written atomically, whichever builds it first)
+    proc = subprocess.Popen(
+        [*torchrun, "-m", "selfsup", *settings, "--out", str(tmp_path / "torchrun")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert main([*settings, "--out", str(tmp_path / "plain")]) == 0
+    finally:
+        _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
     plain = torch.load(tmp_path / "plain" / "encoder.pt", weights_only=True)
     launched = torch.load(tmp_path / "torchrun" / "encoder.pt", weights_only=True)
     assert plain.keys() == launched.keys()
@@ -722,21 +773,19 @@ def test_torchrun_with_one_process_matches_the_plain_run(tmp_path):
         assert torch.equal(plain[key], launched[key]), key
 
 
-def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(tmp_path):
+def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(
+    tmp_path, eval_run, dist_results
+):
     """``selfsup eval`` (kNN, fast linear, random-init baseline) and ``selfsup embed`` on 2
     processes give one process's numbers and vectors, written once; protocols that train a
-    network are refused under torchrun before any work."""
+    network are refused in a 2-process group before any work (``selfsup eval --protocol
+    finetune`` ran in the module's spawned group: no torchrun start-up of its own)."""
     import numpy as np
 
     from selfsup.cli import main
 
-    cache = tmp_path / "cache"
-    run = tmp_path / "run"
-    tiny = ["model.backbone=resnet_tiny", "data.image_size=16", "data.storage_size=16"]
-    train = ["data.limit=256", "train.batch_size=64", "train.epochs=1", "train.knn_every=0"]
-    argv = ["pretrain", "--out", str(run), "--no-progress", *tiny, *train]
-    assert main([*argv, f"data.cache_dir={cache}"]) == 0
-    evaluation = ["--limit", "300", "--cache-dir", str(cache), "--no-progress", "--baselines"]
+    run, cache = eval_run
+    evaluation = _eval_options(cache)
     protocol = ["--protocol", "linear", "--linear-mode", "fast", "--lbfgs-iters", "20"]
     embed = ["embed", str(run), "--data", "mnist5k", "--limit", "301", "--cache-dir", str(cache)]
 
@@ -759,7 +808,6 @@ def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(tmp_pat
             str(tmp_path / "two.csv"),
         ],
         "embed": [*embed, "--out", str(tmp_path / "two.npz")],
-        "finetune": ["eval", str(run), "--protocol", "finetune", *evaluation],
     }
     done = {
         name: subprocess.run(
@@ -785,34 +833,46 @@ def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(tmp_pat
     assert a["embeddings"].shape == b["embeddings"].shape == (301, 128)
     np.testing.assert_allclose(a["embeddings"], b["embeddings"], atol=1e-5, rtol=1e-5)
     assert list(a["paths"]) == list(b["paths"]) and (a["labels"] == b["labels"]).all()
-    refused = done["finetune"]
-    assert refused.returncode != 0
-    assert "--protocol finetune" in refused.stderr and "without torchrun" in refused.stderr
+    refused = scenario(dist_results, "refusal")
+    assert all(r["status"] != 0 for r in refused)
+    stderr = "".join(r["stderr"] for r in refused)
+    assert "--protocol finetune" in stderr and "without torchrun" in stderr
     assert not list(run.glob("subset_*"))  # refused before drawing the subsets
 
 
-def test_devices_launcher_reports_rank_0s_status_and_forwards_sigterm(tmp_path):
+def test_devices_launcher_reports_rank_0s_status_and_forwards_sigterm(
+    tmp_path, monkeypatch, capsys
+):
     """`--devices 2`: a batch that does not split is one error before launching; a SIGTERM to
     the launcher reaches the workers, which checkpoint, and the launcher exits 3 as they do."""
     import signal
     import time
 
+    from selfsup.cli import main
+
     env = _child_env()
     run = tmp_path / "run"
-    base = [sys.executable, "-m", "selfsup", "pretrain", "--devices", "2", "--out", str(run)]
+    base = ["pretrain", "--devices", "2", "--out", str(run)]
     settings = [
         "data.image_size=16", "model.backbone=resnet_tiny", "train.device=cpu",
         "train.progress=false", "train.knn_every=0", "data.limit=512", "train.epochs=50",
         "train.log_every=1", f"data.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
-    odd = subprocess.run(
-        [*base, *settings, "train.batch_size=33"], env=env, capture_output=True, text=True
-    )
-    assert odd.returncode == 2 and odd.stderr.count("must divide evenly over 2 processes") == 1
-    assert "Traceback" not in odd.stderr and not (run / "config.yaml").exists()
+    # The refusal before launching runs in this process (`python -m selfsup` is main(); torch
+    # is imported here already). A launcher that launched anyway would relaunch sys.argv under
+    # torchrun: this command, then.
+    odd = [*base, *settings, "train.batch_size=33"]
+    monkeypatch.setattr(sys, "argv", ["selfsup", *odd])
+    assert main(odd) == 2
+    err = capsys.readouterr().err
+    assert err.count("must divide evenly over 2 processes") == 1
+    assert "Traceback" not in err and not (run / "config.yaml").exists()
 
     proc = subprocess.Popen(
-        [*base, *settings, "train.batch_size=32"], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "selfsup", *base, *settings, "train.batch_size=32"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 300
     while (
@@ -829,22 +889,32 @@ def test_devices_launcher_reports_rank_0s_status_and_forwards_sigterm(tmp_path):
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
 
 
-def test_devices_launcher_prints_a_run_ending_error_once(tmp_path):
+def test_devices_launcher_prints_a_run_ending_error_once(tmp_path, monkeypatch, capfd):
     """`--devices 2`: a NaN loss (every rank sees the all-reduced loss) ends the run with one
     selfsup line, not one per rank and torchrun's ChildFailedError report after them."""
+    from selfsup.cli import main
+
     run = tmp_path / "run"
     argv = [
-        sys.executable, "-m", "selfsup", "pretrain", "--devices", "2", "--out", str(run),
+        "pretrain", "--devices", "2", "--out", str(run),
         "data.image_size=16", "model.backbone=resnet_tiny", "train.device=cpu",
         "train.progress=false", "train.knn_every=0", "data.limit=256", "train.epochs=1",
         "train.batch_size=32", "train.log_every=1", "optim.lr=1e12", "optim.warmup_epochs=0",
         f"data.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
-    done = subprocess.run(argv, env=_child_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.count("selfsup: error: loss became NaN/Inf") == 1, done.stderr[-3000:]
-    assert "ChildFailedError" not in done.stderr and "Traceback" not in done.stderr
-    assert done.stderr.count("kNN monitoring off") <= 1
+    # The launcher is this process (`python -m selfsup` runs main; torch is imported here
+    # already); launch_local relaunches sys.argv under torchrun, and capfd reads the stderr
+    # that it and the workers write to file descriptor 2.
+    monkeypatch.setattr(sys, "argv", ["selfsup", *argv])
+    for name, value in _child_env().items():
+        monkeypatch.setenv(name, value)
+    capfd.readouterr()
+    status = main(argv)
+    stderr = capfd.readouterr().err
+    assert status == 2, stderr[-3000:]
+    assert stderr.count("selfsup: error: loss became NaN/Inf") == 1, stderr[-3000:]
+    assert "ChildFailedError" not in stderr and "Traceback" not in stderr
+    assert stderr.count("kNN monitoring off") <= 1
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="needs fewer than 2 GPUs")

@@ -5,10 +5,10 @@ through ``Trainer.fit``: the loss a 2-process run logs is the mean over the glob
 ranks see disjoint blocks of one epoch order, and a run resumed on another number of processes
 continues the step counter, lr and EMA schedules and the MoCo queue.
 
-Each 2-process scenario runs in one ``torch.multiprocessing`` spawn per fixture; each records,
-per training step, what ``optimizer_step`` was given (the lr set, the EMA progress, the views,
-the weights before the step) and the indices each rank's batch stream yielded. The references
-are computed in this process from those records.
+All 2-process scenarios run in one ``torch.multiprocessing`` spawn (a module fixture); each
+records, per training step, what ``optimizer_step`` was given (the lr set, the EMA progress, the
+views, the weights before the step) and the indices each rank's batch stream yielded. The
+references are computed in this process from those records.
 """
 
 from __future__ import annotations
@@ -266,26 +266,35 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def loss_runs(root) -> list[dict]:
-    return spawn(root, ["simclr", "byol"])
+def two_process_runs(root) -> dict:
+    """Every 2-process job in one spawn (the interpreters start up once): SimCLR and BYOL's
+    logged losses, and MoCo stopped in step 5 (resumed on 1 process later), then MoCo resuming
+    the 1-process run stopped in step 5, which is run here first."""
+    first_one = Recorder(stop_at=STOP_AT)
+    stopped_one = fit(settings("moco", root / "cache", *MOCO), root / "moco_1to2", first_one)
+    assert not stopped_one.finished
+    ranks = spawn(root, ["simclr", "byol", "moco_stop", "moco_resume"])
+    return {"first_one": first_one.result(), "ranks": ranks}
 
 
 @pytest.fixture(scope="module")
-def moco_runs(root) -> dict:
+def loss_runs(two_process_runs) -> list[dict]:
+    return two_process_runs["ranks"]
+
+
+@pytest.fixture(scope="module")
+def moco_runs(root, two_process_runs) -> dict:
     """MoCo: an uninterrupted 1-process run of 2 epochs (8 steps); 2 -> 1 (2 processes stopped
     in step 5, 1 resumes); 1 -> 2 (1 process stopped in step 5, 2 resume)."""
     cfg = lambda: settings("moco", root / "cache", *MOCO)  # noqa: E731 - fit() changes cfg
     reference = Recorder()
     fit(cfg(), root / "moco_ref", reference)
-    first_one = Recorder(stop_at=STOP_AT)
-    stopped_one = fit(cfg(), root / "moco_1to2", first_one)
-    assert not stopped_one.finished
-    two = spawn(root, ["moco_stop", "moco_resume"])
+    two = two_process_runs["ranks"]
     then_one = Recorder()
     fit(cfg(), root / "moco_2to1", then_one, resume=True)
     return {
         "reference": reference.result(),
-        "1to2": (first_one.result(), job(two, "moco_resume")),
+        "1to2": (two_process_runs["first_one"], job(two, "moco_resume")),
         "2to1": (job(two, "moco_stop"), then_one.result()),
     }
 

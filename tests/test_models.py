@@ -34,9 +34,10 @@ def test_backbone_maps_images_to_pooled_features(name: str, dim: int, small_stem
 
 
 def test_resnet50_dim_and_torchvision_keys() -> None:
-    backbone, feat_dim = build_backbone("resnet50", small_stem=False)
+    with torch.device("meta"):  # compared by shape only: no memory, no initialisation cost
+        backbone, feat_dim = build_backbone("resnet50", small_stem=False)
+        reference = torchvision.models.resnet50(weights=None).state_dict()
     assert feat_dim == 2048
-    reference = torchvision.models.resnet50(weights=None).state_dict()
     expected = {k: v.shape for k, v in reference.items() if not k.startswith("fc.")}
     assert {k: v.shape for k, v in backbone.state_dict().items()} == expected
 
@@ -77,7 +78,8 @@ def test_resnet_tiny_is_a_narrow_torchvision_resnet() -> None:
     assert widths == [16, 32, 64, 128] and feat_dim == 128
     assert sum(p.numel() for p in backbone.parameters()) < 1_000_000
     # Keys have torchvision's names: a resnet18 has the same first block key set.
-    resnet18_keys = torchvision.models.resnet18(weights=None).state_dict()
+    with torch.device("meta"):  # its key names only
+        resnet18_keys = torchvision.models.resnet18(weights=None).state_dict()
     tv_keys = {k for k in resnet18_keys if not re.match(r"layer\d\.1\.", k)}
     assert set(backbone.state_dict()) == tv_keys - {"fc.weight", "fc.bias"}
 
@@ -158,7 +160,8 @@ def test_unknown_backbone_names_the_choices() -> None:
 )
 def test_every_torchvision_resnet_family_is_a_backbone(name: str, dim: int, tmp_path) -> None:
     backbone, feat_dim = build_backbone(name, small_stem=True)
-    reference = getattr(torchvision.models, name)(weights=None).state_dict()
+    with torch.device("meta"):  # compared by shape only: no memory, no initialisation cost
+        reference = getattr(torchvision.models, name)(weights=None).state_dict()
     shapes = {k: v.shape for k, v in backbone.state_dict().items()}
     expected = {k: v.shape for k, v in reference.items() if not k.startswith("fc.")}
     expected["conv1.weight"] = torch.Size([64, 3, 3, 3])  # the small stem

@@ -131,8 +131,8 @@ def test_knn_under_a_training_autocast_still_computes_in_float32():
 
 PRECISION_RUN = (
     "train.epochs=2",
-    "data.limit=128",
-    "train.batch_size=32",
+    "data.limit=32",  # 2 steps an epoch (fp16 is slow on a CPU; no check needs more steps)
+    "train.batch_size=16",
     "train.log_every=1",
     "train.device=cpu",  # the same test on a machine with a GPU (CUDA: below)
 )
@@ -157,15 +157,17 @@ def test_whole_run_in_reduced_precision_trains_evaluates_and_records_it(tmp_path
 
 
 def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch):
-    # a scaler that grows every 2 steps: a resume that forgot the scale would restart at 2^10
+    # a scaler that grows every step, and 1 step an epoch: a resume that forgot the scale would
+    # restart at 2^10
     monkeypatch.setattr(
         trainer_module,
         "grad_scaler",
         lambda precision, device: torch.amp.GradScaler(
-            device.type, init_scale=2.0**10, growth_interval=2, enabled=precision == "fp16"
+            device.type, init_scale=2.0**10, growth_interval=1, enabled=precision == "fp16"
         ),
     )
     common = ("train.epochs=3", *PRECISION_RUN[1:], "train.precision=fp16", "train.knn_every=0")
+    common += ("data.limit=16",)  # one batch of 16: 1 step an epoch
     assert run(tmp_path, "byol", *common, out="full") == 0
     assert run(tmp_path, "byol", *common, "train.stop_after_epochs=1", out="split") == 3
     assert main(["pretrain", "--out", str(tmp_path / "split"), "--resume"]) == 0

@@ -1122,7 +1122,7 @@ def test_byol_logs_its_tau_schedule_and_tensorboard_holds_the_config(tmp_path, g
     assert "name: byol" in text and f"epochs: {EPOCHS}" in text
 
 
-def _run_with_file_size_limit(args: list[str], limit_bytes: int) -> subprocess.CompletedProcess:
+def _start_with_file_size_limit(args: list[str], limit_bytes: int) -> subprocess.Popen:
     """`python -m selfsup *args` where no file may grow past ``limit_bytes`` (``ulimit -f``):
     a real write failure (EFBIG), as a full disk gives (ENOSPC), not a mocked one."""
     import resource
@@ -1132,10 +1132,15 @@ def _run_with_file_size_limit(args: list[str], limit_bytes: int) -> subprocess.C
 
     checkout = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": checkout}
-    return subprocess.run(
-        [sys.executable, "-m", "selfsup", *args], capture_output=True, text=True, env=env,
-        preexec_fn=limit, timeout=300,
+    return subprocess.Popen(
+        [sys.executable, "-m", "selfsup", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, preexec_fn=limit,
     )  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics")
@@ -1144,22 +1149,27 @@ def test_a_real_write_failure_is_one_line_and_leaves_no_partial_files(tmp_path):
     fails used to leave the partial file that filled the disk."""
     common = ["pretrain", "--no-progress", "--epochs", "1", "model.backbone=resnet_tiny"]
     common += ["data.image_size=16", "train.batch_size=32", "data.limit=64", "train.knn_every=0"]
-    # the cache (9 MB of digits) does not fit under 600 kB
+    # the cache (9 MB of digits) does not fit under 600 kB; this run starts first, and runs
+    # while this process builds the other run's cache (the two share no file)
     fresh = tmp_path / "fresh_cache"
-    done = _run_with_file_size_limit(
+    first = _start_with_file_size_limit(
         [*common, "--out", str(tmp_path / "a"), f"data.cache_dir={fresh}"], 600_000
     )
+    try:
+        # with the cache built, the first checkpoint (over 1 MB) does not fit
+        cache = tmp_path / "cache"
+        for split in ("train", "test"):  # the quickstart preset stores 28 px digits
+            load_dataset("mnist5k", split, image_size=28, cache_dir=cache, progress=False)
+        out = tmp_path / "b"
+        second = _start_with_file_size_limit(
+            [*common, "--out", str(out), f"data.cache_dir={cache}"], 600_000
+        )
+    finally:
+        done = _finish(first)
     assert done.returncode == 2, done.stderr
     assert "cannot write the data cache" in done.stderr and "Traceback" not in done.stderr
     assert not [p.name for p in fresh.iterdir() if p.name.endswith(".tmp")]
-    # with the cache built, the first checkpoint (over 1 MB) does not fit
-    cache = tmp_path / "cache"
-    for split in ("train", "test"):  # the quickstart preset stores 28 px digits
-        load_dataset("mnist5k", split, image_size=28, cache_dir=cache, progress=False)
-    out = tmp_path / "b"
-    done = _run_with_file_size_limit(
-        [*common, "--out", str(out), f"data.cache_dir={cache}"], 600_000
-    )
+    done = _finish(second)
     assert done.returncode == 2, done.stderr
     assert "cannot write a checkpoint" in done.stderr and "File too large" in done.stderr
     assert "Traceback" not in done.stderr

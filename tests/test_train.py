@@ -40,7 +40,8 @@ def test_method_learns_on_real_digits(tmp_path, method):
 
 @pytest.mark.parametrize("method", ["byol", "moco"])  # MoCo: queue and shuffle-BN's draws too
 def test_resume_after_epoch_matches_uninterrupted_run(tmp_path, method):
-    common = ("train.epochs=3", "data.limit=256", *EXTRA.get(method, ()))
+    # 2 steps an epoch: the resume must reproduce them as it would 4 (or 40)
+    common = ("train.epochs=3", "data.limit=128", *EXTRA.get(method, ()))
     assert run(tmp_path, method, *common, out="full") == 0
     assert run(tmp_path, method, *common, "train.stop_after_epochs=1", out="split") == 3
     assert not (tmp_path / "split" / "encoder.pt").exists()
