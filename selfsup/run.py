@@ -80,7 +80,9 @@ def pretrain_config(
                 f"--preset {preset} needs --data (an image folder or .tar.gz); it names no "
                 "data source of its own"
             )
-    if cfg.model.init and cfg.model.init != "imagenet":  # recorded as a path from anywhere
+    from selfsup.models.weights import IMAGENET
+
+    if cfg.model.init and cfg.model.init != IMAGENET:  # recorded as a path from anywhere
         cfg.model.init = str(Path(cfg.model.init).expanduser().absolute())
     out = out or default_out(cfg, cfg.method.name, data)
     cfg.out = str(out)
@@ -90,12 +92,13 @@ def pretrain_config(
 def check_init(cfg, out: Path, *, resume: bool, overwrite: bool) -> None:
     """``model.init``'s weights fit the backbone, and ``--overwrite`` would not delete them:
     said before the run directory is touched."""
+    from selfsup.models.weights import IMAGENET
     from selfsup.train.trainer import has_checkpoint, is_selfsup_run, starting_weights
 
     if not cfg.model.init or (resume and has_checkpoint(out)):
         return  # a resume continues from its checkpoint
     init = Path(cfg.model.init)
-    if overwrite and cfg.model.init != "imagenet" and is_selfsup_run(out):
+    if overwrite and cfg.model.init != IMAGENET and is_selfsup_run(out):
         if init.resolve().is_relative_to(out.resolve()):
             raise ConfigError(
                 f"model.init={init} is inside --out {out}, which --overwrite empties first; "
