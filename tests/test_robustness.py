@@ -1219,6 +1219,22 @@ def test_a_run_in_use_is_refused_and_a_killed_runs_temporary_files_are_removed(
         path.write_bytes(b"\x80 torn")  # what kill -9 between a write and its rename leaves
     assert resume(out) == 0  # the finished run: nothing left to train, outputs rewritten
     assert not any(path.exists() for path in leftovers)
+    assert not (out / ".selfsup.lock").exists()  # released and removed with the run's end
+
+
+def test_a_run_refused_by_its_data_leaves_no_directory_behind(tmp_path, cache, capsys):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"{i}.jpg").write_text("not a jpeg")
+    out = tmp_path / "runs" / "x"
+    assert pretrain(out, data=junk, cache=cache) == 2
+    assert "holds no usable images" in capsys.readouterr().err
+    assert not out.exists()  # made for the run, and empty: removed with the lock
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert pretrain(out, data=junk, cache=cache) == 2
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]  # a directory it did not make stays
 
 
 def test_a_killed_cache_builds_temporary_file_is_removed_by_the_next_build(tmp_path):

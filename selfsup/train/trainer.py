@@ -107,41 +107,75 @@ LOCK_FILE = ".selfsup.lock"
 STOP_CHECK_EVERY = 5  # steps between the ranks' agreements on a stop (one host sync each)
 
 
-def lock_run_dir(out: Path):
-    """Hold ``out/.selfsup.lock`` (an exclusive ``flock``) for the life of the returned file:
+class RunDirLock:
+    """The held ``out/.selfsup.lock`` of :func:`lock_run_dir`. ``close()`` removes the lock file
+    (while still holding it, so a process that opened it meanwhile sees it gone and retries on a
+    new one) and, when this run made ``out`` and wrote nothing there, ``out`` itself: a finished
+    run keeps only its outputs, and a run refused by its data leaves no empty directory."""
+
+    def __init__(self, out: Path, handle, *, held: bool, created: bool):
+        self.out, self.handle, self.held, self.created = out, handle, held, created
+
+    def close(self) -> None:
+        if self.handle.closed:
+            return
+        if self.held:
+            (self.out / LOCK_FILE).unlink(missing_ok=True)
+        self.handle.close()
+        if self.created:
+            try:
+                self.out.rmdir()  # only when empty: anything written stays
+            except OSError:
+                pass
+
+
+def lock_run_dir(out: Path) -> RunDirLock:
+    """Hold ``out/.selfsup.lock`` (an exclusive ``flock``) until the returned lock is closed:
     a second pretrain on the same run, which would interleave its checkpoints, metrics and
     TensorBoard events with this one's, is refused. The lock ends with the process, however it
-    ends, so a killed run leaves none behind. Then removes the temporary files of writes that
-    an earlier, killed process left here."""
+    ends, so a killed run leaves none held (a stale file is reused). Then removes the temporary
+    files of writes that an earlier, killed process left here."""
     import fcntl
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open until the process ends
-    except OSError as exc:  # a file in the way, a path that cannot be made
-        raise ConfigError(
-            f"cannot write to output directory {out}: {exc.strerror or exc}"
-        ) from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ConfigError(
-            f"{out} is in use by another selfsup pretrain ({holder}); wait for it to end, or "
-            "choose another --out"
-        ) from None
-    except OSError:  # a filesystem without locks (some network mounts): run unguarded
-        return handle
+    created = not out.exists()
+    path = out / LOCK_FILE
+    for _ in range(100):  # retried only while other processes remove the file under us
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")  # noqa: SIM115 - held open until the run ends
+        except OSError as exc:  # a file in the way, a path that cannot be made
+            raise ConfigError(
+                f"cannot write to output directory {out}: {exc.strerror or exc}"
+            ) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"{out} is in use by another selfsup pretrain ({holder}); wait for it to end, "
+                "or choose another --out"
+            ) from None
+        except OSError:  # a filesystem without locks (some network mounts): run unguarded
+            return RunDirLock(out, handle, held=False, created=created)
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # its holder removed the file as we locked it: lock the new one
+    else:
+        raise ConfigError(f"cannot lock {path}: it is removed and made again by other processes")
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}\n")
     handle.flush()
     for pattern in TEMPORARY_OUTPUTS:
-        for path in out.glob(pattern):
-            path.unlink(missing_ok=True)
-    return handle
+        for leftover in out.glob(pattern):
+            leftover.unlink(missing_ok=True)
+    return RunDirLock(out, handle, held=True, created=created)
 
 
 def has_checkpoint(out: Path) -> bool:
