@@ -269,8 +269,30 @@ def _main(argv: list[str] | None) -> int:
     return status
 
 
+def _check_data_early(args: argparse.Namespace) -> None:
+    """A ``--data`` that names no data is reported before torch is imported (a fraction of a
+    second, not the seconds its import takes); the command checks it again where it reads it.
+    When the encoder or classifier given before it is missing too, the command names that first."""
+    data = getattr(args, "data", None)
+    if data is None or args.command == "config":  # config prints settings; it reads no data
+        return
+    given = getattr(args, "encoder", None) or getattr(args, "classifier", None)
+    if given is not None and not Path(given).exists():
+        return
+    from selfsup.data.sources import parse_source
+    from selfsup.errors import DataError
+
+    try:
+        parse_source(data)
+    except DataError as exc:
+        # pretrain and ablate name the setting, as their config check does
+        named = args.command in ("pretrain", "ablate")
+        raise DataError(f"data.source: {exc}" if named else str(exc)) from None
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     try:
+        _check_data_early(args)
         return _HANDLERS[args.command](args)
     except SelfsupError as exc:
         from selfsup.errors import (

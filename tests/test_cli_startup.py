@@ -60,6 +60,41 @@ def test_parsing_imports_nothing_heavy(argv, status):
     assert proc.stdout.splitlines()[-1] == f"{status} []", proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("command", ["pretrain", "eval", "embed", "neighbors", "predict", "ablate"])
+def test_a_mistyped_data_source_is_reported_before_torch_is_imported(command, tmp_path):
+    given = tmp_path / "run"  # exists: the command would go on to read --data
+    given.mkdir()
+    first = {
+        "pretrain": [],
+        "eval": [str(given)],
+        "embed": [str(given), "--out", str(tmp_path / "e.npz")],
+        "neighbors": [str(given), "--query", "q.jpg"],
+        "predict": [str(given)],
+        "ablate": ["augment"],
+    }[command]
+    argv = [command, *first, "--data", str(tmp_path / "no-such-folder")]
+    proc = _python(
+        f"""
+        import sys
+        from selfsup.cli import main
+        status = main({argv!r})
+        heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "torchvision"}})
+        print(status, heavy)
+        """
+    )
+    assert proc.stdout.splitlines()[-1] == "2 []", proc.stdout + proc.stderr
+    named = "data.source: " if command in ("pretrain", "ablate") else ""
+    assert f"selfsup: error: {named}data source '{tmp_path / 'no-such-folder'}' is not" in (
+        proc.stderr
+    )
+
+
+def test_a_missing_encoder_is_named_before_a_missing_data_source(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path / "no-run"), "--data", str(tmp_path / "no-data")]) == 2
+    err = capsys.readouterr().err
+    assert "no-run does not exist" in err and "no-data" not in err
+
+
 # `python -m selfsup eval ...`, with a KeyboardInterrupt (as from a Ctrl-C) raised when the module
 # MODULE (or one of its submodules) is first imported
 INTERRUPTED_IMPORT = """
