@@ -89,14 +89,16 @@ def pretrain_config(
     return cfg, out
 
 
-def check_init(cfg, out: Path, *, resume: bool, overwrite: bool) -> None:
+def check_init(cfg, out: Path, *, resume: bool, overwrite: bool):
     """``model.init``'s weights fit the backbone, and ``--overwrite`` would not delete them:
-    said before the run directory is touched."""
+    said before the run directory is touched. Returns what
+    :func:`~selfsup.train.trainer.starting_weights` read (the trainer starts from it, without
+    reading the file again), or None when the run starts from no weights."""
     from selfsup.models.weights import IMAGENET
     from selfsup.train.trainer import has_checkpoint, is_selfsup_run, starting_weights
 
     if not cfg.model.init or (resume and has_checkpoint(out)):
-        return  # a resume continues from its checkpoint
+        return None  # a resume continues from its checkpoint
     init = Path(cfg.model.init)
     if overwrite and cfg.model.init != IMAGENET and is_selfsup_run(out):
         if init.resolve().is_relative_to(out.resolve()):
@@ -105,7 +107,7 @@ def check_init(cfg, out: Path, *, resume: bool, overwrite: bool) -> None:
                 f"copy it elsewhere (cp {init} ...) and start from the copy, or choose another "
                 "--out"
             )
-    starting_weights(cfg)
+    return starting_weights(cfg)
 
 
 def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
@@ -124,12 +126,13 @@ def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
 
     check_data_sources(cfg, out)  # before --overwrite clears anything
     env = init_distributed(cfg.train.device)
-    lock = None
+    lock = init = None
     try:
         refused: SelfsupError | None = None
         if env.is_main:
             try:
-                check_init(cfg, out, resume=resume, overwrite=overwrite)  # before --overwrite
+                # before --overwrite; its weights are the trainer's, not read twice
+                init = check_init(cfg, out, resume=resume, overwrite=overwrite)
                 lock = lock_run_dir(out)  # before --overwrite could delete a running run's files
                 prepare_run_dir(out, resume=resume, overwrite=overwrite)
             except SelfsupError as exc:
@@ -140,7 +143,7 @@ def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
                 raise refused
             return None  # rank 0 says why
         barrier()
-        return Trainer(cfg, out, resume=resume).fit()
+        return Trainer(cfg, out, resume=resume, init=init).fit()
     finally:
         if lock is not None:
             lock.close()  # releases the flock

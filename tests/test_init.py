@@ -33,8 +33,16 @@ def _results(path) -> dict:
     return json.loads((path / "results.json").read_text())
 
 
-def test_a_run_started_from_another_begins_with_its_encoder(first_run, tmp_path, capsys) -> None:
+def test_a_run_started_from_another_begins_with_its_encoder(
+    first_run, tmp_path, capsys, monkeypatch
+) -> None:
+    import selfsup.models.weights as weights
+
+    reads = []
+    real = weights.read_state_dict
+    monkeypatch.setattr(weights, "read_state_dict", lambda p: reads.append(p) or real(p))
     assert run(tmp_path, "byol", "train.epochs=1", "data.limit=256", f"model.init={first_run}") == 0
+    assert reads == [first_run / "encoder.pt"]  # checked first, then used: read once
     printed = capsys.readouterr()
     assert f"starting from model.init={first_run}" in printed.err
     results = _results(tmp_path / "run")

@@ -362,8 +362,18 @@ def optimizer_step(
 class Trainer:
     """Pre-trains ``cfg.method`` on ``cfg.data`` into ``run_dir``; see :meth:`fit`."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, *, resume: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        init: tuple[dict[str, torch.Tensor], list[str]] | None = None,
+    ) -> None:
+        """``init``: what :func:`starting_weights` already read for ``cfg`` (``run_pretrain``
+        checks ``model.init`` before it touches the run directory), so it is not read again."""
         self.cfg = cfg
+        self._init = init
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.env = init_distributed(cfg.train.device)
@@ -378,8 +388,12 @@ class Trainer:
         start, or for a resume (its checkpoint holds the weights)."""
         if not self.cfg.model.init or (self.resume and has_checkpoint(self.run_dir)):
             return None
-        with main_process_first():  # one download of torchvision's weights, then the cache
-            state, notes = starting_weights(self.cfg)
+        # one download of torchvision's weights, then the cache (every rank takes part: a barrier)
+        with main_process_first():
+            if self._init is not None:  # read by run_pretrain's check (rank 0)
+                (state, notes), self._init = self._init, None  # no second copy kept
+            else:
+                state, notes = starting_weights(self.cfg)
         if self.env.is_main:
             for note in notes:
                 print(f"selfsup: note: {note}", file=sys.stderr)
