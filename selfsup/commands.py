@@ -794,8 +794,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     # several files in one folder (the exports) each keep their own results
     of_file = f"_{_slug(target.name)}" if target.is_file() and target.name != "encoder.pt" else ""
     out_json = run_dir / f"eval_{_slug(source)}{pool}_{args.protocol}{of_file}.json"
+    earlier: list[tuple[str, str]] = []
     if is_main():  # every process computed the same numbers; one writes them
-        replaced = _merge_earlier(out_json, results)
+        replaced, earlier = _merge_earlier(out_json, results)
         if replaced:
             print(
                 f"selfsup: note: {out_json} held results at other settings ({replaced}); "
@@ -843,6 +844,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
             saved.append(str(save_classifier(path, state, meta)))
     results["_json"], results["_csv"] = str(out_json), str(csv_path)
     results["_classifiers"] = saved
+    results["_earlier"] = earlier  # rows the table marks as not measured by this command
     return results
 
 
@@ -865,29 +867,32 @@ def _note_replaced_classifier(path: Path, meta: dict[str, Any]) -> None:
         )
 
 
-def _merge_earlier(path: Path, results: dict[str, Any]) -> str:
+def _merge_earlier(path: Path, results: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
     """Keep the protocols of an earlier eval of the same weights, data and sizes in ``results``
     (``--label-fraction 1`` after ``10`` keeps both); another encoder's file is replaced.
 
-    Returns what differed when an earlier file is replaced (``""`` when merged or none)."""
+    Returns what differed when an earlier file is replaced (``""`` when merged or none), and
+    the (protocol, encoder) entries kept from the earlier file."""
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
-        return ""
+        return "", []
     if not isinstance(earlier, dict):
-        return ""
+        return "", []
     same = ("weights", "eval_data", "image_size", "limit", "seed", "train_augment", "settings")
     differ = [k for k in same if earlier.get(k) != results.get(k)]
     if not differ:
+        kept = []
         for protocol, by_encoder in (earlier.get("protocols") or {}).items():
-            merged = {**by_encoder, **results["protocols"].get(protocol, {})}
-            results["protocols"][protocol] = merged
-        return ""
+            now = results["protocols"].get(protocol, {})
+            kept += [(protocol, enc) for enc in by_encoder if enc not in now]
+            results["protocols"][protocol] = {**by_encoder, **now}
+        return "", kept
     if "settings" in differ:  # name the knobs, not the whole dict
         before, now = earlier.get("settings") or {}, results.get("settings") or {}
         knobs = [f"{k} {before.get(k)} -> {now.get(k)}" for k in now if before.get(k) != now.get(k)]
         differ[differ.index("settings")] = ", ".join(knobs) or "settings"
-    return ", ".join(differ)
+    return ", ".join(differ), []
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -928,11 +933,15 @@ def format_eval_table(results: dict[str, Any]) -> str:
         "| protocol | encoder | top-1 | top-5 | note |",
         "| --- | --- | --- | --- | --- |",
     ]
+    earlier = {tuple(entry) for entry in results.get("_earlier", ())}
     for protocol, by_encoder in results["protocols"].items():
         for enc, m in by_encoder.items():
-            note = m.get("mode", "")
+            notes = [m["mode"]] if m.get("mode") else []
             if "labeled_images" in m:
-                note += f"; {m['labeled_images']} labeled images ({m['subset_file']})"
+                notes.append(f"{m['labeled_images']} labeled images ({m['subset_file']})")
+            if (protocol, enc) in earlier:  # not measured by this command: kept from the file
+                notes.append("from an earlier eval")
+            note = "; ".join(notes)
             lines.append(f"| {protocol} | {enc} | {m['top1']:.4f} | {m['top5']:.4f} | {note} |")
     return "\n".join(lines)
 

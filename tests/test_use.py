@@ -711,8 +711,13 @@ def test_eval_results_merge_only_the_same_weights_data_and_settings(trained, tmp
     path = run / "eval_mnist5k_limit200_knn.json"
     assert cli("eval", str(run), *common, "--baselines", "--knn-k", "7")[0] == 0
     assert set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl", "random_init"}
-    assert cli("eval", str(run), *common, "--knn-k", "7")[0] == 0  # same settings: kept
+    rc, out, _ = cli("eval", str(run), *common, "--knn-k", "7")  # same settings: kept
+    assert rc == 0
     assert set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl", "random_init"}
+    knn_rows = [line for line in out.splitlines() if line.startswith("| knn")]
+    rows = {line.split("|")[2].strip(): line for line in knn_rows}
+    assert "from an earlier eval" in rows["random_init"]  # the table says it was not re-run
+    assert "earlier" not in rows["ssl"]
     rc, _, err = cli("eval", str(run), *common)  # another k: the baseline is not comparable
     assert rc == 0 and set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl"}
     assert f"{path} held results at other settings (knn_k 7 -> 200)" in err  # and it is said
