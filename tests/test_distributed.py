@@ -773,13 +773,16 @@ def test_torchrun_with_one_process_matches_the_plain_run(tmp_path):
         assert torch.equal(plain[key], launched[key]), key
 
 
-def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(
+def test_eval_embed_and_predict_under_torchrun_share_the_features_and_write_once(
     tmp_path, eval_run, dist_results
 ):
-    """``selfsup eval`` (kNN, fast linear, random-init baseline) and ``selfsup embed`` on 2
-    processes give one process's numbers and vectors, written once; protocols that train a
-    network are refused in a 2-process group before any work (``selfsup eval --protocol
-    finetune`` ran in the module's spawned group: no torchrun start-up of its own)."""
+    """``selfsup eval`` (kNN, fast linear, random-init baseline, ``--save-classifiers``),
+    ``selfsup embed`` and ``selfsup predict`` on 2 processes give one process's numbers,
+    vectors and predictions, written once; protocols that train a network are refused in a
+    2-process group before any work (``selfsup eval --protocol finetune`` ran in the module's
+    spawned group: no torchrun start-up of its own)."""
+    import csv
+
     import numpy as np
 
     from selfsup.cli import main
@@ -787,7 +790,11 @@ def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(
     run, cache = eval_run
     evaluation = _eval_options(cache)
     protocol = ["--protocol", "linear", "--linear-mode", "fast", "--lbfgs-iters", "20"]
+    protocol += ["--save-classifiers"]
     embed = ["embed", str(run), "--data", "mnist5k", "--limit", "301", "--cache-dir", str(cache)]
+    clf = run / "classifiers" / "mnist5k_limit300_linear_fast"
+    predict = ["predict", str(tmp_path / "clf1.pt"), "--data", "mnist5k", "--split", "test"]
+    predict += ["--limit", "150", "--cache-dir", str(cache)]
 
     assert (
         main(["eval", str(run), *protocol, *evaluation, "--results-csv", str(tmp_path / "one.csv")])
@@ -795,6 +802,10 @@ def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(
     )
     one = json.loads((run / "eval_mnist5k_limit300_linear.json").read_text())
     assert main([*embed, "--out", str(tmp_path / "one.npz")]) == 0
+    for suffix in (".pt", ".json"):  # the one-process classifier, for both predictions
+        shutil.copy(clf.with_suffix(suffix), (tmp_path / "clf1").with_suffix(suffix))
+    clf.with_suffix(".pt").unlink()  # the 2-process eval must write it again
+    assert main([*predict, "--out", str(tmp_path / "one_pred.csv")]) == 0
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -808,6 +819,7 @@ def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(
             str(tmp_path / "two.csv"),
         ],
         "embed": [*embed, "--out", str(tmp_path / "two.npz")],
+        "predict": [*predict, "--out", str(tmp_path / "two_pred.csv")],
     }
     done = {
         name: subprocess.run(
@@ -820,7 +832,7 @@ def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(
         )
         for name, cmd in commands.items()
     }
-    for name in ("eval", "embed"):
+    for name in commands:
         assert done[name].returncode == 0, done[name].stderr[-4000:]
     two = json.loads((run / "eval_mnist5k_limit300_linear.json").read_text())
     assert two["processes"] == 2 and one["processes"] == 1
@@ -833,6 +845,20 @@ def test_eval_and_embed_under_torchrun_share_the_features_and_write_once(
     assert a["embeddings"].shape == b["embeddings"].shape == (301, 128)
     np.testing.assert_allclose(a["embeddings"], b["embeddings"], atol=1e-5, rtol=1e-5)
     assert list(a["paths"]) == list(b["paths"]) and (a["labels"] == b["labels"]).all()
+    # the 2-process eval saved its classifier (rank 0, once), measured as one process's
+    saved = json.loads(clf.with_suffix(".json").read_text())
+    assert clf.with_suffix(".pt").exists()
+    measured = one["protocols"]["linear_fast"]["ssl"]["top1"]
+    assert saved["top1"] == pytest.approx(measured, abs=1 / 300)
+    assert done["eval"].stdout.count("classifiers saved in") == 1
+    # predict: every image once, in order, the same classes as one process gave
+    pred = [list(csv.DictReader(open(tmp_path / n))) for n in ("one_pred.csv", "two_pred.csv")]
+    assert len(pred[0]) == len(pred[1]) == 150
+    assert [r["path"] for r in pred[0]] == [r["path"] for r in pred[1]]
+    assert [r["class"] for r in pred[0]] == [r["class"] for r in pred[1]]
+    conf = [[float(r["confidence"]) for r in rows] for rows in pred]
+    np.testing.assert_allclose(conf[0], conf[1], atol=1e-4)
+    assert done["predict"].stdout.count("classified into") == 1  # rank 0 alone says it
     refused = scenario(dist_results, "refusal")
     assert all(r["status"] != 0 for r in refused)
     stderr = "".join(r["stderr"] for r in refused)
