@@ -6,7 +6,10 @@ import csv
 import io
 import json
 import os
+import signal
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 import urllib.error
@@ -609,6 +612,23 @@ def _count_decodes(monkeypatch) -> list[str]:
     return calls
 
 
+class _Calls(list):
+    real = None
+
+
+def _count_decodes_in(module) -> _Calls:
+    """As _count_decodes, on ``module`` directly; the caller restores ``calls.real``."""
+    calls = _Calls()
+    calls.real = real = module.decode_image
+
+    def counting(data, *, name, max_pixels):
+        calls.append(name)
+        return real(data, name=name, max_pixels=max_pixels)
+
+    module.decode_image = counting
+    return calls
+
+
 def _is_memory_mapped(path: Path) -> bool:
     """Whether this process has ``path`` mapped into memory (Linux: ``/proc/self/maps``)."""
     maps = Path("/proc/self/maps")
@@ -688,24 +708,135 @@ def test_cache_built_under_a_pixel_limit_is_not_reused_without_it(tmp_path):
     assert unlimited.skipped == []
 
 
-def test_interrupted_build_leaves_no_partial_cache(tmp_path, monkeypatch):
-    root = make_imagefolder(tmp_path / "pets")
-    cache_dir = tmp_path / "cache"
-    real = cache_module.decode_image
-    seen = []
+def _many_images(root: Path, n: int = 40) -> Path:
+    """root/{a,b}/ with ``n`` small images of distinct colours, one of them broken."""
+    for i in range(n):
+        save_image(root / "ab"[i % 2] / f"{i:02d}.png", (9 + i % 3, 8), (i * 6, 255 - i * 6, i))
+    (root / "a" / "10.png").write_bytes(b"not a png")  # skipped: its outcome is kept too
+    return root
 
-    def dies_on_third(data, *, name, max_pixels):
+
+def _interrupt_at(monkeypatch, n: int, exc: type[BaseException] = KeyboardInterrupt) -> list:
+    real, seen = cache_module.decode_image, []
+
+    def stops(data, *, name, max_pixels):
         seen.append(name)
-        if len(seen) == 3:
-            raise KeyboardInterrupt
+        if len(seen) == n:
+            raise exc
         return real(data, name=name, max_pixels=max_pixels)
 
-    monkeypatch.setattr(cache_module, "decode_image", dies_on_third)
+    monkeypatch.setattr(cache_module, "decode_image", stops)
+    return seen
+
+
+def _same_dataset(a: ImageDataset, b: ImageDataset) -> None:
+    assert torch.equal(a.images, b.images) and a.paths == b.paths
+    assert torch.equal(a.labels, b.labels) and a.classes == b.classes and a.skipped == b.skipped
+
+
+def test_an_interrupted_build_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """Ctrl-C at the 25th image: no cache that loads is left, but the 24 images before it are
+    kept, and the next build decodes only the other 16, into the cache a build in one go makes."""
+    root = _many_images(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    _interrupt_at(monkeypatch, 25)
     with pytest.raises(KeyboardInterrupt):
         load(root, image_size=8, cache_dir=cache_dir, workers=1)
-    assert list(cache_dir.iterdir()) == []  # no .npy, no .json, no temporary file
-    monkeypatch.setattr(cache_module, "decode_image", real)
-    assert len(load(root, image_size=8, cache_dir=cache_dir)) == 5
+    assert not list(cache_dir.glob("imgs-*"))  # no cache (.npy + .json) that would load
+    (partial,) = cache_dir.glob(".*.npy.partial")
+    with open(partial, "ab") as rows_after_the_last_save:  # as a kill -9 can leave them
+        rows_after_the_last_save.write(b"\x07" * (3 * 8 * 8 * 2 + 5))
+    monkeypatch.undo()
+    calls = _count_decodes(monkeypatch)
+    continued = load(root, image_size=8, cache_dir=cache_dir)
+    assert len(calls) == 40 - 24  # the interrupted image and those after it
+    assert "continuing an interrupted decoding of imgs (train): 24 of 40 images done" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted(
+        p.name for p in cache_dir.glob("imgs-*")
+    )  # the partial build became the cache: no file of it is left
+    _same_dataset(continued, load(root, image_size=8, cache_dir=tmp_path / "fresh"))
+    assert len(continued) == 39 and continued.skipped[0][1] == "not an image"
+
+
+def test_a_killed_build_continues_from_its_last_save(tmp_path):
+    """SIGKILL mid-decode (no chance to save): the next build continues from the progress saved
+    every PARTIAL_SAVE_EVERY_S seconds (0 here: after every image), cutting off rows written
+    after it, and ends with the cache of a build in one go."""
+    root = _many_images(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    code = f"""
+import os, signal
+import selfsup.data.cache as cache
+from selfsup.data import load_dataset
+cache.PARTIAL_SAVE_EVERY_S = 0.0
+real, seen = cache.decode_image, []
+def dies(data, *, name, max_pixels):
+    seen.append(name)
+    if len(seen) == 30:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(data, name=name, max_pixels=max_pixels)
+cache.decode_image = dies
+load_dataset({str(root)!r}, "train", image_size=8, cache_dir={str(cache_dir)!r}, progress=False,
+             workers=2)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert not list(cache_dir.glob("imgs-*"))
+    calls = _count_decodes_in(cache_module)
+    try:
+        continued = load(root, image_size=8, cache_dir=cache_dir)
+    finally:
+        cache_module.decode_image = calls.real
+    assert 40 - 29 <= len(calls) < 40  # from at most the few images in flight when killed
+    _same_dataset(continued, load(root, image_size=8, cache_dir=tmp_path / "fresh"))
+
+
+def test_a_partial_build_of_files_changed_since_is_discarded(tmp_path, monkeypatch):
+    root = _many_images(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    _interrupt_at(monkeypatch, 25)
+    with pytest.raises(KeyboardInterrupt):
+        load(root, image_size=8, cache_dir=cache_dir, workers=1)
+    monkeypatch.undo()
+    (old_partial,) = cache_dir.glob(".*.npy.partial")
+    save_image(root / "b" / "new.png", (8, 8), GREEN)  # another listing: another cache key
+    calls = _count_decodes(monkeypatch)
+    assert len(load(root, image_size=8, cache_dir=cache_dir)) == 40
+    assert len(calls) == 41  # all of it: nothing of the other files' build is reused
+    assert not old_partial.exists() and not list(cache_dir.glob(".*progress.json"))
+
+
+def test_a_build_that_fails_for_good_keeps_no_partial_files(tmp_path, monkeypatch):
+    """A failure that the next build would meet again (here: images of other sizes without a
+    storage size) leaves nothing to continue from, and nothing on disk."""
+    root = _many_images(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(DataError, match="images differ in size"):
+        load(root, image_size=None, cache_dir=cache_dir)
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_a_partial_build_held_by_another_build_is_left_to_it(tmp_path, monkeypatch):
+    """Two builds of one cache at once: the second finds the partial file locked, decodes into
+    a file of its own, and leaves the first's partial file and progress as they were."""
+    import fcntl
+
+    root = _many_images(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    _interrupt_at(monkeypatch, 25)
+    with pytest.raises(KeyboardInterrupt):
+        load(root, image_size=8, cache_dir=cache_dir, workers=1)
+    monkeypatch.undo()
+    (partial,) = cache_dir.glob(".*.npy.partial")
+    before = partial.read_bytes()
+    with open(partial, "rb") as held:  # the other build, still writing
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        calls = _count_decodes(monkeypatch)
+        ds = load(root, image_size=8, cache_dir=cache_dir)
+        assert len(calls) == 40 and len(ds) == 39
+        assert partial.read_bytes() == before
 
 
 def test_broken_cache_files_are_rebuilt(tmp_path, monkeypatch):

@@ -1343,8 +1343,8 @@ def test_files_skipped_from_the_knn_checks_data_are_reported(tmp_path, cache, ca
 def test_ctrl_c_while_decoding_says_what_the_rerun_decodes(
     tmp_path, good_folder, monkeypatch, capsys
 ):
-    """Ctrl-C while the first split decodes: exit 130, the hint says that split starts over
-    (it is not cached half-done), and no run was begun."""
+    """Ctrl-C while the first split decodes: exit 130, the hint says that split continues
+    where it stopped (it is not cached half-done), and no run was begun."""
     import selfsup.data.cache as cache_module
 
     def interrupted(*args, **kwargs):
@@ -1355,8 +1355,9 @@ def test_ctrl_c_while_decoding_says_what_the_rerun_decodes(
     assert pretrain(tmp_path / "run", data=good_folder, cache=cache) == 130
     err = capsys.readouterr().err
     assert "selfsup: interrupted; nothing was trained yet" in err
-    assert "the one interrupted is decoded again" in err and "Traceback" not in err
+    assert "the one interrupted continues where it stopped" in err and "Traceback" not in err
     assert not list(cache.rglob("*.npy"))  # nothing half-decoded is kept as a cache
+    assert list(cache.rglob("*.npy.partial"))  # but kept to continue from
 
 
 def test_resume_mid_epoch_on_other_data_names_both_sources(copy_of_baseline, tmp_path, capsys):

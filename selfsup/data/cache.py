@@ -13,6 +13,12 @@ into place with ``os.replace`` (the ``.json`` last, and it is what marks a cache
 an interrupted build never leaves a cache that loads. Older caches of the same source, split and
 size are removed once a new one is in place.
 
+A folder or archive decode that is interrupted (Ctrl-C, ``kill -9``, a pre-empted job) is not
+lost: its rows stay in ``.<cache>.npy.partial`` with its progress in
+``.<cache>.npy.progress.json`` (saved every :data:`PARTIAL_SAVE_EVERY_S` seconds and when
+stopped), and the next build of the same key continues after the last image saved
+(:class:`_PartialBuild`). A partial build of files that have changed since is deleted.
+
 The cache is loaded with ``np.load(mmap_mode="c")``: pages are read from disk lazily and a
 write to the tensor stays private to the process (copy-on-write), so a stray in-place op can
 neither corrupt the cache nor crash on read-only memory.
@@ -29,6 +35,7 @@ import os
 import re
 import socket
 import struct
+import sys
 import time
 import uuid
 import warnings
@@ -245,6 +252,7 @@ def load_dataset(
             stem, npy_path, meta_path = limited
     if root.is_dir():
         _remove_orphans(root, stem)
+        _remove_other_partials(root, stem, keep=npy_path.stem.rsplit("-", 1)[1])
 
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -261,11 +269,23 @@ def load_dataset(
         if spec.kind in ("folder", "tar"):
             if listed is None:
                 listed = list_tar(spec, split)
-            writer = _NpyWriter(npy_path)
-            try:
-                kept, skipped = _decode_into(
-                    listed, writer, storage_size, max(1, worker_count), progress, max_pixels, split
+            # an interrupted build of this very cache (same key: the same files) goes on
+            partial = _PartialBuild(npy_path, len(listed.paths)).open()
+            writer = _NpyWriter(npy_path, partial)
+            kept: list[int] = [] if partial is None else partial.kept
+            skipped: list[tuple[str, str]] = [] if partial is None else partial.skipped
+            if kept or skipped:
+                print(
+                    f"selfsup: continuing an interrupted decoding of {spec.name} ({split}): "
+                    f"{len(kept) + len(skipped):,} of {len(listed.paths):,} images done",
+                    file=sys.stderr,
                 )
+            try:
+                _decode_into(
+                    listed, writer, storage_size, max(1, worker_count), progress, max_pixels,
+                    split, kept=kept, skipped=skipped,
+                    checkpoint=None if partial is None else partial.saver(writer),
+                )  # fmt: skip
                 if not kept:
                     every_skip = sorted(listed.skipped + skipped)
                     total = len(listed.paths) + len(listed.skipped)
@@ -276,9 +296,19 @@ def load_dataset(
                         "folder or archive of readable .jpg/.png images"
                     )
                 shape = writer.commit()
-            except BaseException:
+            except Exception:  # failed for good: nothing to continue from
                 writer.abort()
+                if partial is not None:
+                    partial.discard()
                 raise
+            except BaseException:  # Ctrl-C: the next build continues from here
+                if partial is None:
+                    writer.abort()
+                else:
+                    partial.keep(writer, kept, skipped)
+                raise
+            if partial is not None:
+                partial.finish()
             labels = None if listed.labels is None else [listed.labels[i] for i in kept]
             meta = {
                 "paths": [listed.paths[i] for i in kept],
@@ -356,18 +386,29 @@ def _decode_into(
     progress: bool,
     max_pixels: int | None,
     split: str = "",
+    *,
+    kept: list[int] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
+    checkpoint: Callable[[list[int], list[tuple[str, str]]], None] | None = None,
 ) -> tuple[list[int], list[tuple[str, str]]]:
     """Decode every item in parallel, appending results to ``writer`` in item order.
+
+    ``kept`` / ``skipped``: the outcome of the items an interrupted build decoded already (their
+    rows in ``writer``); decoding goes on after them. ``checkpoint(kept, skipped)`` is called
+    every :data:`PARTIAL_SAVE_EVERY_S` seconds, with ``writer`` holding the rows of ``kept``.
 
     Returns:
         ``(indices of the items kept, (path, reason) of the items that failed)``.
     """
-    kept: list[int] = []
-    skipped: list[tuple[str, str]] = []
+    kept = [] if kept is None else kept
+    skipped = [] if skipped is None else skipped
+    start = len(kept) + len(skipped)  # every item is kept or skipped, in order
     window: deque[tuple[int, str, Future[np.ndarray]]] = deque()
     max_in_flight = 4 * workers  # bounds memory while keeping every worker busy
+    saved_at = time.monotonic()
 
     def consume(bar: tqdm) -> None:
+        nonlocal saved_at
         index, path, future = window.popleft()
         try:
             chw = future.result()
@@ -377,12 +418,16 @@ def _decode_into(
             writer.append(chw, path=path)
             kept.append(index)
         bar.update(1)
+        if checkpoint is not None and time.monotonic() - saved_at > PARTIAL_SAVE_EVERY_S:
+            checkpoint(kept, skipped)
+            saved_at = time.monotonic()
 
     description = f"decoding {listed.spec.name} {split}".rstrip()
     with (
         _quiet_pil_warnings(),
         tqdm(
             total=len(listed.paths),
+            initial=start,
             desc=description,
             unit="img",
             disable=not progress,
@@ -391,7 +436,7 @@ def _decode_into(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="selfsup-decode") as pool,
     ):
         try:
-            for index, (path, read) in enumerate(listed.payloads()):
+            for index, (path, read) in enumerate(listed.payloads(start), start=start):
                 future = pool.submit(_decode_one, read, path, storage_size, max_pixels)
                 window.append((index, path, future))
                 while len(window) >= max_in_flight:
@@ -449,14 +494,20 @@ class _NpyWriter:
     of rows is known, so rows stream to disk without holding the dataset in memory.
     """
 
-    def __init__(self, final_path: Path) -> None:
+    def __init__(self, final_path: Path, partial: _PartialBuild | None = None) -> None:
+        """A new private temporary file, or ``partial``'s file (locked, holding its rows)."""
         self.final_path = final_path
-        self.tmp_path = final_path.with_name(
-            f".{final_path.name}.{_writer_tag()}.{uuid.uuid4().hex[:8]}.tmp"
-        )
         self.row_shape: tuple[int, ...] | None = None
         self.first_path = ""
         self.rows = 0
+        if partial is not None:
+            self.tmp_path, self.handle = partial.data_path, partial.handle
+            self.rows, self.row_shape = partial.rows, partial.row_shape
+            self.first_path = partial.first_path
+            return
+        self.tmp_path = final_path.with_name(
+            f".{final_path.name}.{_writer_tag()}.{uuid.uuid4().hex[:8]}.tmp"
+        )
         self.handle = open(self.tmp_path, "wb")
         self.handle.write(b"\0" * _HEADER_BYTES)
 
@@ -480,9 +531,16 @@ class _NpyWriter:
         self.handle.write(_npy_header(shape))
         self.handle.flush()
         os.fsync(self.handle.fileno())
-        self.handle.close()
+        # renamed while still open (and, for a partial build, locked): no other build can take
+        # up the file between its last row and its move into place
         os.replace(self.tmp_path, self.final_path)
+        self.handle.close()
         return shape
+
+    def flush(self) -> None:
+        """Every row appended so far on disk (before a progress file says they are there)."""
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
 
     def abort(self) -> None:
         try:
@@ -492,6 +550,124 @@ class _NpyWriter:
             pass
         finally:
             self.tmp_path.unlink(missing_ok=True)
+
+
+#: seconds between saves of an interrupted-decode's progress (a kill loses at most this much)
+PARTIAL_SAVE_EVERY_S = 5.0
+
+
+class _PartialBuild:
+    """A folder or archive decode that an interruption (Ctrl-C, ``kill``, a lost job) does not
+    throw away: the rows so far stay in ``.<cache>.npy.partial`` and how far the decode got in
+    ``.<cache>.npy.progress.json`` (saved every few seconds and when stopped), and the next build
+    of the same cache, whose key says the files are the same, continues after them.
+
+    The partial file is held under an exclusive ``flock`` while a build writes it; a second
+    build of the same cache at the same time, or a filesystem without locks, decodes into a
+    private file of its own instead (:meth:`open` returns None)."""
+
+    def __init__(self, npy_path: Path, items: int) -> None:
+        self.data_path = npy_path.with_name(f".{npy_path.name}.partial")
+        self.progress_path = npy_path.with_name(f".{npy_path.name}.progress.json")
+        self.items = items  # listed items: the progress of another listing is not ours
+        self.handle = None
+        self.rows, self.row_shape, self.first_path = 0, None, ""
+        self.kept: list[int] = []
+        self.skipped: list[tuple[str, str]] = []
+
+    def open(self) -> _PartialBuild | None:
+        """Lock the partial file (made when missing) and read how far it got; None when
+        another process holds it or locks are not available."""
+        import fcntl
+
+        try:
+            fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, default_file_mode())
+            handle = os.fdopen(fd, "r+b")
+        except OSError:
+            return None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another build of this cache is writing it
+            handle.close()
+            return None
+        except OSError:  # a filesystem without locks: a private build, and no file left here
+            empty = os.fstat(handle.fileno()).st_size == 0
+            handle.close()
+            if empty:
+                self.data_path.unlink(missing_ok=True)
+            return None
+        try:
+            moved = os.fstat(handle.fileno()).st_ino != os.stat(self.data_path).st_ino
+        except FileNotFoundError:
+            moved = True
+        if moved:  # the build that held it has just moved it into place as the cache
+            handle.close()
+            return None
+        self.handle = handle
+        self._read_progress(os.fstat(handle.fileno()).st_size)
+        row_bytes = int(np.prod(self.row_shape)) if self.row_shape else 0
+        handle.truncate(_HEADER_BYTES + self.rows * row_bytes)  # rows after the last save
+        handle.seek(0)
+        handle.write(b"\0" * _HEADER_BYTES)
+        handle.seek(0, os.SEEK_END)
+        return self
+
+    def _read_progress(self, size: int) -> None:
+        try:
+            state = json.loads(self.progress_path.read_text(encoding="utf-8"))
+            kept = [int(i) for i in state["kept"]]
+            skipped = [(str(p), str(r)) for p, r in state["skipped"]]
+            shape = tuple(int(v) for v in state["row_shape"]) if state["row_shape"] else None
+            ok = state["format"] == FORMAT_VERSION and state["items"] == self.items
+            row_bytes = int(np.prod(shape)) if shape else 0
+            ok = ok and (shape is not None or not kept)
+            ok = ok and size >= _HEADER_BYTES + len(kept) * row_bytes  # the rows are there
+            ok = ok and kept == sorted(kept) and len(kept) + len(skipped) <= self.items
+            first_path = str(state.get("first_path", ""))
+        except (OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            self.kept, self.skipped, self.row_shape, self.rows = kept, skipped, shape, len(kept)
+            self.first_path = first_path
+
+    def save(self, writer: _NpyWriter, kept: list[int], skipped: list[tuple[str, str]]) -> None:
+        """Record ``kept`` / ``skipped`` as done, their rows flushed to disk first. (``writer``
+        may hold one row more, appended as the stop came: it is cut off and decoded again.)"""
+        writer.flush()
+        state = {
+            "format": FORMAT_VERSION,
+            "items": self.items,
+            "kept": kept,
+            "skipped": skipped,
+            "row_shape": list(writer.row_shape) if writer.row_shape else None,
+            "first_path": writer.first_path,
+        }
+        atomic_write_text(self.progress_path, json.dumps(state))
+
+    def saver(self, writer: _NpyWriter) -> Callable[[list[int], list[tuple[str, str]]], None]:
+        """The periodic ``checkpoint`` of :func:`_decode_into`."""
+        return lambda kept, skipped: self.save(writer, kept, skipped)
+
+    def keep(self, writer: _NpyWriter, kept: list[int], skipped: list[tuple[str, str]]) -> None:
+        """Stopped: save how far it got and let go of the file, for the next build."""
+        try:
+            self.save(writer, kept, skipped)
+        except OSError:  # a full disk: the next build starts over
+            self.discard()
+        finally:
+            if self.handle is not None and not self.handle.closed:
+                self.handle.close()
+
+    def discard(self) -> None:
+        """Failed for good (no usable images, sizes that differ, a full disk): nothing kept."""
+        self.progress_path.unlink(missing_ok=True)
+        self.data_path.unlink(missing_ok=True)
+        if self.handle is not None and not self.handle.closed:
+            self.handle.close()
+
+    def finish(self) -> None:
+        """The file is in place as the cache (renamed by the writer): its progress is no more."""
+        self.progress_path.unlink(missing_ok=True)
 
 
 def _hw(shape: Sequence[int]) -> str:
@@ -630,6 +806,28 @@ def _remove_orphans(root: Path, stem: str) -> None:
         except ProcessLookupError:
             path.unlink(missing_ok=True)
         except OSError:  # gone already, or a process of another user: not ours to judge
+            continue
+
+
+def _remove_other_partials(root: Path, stem: str, *, keep: str) -> None:
+    """Delete the interrupted builds (:class:`_PartialBuild`) of this source, split and size
+    whose key is not ``keep``: their files have changed since, so they can never be continued
+    (each is as large as the rows it holds). A build still writing one (locked) is left."""
+    import fcntl
+
+    pattern = re.compile(r"\." + re.escape(stem) + r"-([0-9a-f]{20})\.npy\.partial")
+    for path in root.iterdir():
+        match = pattern.fullmatch(path.name)
+        if not match or match.group(1) == keep:
+            continue
+        try:
+            with open(path, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                path.with_name(path.name.replace(".partial", ".progress.json")).unlink(
+                    missing_ok=True
+                )
+                path.unlink(missing_ok=True)
+        except OSError:  # locked by a live build, or gone already
             continue
 
 

@@ -114,22 +114,24 @@ class ListedSource:
             _members=None if self._members is None else [self._members[i] for i in index],
         )
 
-    def payloads(self) -> Iterator[tuple[str, Callable[[], bytes]]]:
-        """Yield ``(path, read)`` per item, in item order.
+    def payloads(self, start: int = 0) -> Iterator[tuple[str, Callable[[], bytes]]]:
+        """Yield ``(path, read)`` per item from item ``start`` on, in item order.
 
         For folders ``read`` opens the file when called (safe from worker threads); for
         archives the bytes are read here, front to back, because a ``TarFile`` is neither
-        thread-safe nor cheap to seek backwards in when compressed.
+        thread-safe nor cheap to seek backwards in when compressed (the items before ``start``
+        are passed over, not read).
         """
         if self._members is None:
-            for path in self.paths:
+            for path in self.paths[start:]:
                 yield path, _file_reader(path)
             return
         assert self.spec.location is not None
         archive = self.spec.location
         try:
             with tarfile.open(archive, "r:*") as tar:
-                for path, member in zip(self.paths, self._members, strict=True):
+                items = zip(self.paths[start:], self._members[start:], strict=True)
+                for path, member in items:
                     handle = tar.extractfile(member)
                     if handle is None:  # listing only keeps regular files; be defensive
                         raise tarfile.ReadError(f"member {member.name} has no data")
