@@ -346,7 +346,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 "was written yet), or with --overwrite to start over"
                 if started or args.resume
                 else "; nothing was trained yet: run the same command again (a data split "
-                "decoded completely is cached and reused; the one interrupted continues where it stopped)"
+                "decoded completely is cached and reused; the one interrupted continues where "
+                "it stopped)"
             )
         if is_first_rank():
             print(f"selfsup: interrupted{hint}", file=sys.stderr)
