@@ -883,7 +883,8 @@ class Trainer:
                         v1,
                         v2,
                         autocast=self._autocast,
-                        progress=(global_step + 1) / total_steps,
+                        # BYOL's tau_k at k = 0..K-1: tau_base for the first update
+                        progress=global_step / total_steps,
                         skip_nonfinite=t.on_nan == "skip",
                         all_finite=all_ranks_true,
                         scaler=scaler,
@@ -958,8 +959,8 @@ class Trainer:
                                 "skipped_steps": n_skipped,
                             }
                             if target_momentum is not None:
-                                logged["target_momentum"] = target_momentum(
-                                    global_step / total_steps
+                                logged["target_momentum"] = target_momentum(  # this step's
+                                    (global_step - 1) / total_steps
                                 )
                             if scaler.is_enabled():  # halves on each overflow, so it shows them
                                 logged["loss_scale"] = scaler.get_scale()
