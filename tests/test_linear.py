@@ -117,6 +117,11 @@ def test_fast_linear_probe_reaches_the_regularised_optimum() -> None:
     y = torch.randint(0, 3, (120,), generator=g)  # random labels: no separable shortcut
     wd = 0.05
     result = linear_probe_features(x, y, x, y, num_classes=3, weight_decay=wd)
+    # converged before the cap of 100 iterations, and says how many it took
+    assert 0 < result["lbfgs_iters_run"] < result["lbfgs_iters"] == 100
+    assert result["lbfgs_evals"] >= result["lbfgs_iters_run"]
+    capped = linear_probe_features(x, y, x, y, num_classes=3, weight_decay=wd, max_iter=2)
+    assert capped["lbfgs_iters_run"] <= 2
     xs = (x - x.mean(0)) / x.std(0, correction=0)
     weight = torch.zeros(3, 6, requires_grad=True)
     bias = torch.zeros(3, requires_grad=True)

@@ -411,6 +411,10 @@ def linear_probe_features(
         return total + penalty.detach()
 
     optimizer.step(closure)
+    # what L-BFGS ran: fewer iterations than max_iter when it converged (the tolerances above)
+    # or used up its loss evaluations (torch's max_eval: 1.25 x max_iter) first
+    solver_state = optimizer.state[next(iter(head.parameters()))]
+    iterations, evaluations = int(solver_state["n_iter"]), int(solver_state["func_evals"])
 
     with torch.no_grad():
         final_loss = F.cross_entropy(head(x_train), y_train).item()
@@ -423,7 +427,9 @@ def linear_probe_features(
         "final_loss": final_loss,
         "mode": FAST_MODE,
         "solver": "lbfgs",
-        "lbfgs_iters": max_iter,
+        "lbfgs_iters": max_iter,  # the setting; lbfgs_iters_run: what it took
+        "lbfgs_iters_run": iterations,
+        "lbfgs_evals": evaluations,
         "weight_decay": weight_decay,
         "num_classes": num_classes,
         "n_train": int(n_train),
