@@ -2,9 +2,12 @@
 
 Every op takes a float batch ``[B, C, H, W]`` with values in ``[0, 1]`` and per-sample parameter
 tensors of shape ``[B]`` (or ``[B, 4]`` for crop boxes) on the same device, and treats each sample
-exactly as the matching ``torchvision.transforms.v2.functional`` kernel treats a single float image
-with that sample's parameter. No op loops over samples in Python and none reads a tensor value on
-the host, so they run unchanged on CPU and GPU and under ``torch.compile``.
+as the matching ``torchvision.transforms.v2.functional`` kernel treats a single float image with
+that sample's parameter: the colour ops, flip, grayscale, blur and solarize to float precision;
+:func:`resized_crop` within its own tolerance (its interpolation taps the pixels just outside an
+upscaled crop, and its antialiasing differs slightly when it shrinks one; see there). No op loops
+over samples in Python and none reads a tensor value on the host, so they run unchanged on CPU
+and GPU and under ``torch.compile``.
 
 Crop boxes follow torchvision's ``RandomResizedCrop.get_params`` convention: integer
 ``(top, left, height, width)`` rows.

@@ -85,7 +85,8 @@ def effective_rank(z: Tensor, *, center: bool = True) -> float:
 
     Roy & Vetterli 2007, Eq. (1)-(2), with RankMe's epsilon (Garrido et al. 2023, Eq. 1):
     ``p_k = sigma_k / sum_j sigma_j + eps``, ``erank = exp(-sum_k p_k log p_k)``. It equals ``k``
-    for ``k`` equal non-zero singular values and lies in ``[1, min(N, d)]``.
+    for ``k`` equal non-zero singular values (up to the epsilon, which lifts it a little: 2,050.8
+    for 2,048 equal ones) and lies in about ``[1, min(N, d)]``.
 
     The features are centred first (``center=True``): the rank then measures how many
     directions the batch *varies* in, i.e. the covariance spectrum of Jing et al. 2022. Without
