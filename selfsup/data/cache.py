@@ -405,10 +405,10 @@ def _decode_into(
     start = len(kept) + len(skipped)  # every item is kept or skipped, in order
     window: deque[tuple[int, str, Future[np.ndarray]]] = deque()
     max_in_flight = 4 * workers  # bounds memory while keeping every worker busy
-    saved_at = time.monotonic()
+    saved_at, every = time.monotonic(), PARTIAL_SAVE_EVERY_S
 
     def consume(bar: tqdm) -> None:
-        nonlocal saved_at
+        nonlocal saved_at, every
         index, path, future = window.popleft()
         try:
             chw = future.result()
@@ -418,9 +418,12 @@ def _decode_into(
             writer.append(chw, path=path)
             kept.append(index)
         bar.update(1)
-        if checkpoint is not None and time.monotonic() - saved_at > PARTIAL_SAVE_EVERY_S:
+        if checkpoint is not None and time.monotonic() - saved_at > every:
+            began = time.monotonic()
             checkpoint(kept, skipped)
             saved_at = time.monotonic()
+            # at most ~5% of the time on saves (the progress of a million images takes a while)
+            every = max(PARTIAL_SAVE_EVERY_S, 20 * (saved_at - began))
 
     description = f"decoding {listed.spec.name} {split}".rstrip()
     with (
@@ -552,7 +555,8 @@ class _NpyWriter:
             self.tmp_path.unlink(missing_ok=True)
 
 
-#: seconds between saves of an interrupted-decode's progress (a kill loses at most this much)
+#: seconds between saves of a decode's progress (a kill loses about this much; more when a save
+#: itself takes long, as for a million images)
 PARTIAL_SAVE_EVERY_S = 5.0
 
 
