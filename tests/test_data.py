@@ -793,13 +793,19 @@ load_dataset({str(root)!r}, "train", image_size=8, cache_dir={str(cache_dir)!r},
     _same_dataset(continued, load(root, image_size=8, cache_dir=tmp_path / "fresh"))
 
 
-def test_a_partial_build_of_files_changed_since_is_discarded(tmp_path, monkeypatch):
+def _interrupted_build(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """A folder of 40 images whose cache build was stopped (Ctrl-C) at the 25th image."""
     root = _many_images(tmp_path / "imgs")
     cache_dir = tmp_path / "cache"
     _interrupt_at(monkeypatch, 25)
     with pytest.raises(KeyboardInterrupt):
         load(root, image_size=8, cache_dir=cache_dir, workers=1)
     monkeypatch.undo()
+    return root, cache_dir
+
+
+def test_a_partial_build_of_files_changed_since_is_discarded(tmp_path, monkeypatch):
+    root, cache_dir = _interrupted_build(tmp_path, monkeypatch)
     (old_partial,) = cache_dir.glob(".*.npy.partial")
     save_image(root / "b" / "new.png", (8, 8), GREEN)  # another listing: another cache key
     calls = _count_decodes(monkeypatch)
@@ -823,12 +829,7 @@ def test_a_partial_build_held_by_another_build_is_left_to_it(tmp_path, monkeypat
     a file of its own, and leaves the first's partial file and progress as they were."""
     import fcntl
 
-    root = _many_images(tmp_path / "imgs")
-    cache_dir = tmp_path / "cache"
-    _interrupt_at(monkeypatch, 25)
-    with pytest.raises(KeyboardInterrupt):
-        load(root, image_size=8, cache_dir=cache_dir, workers=1)
-    monkeypatch.undo()
+    root, cache_dir = _interrupted_build(tmp_path, monkeypatch)
     (partial,) = cache_dir.glob(".*.npy.partial")
     before = partial.read_bytes()
     with open(partial, "rb") as held:  # the other build, still writing
