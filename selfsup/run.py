@@ -71,6 +71,7 @@ def pretrain_config(
         cfg = resolve_config(
             method or base.method.name, preset=str(saved), flags=flags, overrides=overrides
         )
+        _refuse_changes_to_a_finished_run(out, base, cfg)
     else:
         preset = preset or ("quickstart" if data is None else None)
         cfg = resolve_config(method, preset=preset, flags=flags, overrides=overrides)
@@ -87,6 +88,57 @@ def pretrain_config(
     out = out or default_out(cfg, cfg.method.name, data)
     cfg.out = str(out)
     return cfg, out
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out |= _flat(value, f"{prefix}{key}.")
+        return out
+    return {prefix[:-1]: node}
+
+
+# what a finished run's --resume may change: how to run (train.*), where its cache is; the
+# method, model and augmentation are refused by the checkpoint's config hash, with the key named
+_FREE_ON_RESUME = (
+    "train.",
+    "method.",
+    "model.",
+    "augment.",
+    "out",
+    "data.cache_dir",
+    "data.workers",
+)
+
+
+def _refuse_changes_to_a_finished_run(out: Path, base, cfg) -> None:
+    """``--resume`` of a finished run (its checkpoint at the end of ``train.epochs``, so it
+    trains nothing more) must not rewrite its config.yaml and results.json with other data or
+    settings: they would describe a training that never happened (and ``encoder_metadata``
+    would hand out another image size). Said before any image is decoded."""
+    from omegaconf import OmegaConf
+
+    from selfsup.train.checkpoint import checkpoint_position
+
+    epochs = cfg.train.epochs
+    if checkpoint_position(out / "checkpoints") != (epochs, 0):
+        return  # more to train (the new settings are what it trains with), or no checkpoint
+    before = _flat(OmegaConf.to_container(base, resolve=True))
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = [
+        f"{key}={now[key]!r} (the run's: {before[key]!r})"
+        for key in now
+        if key in before and now[key] != before[key] and not key.startswith(_FREE_ON_RESUME)
+    ]
+    if changed:
+        trained = f"all {epochs} epochs" if epochs != 1 else "its 1 epoch"
+        raise ConfigError(
+            f"{out} is a finished run ({trained} trained): a --resume trains nothing "
+            f"more, so {'; '.join(changed)} would only rewrite its records. To train it further "
+            f"give --epochs N (more than {epochs}); to train with other data or settings from "
+            f"its encoder, start a new run: selfsup pretrain --out NEW model.init={out} ..."
+        )
 
 
 def check_init(cfg, out: Path, *, resume: bool, overwrite: bool):

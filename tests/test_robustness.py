@@ -1223,6 +1223,26 @@ def test_a_run_in_use_is_refused_and_a_killed_runs_temporary_files_are_removed(
     assert not (out / ".selfsup.lock").exists()  # released and removed with the run's end
 
 
+def test_a_finished_run_resumed_with_other_data_or_settings_is_refused_unchanged(
+    copy_of_baseline, tmp_path, capsys
+):
+    """Nothing is left to train, so other data or settings would only rewrite config.yaml and
+    results.json into the record of a training that never happened: refused, files untouched."""
+    out = copy_of_baseline
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "results.json")}
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (8, 8)).save(other / "x.png")
+    assert resume(out, "--data", str(other)) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is a finished run" in err and f"data.source={str(other)!r}" in err
+    assert "--epochs N" in err and f"model.init={out}" in err
+    assert resume(out, "data.eval_crop=0.5") == 2
+    assert "data.eval_crop=0.5" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert resume(out, "train.log_every=7") == 0  # how to run, not what was trained: as before
+
+
 def test_a_run_refused_by_its_data_leaves_no_directory_behind(tmp_path, cache, capsys):
     junk = tmp_path / "junk"
     junk.mkdir()

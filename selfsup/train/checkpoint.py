@@ -93,6 +93,18 @@ def _read(path: Path) -> dict[str, Any]:
     return state
 
 
+def checkpoint_position(directory: Path) -> tuple[int, int] | None:
+    """``(epoch, step_in_epoch)`` of the checkpoint a resume would start from (``last.pt``,
+    else ``prev.pt``), read with its tensors memory-mapped, not loaded; None when neither reads."""
+    for name in ("last.pt", "prev.pt"):
+        try:
+            state = torch.load(directory / name, map_location="cpu", weights_only=False, mmap=True)
+            return int(state["epoch"]), int(state["step_in_epoch"])
+        except Exception:  # missing, torn or foreign: the resume itself will say so
+            continue
+    return None
+
+
 def _minor(version: str) -> tuple[str, ...]:
     """Major and minor of a version string: patch releases read each other's checkpoints."""
     return tuple(version.split(".")[:2])
