@@ -10,7 +10,14 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "encoder_metadata", "load_classifier", "load_encoder", "pretrain"]
+__all__ = [
+    "__version__",
+    "encoder_metadata",
+    "load_classifier",
+    "load_encoder",
+    "prepare_images",
+    "pretrain",
+]
 
 
 def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
@@ -18,12 +25,20 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
 
     ``path``: a run directory, an ``encoder.pt``, or a torchvision / safetensors / TorchScript
     export (:func:`selfsup.export.load_encoder`). Feed it images prepared as the run prepared
-    them: resized to its ``image_size`` and normalised with its ``mean`` / ``std``, which
-    :func:`encoder_metadata` reads.
+    them: :func:`prepare_images` does that (its settings: :func:`encoder_metadata`).
     """
     from selfsup.export import load_encoder as _load
 
     return _load(path, map_location=map_location)
+
+
+def prepare_images(images: Any, encoder: str | Path) -> torch.Tensor:
+    """``images`` (file paths, PIL images, uint8 arrays or tensors, of any size) as the encoder
+    of run ``encoder`` sees them in ``selfsup embed``: float ``[B, 3, S, S]`` for
+    ``load_encoder(encoder)`` (selfsup.export.prepare_images)."""
+    from selfsup.export import prepare_images as _prepare
+
+    return _prepare(images, encoder)
 
 
 def encoder_metadata(path: str | Path) -> dict[str, Any]:
@@ -38,8 +53,8 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
     """A classifier saved by ``selfsup eval --save-classifiers`` (``path``: a
     ``classifiers/*.pt`` or the ``.json`` beside it), as a ``selfsup.export.Classifier``:
     ``model`` (eval mode, normalised ``[B, 3, S, S]`` -> logits ``[B, C]``), ``classes`` (in
-    logit order), the preprocessing (``image_size``, ``eval_crop``, ``mean``, ``std``;
-    ``transform()`` applies it to uint8 images), ``predict(images)`` and ``metadata``."""
+    logit order), the preprocessing (``prepare(images)``: paths, PIL images or uint8 tensors of
+    any size, as ``selfsup predict`` prepares them), ``predict(images)`` and ``metadata``."""
     from selfsup.export import load_classifier as _load
 
     return _load(path, map_location=map_location)

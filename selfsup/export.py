@@ -284,15 +284,77 @@ def export_encoder(
 
 
 # ---------------------------------------------------------------------------- classifiers
+def storage_batch(images: Any, storage_size: int) -> torch.Tensor:
+    """uint8 ``[B, 3, S, S]`` of ``images`` prepared as the cache stores them (``S``: the
+    run's storage size; :func:`selfsup.data.decode.storage_image`).
+
+    ``images``: one image or a sequence of them, each a file path, a PIL image, an RGB uint8
+    ``[H, W, 3]`` array or a ``[3, H, W]`` tensor; or a ``[B, 3, H, W]`` tensor (uint8, or
+    float in ``[0, 1]``). Images of any size: each one's centre square is resized (PIL bicubic),
+    as ``selfsup embed`` / ``predict`` resize it, so the results agree with theirs."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from selfsup.data.decode import storage_image
+
+    single = (str, os.PathLike, bytes, Image.Image, np.ndarray)
+    if isinstance(images, torch.Tensor):
+        items = list(images) if images.ndim == 4 else [images]
+    elif isinstance(images, single):
+        items = [images]
+    else:
+        items = list(images)
+    if not items:
+        raise ConfigError("no images given")
+    arrays = []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            if item.ndim != 3 or item.shape[0] != 3:
+                raise ConfigError(
+                    f"an image tensor must be [3, H, W] (or a batch [B, 3, H, W]), got "
+                    f"{list(item.shape)}"
+                )
+            if item.dtype != torch.uint8:  # float in [0, 1], as torchvision's to_tensor gives
+                item = item.float().mul(255).round().clamp(0, 255).to(torch.uint8)
+            item = item.permute(1, 2, 0).cpu().numpy()
+        arrays.append(storage_image(item, int(storage_size)))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def prepare_images(images: Any, encoder: str | Path) -> torch.Tensor:
+    """``images`` (see :func:`storage_batch`) as the encoder of run ``encoder`` (a run
+    directory, its encoder.pt or an export) sees them in ``selfsup embed`` and the run's kNN
+    check: the cache's bicubic resize to ``data.storage_size``, then the evaluation view
+    (shorter side to ``image_size / eval_crop``, antialiased bilinear; centre crop
+    ``image_size``), normalised with the run's mean / std. Returns float ``[B, 3, S, S]``."""
+    from selfsup.augment import EvalTransform
+
+    meta = encoder_metadata(encoder)
+    missing = [k for k in ("image_size", "mean", "std") if k not in meta]
+    if missing:
+        raise ConfigError(
+            f"{encoder}: no config.yaml or export.json beside it says its {', '.join(missing)}; "
+            "prepare the images yourself (see the README's 'Without selfsup')"
+        )
+    size = int(meta["image_size"])
+    crop = float(meta.get("eval_crop") or 1.0)
+    batch = storage_batch(images, int(meta.get("storage_size") or size))
+    return EvalTransform(size, mean=meta["mean"], std=meta["std"], crop_fraction=crop)(batch)
+
+
 @dataclass
 class Classifier:
     """A classifier saved by ``selfsup eval --save-classifiers`` (:func:`load_classifier`).
 
     ``model``: the torchvision ResNet of the run's architecture with its trained ``fc``, in eval
     mode: normalised images ``[B, 3, S, S]`` -> logits ``[B, C]``, ``C = len(classes)``.
-    ``classes``: the class names, in logit order. Prepare images as the evaluation did:
-    shorter side resized to ``round(image_size / eval_crop)``, centre crop ``image_size``,
-    normalised with ``mean`` / ``std`` (:meth:`transform` does that to uint8 ``[B, 3, H, W]``).
+    ``classes``: the class names, in logit order. :meth:`prepare` turns images of any size
+    (paths, PIL images, uint8 tensors) into the model's input exactly as ``selfsup predict``
+    does: the cache's bicubic resize of the centre square to ``storage_size``, then
+    :meth:`transform` (shorter side to ``round(image_size / eval_crop)``, centre crop
+    ``image_size``, normalised with ``mean`` / ``std``); :meth:`predict` classifies them.
     ``metadata``: the whole ``.json`` beside the weights (protocol, top1, eval data, ...).
     """
 
@@ -312,12 +374,24 @@ class Classifier:
             self.image_size, mean=self.mean, std=self.std, crop_fraction=self.eval_crop
         )
 
+    @property
+    def storage_size(self) -> int:
+        """The side the evaluation cached its images at (before :meth:`transform`)."""
+        return int(self.metadata.get("storage_size") or round(self.image_size / self.eval_crop))
+
+    def prepare(self, images: Any) -> torch.Tensor:
+        """The model's input float ``[B, 3, S, S]`` for ``images`` (one or a sequence of file
+        paths, PIL images, uint8 ``[H, W, 3]`` arrays or ``[3, H, W]`` tensors, or a
+        ``[B, 3, H, W]`` tensor), prepared as ``selfsup predict`` prepares them."""
+        return self.transform()(storage_batch(images, self.storage_size))
+
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class index int64 ``[B]``, softmax probability of that class ``[B]``) of uint8
-        images ``[B, 3, H, W]``, on the model's device."""
+    def predict(self, images: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class index int64 ``[B]``, softmax probability of that class ``[B]``) of ``images``
+        (as :meth:`prepare` takes them), on the model's device: the classes and confidences
+        ``selfsup predict`` writes for the same images."""
         device = next(self.model.parameters()).device
-        logits = self.model(self.transform().to(device)(images.to(device)))
+        logits = self.model(self.prepare(images).to(device))
         confidence, index = logits.float().softmax(dim=1).max(dim=1)
         return index, confidence
 

@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny_runs import run as tiny_run
@@ -247,3 +248,35 @@ def test_a_classifier_of_other_data_is_replaced_with_a_note(evaluated, capsys) -
     commands._note_replaced_classifier(path, {**meta, "eval_data": "/elsewhere/mnist5k"})
     err = capsys.readouterr().err
     assert f"{path} held a classifier of other eval_data" in err and "replaces it" in err
+
+
+def test_classifier_predict_on_files_of_any_size_gives_selfsup_predicts_answers(
+    evaluated, cli, tmp_path
+) -> None:
+    """``Classifier.predict`` on files (or PIL images, or uint8 tensors) of any size, shape and
+    mode: the classes and confidences ``selfsup predict`` writes for them."""
+    from PIL import Image
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i, (w, h) in enumerate([(50, 37), (23, 64), (16, 16), (90, 90)]):
+        pixels = torch.randint(0, 255, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(pixels).convert("L" if i == 1 else "RGB").save(paths[-1])
+    path = classifier_file(evaluated, "linear_fast")
+    out = tmp_path / "pred.csv"
+    rc, _, err = cli("predict", path, "--data", folder, "--out", out, "--cache-dir", tmp_path / "c")
+    assert rc == 0, err
+    with open(out, newline="") as fh:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    clf = selfsup.load_classifier(path)
+    for given in (paths, [Image.open(p) for p in paths]):
+        index, confidence = clf.predict(given)
+        for p, k, c in zip(paths, index.tolist(), confidence.tolist(), strict=True):
+            assert clf.classes[k] == rows[p.name]["class"]
+            assert c == pytest.approx(float(rows[p.name]["confidence"]), abs=1e-5)
+    rgb = torch.from_numpy(np.array(Image.open(paths[0]))).permute(2, 0, 1)
+    (k,), (c,) = clf.predict(rgb)
+    assert c == pytest.approx(float(rows["0.png"]["confidence"]), abs=1e-5)

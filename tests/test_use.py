@@ -33,6 +33,7 @@ import selfsup
 from selfsup.augment import EvalTransform, ViewAugment, ViewConfig
 from selfsup.cli import main
 from selfsup.data import load_dataset
+from selfsup.errors import SelfsupError
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.linear import linear_probe
 from selfsup.evaluate.subsets import balanced_subset, load_subset
@@ -789,6 +790,47 @@ def test_eval_seed_draws_the_subset_it_names(trained, tmp_path, monkeypatch) -> 
     assert torch.equal(indices, balanced_subset(train.labels, 10, seed=1))
     assert not torch.equal(indices, balanced_subset(train.labels, 10, seed=0))
     assert torch.equal(seen[0], train.labels[indices])
+
+
+def _odd_images(folder: Path) -> list[Path]:
+    """Files of other sizes, shapes and modes than the run's 16 px digits."""
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    made = []
+    for i, (size, mode) in enumerate([((50, 37), "RGB"), ((23, 64), "L"), ((16, 16), "RGBA")]):
+        pixels = g.integers(0, 255, (size[1], size[0], len(mode)), dtype=np.uint8)
+        image = Image.fromarray(pixels[..., 0] if mode == "L" else pixels, mode)
+        made.append(folder / f"{i}.png")
+        image.save(made[-1])
+    return made
+
+
+def test_prepare_images_gives_the_encoder_what_embed_gives_it(trained, tmp_path) -> None:
+    """``selfsup.prepare_images`` on paths, PIL images or tensors of any size: the vectors of
+    ``selfsup embed`` (the cache's bicubic resize, then the evaluation view), not those of a
+    plain bilinear resize."""
+    paths = _odd_images(tmp_path / "odd")
+    out = tmp_path / "e.npz"
+    rc, _, err = cli(
+        "embed", str(trained["run"]), "--data", str(tmp_path / "odd"), "--out", str(out),
+        "--cache-dir", trained["cache"],
+    )  # fmt: skip
+    assert rc == 0, err
+    saved = np.load(out)
+    by_name = {Path(p).name: v for p, v in zip(saved["paths"], saved["embeddings"], strict=True)}
+    embedded = np.stack([by_name[p.name] for p in paths])
+    encoder = selfsup.load_encoder(trained["run"])
+    with torch.no_grad():
+        from_paths = encoder(selfsup.prepare_images(paths, trained["run"])).numpy()
+        pil = [Image.open(p) for p in paths]
+        from_pil = encoder(selfsup.prepare_images(pil, trained["run"])).numpy()
+        rgb = torch.from_numpy(np.array(Image.open(paths[0]).convert("RGB"))).permute(2, 0, 1)
+        from_tensor = encoder(selfsup.prepare_images(rgb, trained["run"])).numpy()
+    np.testing.assert_allclose(from_paths, embedded, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(from_pil, embedded, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(from_tensor[0], embedded[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(SelfsupError, match=r"\[3, H, W\]"):
+        selfsup.prepare_images(torch.zeros(5, 5), trained["run"])
 
 
 def test_embed_reports_the_files_it_skipped(trained, tmp_path) -> None:

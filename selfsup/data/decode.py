@@ -196,3 +196,32 @@ def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
         reducing_gap=3.0,
     )  # fmt: skip
     return np.asarray(pil, dtype=np.uint8)
+
+
+def storage_image(image, size: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One image prepared exactly as the cache stores it: uint8 ``[size, size, 3]``.
+
+    ``image``: an image file's path, its bytes, a PIL image, or an RGB uint8 ``[H, W, 3]``
+    array. Files and bytes are decoded by :func:`decode_image` (modes, EXIF rotation), a PIL
+    image converted as it would be, and then :func:`resize_shorter` takes the centre square
+    (PIL's bicubic resize). This is what ``selfsup embed``, ``predict`` and ``neighbors`` do to
+    every image before the encoder's evaluation transform.
+    """
+    import os
+
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as handle:
+            array = decode_image(handle.read(), name=os.fspath(image), max_pixels=max_pixels)
+    elif isinstance(image, (bytes, bytearray)):
+        array = decode_image(bytes(image), name="image bytes", max_pixels=max_pixels)
+    elif isinstance(image, Image.Image):
+        image.load()
+        array = _to_rgb_array(_apply_exif_orientation(image))
+    else:
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise DataError(
+                f"an image array must be RGB uint8 [H, W, 3], got {array.dtype} "
+                f"{list(array.shape)}; pass a file path or a PIL image instead"
+            )
+    return resize_shorter(np.ascontiguousarray(array), size)
