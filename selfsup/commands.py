@@ -962,13 +962,19 @@ def _add_embed(sub, name: str) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="train", help="split to embed (default: train)")
     p.add_argument(
-        "--out", required=True, help="output .npz (embeddings, paths, labels), .parquet or .npy"
+        "--out",
+        required=True,
+        help="output .npz (embeddings, paths, labels), .parquet, or .npy (embeddings; paths "
+        "and labels in a .csv of the same name beside it)",
     )
     p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar while images are decoded"
+    )
 
 
 def embed_dataset(
@@ -981,6 +987,7 @@ def embed_dataset(
     cache_dir: str | None = None,
     limit: int | None = None,
     encoder: torch.nn.Module | None = None,
+    progress: bool = False,
 ):
     """(features float32 ``[N, D]`` on the CPU, the ``ImageDataset``) of ``source``/``split``.
 
@@ -996,7 +1003,7 @@ def embed_dataset(
     model = encoder if encoder is not None else load_encoder(encoder_path)
     info = _run_info(Path(encoder_path))
     return _encode_source(
-        model, info, source, split, image_size, batch_size, device, cache_dir, limit
+        model, info, source, split, image_size, batch_size, device, cache_dir, limit, progress
     )
 
 
@@ -1010,6 +1017,7 @@ def _encode_source(
     device: str | None,
     cache_dir: str | None,
     limit: int | None,
+    progress: bool = False,
 ):
     """(``model``'s outputs float32 ``[N, K]`` on the CPU, the ``ImageDataset``): ``source`` /
     ``split`` decoded at the sizes of ``info`` (a run's or a classifier's metadata: storage and
@@ -1020,7 +1028,7 @@ def _encode_source(
 
     load_size, size = _sizes(info, image_size)
     with main_process_first():
-        ds = _load(source, split, load_size, cache_dir, limit)
+        ds = _load(source, split, load_size, cache_dir, limit, progress and is_first_rank())
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
     _, eval_t = _transforms(size, mean, std, dev, eval_crop=float(info.get("eval_crop") or 1.0))
@@ -1144,6 +1152,7 @@ def _embed(args: argparse.Namespace) -> int:
             str(device),
             args.cache_dir,
             args.limit,
+            progress=not args.no_progress,
         )
         main = is_main()
     finally:
@@ -1162,7 +1171,8 @@ def _embed(args: argparse.Namespace) -> int:
             arrays["labels"] = ds.labels.numpy()
             arrays["classes"] = np.array(ds.classes or [], dtype=str)
         _atomic_output(out, lambda tmp: np.savez(tmp, **arrays))
-    print(f"selfsup: {feats.shape[0]} embeddings of dim {feats.shape[1]} written to {out}")
+    index = f" (paths and labels: {out.with_suffix('.csv')})" if out.suffix == ".npy" else ""
+    print(f"selfsup: {feats.shape[0]} embeddings of dim {feats.shape[1]} written to {out}{index}")
     return 0
 
 
@@ -1189,6 +1199,9 @@ def _add_neighbors(sub, name: str) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images encoded at once")
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar while images are decoded"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument(
         "--grid",
@@ -1210,6 +1223,7 @@ def nearest_neighbors(
     limit: int | None = None,
     batch_size: int = 256,
     grid: str | Path | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """The ``k`` images of ``source`` most cosine-similar to each query image.
 
@@ -1271,7 +1285,7 @@ def nearest_neighbors(
     encoder = load_encoder(encoder_path)
     feats, ds = embed_dataset(
         encoder_path, source, split, image_size, batch_size, device, cache_dir, limit,
-        encoder=encoder,
+        encoder=encoder, progress=progress,
     )  # fmt: skip
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
@@ -1351,6 +1365,7 @@ def _neighbors(args: argparse.Namespace) -> int:
         args.limit,
         args.batch_size,
         args.grid,
+        progress=not args.no_progress,
     )
     if args.grid and is_first_rank():
         print(f"selfsup: neighbour grid written to {args.grid}", file=sys.stderr)
@@ -1387,6 +1402,9 @@ def _add_predict(sub, name: str) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images classified at once")
     p.add_argument("--device", default=None)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar while images are decoded"
+    )
 
 
 def predict_dataset(
@@ -1398,6 +1416,7 @@ def predict_dataset(
     cache_dir: str | None = None,
     limit: int | None = None,
     classifier=None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Classify ``source`` / ``split`` with a saved classifier (``classifier``, when given, is the
     loaded one). Returns ``{"dataset", "index" int64 [N], "confidence" [N], "classes",
@@ -1411,8 +1430,9 @@ def predict_dataset(
     # loaded before the data: a missing or foreign classifier fails fast
     clf = classifier if classifier is not None else load_classifier(classifier_path)
     logits, ds = _encode_source(
-        clf.model, clf.metadata, source, split, None, batch_size, device, cache_dir, limit
-    )
+        clf.model, clf.metadata, source, split, None, batch_size, device, cache_dir, limit,
+        progress,
+    )  # fmt: skip
     confidence, index = logits.softmax(dim=1).max(dim=1)
     correct = scored = 0
     if ds.labels is not None:
@@ -1476,6 +1496,7 @@ def _predict(args: argparse.Namespace) -> int:
             args.cache_dir,
             args.limit,
             classifier=clf,
+            progress=not args.no_progress,
         )
         main = is_main()
     finally:

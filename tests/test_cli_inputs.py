@@ -242,3 +242,51 @@ def test_a_whole_pickled_model_is_told_to_save_its_state_dict(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"save its model\.state_dict\(\)") as caught:
         selfsup.load_encoder(tmp_path / "model.pt")
     assert "weights_only" not in str(caught.value)
+
+
+# ---------------------------------------------------------------------------- audit of 2026-12-02
+def test_resume_with_overwrite_is_refused_as_a_contradiction(trained, cli) -> None:
+    rc, _, err = cli("pretrain", "--out", trained["run"], "--resume", "--overwrite")
+    assert rc == 2 and "--resume continues the run" in err and "pass one of them" in err
+    assert (trained["run"] / "encoder.pt").exists()  # nothing replaced
+
+
+def test_an_out_or_cache_dir_that_is_a_file_is_named_so(trained, tmp_path, cli) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    rc, _, err = cli("pretrain", "--out", blocker, "--limit", "256")
+    assert rc == 2 and f"--out {blocker} is a file, not a folder" in err
+    rc, _, err = cli(
+        "embed", trained["run"], "--data", "mnist5k", "--out", tmp_path / "e.npz",
+        "--cache-dir", blocker,
+    )  # fmt: skip
+    assert rc == 2 and f"the data cache folder {blocker} is a file, not a folder" in err
+    assert blocker.read_text() == "mine"
+
+
+def test_a_missing_test_split_says_what_to_add_not_a_split_option(trained, tmp_path, cli) -> None:
+    folder = tmp_path / "trainonly"
+    for c in ("a", "b"):
+        (folder / "train" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(folder / "train" / c / f"{i}.png")
+    rc, _, err = cli(
+        "embed", trained["run"], "--data", folder, "--split", "val", "--out", tmp_path / "e.npz",
+        "--cache-dir", trained["cache"],
+    )  # fmt: skip
+    assert rc == 2 and "has no 'val' split folder (found: train); add a val/ folder" in err
+    assert "choose one of those with --split" in err
+
+
+def test_embed_shows_decoding_progress_unless_told_not_to(trained, tmp_path, cli) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("RGB", (20, 20), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    out = tmp_path / "e.npy"
+    common = ("embed", trained["run"], "--data", folder, "--out", out)
+    rc, stdout, err = cli(*common, "--cache-dir", tmp_path / "c1")
+    assert rc == 0 and "decoding imgs" in err
+    assert f"written to {out} (paths and labels: {out.with_suffix('.csv')})" in stdout
+    rc, _, err = cli(*common, "--cache-dir", tmp_path / "c2", "--no-progress")
+    assert rc == 0 and "decoding" not in err

@@ -254,6 +254,11 @@ def load_dataset(
         _remove_orphans(root, stem)
         _remove_other_partials(root, stem, keep=npy_path.stem.rsplit("-", 1)[1])
 
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"the data cache folder {root} is a file, not a folder; pass another cache_dir "
+            "(data.cache_dir; eval/embed: --cache-dir) or set $SELFSUP_CACHE"
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -278,7 +278,9 @@ def _layout(
         if not matching:
             raise DataError(
                 f"data source {spec.location} has no '{split}' split folder "
-                f"(found: {', '.join(split_dirs)}); pick one of those as the split"
+                f"(found: {', '.join(split_dirs)}); add a {split}/ folder of images beside "
+                "them (selfsup trains on train/ and evaluates on test/ or val/), or, with embed, "
+                "neighbors or predict, choose one of those with --split"
             )
         base = (*prefix, matching[0])
     elif split.lower() != "train":

@@ -138,6 +138,8 @@ def lock_run_dir(out: Path) -> RunDirLock:
     import fcntl
 
     created = not out.exists()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
     path = out / LOCK_FILE
     for _ in range(100):  # retried only while other processes remove the file under us
         try:
@@ -209,6 +211,12 @@ def remove_run_outputs(out: Path) -> None:
 def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """The checks of :func:`prepare_run_dir` that change nothing: a run there without --resume
     or --overwrite, or --resume with no run there."""
+    if resume and overwrite:
+        raise ConfigError(
+            f"--resume continues the run in {out} and --overwrite replaces it: pass one of them"
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
     marker = out / "config.yaml"
     if marker.exists() and not (resume or overwrite):
         raise ConfigError(
