@@ -87,6 +87,14 @@ def pretrain_config(
         cfg.model.init = str(Path(cfg.model.init).expanduser().absolute())
     out = out or default_out(cfg, cfg.method.name, data)
     cfg.out = str(out)
+    if not resume and is_first_rank() and not cfg.model.small_stem and cfg.data.image_size <= 64:
+        print(
+            f"selfsup: note: data.image_size={cfg.data.image_size} with the ImageNet stem "
+            "(model.small_stem=false): its stride-2 7x7 conv and max-pool shrink the image 4x "
+            "before the first block; model.small_stem=true (3x3 conv, no max-pool) is the stem "
+            "for 32-64 px images",
+            file=sys.stderr,
+        )
     return cfg, out
 
 

@@ -290,3 +290,16 @@ def test_embed_shows_decoding_progress_unless_told_not_to(trained, tmp_path, cli
     assert f"written to {out} (paths and labels: {out.with_suffix('.csv')})" in stdout
     rc, _, err = cli(*common, "--cache-dir", tmp_path / "c2", "--no-progress")
     assert rc == 0 and "decoding" not in err
+
+
+@pytest.mark.parametrize(("size", "stem", "noted"), [(32, "false", True), (96, "false", False),
+                                                     (32, "true", False)])  # fmt: skip
+def test_small_images_on_the_imagenet_stem_get_a_note(size, stem, noted, tmp_path, capsys) -> None:
+    from selfsup.run import pretrain_config
+
+    flags = {"data.image_size": size}
+    overrides = [f"model.small_stem={stem}", f"data.storage_size={size}"]
+    pretrain_config("byol", "mnist5k", preset=None, out=tmp_path / "r", resume=False,
+                    flags=flags, overrides=overrides)  # fmt: skip
+    err = capsys.readouterr().err
+    assert ("model.small_stem=true (3x3 conv, no max-pool) is the stem" in err) == noted, err
