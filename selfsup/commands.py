@@ -867,32 +867,61 @@ def _note_replaced_classifier(path: Path, meta: dict[str, Any]) -> None:
         )
 
 
-def _merge_earlier(path: Path, results: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
-    """Keep the protocols of an earlier eval of the same weights, data and sizes in ``results``
-    (``--label-fraction 1`` after ``10`` keeps both); another encoder's file is replaced.
+# the settings each protocol's numbers depend on (batch_size: the training protocols' batch)
+PROTOCOL_KNOBS = {
+    "knn": ("knn_k", "knn_temperature"),
+    "linear_fast": ("lbfgs_iters", "lbfgs_weight_decay"),
+    "linear_full": ("linear_epochs", "linear_lr", "linear_weight_decay", "batch_size"),
+    "finetune": ("finetune_epochs", "finetune_lr", "supervised_lr", "batch_size"),
+}
 
-    Returns what differed when an earlier file is replaced (``""`` when merged or none), and
-    the (protocol, encoder) entries kept from the earlier file."""
+
+def _knobs(protocol: str, settings: dict[str, Any]) -> dict[str, Any]:
+    names = PROTOCOL_KNOBS["finetune" if protocol.startswith("finetune") else protocol]
+    return {k: settings.get(k) for k in names}
+
+
+def _merge_earlier(path: Path, results: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """Keep the results of an earlier eval of the same weights, data and sizes in ``results``
+    (``--label-fraction 1`` after ``10`` keeps both; ``--linear-mode fast`` after ``full`` keeps
+    the full probe's numbers). A protocol measured again at other settings of its own (another
+    ``--knn-k``) replaces its earlier entries; another encoder's or data's file is replaced.
+    ``results["protocol_settings"]`` records each protocol's settings.
+
+    Returns what differed where earlier results are replaced (``""`` when none), and the
+    (protocol, encoder) entries kept from the earlier file."""
+    settings = results.get("settings") or {}
+    results["protocol_settings"] = {p: _knobs(p, settings) for p in results["protocols"]}
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return "", []
     if not isinstance(earlier, dict):
         return "", []
-    same = ("weights", "eval_data", "image_size", "limit", "seed", "train_augment", "settings")
+    same = ("weights", "eval_data", "image_size", "limit", "seed", "train_augment")
     differ = [k for k in same if earlier.get(k) != results.get(k)]
-    if not differ:
-        kept = []
-        for protocol, by_encoder in (earlier.get("protocols") or {}).items():
-            now = results["protocols"].get(protocol, {})
-            kept += [(protocol, enc) for enc in by_encoder if enc not in now]
-            results["protocols"][protocol] = {**by_encoder, **now}
-        return "", kept
-    if "settings" in differ:  # name the knobs, not the whole dict
-        before, now = earlier.get("settings") or {}, results.get("settings") or {}
-        knobs = [f"{k} {before.get(k)} -> {now.get(k)}" for k in now if before.get(k) != now.get(k)]
-        differ[differ.index("settings")] = ", ".join(knobs) or "settings"
-    return ", ".join(differ), []
+    if differ:
+        return ", ".join(differ), []
+    # files before protocol_settings: each protocol's knobs from the file's one settings dict
+    old_settings = earlier.get("protocol_settings") or {}
+    kept: list[tuple[str, str]] = []
+    replaced: list[str] = []
+    for protocol, by_encoder in (earlier.get("protocols") or {}).items():
+        before = old_settings.get(protocol) or _knobs(protocol, earlier.get("settings") or {})
+        if protocol not in results["protocols"]:  # not run now: kept with its own settings
+            results["protocols"][protocol] = by_encoder
+            results["protocol_settings"][protocol] = before
+            kept += [(protocol, enc) for enc in by_encoder]
+            continue
+        now = results["protocol_settings"][protocol]
+        if before != now:  # measured again at other settings: the earlier entries go
+            changes = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v]
+            replaced.append(f"{protocol}: {', '.join(changes)}")
+            continue
+        new = results["protocols"][protocol]
+        kept += [(protocol, enc) for enc in by_encoder if enc not in new]
+        results["protocols"][protocol] = {**by_encoder, **new}
+    return "; ".join(replaced), kept
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -721,7 +721,20 @@ def test_eval_results_merge_only_the_same_weights_data_and_settings(trained, tmp
     assert "earlier" not in rows["ssl"]
     rc, _, err = cli("eval", str(run), *common)  # another k: the baseline is not comparable
     assert rc == 0 and set(json.loads(path.read_text())["protocols"]["knn"]) == {"ssl"}
-    assert f"{path} held results at other settings (knn_k 7 -> 200)" in err  # and it is said
+    assert f"{path} held results at other settings (knn: knn_k 7 -> 200)" in err  # and said
+
+    # a protocol not run now keeps its numbers and its own settings: the full probe's 2 epochs
+    linear = ["--protocol", "linear", "--limit", "200", "--cache-dir", trained["cache"]]
+    full = ["--linear-mode", "full", "--linear-epochs", "2", "--no-progress"]
+    assert cli("eval", str(run), *linear, *full)[0] == 0
+    rc, out, err = cli("eval", str(run), *linear, "--linear-mode", "fast")
+    assert rc == 0 and "other settings" not in err
+    saved = json.loads((run / "eval_mnist5k_limit200_linear.json").read_text())
+    assert set(saved["protocols"]) == {"linear_fast", "linear_full"}
+    assert saved["protocol_settings"]["linear_full"]["linear_epochs"] == 2
+    assert saved["protocol_settings"]["linear_fast"]["lbfgs_iters"] == 100
+    (full_row,) = [line for line in out.splitlines() if line.startswith("| linear_full")]
+    assert "from an earlier eval" in full_row
 
     # a relative --data is recorded absolute: the same words from another folder are other data
     folder = tmp_path / "colours"
