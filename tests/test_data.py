@@ -811,7 +811,7 @@ def test_a_partial_build_of_files_changed_since_is_discarded(tmp_path, monkeypat
     calls = _count_decodes(monkeypatch)
     assert len(load(root, image_size=8, cache_dir=cache_dir)) == 40
     assert len(calls) == 41  # all of it: nothing of the other files' build is reused
-    assert not old_partial.exists() and not list(cache_dir.glob(".*progress.json"))
+    assert not old_partial.exists() and not list(cache_dir.glob(".*.partial*"))
 
 
 def test_a_build_that_fails_for_good_keeps_no_partial_files(tmp_path, monkeypatch):
@@ -824,20 +824,71 @@ def test_a_build_that_fails_for_good_keeps_no_partial_files(tmp_path, monkeypatc
     assert list(cache_dir.iterdir()) == []
 
 
-def test_a_partial_build_held_by_another_build_is_left_to_it(tmp_path, monkeypatch):
-    """Two builds of one cache at once: the second finds the partial file locked, decodes into
-    a file of its own, and leaves the first's partial file and progress as they were."""
-    import fcntl
-
+def test_a_partial_build_is_claimed_only_when_released_or_dead(tmp_path, monkeypatch):
+    """A partial build under the token of a live process (another build, still writing) is
+    left to it: this build decodes everything into a file of its own and does not touch it.
+    Under a dead process's token it is claimed and continued."""
     root, cache_dir = _interrupted_build(tmp_path, monkeypatch)
-    (partial,) = cache_dir.glob(".*.npy.partial")
-    before = partial.read_bytes()
-    with open(partial, "rb") as held:  # the other build, still writing
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    (released,) = cache_dir.glob(".*.npy.partial")
+    host = cache_module._writer_tag().rsplit("-", 1)[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    for pid, decoded in ((os.getpid(), 40), (dead, 16)):  # this process is alive
+        token = f"{host}-{pid}-0123abcd"
+        data = released.with_name(f"{released.name}.{token}")
+        progress = data.with_name(data.name + ".json")
+        os.replace(released, data)
+        os.replace(released.with_name(released.name + ".json"), progress)
+        state = json.loads(progress.read_text())
+        progress.write_text(json.dumps({**state, "token": token}))
+        with open(data, "r+b") as fh:  # the token in the data file's header, as its build wrote
+            fh.write(cache_module._PARTIAL_MAGIC + token.encode())
+        before = data.read_bytes()
         calls = _count_decodes(monkeypatch)
         ds = load(root, image_size=8, cache_dir=cache_dir)
-        assert len(calls) == 40 and len(ds) == 39
-        assert partial.read_bytes() == before
+        monkeypatch.undo()
+        assert len(calls) == decoded and len(ds) == 39
+        if pid == os.getpid():
+            assert data.read_bytes() == before  # a live build's file is not touched
+            for cache_file in cache_dir.glob("imgs-*"):
+                cache_file.unlink()  # build again: now the owner has died
+            os.replace(data, released)
+            os.replace(progress, released.with_name(released.name + ".json"))
+        else:
+            assert not data.exists() and not list(cache_dir.glob(".*.partial*"))
+
+
+def test_sigterm_while_decoding_keeps_the_decoded_rows(tmp_path):
+    """``kill`` (SIGTERM, as job schedulers send) while a split decodes: saved as a Ctrl-C is."""
+    root = _many_images(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    code = f"""
+import os, signal
+import selfsup.data.cache as cache
+from selfsup.data import load_dataset
+real, seen = cache.decode_image, []
+def stopped(data, *, name, max_pixels):
+    seen.append(name)
+    if len(seen) == 20:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(data, name=name, max_pixels=max_pixels)
+cache.decode_image = stopped
+try:
+    load_dataset({str(root)!r}, "train", image_size=8, cache_dir={str(cache_dir)!r},
+                 progress=False, workers=1)
+except KeyboardInterrupt:
+    raise SystemExit(130)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr.decode()[-2000:]
+    assert len(list(cache_dir.glob(".*.npy.partial"))) == 1  # released for the next build
+    calls = _count_decodes_in(cache_module)
+    try:
+        continued = load(root, image_size=8, cache_dir=cache_dir)
+    finally:
+        cache_module.decode_image = calls.real
+    assert len(calls) < 40 - 10
+    _same_dataset(continued, load(root, image_size=8, cache_dir=tmp_path / "fresh"))
 
 
 def test_broken_cache_files_are_rebuilt(tmp_path, monkeypatch):

@@ -13,11 +13,11 @@ into place with ``os.replace`` (the ``.json`` last, and it is what marks a cache
 an interrupted build never leaves a cache that loads. Older caches of the same source, split and
 size are removed once a new one is in place.
 
-A folder or archive decode that is interrupted (Ctrl-C, ``kill -9``, a pre-empted job) is not
-lost: its rows stay in ``.<cache>.npy.partial`` with its progress in
-``.<cache>.npy.progress.json`` (saved every :data:`PARTIAL_SAVE_EVERY_S` seconds and when
-stopped), and the next build of the same key continues after the last image saved
-(:class:`_PartialBuild`). A partial build of files that have changed since is deleted.
+A folder or archive decode that is interrupted (Ctrl-C, SIGTERM, ``kill -9``, a pre-empted job)
+is not lost: its rows stay in ``.<cache>.npy.partial[.<token>]`` with its progress in the
+``.json`` beside it (saved every :data:`PARTIAL_SAVE_EVERY_S` seconds and when stopped), and the
+next build of the same key continues after the last image saved (:class:`_PartialBuild`). A
+partial build of files that have changed since is deleted.
 
 The cache is loaded with ``np.load(mmap_mode="c")``: pages are read from disk lazily and a
 write to the tensor stays private to the process (copy-on-write), so a stray in-place op can
@@ -237,6 +237,7 @@ def load_dataset(
     stem, npy_path, meta_path = paths_of(size_tag)
     cached = _load_cache(npy_path, meta_path)
     if cached is not None:  # the whole source is cached: a limit is a spread of it
+        _remove_partials(root, stem)  # of builds that it makes pointless
         return cached.spread(limit)
     if limit is not None and spec.kind in ("folder", "tar"):
         # its own, smaller cache (the whole source's is kept for full runs): looked up before
@@ -252,7 +253,7 @@ def load_dataset(
             stem, npy_path, meta_path = limited
     if root.is_dir():
         _remove_orphans(root, stem)
-        _remove_other_partials(root, stem, keep=npy_path.stem.rsplit("-", 1)[1])
+        _remove_partials(root, stem, keep=npy_path)
 
     if root.exists() and not root.is_dir():
         raise DataError(
@@ -277,8 +278,7 @@ def load_dataset(
             # an interrupted build of this very cache (same key: the same files) goes on
             partial = _PartialBuild(npy_path, len(listed.paths)).open()
             writer = _NpyWriter(npy_path, partial)
-            kept: list[int] = [] if partial is None else partial.kept
-            skipped: list[tuple[str, str]] = [] if partial is None else partial.skipped
+            kept, skipped = partial.kept, partial.skipped
             if kept or skipped:
                 print(
                     f"selfsup: continuing an interrupted decoding of {spec.name} ({split}): "
@@ -286,11 +286,11 @@ def load_dataset(
                     file=sys.stderr,
                 )
             try:
-                _decode_into(
-                    listed, writer, storage_size, max(1, worker_count), progress, max_pixels,
-                    split, kept=kept, skipped=skipped,
-                    checkpoint=None if partial is None else partial.saver(writer),
-                )  # fmt: skip
+                with _sigterm_as_interrupt():  # a scheduler's stop keeps the decoded rows too
+                    _decode_into(
+                        listed, writer, storage_size, max(1, worker_count), progress, max_pixels,
+                        split, kept=kept, skipped=skipped, checkpoint=partial.saver(writer),
+                    )  # fmt: skip
                 if not kept:
                     every_skip = sorted(listed.skipped + skipped)
                     total = len(listed.paths) + len(listed.skipped)
@@ -303,17 +303,12 @@ def load_dataset(
                 shape = writer.commit()
             except Exception:  # failed for good: nothing to continue from
                 writer.abort()
-                if partial is not None:
-                    partial.discard()
+                partial.discard()
                 raise
-            except BaseException:  # Ctrl-C: the next build continues from here
-                if partial is None:
-                    writer.abort()
-                else:
-                    partial.keep(writer, kept, skipped)
+            except BaseException:  # Ctrl-C, SIGTERM: the next build continues from here
+                partial.release(writer, kept, skipped)
                 raise
-            if partial is not None:
-                partial.finish()
+            partial.finish()
             labels = None if listed.labels is None else [listed.labels[i] for i in kept]
             meta = {
                 "paths": [listed.paths[i] for i in kept],
@@ -344,6 +339,7 @@ def load_dataset(
             "set data.cache_dir (eval/embed: --cache-dir) or $SELFSUP_CACHE to a disk with room"
         ) from None
     _remove_stale(root, stem, keep=npy_path.stem.rsplit("-", 1)[1])
+    _remove_partials(root, stem)
     loaded = _load_cache(npy_path, meta_path)
     if loaded is None:  # pragma: no cover - only if the disk changed under us
         raise DataError(f"the cache {npy_path} just written cannot be read back; check the disk")
@@ -459,6 +455,32 @@ def _decode_into(
 
 
 @contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler, torchrun stopping its workers) raises
+    KeyboardInterrupt while the block runs, so a decode saves its progress as for a Ctrl-C
+    instead of dying mid-write. Only in the main thread, and only where SIGTERM has its default
+    action (a handler of the caller's own is left in place)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
 def _quiet_pil_warnings() -> Iterator[None]:
     """Silence PIL's per-file warnings (damaged EXIF, oversized tags) during a bulk decode.
 
@@ -565,75 +587,95 @@ class _NpyWriter:
 PARTIAL_SAVE_EVERY_S = 5.0
 
 
-class _PartialBuild:
-    """A folder or archive decode that an interruption (Ctrl-C, ``kill``, a lost job) does not
-    throw away: the rows so far stay in ``.<cache>.npy.partial`` and how far the decode got in
-    ``.<cache>.npy.progress.json`` (saved every few seconds and when stopped), and the next build
-    of the same cache, whose key says the files are the same, continues after them.
+_PARTIAL_MAGIC = b"SELFSUP-PARTIAL "  # in the reserved .npy header while a build writes
 
-    The partial file is held under an exclusive ``flock`` while a build writes it; a second
-    build of the same cache at the same time, or a filesystem without locks, decodes into a
-    private file of its own instead (:meth:`open` returns None)."""
+
+class _PartialBuild:
+    """A folder or archive decode that an interruption (Ctrl-C, SIGTERM, ``kill -9``, a lost
+    job) does not throw away, and that the next build of the same cache (same key: the same
+    files) continues after its last saved image.
+
+    Each build writes its own file, ``.<cache>.npy.partial.<token>`` (token: host, pid and a
+    random tag, also written into the file's reserved header), and saves its progress to the
+    ``.json`` beside it every few seconds. A stopped build (Ctrl-C, SIGTERM) *releases* both by
+    renaming them to ``.<cache>.npy.partial`` and ``.<cache>.npy.partial.json``; a killed one
+    leaves them under its token, with its pid. A new build claims a released partial, or one of a
+    dead process of this machine, by renaming it to its own token: a rename has one winner, so no
+    two builds ever write one file (with no file locks, which some shared filesystems lack). The
+    progress file counts only if it names the token in the data file's header and the rows it
+    counts are there; otherwise the claimed file is started over."""
 
     def __init__(self, npy_path: Path, items: int) -> None:
-        self.data_path = npy_path.with_name(f".{npy_path.name}.partial")
-        self.progress_path = npy_path.with_name(f".{npy_path.name}.progress.json")
+        self.npy_path = npy_path
         self.items = items  # listed items: the progress of another listing is not ours
+        self.token = f"{_writer_tag()}-{uuid.uuid4().hex[:8]}"
+        self.data_path = self._data(self.token)
+        self.progress_path = self._progress(self.data_path)
         self.handle = None
         self.rows, self.row_shape, self.first_path = 0, None, ""
         self.kept: list[int] = []
         self.skipped: list[tuple[str, str]] = []
 
-    def open(self) -> _PartialBuild | None:
-        """Lock the partial file (made when missing) and read how far it got; None when
-        another process holds it or locks are not available."""
-        import fcntl
+    def _data(self, token: str | None) -> Path:
+        suffix = f".partial.{token}" if token else ".partial"
+        return self.npy_path.with_name(f".{self.npy_path.name}{suffix}")
 
-        try:
-            fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, default_file_mode())
-            handle = os.fdopen(fd, "r+b")
-        except OSError:
-            return None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another build of this cache is writing it
-            handle.close()
-            return None
-        except OSError:  # a filesystem without locks: a private build, and no file left here
-            empty = os.fstat(handle.fileno()).st_size == 0
-            handle.close()
-            if empty:
-                self.data_path.unlink(missing_ok=True)
-            return None
-        try:
-            moved = os.fstat(handle.fileno()).st_ino != os.stat(self.data_path).st_ino
-        except FileNotFoundError:
-            moved = True
-        if moved:  # the build that held it has just moved it into place as the cache
-            handle.close()
-            return None
+    @staticmethod
+    def _progress(data: Path) -> Path:
+        return data.with_name(data.name + ".json")
+
+    def open(self) -> _PartialBuild:
+        """Claim a released or dead build of this cache (else start a new file), read how far it
+        got, and open the file for appending after its saved rows."""
+        claimed = self._claim()
+        fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, default_file_mode())
+        handle = os.fdopen(fd, "r+b")
         self.handle = handle
-        self._read_progress(os.fstat(handle.fileno()).st_size)
+        if claimed:
+            head = handle.read(_HEADER_BYTES)
+            self._read_progress(head, os.fstat(handle.fileno()).st_size)
         row_bytes = int(np.prod(self.row_shape)) if self.row_shape else 0
-        handle.truncate(_HEADER_BYTES + self.rows * row_bytes)  # rows after the last save
+        handle.truncate(_HEADER_BYTES + self.rows * row_bytes)  # rows after the last save go
         handle.seek(0)
-        handle.write(b"\0" * _HEADER_BYTES)
+        handle.write((_PARTIAL_MAGIC + self.token.encode()).ljust(_HEADER_BYTES, b"\0"))
         handle.seek(0, os.SEEK_END)
         return self
 
-    def _read_progress(self, size: int) -> None:
+    def _claim(self) -> bool:
+        released = self._data(None)
+        candidates = [(released, self._progress(released))]
+        for data in _dead_builds(self.npy_path):
+            candidates.append((data, self._progress(data)))
+        for data, progress in candidates:
+            try:
+                os.rename(data, self.data_path)  # one winner, even among several machines
+            except OSError:
+                continue  # gone (another build took it), or not ours to take
+            with contextlib.suppress(OSError):
+                os.rename(progress, self.progress_path)
+            return True
+        return False
+
+    def _read_progress(self, head: bytes, size: int) -> None:
         try:
             state = json.loads(self.progress_path.read_text(encoding="utf-8"))
+            token = head[len(_PARTIAL_MAGIC) :].rstrip(b"\0").decode()
             kept = [int(i) for i in state["kept"]]
             skipped = [(str(p), str(r)) for p, r in state["skipped"]]
             shape = tuple(int(v) for v in state["row_shape"]) if state["row_shape"] else None
-            ok = state["format"] == FORMAT_VERSION and state["items"] == self.items
             row_bytes = int(np.prod(shape)) if shape else 0
-            ok = ok and (shape is not None or not kept)
-            ok = ok and size >= _HEADER_BYTES + len(kept) * row_bytes  # the rows are there
-            ok = ok and kept == sorted(kept) and len(kept) + len(skipped) <= self.items
+            ok = (
+                head.startswith(_PARTIAL_MAGIC)
+                and state["token"] == token  # the progress of this very file
+                and state["format"] == FORMAT_VERSION
+                and state["items"] == self.items
+                and (shape is not None or not kept)
+                and size >= _HEADER_BYTES + len(kept) * row_bytes  # the rows are there
+                and kept == sorted(kept)
+                and len(kept) + len(skipped) <= self.items
+            )
             first_path = str(state.get("first_path", ""))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
             ok = False
         if ok:
             self.kept, self.skipped, self.row_shape, self.rows = kept, skipped, shape, len(kept)
@@ -645,6 +687,7 @@ class _PartialBuild:
         writer.flush()
         state = {
             "format": FORMAT_VERSION,
+            "token": self.token,
             "items": self.items,
             "kept": kept,
             "skipped": skipped,
@@ -657,26 +700,69 @@ class _PartialBuild:
         """The periodic ``checkpoint`` of :func:`_decode_into`."""
         return lambda kept, skipped: self.save(writer, kept, skipped)
 
-    def keep(self, writer: _NpyWriter, kept: list[int], skipped: list[tuple[str, str]]) -> None:
-        """Stopped: save how far it got and let go of the file, for the next build."""
+    def release(self, writer: _NpyWriter, kept: list[int], skipped: list[tuple[str, str]]) -> None:
+        """Stopped: save how far it got, close, and hand both files over to the next build (the
+        progress first: a claimer takes the data file last renamed)."""
         try:
             self.save(writer, kept, skipped)
+            if self.handle is not None:
+                self.handle.close()
+            released = self._data(None)
+            os.replace(self.progress_path, self._progress(released))
+            os.replace(self.data_path, released)
         except OSError:  # a full disk: the next build starts over
             self.discard()
-        finally:
-            if self.handle is not None and not self.handle.closed:
-                self.handle.close()
 
     def discard(self) -> None:
         """Failed for good (no usable images, sizes that differ, a full disk): nothing kept."""
+        if self.handle is not None and not self.handle.closed:
+            with contextlib.suppress(OSError):
+                self.handle.close()
         self.progress_path.unlink(missing_ok=True)
         self.data_path.unlink(missing_ok=True)
-        if self.handle is not None and not self.handle.closed:
-            self.handle.close()
 
     def finish(self) -> None:
         """The file is in place as the cache (renamed by the writer): its progress is no more."""
         self.progress_path.unlink(missing_ok=True)
+
+
+_PARTIAL_NAME = re.compile(
+    r"\.(?P<cache>.+-[0-9a-f]{20}\.npy)\.partial"
+    r"(?:\.(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]{8})?(?P<json>\.json)?"
+)
+
+
+def _is_dead_build(match: re.Match[str], path: Path, here: str) -> bool:
+    """A partial build under a token whose process is gone: judged by pid on this machine;
+    another machine's is left a day (no build goes that long without saving)."""
+    if match.group("host") != here:
+        try:
+            return time.time() - path.stat().st_mtime > 86400
+        except OSError:
+            return False
+    try:
+        os.kill(int(match.group("pid")), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # a process of another user
+        return False
+    return False
+
+
+def _dead_builds(npy_path: Path) -> list[Path]:
+    """The data files of killed builds of the cache ``npy_path``, on this machine."""
+    here = _writer_tag().rsplit("-", 1)[0]
+    found = []
+    for path in npy_path.parent.glob(f".{glob_escape(npy_path.name)}.partial.*"):
+        match = _PARTIAL_NAME.fullmatch(path.name)
+        if match and match.group("pid") and not match.group("json"):
+            if match.group("host") == here and _is_dead_build(match, path, here):
+                found.append(path)
+    return found
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _hw(shape: Sequence[int]) -> str:
@@ -818,26 +904,23 @@ def _remove_orphans(root: Path, stem: str) -> None:
             continue
 
 
-def _remove_other_partials(root: Path, stem: str, *, keep: str) -> None:
-    """Delete the interrupted builds (:class:`_PartialBuild`) of this source, split and size
-    whose key is not ``keep``: their files have changed since, so they can never be continued
-    (each is as large as the rows it holds). A build still writing one (locked) is left."""
-    import fcntl
-
-    pattern = re.compile(r"\." + re.escape(stem) + r"-([0-9a-f]{20})\.npy\.partial")
-    for path in root.iterdir():
-        match = pattern.fullmatch(path.name)
-        if not match or match.group(1) == keep:
+def _remove_partials(root: Path, stem: str, *, keep: Path | None = None) -> None:
+    """Delete the partial builds (:class:`_PartialBuild`) of this source, split and size, and
+    of its ``--limit`` caches, that can never be continued: released or dead ones of another key
+    (their files have changed since) and, once a cache is complete, those of its own key (each
+    is as large as the rows it holds). ``keep``: the cache about to be built, whose released or
+    dead partial is continued. A build still writing (a live token) is left alone."""
+    here = _writer_tag().rsplit("-", 1)[0]
+    prefix = re.compile(re.escape(stem) + r"(?:-limit\d+)?-[0-9a-f]{20}\.npy")
+    for path in root.glob(f".{glob_escape(stem)}*.npy.partial*"):
+        match = _PARTIAL_NAME.fullmatch(path.name)
+        if not match or not prefix.fullmatch(match.group("cache")):
             continue
-        try:
-            with open(path, "rb") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                path.with_name(path.name.replace(".partial", ".progress.json")).unlink(
-                    missing_ok=True
-                )
-                path.unlink(missing_ok=True)
-        except OSError:  # locked by a live build, or gone already
+        if keep is not None and match.group("cache") == keep.name:
+            continue  # ours to continue
+        if match.group("pid") and not _is_dead_build(match, path, here):
             continue
+        path.unlink(missing_ok=True)
 
 
 def _remove_stale(root: Path, stem: str, *, keep: str) -> None:
