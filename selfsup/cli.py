@@ -276,6 +276,9 @@ def _check_data_early(args: argparse.Namespace) -> None:
     data = getattr(args, "data", None)
     if data is None or args.command == "config":  # config prints settings; it reads no data
         return
+    overridden = {o.split("=", 1)[0].strip() for o in getattr(args, "overrides", None) or []}
+    if overridden & {"data", "data.source"}:  # the override wins over --data: checked later
+        return
     given = getattr(args, "encoder", None) or getattr(args, "classifier", None)
     if given is not None and not Path(given).exists():
         return

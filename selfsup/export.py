@@ -291,7 +291,8 @@ def storage_batch(images: Any, storage_size: int) -> torch.Tensor:
     ``images``: one image or a sequence of them, each a file path, a PIL image, an RGB uint8
     ``[H, W, 3]`` array or a ``[3, H, W]`` tensor; or a ``[B, 3, H, W]`` tensor (uint8, or
     float in ``[0, 1]``). Images of any size: each one's centre square is resized (PIL bicubic),
-    as ``selfsup embed`` / ``predict`` resize it, so the results agree with theirs."""
+    as ``selfsup embed`` / ``predict`` resize it, so the results agree with theirs. A tensor
+    already ``S x S`` (images from the cache) is returned as it is, in its own dtype."""
     import os
 
     import numpy as np
@@ -300,6 +301,10 @@ def storage_batch(images: Any, storage_size: int) -> torch.Tensor:
     from selfsup.data.decode import storage_image
 
     single = (str, os.PathLike, bytes, Image.Image, np.ndarray)
+    size = int(storage_size)
+    if isinstance(images, torch.Tensor) and images.ndim in (3, 4):
+        if tuple(images.shape[-3:]) == (3, size, size):  # as the cache holds them: unchanged
+            return images if images.ndim == 4 else images.unsqueeze(0)
     if isinstance(images, torch.Tensor):
         items = list(images) if images.ndim == 4 else [images]
     elif isinstance(images, single):
@@ -319,7 +324,7 @@ def storage_batch(images: Any, storage_size: int) -> torch.Tensor:
             if item.dtype != torch.uint8:  # float in [0, 1], as torchvision's to_tensor gives
                 item = item.float().mul(255).round().clamp(0, 255).to(torch.uint8)
             item = item.permute(1, 2, 0).cpu().numpy()
-        arrays.append(storage_image(item, int(storage_size)))
+        arrays.append(storage_image(item, size))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 

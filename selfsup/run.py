@@ -87,14 +87,6 @@ def pretrain_config(
         cfg.model.init = str(Path(cfg.model.init).expanduser().absolute())
     out = out or default_out(cfg, cfg.method.name, data)
     cfg.out = str(out)
-    if not resume and is_first_rank() and not cfg.model.small_stem and cfg.data.image_size <= 64:
-        print(
-            f"selfsup: note: data.image_size={cfg.data.image_size} with the ImageNet stem "
-            "(model.small_stem=false): its stride-2 7x7 conv and max-pool shrink the image 4x "
-            "before the first block; model.small_stem=true (3x3 conv, no max-pool) is the stem "
-            "for 32-64 px images",
-            file=sys.stderr,
-        )
     return cfg, out
 
 
@@ -130,7 +122,15 @@ def _refuse_changes_to_a_finished_run(out: Path, base, cfg) -> None:
     from selfsup.train.checkpoint import checkpoint_position
 
     epochs = cfg.train.epochs
-    if checkpoint_position(out / "checkpoints") != (epochs, 0):
+    position = checkpoint_position(out / "checkpoints")
+    if position is not None and (position[0] > epochs or (position[0] == epochs and position[1])):
+        done = f"{position[0]} epochs" + (f" and {position[1]} steps" if position[1] else "")
+        raise ConfigError(  # as the trainer says it, but before the data is decoded
+            f"{out / 'checkpoints'} has trained {done}, more than train.epochs={epochs}; a "
+            f"resume can only go on: pass --epochs {position[0] + (1 if position[1] else 0)} "
+            "(or more), or start over with --overwrite"
+        )
+    if position != (epochs, 0):
         return  # more to train (the new settings are what it trains with), or no checkpoint
     before = _flat(OmegaConf.to_container(base, resolve=True))
     now = _flat(OmegaConf.to_container(cfg, resolve=True))

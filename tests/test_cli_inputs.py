@@ -294,12 +294,22 @@ def test_embed_shows_decoding_progress_unless_told_not_to(trained, tmp_path, cli
 
 @pytest.mark.parametrize(("size", "stem", "noted"), [(32, "false", True), (96, "false", False),
                                                      (32, "true", False)])  # fmt: skip
-def test_small_images_on_the_imagenet_stem_get_a_note(size, stem, noted, tmp_path, capsys) -> None:
-    from selfsup.run import pretrain_config
-
-    flags = {"data.image_size": size}
-    overrides = [f"model.small_stem={stem}", f"data.storage_size={size}"]
-    pretrain_config("byol", "mnist5k", preset=None, out=tmp_path / "r", resume=False,
-                    flags=flags, overrides=overrides)  # fmt: skip
-    err = capsys.readouterr().err
+def test_small_images_on_the_imagenet_stem_get_a_note(size, stem, noted, tmp_path, cli) -> None:
+    junk = tmp_path / "junk"  # refused once decoded: the note comes before the decoding
+    junk.mkdir()
+    (junk / "a.jpg").write_text("not a jpeg")
+    rc, _, err = cli(
+        "pretrain", "--data", junk, "--image-size", size, "--out", tmp_path / "r",
+        f"model.small_stem={stem}", f"data.storage_size={size}", f"data.cache_dir={tmp_path / 'c'}",
+    )  # fmt: skip
+    assert rc == 2 and "holds no usable images" in err
     assert ("model.small_stem=true (3x3 conv, no max-pool) is the stem" in err) == noted, err
+    assert err.count("the ImageNet stem") == (1 if noted else 0)
+
+
+def test_a_data_source_override_wins_over_the_early_data_check(tmp_path, cli) -> None:
+    """``--data typo data.source=mnist5k``: the override is the data, so the typo is no error
+    (the run is then refused for what is really wrong: here, nothing to resume)."""
+    rc, _, err = cli("pretrain", "--data", tmp_path / "typo", "--out", tmp_path / "none",
+                     "--resume", "data.source=mnist5k")  # fmt: skip
+    assert rc == 2 and "holds no run" in err and "typo" not in err

@@ -292,6 +292,19 @@ def _limit(dataset: ImageDataset, limit: int | None) -> ImageDataset:
     return dataset.spread(limit)
 
 
+def small_image_stem_note(cfg: DictConfig) -> None:
+    """A note when images of 64 px or less meet the ImageNet stem (``--preset imagenette
+    --image-size 32``): it shrinks them 4x before the first block."""
+    if not cfg.model.small_stem and cfg.data.image_size <= 64:
+        print(
+            f"selfsup: note: data.image_size={cfg.data.image_size} with the ImageNet stem "
+            "(model.small_stem=false): its stride-2 7x7 conv and max-pool shrink the image 4x "
+            "before the first block; model.small_stem=true (3x3 conv, no max-pool) is the stem "
+            "for 32-64 px images",
+            file=sys.stderr,
+        )
+
+
 def starting_weights(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``model.init``'s weights for ``cfg``'s backbone, checked against its shapes (a
     :class:`ConfigError` naming what does not fit), and notes on how they were read."""
@@ -581,6 +594,8 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.precision = resolve_precision(t.precision, self.device)
         init = self._init_weights()  # checked before the data is decoded
+        if self.env.is_main and not self.resume:
+            small_image_stem_note(cfg)
         train, bank, query = self._load_data()
 
         if cfg.data.mean:
