@@ -481,12 +481,19 @@ def validate_method_and_model(cfg: DictConfig) -> None:
         if key == "name":
             continue
         where = f"method.{key}"
-        _require(
-            key in known,
-            f"unknown setting {where!r} for method {name!r}"
-            f"{_did_you_mean(str(key), list(own) + known)}; {name} takes "
-            f"{[f'method.{k}' for k in own]}",
-        )
+        if key not in known:
+            hint = _did_you_mean(str(key), list(own))
+            close = difflib.get_close_matches(str(key), [k for k in known if k not in own], n=1)
+            if not hint and close:  # another method's option: say that this one ignores it
+                owners = [m for m in METHOD_CLASSES if close[0] in method_options(m)]
+                hint = (
+                    f" (did you mean {close[0]!r}? an option of {' and '.join(owners)}, which "
+                    f"{name} ignores)"
+                )
+            raise ConfigError(
+                f"unknown setting {where!r} for method {name!r}{hint}; {name} takes "
+                f"{[f'method.{k}' for k in own]}"
+            )
         if key not in own:
             continue
         default = defaults[key]
