@@ -858,6 +858,21 @@ def test_a_partial_build_is_claimed_only_when_released_or_dead(tmp_path, monkeyp
             assert not data.exists() and not list(cache_dir.glob(".*.partial*"))
 
 
+def test_a_limit_builds_partial_goes_once_the_whole_cache_exists(tmp_path, monkeypatch):
+    """A --limit decode stopped half-way is pointless once the whole source is cached (every
+    later --limit is a spread of that): it is removed, not left on disk for ever."""
+    root = _many_images(tmp_path / "imgs")
+    cache_dir = tmp_path / "cache"
+    _interrupt_at(monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        load(root, image_size=8, cache_dir=cache_dir, workers=1, limit=30)
+    monkeypatch.undo()
+    assert len(list(cache_dir.glob(".*-limit30-*.npy.partial*"))) == 2  # data and progress
+    load(root, image_size=8, cache_dir=cache_dir)  # the whole source
+    assert len(load(root, image_size=8, cache_dir=cache_dir, limit=30)) == 30
+    assert not list(cache_dir.glob(".*.partial*"))
+
+
 def test_sigterm_while_decoding_keeps_the_decoded_rows(tmp_path):
     """``kill`` (SIGTERM, as job schedulers send) while a split decodes: saved as a Ctrl-C is."""
     root = _many_images(tmp_path / "imgs")
