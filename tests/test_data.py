@@ -760,28 +760,40 @@ def test_an_interrupted_build_continues_where_it_stopped(tmp_path, monkeypatch, 
     assert len(continued) == 39 and continued.skipped[0][1] == "not an image"
 
 
+def _signal_while_decoding(
+    root: Path, cache_dir: Path, name: str, *, at: int, save_every: float | None = None
+) -> subprocess.CompletedProcess:
+    """A process that decodes ``root`` into ``cache_dir`` (1 worker) and sends itself signal
+    ``name`` at the ``at``-th image; a KeyboardInterrupt ends it with status 130."""
+    code = f"""
+import os, signal
+import selfsup.data.cache as cache
+from selfsup.data import load_dataset
+if {save_every!r} is not None:
+    cache.PARTIAL_SAVE_EVERY_S = {save_every!r}
+real, seen = cache.decode_image, []
+def signalled(data, *, name, max_pixels):
+    seen.append(name)
+    if len(seen) == {at}:
+        os.kill(os.getpid(), signal.{name})
+    return real(data, name=name, max_pixels=max_pixels)
+cache.decode_image = signalled
+try:
+    load_dataset({str(root)!r}, "train", image_size=8, cache_dir={str(cache_dir)!r},
+                 progress=False, workers=1)
+except KeyboardInterrupt:
+    raise SystemExit(130)
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+
+
 def test_a_killed_build_continues_from_its_last_save(tmp_path):
     """SIGKILL mid-decode (no chance to save): the next build continues from the progress saved
     every PARTIAL_SAVE_EVERY_S seconds (0 here: after every image), cutting off rows written
     after it, and ends with the cache of a build in one go."""
     root = _many_images(tmp_path / "imgs")
     cache_dir = tmp_path / "cache"
-    code = f"""
-import os, signal
-import selfsup.data.cache as cache
-from selfsup.data import load_dataset
-cache.PARTIAL_SAVE_EVERY_S = 0.0
-real, seen = cache.decode_image, []
-def dies(data, *, name, max_pixels):
-    seen.append(name)
-    if len(seen) == 30:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(data, name=name, max_pixels=max_pixels)
-cache.decode_image = dies
-load_dataset({str(root)!r}, "train", image_size=8, cache_dir={str(cache_dir)!r}, progress=False,
-             workers=2)
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    proc = _signal_while_decoding(root, cache_dir, "SIGKILL", at=30, save_every=0.0)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not list(cache_dir.glob("imgs-*"))
     calls = _count_decodes_in(cache_module)
@@ -877,24 +889,7 @@ def test_sigterm_while_decoding_keeps_the_decoded_rows(tmp_path):
     """``kill`` (SIGTERM, as job schedulers send) while a split decodes: saved as a Ctrl-C is."""
     root = _many_images(tmp_path / "imgs")
     cache_dir = tmp_path / "cache"
-    code = f"""
-import os, signal
-import selfsup.data.cache as cache
-from selfsup.data import load_dataset
-real, seen = cache.decode_image, []
-def stopped(data, *, name, max_pixels):
-    seen.append(name)
-    if len(seen) == 20:
-        os.kill(os.getpid(), signal.SIGTERM)
-    return real(data, name=name, max_pixels=max_pixels)
-cache.decode_image = stopped
-try:
-    load_dataset({str(root)!r}, "train", image_size=8, cache_dir={str(cache_dir)!r},
-                 progress=False, workers=1)
-except KeyboardInterrupt:
-    raise SystemExit(130)
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    proc = _signal_while_decoding(root, cache_dir, "SIGTERM", at=20)
     assert proc.returncode == 130, proc.stderr.decode()[-2000:]
     assert len(list(cache_dir.glob(".*.npy.partial"))) == 1  # released for the next build
     calls = _count_decodes_in(cache_module)
