@@ -172,7 +172,7 @@ def train_step(
         state.optimizer,
         *views,
         autocast=state.autocast,
-        progress=state.global_step / state.total_steps,  # as the trainer: tau_k, k = 0..K-1
+        progress=(state.global_step + 1) / state.total_steps,  # as the trainer
         skip_nonfinite=t.on_nan == "skip",
         scaler=state.scaler,
     )
