@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from selfsup.errors import SelfsupError
+from selfsup.errors import DataError, SelfsupError
 from selfsup.run import QUICKSTART_OUT, is_first_rank
 
 METHOD_NAMES = ("simclr", "moco", "byol", "simsiam")
@@ -283,7 +283,6 @@ def _check_data_early(args: argparse.Namespace) -> None:
     if given is not None and not Path(given).exists():
         return
     from selfsup.data.sources import parse_source
-    from selfsup.errors import DataError
 
     try:
         parse_source(data)

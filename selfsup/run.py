@@ -90,15 +90,6 @@ def pretrain_config(
     return cfg, out
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out |= _flat(value, f"{prefix}{key}.")
-        return out
-    return {prefix[:-1]: node}
-
-
 # what a finished run's --resume may change: how to run (train.*), where its cache is; the
 # method, model and augmentation are refused by the checkpoint's config hash, with the key named
 _FREE_ON_RESUME = (
@@ -119,21 +110,16 @@ def _refuse_changes_to_a_finished_run(out: Path, base, cfg) -> None:
     would hand out another image size). Said before any image is decoded."""
     from omegaconf import OmegaConf
 
-    from selfsup.train.checkpoint import checkpoint_position
+    from selfsup.train.checkpoint import check_not_past_the_end, checkpoint_position, flatten
 
     epochs = cfg.train.epochs
     position = checkpoint_position(out / "checkpoints")
-    if position is not None and (position[0] > epochs or (position[0] == epochs and position[1])):
-        done = f"{position[0]} epochs" + (f" and {position[1]} steps" if position[1] else "")
-        raise ConfigError(  # as the trainer says it, but before the data is decoded
-            f"{out / 'checkpoints'} has trained {done}, more than train.epochs={epochs}; a "
-            f"resume can only go on: pass --epochs {position[0] + (1 if position[1] else 0)} "
-            "(or more), or start over with --overwrite"
-        )
+    if position is not None:  # as the trainer says it, but before the data is decoded
+        check_not_past_the_end(out / "checkpoints", *position, epochs)
     if position != (epochs, 0):
         return  # more to train (the new settings are what it trains with), or no checkpoint
-    before = _flat(OmegaConf.to_container(base, resolve=True))
-    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    before = flatten(OmegaConf.to_container(base, resolve=True))
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
     changed = [
         f"{key}={now[key]!r} (the run's: {before[key]!r})"
         for key in now

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -525,7 +526,7 @@ class _NpyWriter:
     """
 
     def __init__(self, final_path: Path, partial: _PartialBuild | None = None) -> None:
-        """A new private temporary file, or ``partial``'s file (locked, holding its rows)."""
+        """A new private temporary file, or ``partial``'s file (claimed, holding its rows)."""
         self.final_path = final_path
         self.row_shape: tuple[int, ...] | None = None
         self.first_path = ""
@@ -561,8 +562,8 @@ class _NpyWriter:
         self.handle.write(_npy_header(shape))
         self.handle.flush()
         os.fsync(self.handle.fileno())
-        # renamed while still open (and, for a partial build, locked): no other build can take
-        # up the file between its last row and its move into place
+        # renamed while still open: the header and every row are on disk under the old name,
+        # and no build can claim a partial file once it is the cache
         os.replace(self.tmp_path, self.final_path)
         self.handle.close()
         return shape
@@ -732,37 +733,35 @@ _PARTIAL_NAME = re.compile(
 )
 
 
-def _is_dead_build(match: re.Match[str], path: Path, here: str) -> bool:
-    """A partial build under a token whose process is gone: judged by pid on this machine;
-    another machine's is left a day (no build goes that long without saving)."""
-    if match.group("host") != here:
-        try:
-            return time.time() - path.stat().st_mtime > 86400
-        except OSError:
-            return False
+def _writer_gone(host: str, pid: str, path: Path, here: str) -> bool:
+    """Whether the process ``host``-``pid`` that writes ``path`` is gone: judged by pid on this
+    machine (``here``); another machine's file is left a day (no build idles that long)."""
     try:
-        os.kill(int(match.group("pid")), 0)
+        if host != here:
+            return time.time() - path.stat().st_mtime > 86400
+        os.kill(int(pid), 0)  # raises if no such process
     except ProcessLookupError:
         return True
-    except OSError:  # a process of another user
+    except OSError:  # gone already, or a process of another user: not ours to judge
         return False
     return False
+
+
+def _is_dead_build(match: re.Match[str], path: Path, here: str) -> bool:
+    """A partial build under a token whose process is gone (:func:`_writer_gone`)."""
+    return _writer_gone(match.group("host"), match.group("pid"), path, here)
 
 
 def _dead_builds(npy_path: Path) -> list[Path]:
     """The data files of killed builds of the cache ``npy_path``, on this machine."""
     here = _writer_tag().rsplit("-", 1)[0]
     found = []
-    for path in npy_path.parent.glob(f".{glob_escape(npy_path.name)}.partial.*"):
+    for path in npy_path.parent.glob(f".{glob.escape(npy_path.name)}.partial.*"):
         match = _PARTIAL_NAME.fullmatch(path.name)
         if match and match.group("pid") and not match.group("json"):
             if match.group("host") == here and _is_dead_build(match, path, here):
                 found.append(path)
     return found
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _hw(shape: Sequence[int]) -> str:
@@ -890,18 +889,12 @@ def _remove_orphans(root: Path, stem: str) -> None:
         if not match:
             continue
         try:
-            age = now - path.stat().st_mtime
-            if age < 60:
+            if now - path.stat().st_mtime < 60:
                 continue
-            if match.group(2) != here:
-                if age > 86400:
-                    path.unlink(missing_ok=True)
-                continue
-            os.kill(int(match.group(3)), 0)  # raises if no such process
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except OSError:  # gone already, or a process of another user: not ours to judge
+        except OSError:  # gone already
             continue
+        if _writer_gone(match.group(2), match.group(3), path, here):
+            path.unlink(missing_ok=True)
 
 
 def _remove_partials(root: Path, stem: str, *, keep: Path | None = None) -> None:
@@ -912,7 +905,7 @@ def _remove_partials(root: Path, stem: str, *, keep: Path | None = None) -> None
     dead partial is continued. A build still writing (a live token) is left alone."""
     here = _writer_tag().rsplit("-", 1)[0]
     prefix = re.compile(re.escape(stem) + r"(?:-limit\d+)?-[0-9a-f]{20}\.npy")
-    for path in root.glob(f".{glob_escape(stem)}*.npy.partial*"):
+    for path in root.glob(f".{glob.escape(stem)}*.npy.partial*"):
         match = _PARTIAL_NAME.fullmatch(path.name)
         if not match or not prefix.fullmatch(match.group("cache")):
             continue

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from selfsup.data.cache import atomic_write, default_file_mode, os_error_behind
-from selfsup.errors import CheckpointError
+from selfsup.errors import CheckpointError, ConfigError
 
 FORMAT_VERSION = 1
 
@@ -105,17 +105,30 @@ def checkpoint_position(directory: Path) -> tuple[int, int] | None:
     return None
 
 
+def check_not_past_the_end(where: Path, epoch: int, step: int, epochs: int) -> None:
+    """ConfigError when a checkpoint at ``epoch`` (+ ``step`` into the next) has trained more
+    than ``train.epochs``: a resume can only go on."""
+    if epoch > epochs or (epoch == epochs and step):
+        done = f"{epoch} epochs" + (f" and {step} steps" if step else "")
+        raise ConfigError(
+            f"{where} has trained {done}, more than train.epochs={epochs}; a resume can only "
+            f"go on: pass --epochs {epoch + (1 if step else 0)} (or more), or start over with "
+            "--overwrite"
+        )
+
+
 def _minor(version: str) -> tuple[str, ...]:
     """Major and minor of a version string: patch releases read each other's checkpoints."""
     return tuple(version.split(".")[:2])
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a config as plain dicts, dotted keys)."""
     if not isinstance(node, dict):
         return {prefix[:-1]: node}
     flat: dict[str, Any] = {}
     for key, value in node.items():
-        flat.update(_flatten(value, f"{prefix}{key}."))
+        flat.update(flatten(value, f"{prefix}{key}."))
     return flat
 
 
@@ -123,8 +136,8 @@ def config_differences(
     saved: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...]
 ) -> list[str]:
     """``"model.backbone: 'resnet_tiny' in the checkpoint, 'resnet18' now"`` per differing key."""
-    old = _flatten({k: saved.get(k, {}) for k in sections})
-    new = _flatten({k: current.get(k, {}) for k in sections})
+    old = flatten({k: saved.get(k, {}) for k in sections})
+    new = flatten({k: current.get(k, {}) for k in sections})
     unset = "(unset)"
     return [
         f"{key}: {old.get(key, unset)!r} in the checkpoint, {new.get(key, unset)!r} now"

@@ -41,7 +41,12 @@ from selfsup.models import build_backbone
 from selfsup.models.weights import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, init_state
 from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.progress import bar_options
-from selfsup.train.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
+from selfsup.train.checkpoint import (
+    atomic_torch_save,
+    check_not_past_the_end,
+    load_checkpoint,
+    save_checkpoint,
+)
 from selfsup.train.config import config_hash, resolve_views, to_yaml
 from selfsup.train.distributed import (
     DistributedBatchStream,
@@ -138,8 +143,7 @@ def lock_run_dir(out: Path) -> RunDirLock:
     import fcntl
 
     created = not out.exists()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+    _check_out_is_a_folder(out)
     path = out / LOCK_FILE
     for _ in range(100):  # retried only while other processes remove the file under us
         try:
@@ -208,6 +212,11 @@ def remove_run_outputs(out: Path) -> None:
             (out / folder).rmdir()
 
 
+def _check_out_is_a_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+
+
 def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """The checks of :func:`prepare_run_dir` that change nothing: a run there without --resume
     or --overwrite, or --resume with no run there."""
@@ -215,8 +224,7 @@ def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise ConfigError(
             f"--resume continues the run in {out} and --overwrite replaces it: pass one of them"
         )
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
+    _check_out_is_a_folder(out)
     marker = out / "config.yaml"
     if marker.exists() and not (resume or overwrite):
         raise ConfigError(
@@ -698,13 +706,7 @@ class Trainer:
             saved_train = state.get("config", {}).get("train", {})
             saved_batch = saved_train.get("batch_size", batch_size)
             saved_epochs = saved_train.get("epochs", t.epochs)
-            if start_epoch > t.epochs or (start_epoch == t.epochs and start_step):
-                done = f"{start_epoch} epochs" + (f" and {start_step} steps" if start_step else "")
-                raise ConfigError(
-                    f"{path} has trained {done}, more than train.epochs={t.epochs}; a resume "
-                    f"can only go on: pass --epochs {start_epoch + (1 if start_step else 0)} (or "
-                    "more), or start over with --overwrite"
-                )
+            check_not_past_the_end(path, start_epoch, start_step, t.epochs)
             saved_images = (state.get("results") or {}).get("train_images", len(train))
             saved_source = state.get("config", {}).get("data", {}).get("source", cfg.data.source)
             if saved_images != len(train):  # files added or removed, or other data named
