@@ -65,6 +65,19 @@ def _run_info(target: Path) -> dict[str, Any]:
     return {**encoder_metadata(target), "run_dir": run_dir}
 
 
+def add_device_and_cache_args(p: argparse.ArgumentParser) -> None:
+    """--device, --cache-dir and --no-progress, as every command that encodes images takes them."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where decoded images are cached (default: $SELFSUP_CACHE, else ~/.cache/selfsup)",
+    )
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar while images are decoded"
+    )
+
+
 def check_encode_args(image_size: int | None, batch_size: int | None) -> None:
     """Refuse an impossible ``--image-size`` or ``--batch-size`` of eval, embed and neighbors
     before any data is loaded."""
@@ -404,15 +417,13 @@ def _add_eval(sub, name: str) -> None:
         help="default: the pre-training image size (else 32)",
     )
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None)
+    add_device_and_cache_args(p)
     p.add_argument(
         "--results-csv",
         default=None,
         help="append one line per number here (default: <run dir>/../results.csv)",
     )
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--save-classifiers",
         action="store_true",
@@ -999,11 +1010,7 @@ def _add_embed(sub, name: str) -> None:
     p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar while images are decoded"
-    )
+    add_device_and_cache_args(p)
 
 
 def embed_dataset(
@@ -1226,11 +1233,7 @@ def _add_neighbors(sub, name: str) -> None:
     p.add_argument("--limit", type=int, default=None, help="search only N images, evenly spaced")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256, help="images encoded at once")
-    p.add_argument("--device", default=None)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar while images are decoded"
-    )
+    add_device_and_cache_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument(
         "--grid",
@@ -1429,11 +1432,7 @@ def _add_predict(sub, name: str) -> None:
     p.add_argument("--out", default="predictions.csv", help="output CSV (default: predictions.csv)")
     p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced")
     p.add_argument("--batch-size", type=int, default=256, help="images classified at once")
-    p.add_argument("--device", default=None)
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument(
-        "--no-progress", action="store_true", help="no progress bar while images are decoded"
-    )
+    add_device_and_cache_args(p)
 
 
 def predict_dataset(
