@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from selfsup.checks import check_encode_args, check_writable
 from selfsup.cli import register
 from selfsup.errors import ConfigError, DataError
 from selfsup.run import is_first_rank
@@ -76,15 +77,6 @@ def add_device_and_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar while images are decoded"
     )
-
-
-def check_encode_args(image_size: int | None, batch_size: int | None) -> None:
-    """Refuse an impossible ``--image-size`` or ``--batch-size`` of eval, embed and neighbors
-    before any data is loaded."""
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if image_size is not None and image_size < 8:  # as pretrain's data.image_size
-        raise ConfigError(f"--image-size must be >= 8 pixels, got {image_size}")
 
 
 def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
@@ -226,27 +218,6 @@ def _load_labeled_splits(
     if len(test) == 0:
         raise DataError(f"{source!r}: no test image belongs to a class of the train split")
     return train, test
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """A ConfigError now, not after the whole evaluation, when ``folder`` takes no files."""
-    import uuid
-
-    probe = folder / f".selfsup-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    except OSError:  # a parent that cannot be looked into: the write below says why
-        blocker = None
-    if blocker is not None and not blocker.is_dir():
-        raise ConfigError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write {what} to {folder} ({exc.strerror or exc}); choose a writable place"
-        ) from None
 
 
 def check_results_csv(csv_path: Path) -> None:
@@ -1357,31 +1328,15 @@ def nearest_neighbors(
 
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
-GRID_TILE = 96  # px: a 32 px CIFAR image is upscaled to stay visible
 
 
-def write_neighbor_grid(path: Path, rows: list[list[torch.Tensor]], tile: int = GRID_TILE) -> None:
+def write_neighbor_grid(path: Path, rows: list[list[torch.Tensor]]) -> None:
     """One picture of uint8 ``[3, H, W]`` images, one row per list (the query, then its
-    neighbours), each centre-cropped to a square and resized to ``tile`` px, written atomically."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as tvf
-    from torchvision.utils import make_grid
+    neighbours), each centre-cropped to a square and resized to ``GRID_TILE`` px, written
+    atomically."""
+    from selfsup.augment.preview import image_grid, write_png
 
-    from selfsup.data.cache import atomic_write
-
-    width = max(len(r) for r in rows)
-    tiles = []
-    for row in rows:
-        for image in row:
-            side = min(image.shape[-2:])
-            square = tvf.center_crop(image, [side, side])
-            tiles.append(tvf.resize(square, [tile, tile], antialias=True))
-        tiles += [torch.full((3, tile, tile), 255, dtype=torch.uint8)] * (width - len(row))
-    picture = make_grid(torch.stack(tiles), nrow=width, padding=4, pad_value=255)
-    array = np.ascontiguousarray(picture.permute(1, 2, 0).numpy())
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp))
+    write_png(path, image_grid(rows))
 
 
 def _neighbors(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selfsup.checks import check_encode_args, check_writable
 from selfsup.data.cache import atomic_write, atomic_write_text
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.models import BACKBONES, backbone_to_torchvision, build_backbone
@@ -224,8 +225,6 @@ def export_encoder(
     ``export.json`` beside the file records the same metadata. ``image_size`` (>= 8) is only the
     TorchScript example's size: the metadata keeps the size the encoder was trained at.
     """
-    from selfsup.commands import check_encode_args, check_writable
-
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
     check_encode_args(image_size, None)  # as eval's --image-size

@@ -603,3 +603,45 @@ def test_float_images_outside_0_1_are_refused_not_clipped() -> None:
         aug(pixels)
     v1, v2 = aug(pixels / 255)
     assert v1.shape == (4, 3, 16, 16)
+
+
+# --------------------------------------------------------------------------- views.png
+
+
+def _tiles(picture: torch.Tensor, rows: int, cols: int, tile: int) -> list[list[torch.Tensor]]:
+    step = tile + 4  # make_grid's padding before each tile
+    return [
+        [picture[:, 4 + r * step : 4 + r * step + tile, 4 + c * step : 4 + c * step + tile]
+         for c in range(cols)]
+        for r in range(rows)
+    ]  # fmt: skip
+
+
+def test_views_grid_undoes_the_normalisation_and_leaves_other_random_streams_alone():
+    """An augmentation that changes nothing (whole-image crop, no flip, no colour op) shows each
+    view as its image, up to rounding: the grid un-normalises with the augmentation's own mean
+    and std. A real one draws from its own seeded generator: the same picture every time, and
+    the global torch RNG is not advanced."""
+    from selfsup.augment.preview import views_grid
+
+    images = torch.randint(0, 256, (5, 3, 24, 24), dtype=torch.uint8)
+    identity = ViewConfig(
+        crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0
+    )
+    mean, std = (0.3, 0.5, 0.7), (0.2, 0.25, 0.3)
+    grid = views_grid(TwoViewAugment(identity, identity, 24, mean, std), images, tile=24)
+    assert grid.dtype == torch.uint8 and grid.shape == (3, 3 * 28 + 4, 5 * 28 + 4)
+    tiles = _tiles(grid, 3, 5, 24)
+    for c in range(5):
+        assert torch.equal(tiles[0][c], images[c])
+        for view in (1, 2):
+            assert (tiles[view][c].int() - images[c].int()).abs().max() <= 1
+
+    real = augment_preset("byol", 24, mean, std)
+    state = torch.get_rng_state()
+    first = views_grid(real, images, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first, views_grid(real, images, seed=3))
+    assert not torch.equal(first, views_grid(real, images, seed=4))
+    shown = _tiles(first, 3, 5, 96)
+    assert not torch.equal(shown[1][0], shown[2][0])  # two different views of one image

@@ -1103,7 +1103,9 @@ def test_resume_drops_the_replayed_steps_from_the_logs(tmp_path, good_folder, ca
     assert steps == sorted(set(steps)) and steps[-1] == TOTAL_STEPS
 
 
-def test_byol_logs_its_tau_schedule_and_tensorboard_holds_the_config(tmp_path, good_folder, cache):
+def test_byol_logs_its_tau_schedule_and_tensorboard_holds_the_config_and_views(
+    tmp_path, good_folder, cache
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from selfsup.methods.ema import cosine_tau
@@ -1120,6 +1122,14 @@ def test_byol_logs_its_tau_schedule_and_tensorboard_holds_the_config(tmp_path, g
     assert "train/target_momentum" in events.Tags()["scalars"]
     text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "name: byol" in text and f"epochs: {EPOCHS}" in text
+    # views.png: 3 rows (images, view 1, view 2) of 8 tiles of 96 px with make_grid's 4 px
+    from PIL import Image
+
+    from selfsup.augment.preview import GRID_TILE
+
+    with Image.open(out / "views.png") as picture:
+        assert picture.size == (8 * (GRID_TILE + 4) + 4, 3 * (GRID_TILE + 4) + 4)
+    assert "augment/views" in events.Tags()["images"]
 
 
 def _start_with_file_size_limit(args: list[str], limit_bytes: int) -> subprocess.Popen:

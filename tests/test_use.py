@@ -559,7 +559,7 @@ def test_neighbors_of_a_dataset_image_start_with_itself(trained, tmp_path) -> No
 def test_neighbors_grid_shows_each_query_then_its_neighbours(trained, tmp_path) -> None:
     from torchvision.transforms.v2 import functional as tvf
 
-    from selfsup.commands import GRID_TILE
+    from selfsup.augment.preview import GRID_TILE
 
     train = digits(trained, n=200)
     queries = []

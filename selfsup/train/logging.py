@@ -65,6 +65,12 @@ class MetricsLogger:
             self._tb.add_text(tag, "    " + text.replace("\n", "\n    "), step)
             self._tb.flush()
 
+    def log_image(self, tag: str, picture: Any, step: int = 0) -> None:
+        """A uint8 ``[3, H, W]`` picture for TensorBoard's Images tab."""
+        if self._tb is not None:
+            self._tb.add_image(tag, picture, step, dataformats="CHW")
+            self._tb.flush()
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()

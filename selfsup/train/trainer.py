@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 import selfsup
 from selfsup.augment import EvalTransform, TwoViewAugment
+from selfsup.augment.preview import views_grid, write_png
 from selfsup.data import ImageDataset, load_dataset, parse_source, write_skip_report
 from selfsup.data.cache import atomic_write_text
 from selfsup.errors import (
@@ -91,16 +92,19 @@ def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value == "true"
 
 
+VIEWS_FILE = "views.png"  # training images beside their two augmented views
+VIEWS_SHOWN = 8
 # What selfsup writes into a run directory (pretrain, eval, export), by name: --overwrite removes
 # these and nothing else, so other files, also inside checkpoints/, tb/ or export/, survive.
 TEMPORARY_OUTPUTS = (  # what a write killed between its temp file and its rename leaves
     # .encoder.*.tmp.pt: atomic_write's name; .encoder.pt.*.tmp: that of selfsup before it
     "checkpoints/.last.pt.*.tmp", ".encoder.*.tmp.pt", ".encoder.pt.*.tmp", ".config.yaml.*.tmp",
-    ".results.json.*.tmp", ".collapse.json.*.tmp", "export/.*.tmp*", "classifiers/.*.tmp*",
+    ".results.json.*.tmp", ".collapse.json.*.tmp", ".views.*.tmp.png", "export/.*.tmp*",
+    "classifiers/.*.tmp*",
 )  # fmt: skip
 RUN_OUTPUTS = (
     "config.yaml", "metrics.jsonl", "results.json", "encoder.pt", "skipped.csv", "collapse.json",
-    "eval_*.json", "subset_*.csv", "export/eval_*.json", "export/subset_*.csv",
+    VIEWS_FILE, "eval_*.json", "subset_*.csv", "export/eval_*.json", "export/subset_*.csv",
     "checkpoints/last.pt", "checkpoints/prev.pt",
     "tb/events.out.tfevents.*",
     "export/export.json", "export/*_torchvision.pt", "export/encoder.safetensors",
@@ -288,6 +292,20 @@ def dataset_stats(images: torch.Tensor, limit: int = 10_000) -> tuple[list[float
     mean = sample.mean(dim=(0, 2, 3))
     std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return [round(v, 4) for v in mean.tolist()], [round(v, 4) for v in std.tolist()]
+
+
+def save_views(
+    augment: TwoViewAugment, images: torch.Tensor, run_dir: Path, logger: MetricsLogger, seed: int
+) -> None:
+    """``views.png`` (and TensorBoard's ``augment/views``): ``VIEWS_SHOWN`` training images,
+    evenly spaced over the data, each beside two views as this run's augmentation draws them,
+    so that a crop or colour setting that hides what matters is seen before hours of training.
+    Drawn with a generator of their own: the training's random streams are untouched."""
+    count = min(VIEWS_SHOWN, len(images))
+    index = torch.linspace(0, len(images) - 1, count).round().long().unique()
+    picture = views_grid(augment, images[index], seed=seed)
+    write_png(run_dir / VIEWS_FILE, picture)
+    logger.log_image("augment/views", picture)
 
 
 def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoViewAugment:
@@ -788,6 +806,8 @@ class Trainer:
             resume_step=(global_step if loaded else -1) if self.resume else None,
         )
         logger.log_text("config", run_config, global_step)  # a no-op off rank 0 (no writer)
+        if env.is_main and not (self.run_dir / VIEWS_FILE).exists():
+            save_views(self.augment, train.images, self.run_dir, logger, t.seed)
         target_momentum = getattr(method, "target_momentum", None)  # BYOL's tau, MoCo's m
         model = wrap_ddp(method, env)
         step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model

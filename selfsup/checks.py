@@ -1,0 +1,37 @@
+"""Checks of user input that need no torch, made before any long work starts."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from selfsup.errors import ConfigError
+
+
+def check_encode_args(image_size: int | None, batch_size: int | None) -> None:
+    """Refuse an impossible ``--image-size`` or ``--batch-size`` of eval, embed and neighbors
+    before any data is loaded."""
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if image_size is not None and image_size < 8:  # as pretrain's data.image_size
+        raise ConfigError(f"--image-size must be >= 8 pixels, got {image_size}")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """A ConfigError now, not after the whole evaluation, when ``folder`` takes no files."""
+    probe = folder / f".selfsup-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    except OSError:  # a parent that cannot be looked into: the write below says why
+        blocker = None
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write {what} to {folder} ({exc.strerror or exc}); choose a writable place"
+        ) from None
