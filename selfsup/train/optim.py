@@ -192,8 +192,8 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 
     SimCLR/BYOL: "linear warm-up for the first 10 epochs, then decay with the cosine schedule
     without restarts" (Loshchilov & Hutter 2017). Step ``s < W`` takes ``(s + 1) / W``, then the
-    cosine starts from its peak at step ``W``: the peak is held for two steps, as in lightly's
-    ``CosineWarmupScheduler`` and solo-learn's ``LinearWarmupCosineAnnealingLR``.
+    cosine starts from its peak at step ``W``: the peak is held for two steps (the common
+    ``(epoch + 1) / W`` warm-up form; no preset warms up).
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
