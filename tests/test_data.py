@@ -980,6 +980,27 @@ def test_batch_stream_order_is_deterministic_per_seed_and_epoch():
     assert torch.cat([i for i, _ in unshuffled]).tolist() == list(range(40))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_streamed_batches_equal_the_resident_ones_while_the_gpu_is_busy():
+    """The streamed path (pinned host buffers, a prefetch thread, non_blocking copies), which a
+    cache too large for the GPU takes, delivers exactly the resident path's batches, also when
+    each batch is consumed behind queued GPU work (a reused pinned buffer would show here)."""
+    images = torch.randint(0, 256, (96, 3, 16, 16), dtype=torch.uint8)
+    resident = BatchStream(images, 8, device="cuda", seed=5, resident=True)
+    streamed = BatchStream(images, 8, device="cuda", seed=5, resident=False, prefetch=3)
+    assert streamed.resident is False and resident.resident is True
+    busy = torch.randn(2048, 2048, device="cuda")
+    for epoch in range(2):
+        resident.set_epoch(epoch)
+        streamed.set_epoch(epoch)
+        for (idx_r, batch_r), (idx_s, batch_s) in zip(resident, streamed, strict=True):
+            busy = (busy @ busy).tanh_()  # keeps the stream busy while the next copies queue
+            assert batch_s.device.type == "cuda"
+            assert torch.equal(idx_r, idx_s)
+            assert torch.equal(batch_s.cpu(), images[idx_s])
+            assert torch.equal(batch_r, batch_s)
+
+
 @pytest.mark.parametrize("resident", [True, False])
 def test_batch_stream_start_step_resumes_mid_epoch(resident):
     images = numbered_images(30).contiguous()

@@ -6,7 +6,9 @@ Two strategies, picked automatically:
   CPU; on CUDA when it fits in ``memory_fraction`` of the free device memory) and every batch is
   an ``index_select`` there: no host-device traffic per step.
 - **streamed**: a background thread gathers each batch on the CPU into pinned memory and copies
-  it with ``non_blocking=True``, staying ``prefetch`` batches ahead of the training loop.
+  it with ``non_blocking=True``, staying ``prefetch`` batches ahead of the training loop. The
+  gather overlaps the step; the copy is queued on the current stream, behind the step's kernels
+  (a side stream would overlap it too; not done: CIFAR-sized caches are resident).
 
 The order of epoch ``e`` is a permutation drawn from a generator seeded with ``(seed, e)``, so
 a resumed run reproduces it exactly; ``start_step`` skips the batches already done.
