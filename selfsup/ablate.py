@@ -290,6 +290,7 @@ def _handle(args: argparse.Namespace) -> int:
             print(stop, file=sys.stderr)
             return 3  # as a stopped `selfsup pretrain`: nothing lost, run it again to go on
         print(table)
+        print(f"selfsup ablate {name}: table saved to {Path(args.out) / name / 'table.md'}")
     return 0
 
 

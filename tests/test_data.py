@@ -340,6 +340,40 @@ def test_tar_gz_with_top_level_folder_matches_the_folder(tmp_path):
     assert len(test) == 2 and test.labels.tolist() == [0, 1]
 
 
+def test_a_limit_of_a_tar_picks_the_images_it_picks_of_the_extracted_folder(tmp_path):
+    """An archive is stored in member order (read front to back once), a folder in path order;
+    --limit spreads over path order in both, so the two give the same images, whether the
+    archive's limited subset is decoded alone or cut from its whole cache."""
+    import random
+
+    root = tmp_path / "shapes"
+    names = [f"{c}/{i:02d}.png" for c in ("ant", "bee", "cat") for i in range(9)]
+    for n, name in enumerate(names):
+        save_image(root / "train" / name, color=(n * 9, 255 - n * 9, (n * 37) % 256))
+    shuffled = names[:]
+    random.Random(0).shuffle(shuffled)  # members out of path order, as a real archive may be
+    archive = tmp_path / "shapes.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in shuffled:
+            tar.add(root / "train" / name, arcname=f"shapes/train/{name}")
+
+    def relative(dataset: ImageDataset) -> dict[str, torch.Tensor]:
+        marker = "/train/"
+        return {
+            p[p.index(marker) + len(marker) :]: image
+            for p, image in zip(dataset.paths, dataset.images, strict=True)
+        }
+
+    folder = relative(load(root, limit=7, image_size=8, cache_dir=tmp_path / "c1"))
+    alone = relative(load(archive, limit=7, image_size=8, cache_dir=tmp_path / "c2"))
+    load(archive, image_size=8, cache_dir=tmp_path / "c3")  # the whole archive's cache first
+    cut = relative(load(archive, limit=7, image_size=8, cache_dir=tmp_path / "c3"))
+    assert len(folder) == 7 and sorted(folder) == sorted(alone) == sorted(cut)
+    assert {name[:3] for name in folder} == {"ant", "bee", "cat"}
+    for name, image in folder.items():
+        assert torch.equal(alone[name], image) and torch.equal(cut[name], image)
+
+
 def test_plain_tar_without_top_level_folder(tmp_path):
     folder = tmp_path / "flat"
     for i in range(3):

@@ -61,6 +61,7 @@ from selfsup.data.sources import (
     list_tar,
     load_array_source,
     parse_source,
+    spread_index,
     summarize_skips,
 )
 from selfsup.errors import ConfigError, DataError
@@ -154,8 +155,10 @@ class ImageDataset:
         kept = self.subset(keep) if len(keep) < len(self) else replace(self)
         return replace(kept, labels=new[keep], classes=list(reference.classes)), dropped
 
-    def spread(self, limit: int | None) -> ImageDataset:
-        """At most ``limit`` images, evenly spaced: positions ``floor(i * N / limit)``.
+    def spread(self, limit: int | None, by_path: bool = False) -> ImageDataset:
+        """At most ``limit`` images, evenly spaced: positions ``floor(i * N / limit)``
+        (``by_path``: in path order, for an archive stored in member order; see
+        ``sources.spread_index``).
 
         For ``data.limit`` and ``--limit``: a folder is read class by class, so its first
         ``limit`` images would be one or two classes; evenly spaced ones keep every class in
@@ -163,7 +166,8 @@ class ImageDataset:
         """
         if limit is None or limit >= len(self):
             return self
-        return self.subset(np.arange(limit, dtype=np.int64) * len(self) // limit)
+        paths = self.paths if by_path else None
+        return self.subset(np.asarray(spread_index(len(self), limit, paths), dtype=np.int64))
 
 
 def default_cache_dir() -> Path:
@@ -239,11 +243,13 @@ def load_dataset(
     cached = _load_cache(npy_path, meta_path)
     if cached is not None:  # the whole source is cached: a limit is a spread of it
         _remove_partials(root, stem)  # of builds that it makes pointless
-        return cached.spread(limit)
+        return cached.spread(limit, by_path=spec.kind == "tar")
     if limit is not None and spec.kind in ("folder", "tar"):
         # its own, smaller cache (the whole source's is kept for full runs): looked up before
         # listing an archive, which reads (and decompresses) all of it
-        limited = paths_of(f"{size_tag}-limit{limit}")
+        # (an archive's: "-bypath", its images spread in path order as its folder's are; the
+        # limit caches of earlier selfsup spread them in member order)
+        limited = paths_of(f"{size_tag}-limit{limit}" + ("-bypath" if spec.kind == "tar" else ""))
         cached = _load_cache(limited[1], limited[2])
         if cached is not None:
             return cached.spread(limit)
@@ -344,7 +350,7 @@ def load_dataset(
     loaded = _load_cache(npy_path, meta_path)
     if loaded is None:  # pragma: no cover - only if the disk changed under us
         raise DataError(f"the cache {npy_path} just written cannot be read back; check the disk")
-    return loaded.spread(limit)
+    return loaded.spread(limit, by_path=spec.kind == "tar")
 
 
 def write_skip_report(dataset: ImageDataset, path: str | os.PathLike[str]) -> str:

@@ -41,7 +41,7 @@ import posixpath
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -106,7 +106,7 @@ class ListedSource:
         count = len(self.paths)
         if limit is None or limit >= count:
             return self
-        index = [i * count // limit for i in range(limit)]
+        index = spread_index(count, limit, self.paths if self.spec.kind == "tar" else None)
         return replace(
             self,
             paths=[self.paths[i] for i in index],
@@ -421,6 +421,20 @@ def _symlink_reason(path: str) -> str:
             return f"{SYMLINK_LOOP}: link points back to itself"
         return f"{BROKEN_SYMLINK}: target missing"
     return f"{NOT_REGULAR_FILE}: link to a device/fifo/socket"
+
+
+def spread_index(count: int, limit: int, paths: Sequence[str] | None = None) -> list[int]:
+    """Positions of ``limit`` of ``count`` items, evenly spaced: ``floor(i * count / limit)``.
+
+    With ``paths``, evenly spaced in path order (component by component, as a folder is
+    listed) and returned in the items' own order: an archive, listed and stored in member
+    order, so gives the same images as the folder it was made of.
+    """
+    base = [i * count // limit for i in range(limit)]
+    if paths is None:
+        return base
+    by_path = sorted(range(count), key=lambda i: paths[i].split("/"))
+    return sorted(by_path[i] for i in base)
 
 
 # --------------------------------------------------------------------------- archives
