@@ -183,15 +183,14 @@ def _load(
     return _limit(ds, limit)
 
 
-def _load_labeled_splits(
-    source: str, image_size: int, cache_dir: str | None, limit: int | None, progress: bool
-):
-    """(train, test) of a labeled source; the held-out split is test/, else val/ (a folder)."""
-    train = _load(source, "train", image_size, cache_dir, limit, progress)
+def _pick_labeled_splits(source: str, load_split):
+    """(train, test) of ``load_split(split)`` (loaded datasets, or a folder's listings), test
+    being test/, else val/; a DataError, with the layout to use, when a split or labels lack."""
+    train = load_split("train")
     test, first_error = None, None
     for split in TEST_SPLITS:
         try:
-            test = _load(source, split, image_size, cache_dir, limit, progress)
+            test = load_split(split)
             break
         except DataError as exc:
             first_error = first_error or exc
@@ -208,6 +207,22 @@ def _load_labeled_splits(
                 f"{source!r} ({split} split) has no labels; evaluation needs an "
                 f"ImageFolder layout (<split>/<class>/<image>) with train/ and test/"
             )
+    return train, test
+
+
+def _load_labeled_splits(
+    source: str, image_size: int, cache_dir: str | None, limit: int | None, progress: bool
+):
+    """(train, test) of a labeled source; the held-out split is test/, else val/ (a folder)."""
+    from selfsup.data import parse_source
+    from selfsup.data.sources import list_folder
+
+    spec = parse_source(source)
+    if spec.kind == "folder":  # its listing shows a missing split or labels: say so, undecoded
+        _pick_labeled_splits(source, lambda split: list_folder(spec, split))
+    train, test = _pick_labeled_splits(
+        source, lambda split: _load(source, split, image_size, cache_dir, limit, progress)
+    )
     test, dropped = test.with_classes_of(train)
     if dropped:
         print(

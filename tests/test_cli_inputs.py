@@ -278,6 +278,33 @@ def test_a_missing_test_split_says_what_to_add_not_a_split_option(trained, tmp_p
     assert "choose one of those with --split" in err
 
 
+def test_eval_on_a_folder_it_cannot_score_is_refused_before_decoding(
+    trained, tmp_path, cli, no_data_loading
+) -> None:
+    """No held-out split, or no labels: both are in the folder's listing, so eval says so
+    without decoding (and caching) the whole folder first."""
+
+    def images(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(folder / f"{i}.png")
+
+    for c in ("a", "b"):
+        images(tmp_path / "trainonly" / "train" / c)
+    images(tmp_path / "flat" / "train")
+    images(tmp_path / "flat" / "test")
+    for folder, said in (
+        ("trainonly", "has no held-out split to evaluate on"),
+        ("flat", "(train split) has no labels"),
+    ):
+        rc, _, err = cli(
+            "eval", trained["run"], "--data", tmp_path / folder, "--protocol", "knn",
+            "--cache-dir", tmp_path / "cache", "--no-progress",
+        )  # fmt: skip
+        assert rc == 2 and said in err, err
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
 def test_embed_shows_decoding_progress_unless_told_not_to(trained, tmp_path, cli) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
