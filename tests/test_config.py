@@ -344,3 +344,17 @@ def test_a_misspelt_method_option_suggests_this_methods_own_or_says_whose_it_is(
     # queue_size is MoCo's: SimCLR would accept it and ignore it, which the hint says
     with pytest.raises(ConfigError, match=r"'queue_size'\? an option of moco, which simclr ign"):
         resolve_config("simclr", overrides=["method.queue_sze=10"])
+
+
+def test_a_storage_size_far_above_the_crops_need_gets_a_note(capsys):
+    """--image-size 64 on the imagenette preset keeps its 146 px storage: said, with the size
+    that would do; the preset at its own 128 px says nothing."""
+    from selfsup.train.trainer import storage_size_note
+
+    small = resolve_config("byol", preset="imagenette", flags={"data.image_size": 64})
+    storage_size_note(small)
+    err = capsys.readouterr().err
+    assert "data.storage_size=146 stores 146 px images for 64 px crops" in err
+    assert "data.storage_size=73 " in err and "4.0x" in err
+    storage_size_note(resolve_config("byol", preset="imagenette"))
+    assert capsys.readouterr().err == ""

@@ -331,6 +331,24 @@ def small_image_stem_note(cfg: DictConfig) -> None:
         )
 
 
+def storage_size_note(cfg: DictConfig) -> None:
+    """A note when the cache stores images much larger than the crops need (``--preset
+    imagenette --image-size 64`` keeps the preset's 146 px storage): a cache, and a decode,
+    several times larger than needed."""
+    d = cfg.data
+    needed = max(d.image_size, round(d.image_size / float(d.eval_crop or 1.0)))
+    if d.storage_size and d.storage_size > 1.5 * needed:
+        factor = (d.storage_size / needed) ** 2
+        print(
+            f"selfsup: note: data.storage_size={d.storage_size} stores {d.storage_size} px "
+            f"images for {d.image_size} px crops, a cache {factor:.1f}x that of "
+            f"data.storage_size={needed} (what a whole-image crop and the eval centre crop "
+            "use): set it lower to save disk and decoding time, or keep it for more detail in "
+            "small random crops",
+            file=sys.stderr,
+        )
+
+
 def starting_weights(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``model.init``'s weights for ``cfg``'s backbone, checked against its shapes (a
     :class:`ConfigError` naming what does not fit), and notes on how they were read."""
@@ -622,6 +640,7 @@ class Trainer:
         init = self._init_weights()  # checked before the data is decoded
         if self.env.is_main and not self.resume:
             small_image_stem_note(cfg)
+            storage_size_note(cfg)
         train, bank, query = self._load_data()
 
         if cfg.data.mean:
