@@ -339,10 +339,12 @@ def test_an_empty_flag_is_named_not_a_type_error(capsys) -> None:
 
 
 def test_a_misspelt_method_option_suggests_this_methods_own_or_says_whose_it_is() -> None:
-    with pytest.raises(ConfigError, match=r"did you mean 'temperature'\?\); simclr takes"):
+    with pytest.raises(ConfigError, match=r"did you mean 'method.temperature'\?\); simclr takes"):
         resolve_config("simclr", overrides=["method.temperatur=0.1"])
     # queue_size is MoCo's: SimCLR would accept it and ignore it, which the hint says
-    with pytest.raises(ConfigError, match=r"'queue_size'\? an option of moco, which simclr ign"):
+    with pytest.raises(
+        ConfigError, match=r"'method.queue_size'\? an option of moco, which simclr ign"
+    ):
         resolve_config("simclr", overrides=["method.queue_sze=10"])
 
 

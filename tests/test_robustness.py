@@ -371,7 +371,7 @@ def test_missing_source_names_the_accepted_forms(tmp_path, capsys):
         (["train.batch_size=1000"], "larger than the 64 usable images"),
         (["method.name=simclrr"], "did you mean 'simclr'"),
         (["model.backbone=resnet19"], "did you mean 'resnet18'"),
-        (["method.temprature=0.2"], "did you mean 'temperature'"),
+        (["method.temprature=0.2"], "did you mean 'method.temperature'"),
         (["method.temperature=hot"], "method.temperature must be of type float"),
         (["augment.view1.blurr_p=0.5"], "did you mean 'augment.view1.blur_p'"),
         (["train.on_nan=ignore"], "train.on_nan must be one of"),

@@ -482,13 +482,13 @@ def validate_method_and_model(cfg: DictConfig) -> None:
             continue
         where = f"method.{key}"
         if key not in known:
-            hint = _did_you_mean(str(key), list(own))
+            hint = _did_you_mean(where, [f"method.{k}" for k in own])
             close = difflib.get_close_matches(str(key), [k for k in known if k not in own], n=1)
             if not hint and close:  # another method's option: say that this one ignores it
                 owners = [m for m in METHOD_CLASSES if close[0] in method_options(m)]
                 hint = (
-                    f" (did you mean {close[0]!r}? an option of {' and '.join(owners)}, which "
-                    f"{name} ignores)"
+                    f" (did you mean {'method.' + close[0]!r}? an option of "
+                    f"{' and '.join(owners)}, which {name} ignores)"
                 )
             raise ConfigError(
                 f"unknown setting {where!r} for method {name!r}{hint}; {name} takes "
