@@ -176,13 +176,18 @@ def _config(args: argparse.Namespace) -> int:
     import json
 
     from selfsup.methods import method_defaults
-    from selfsup.run import default_out
+    from selfsup.run import QUICKSTART_SOURCE, default_out
     from selfsup.train.config import resolve_config, resolve_views, to_yaml
 
     preset = args.preset or ("quickstart" if args.data is None else None)  # as pretrain
     flags = _run_flags(args)
     cfg = resolve_config(args.method, preset=preset, flags=flags, overrides=args.overrides)
     cfg.out = str(default_out(cfg, cfg.method.name, args.data))  # what pretrain would write to
+    if args.data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:
+        print(  # as pretrain refuses it: the preset is for a folder the user names
+            f"# --preset {preset} names no data source of its own: `selfsup pretrain` needs "
+            f"--data with it (data.source below is the quickstart's)"
+        )
     print(to_yaml(cfg))
     # what the keys left unset above resolve to, so every setting can be seen (and overridden)
     defaults = method_defaults(cfg.method.name)

@@ -360,3 +360,18 @@ def test_a_storage_size_far_above_the_crops_need_gets_a_note(capsys):
     assert "data.storage_size=73 " in err and "4.0x" in err
     storage_size_note(resolve_config("byol", preset="imagenette"))
     assert capsys.readouterr().err == ""
+
+
+def test_config_of_a_folder_preset_without_data_says_pretrain_needs_data(capsys):
+    """`selfsup config --preset imagenette` shows the recipe, and says that its data.source is
+    the quickstart's stand-in, which `pretrain` would refuse without --data."""
+    import yaml
+
+    from selfsup.cli import main
+
+    assert main(["config", "--method", "byol", "--preset", "imagenette"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# --preset imagenette names no data source of its own")
+    assert yaml.safe_load(out)["data"]["image_size"] == 128
+    assert main(["config", "--method", "byol"]) == 0  # the quickstart: nothing to say
+    assert "names no data source" not in capsys.readouterr().out
