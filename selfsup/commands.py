@@ -170,13 +170,22 @@ def _load(
     cache_dir: str | None,
     limit: int | None,
     progress: bool = False,
+    listed=None,
 ):
+    """``split`` of ``source``, decoded (once) into the cache; ``listed``: its folder listing,
+    when already made."""
     from selfsup.data import load_dataset
 
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be a positive number of images, got {limit}")
     ds = load_dataset(
-        source, split, image_size=image_size, cache_dir=cache_dir, progress=progress, limit=limit
+        source,
+        split,
+        image_size=image_size,
+        cache_dir=cache_dir,
+        progress=progress,
+        limit=limit,
+        listed=listed,
     )
     if ds.skipped and is_first_rank():  # as pretrain's skipped.csv line
         print(f"selfsup: {source} ({split}): {ds.skip_summary()}", file=sys.stderr)
@@ -218,11 +227,19 @@ def _load_labeled_splits(
     from selfsup.data.sources import list_folder
 
     spec = parse_source(source)
-    if spec.kind == "folder":  # its listing shows a missing split or labels: say so, undecoded
-        _pick_labeled_splits(source, lambda split: list_folder(spec, split))
-    train, test = _pick_labeled_splits(
-        source, lambda split: _load(source, split, image_size, cache_dir, limit, progress)
-    )
+    listings = {}  # a folder's: its listing shows a missing split or labels, before decoding
+
+    def listing(split: str):
+        listings[split] = list_folder(spec, split)  # kept: load_dataset's cache key
+        return listings[split]
+
+    if spec.kind == "folder":
+        _pick_labeled_splits(source, listing)
+
+    def load(split: str):
+        return _load(source, split, image_size, cache_dir, limit, progress, listings.get(split))
+
+    train, test = _pick_labeled_splits(source, load)
     test, dropped = test.with_classes_of(train)
     if dropped:
         print(

@@ -305,6 +305,36 @@ def test_eval_on_a_folder_it_cannot_score_is_refused_before_decoding(
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
 
 
+def test_eval_on_a_folder_lists_each_split_once(trained, tmp_path, cli, monkeypatch) -> None:
+    """The listing that checks the layout before decoding is the one the cache is keyed by:
+    the folder is walked once per split, not twice."""
+    import selfsup.data.cache as cache_module
+    import selfsup.data.sources as sources_module
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "labeled" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (16, 16), (60 * i, 90 if c == "a" else 0, 0)).save(
+                    tmp_path / "labeled" / split / c / f"{i}.png"
+                )
+    listed = []
+    real = sources_module.list_folder
+
+    def counted(spec, split):
+        listed.append(split)
+        return real(spec, split)
+
+    monkeypatch.setattr(sources_module, "list_folder", counted)
+    monkeypatch.setattr(cache_module, "list_folder", counted)
+    rc, _, err = cli(
+        "eval", trained["run"], "--data", tmp_path / "labeled", "--protocol", "knn",
+        "--cache-dir", tmp_path / "cache", "--no-progress", "--results-csv", tmp_path / "r.csv",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert sorted(listed) == ["test", "train"]
+
+
 def test_embed_shows_decoding_progress_unless_told_not_to(trained, tmp_path, cli) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()

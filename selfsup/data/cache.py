@@ -186,6 +186,7 @@ def load_dataset(
     progress: bool = True,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     limit: int | None = None,
+    listed: ListedSource | None = None,
 ) -> ImageDataset:
     """Load a data source as a uint8 ``[N, 3, S, S]`` dataset, decoding it once and caching it.
 
@@ -205,6 +206,8 @@ def load_dataset(
         limit: at most this many images, evenly spaced (``data.limit`` / ``--limit``). A folder
             or archive then decodes only those, into a cache of their own; arrays (torchvision,
             mnist5k) are loaded whole and spread.
+        listed: a folder source's ``list_folder(spec, split)``, when the caller has made it
+            already (the listing is the cache key: not walking the folder twice).
 
     Returns:
         An :class:`ImageDataset` whose ``images`` may be backed by the memory-mapped cache.
@@ -224,9 +227,13 @@ def load_dataset(
     size_tag = "native" if storage_size is None else str(storage_size)
     identity = [FORMAT_VERSION, spec.kind, spec.name, split, size_tag, max_pixels]
 
-    listed: ListedSource | None = None
+    if spec.kind != "folder":
+        listed = None  # only a folder's is taken; an archive is listed below, if no cache has it
+    # an archive is stored in member order: its --limit spreads in path order, as its folder's
+    by_path = spec.kind == "tar"
     if spec.kind == "folder":
-        listed = list_folder(spec, split)  # the listing *is* the key for folders
+        # the listing *is* the key for folders
+        listed = listed if listed is not None else list_folder(spec, split)
         identity.append(listed.fingerprint)
     elif spec.kind == "tar":
         assert spec.location is not None
@@ -243,13 +250,12 @@ def load_dataset(
     cached = _load_cache(npy_path, meta_path)
     if cached is not None:  # the whole source is cached: a limit is a spread of it
         _remove_partials(root, stem)  # of builds that it makes pointless
-        return cached.spread(limit, by_path=spec.kind == "tar")
+        return cached.spread(limit, by_path=by_path)
     if limit is not None and spec.kind in ("folder", "tar"):
         # its own, smaller cache (the whole source's is kept for full runs): looked up before
         # listing an archive, which reads (and decompresses) all of it
-        # (an archive's: "-bypath", its images spread in path order as its folder's are; the
-        # limit caches of earlier selfsup spread them in member order)
-        limited = paths_of(f"{size_tag}-limit{limit}" + ("-bypath" if spec.kind == "tar" else ""))
+        # (an archive's: "-bypath"; the limit caches of earlier selfsup spread in member order)
+        limited = paths_of(f"{size_tag}-limit{limit}" + ("-bypath" if by_path else ""))
         cached = _load_cache(limited[1], limited[2])
         if cached is not None:
             return cached.spread(limit)
@@ -350,7 +356,7 @@ def load_dataset(
     loaded = _load_cache(npy_path, meta_path)
     if loaded is None:  # pragma: no cover - only if the disk changed under us
         raise DataError(f"the cache {npy_path} just written cannot be read back; check the disk")
-    return loaded.spread(limit, by_path=spec.kind == "tar")
+    return loaded.spread(limit, by_path=by_path)
 
 
 def write_skip_report(dataset: ImageDataset, path: str | os.PathLike[str]) -> str:

@@ -144,6 +144,12 @@ def preset_texts(preset: str, method: str) -> list[str]:
     )
 
 
+def eval_storage_size(data: Any) -> int:
+    """The stored size evaluation's centre crop needs: ``data.image_size / data.eval_crop``
+    (the crop size itself at ``eval_crop`` 1; 146 px for 128 px crops at 0.875)."""
+    return round(data.image_size / data.eval_crop)
+
+
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -304,7 +310,7 @@ def validate_config(cfg: DictConfig) -> None:
         d.storage_size is None or d.storage_size >= d.image_size,
         f"data.storage_size ({d.storage_size}) must be >= data.image_size ({d.image_size}); "
         f"set data.storage_size="
-        f"{round(d.image_size / d.eval_crop) if d.eval_crop < 1 else round(d.image_size * 1.14)}"
+        f"{eval_storage_size(d) if d.eval_crop < 1 else round(d.image_size * 1.14)}"
         " too (the imagenette preset's margin of 1 / 0.875)"
         + (" or data.storage_size=null (cache at the crop size)" if d.eval_crop == 1 else ""),
     )
@@ -314,7 +320,7 @@ def validate_config(cfg: DictConfig) -> None:
         "evaluation's centre crop keeps; 1: all of it, 0.875: ImageNet's 224/256)",
     )
     if 0 < d.eval_crop < 1:  # the centre crop needs a margin in the cache, or it upsamples
-        needed = round(d.image_size / d.eval_crop)
+        needed = eval_storage_size(d)
         _require(
             (d.storage_size or d.image_size) >= needed,
             f"data.eval_crop={d.eval_crop} takes the central {d.image_size} px of "

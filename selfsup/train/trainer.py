@@ -48,7 +48,7 @@ from selfsup.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from selfsup.train.config import config_hash, resolve_views, to_yaml
+from selfsup.train.config import config_hash, eval_storage_size, resolve_views, to_yaml
 from selfsup.train.distributed import (
     DistributedBatchStream,
     all_ranks_true,
@@ -336,7 +336,7 @@ def storage_size_note(cfg: DictConfig) -> None:
     imagenette --image-size 64`` keeps the preset's 146 px storage): a cache, and a decode,
     several times larger than needed."""
     d = cfg.data
-    needed = max(d.image_size, round(d.image_size / float(d.eval_crop or 1.0)))
+    needed = eval_storage_size(d)
     if d.storage_size and d.storage_size > 1.5 * needed:
         factor = (d.storage_size / needed) ** 2
         print(
