@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# the real function, not a wrapper, so that help() and IDEs show its arguments; selfsup.run
+# imports no torch (a few ms)
+from selfsup.run import pretrain
+
 if TYPE_CHECKING:
     import torch
 
@@ -58,11 +62,3 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
     from selfsup.export import load_classifier as _load
 
     return _load(path, map_location=map_location)
-
-
-def pretrain(*args: Any, **kwargs: Any):
-    """Pretrain an encoder from Python, as ``selfsup pretrain`` does (:func:`selfsup.run.pretrain`:
-    the same arguments, ``overrides`` as a dict); returns its ``TrainResult``."""
-    from selfsup.run import pretrain as _pretrain
-
-    return _pretrain(*args, **kwargs)

@@ -72,3 +72,18 @@ def test_override_dict_values_read_back_as_written() -> None:
     parsed = OmegaConf.from_dotlist(got)
     assert parsed.a.b == [0.2, 1.0] and parsed.c is True and parsed.d is None
     assert parsed.e == "x y" and parsed.f == 3
+
+
+def test_the_top_level_pretrain_shows_its_arguments() -> None:
+    """help(selfsup.pretrain) and IDEs see the real keyword arguments, not (*args, **kwargs),
+    and importing selfsup still imports no torch."""
+    import inspect
+    import subprocess
+    import sys
+
+    parameters = inspect.signature(selfsup.pretrain).parameters
+    assert {"method", "data", "preset", "out", "epochs", "resume", "overrides"} <= set(parameters)
+    code = "import sys, selfsup; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == (
+        "False\n"
+    )
