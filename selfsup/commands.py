@@ -82,8 +82,10 @@ def add_device_and_cache_args(p: argparse.ArgumentParser) -> None:
 def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
     """(cached size, network input size): the pre-training run's storage and crop sizes, so the
     encoder sees its images prepared exactly as during training; ``--image-size`` sets both."""
+    from selfsup.data.decode import storage_size_for_crop  # numpy, PIL: not while parsing
+
     if image_size is not None:  # cached with the run's margin for its centre crop (eval_crop)
-        return round(int(image_size) / float(info.get("eval_crop") or 1.0)), int(image_size)
+        return storage_size_for_crop(image_size, info.get("eval_crop")), int(image_size)
     size = int(info.get("image_size") or 32)
     return int(info.get("storage_size") or size), size
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from selfsup.checks import check_encode_args, check_writable
 from selfsup.data.cache import atomic_write, atomic_write_text
+from selfsup.data.decode import storage_size_for_crop
 from selfsup.errors import CheckpointError, ConfigError
 from selfsup.models import BACKBONES, backbone_to_torchvision, build_backbone
 from selfsup.models.weights import EXPORT_INFO, encoder_file, is_torchscript, read_state_dict
@@ -381,7 +382,8 @@ class Classifier:
     @property
     def storage_size(self) -> int:
         """The side the evaluation cached its images at (before :meth:`transform`)."""
-        return int(self.metadata.get("storage_size") or round(self.image_size / self.eval_crop))
+        stored = self.metadata.get("storage_size")
+        return int(stored or storage_size_for_crop(self.image_size, self.eval_crop))
 
     def prepare(self, images: Any) -> torch.Tensor:
         """The model's input float ``[B, 3, S, S]`` for ``images`` (one or a sequence of file

@@ -165,6 +165,14 @@ def _scale_high_depth(image: Image.Image) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
+def storage_size_for_crop(crop: int, eval_crop: float | None = 1.0) -> int:
+    """The stored side length whose centre crop of fraction ``eval_crop`` is ``crop`` pixels:
+    ``round(crop / eval_crop)`` (146 px for 128 px crops at 0.875; ``crop`` itself at 1 or
+    ``None``). What the trainer's kNN monitor, ``selfsup eval`` and ``prepare_images`` store
+    images at, so each sees them as the others do."""
+    return round(int(crop) / float(eval_crop or 1.0))
+
+
 def resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
     """Resize so the shorter side equals ``size``, then center-crop to ``[size, size, 3]``.
 

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from selfsup.data.decode import storage_size_for_crop
 from selfsup.data.sources import parse_source
 from selfsup.errors import ConfigError
 from selfsup.precision import PRECISIONS
@@ -147,7 +148,7 @@ def preset_texts(preset: str, method: str) -> list[str]:
 def eval_storage_size(data: Any) -> int:
     """The stored size evaluation's centre crop needs: ``data.image_size / data.eval_crop``
     (the crop size itself at ``eval_crop`` 1; 146 px for 128 px crops at 0.875)."""
-    return round(data.image_size / data.eval_crop)
+    return storage_size_for_crop(data.image_size, data.eval_crop)
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
