@@ -52,11 +52,13 @@ fi
 DEVICE=cuda
 EXTRA=(train.device=cuda)      # never a silent CPU run on a machine whose CUDA does not work
 BENCH_EXTRA=(--device cuda)
+MOCO_EXTRA=()
 if [[ "${SMOKE:-0}" == 1 ]]; then
     DEVICE=cpu
     EPOCHS=2
     EXTRA=(model.backbone=resnet_tiny data.limit=1024 train.batch_size=64 train.knn_every=1
-           train.device=cpu method.queue_size=1024)
+           train.device=cpu)
+    MOCO_EXTRA=(method.queue_size=1024)  # below the 1,024 images (moco only: others refuse it)
     BENCH_EXTRA=(--device cpu --batch-size 32 --steps 3 --warmup 1 --repeats 1 --threads 1
                  --workers 2 --set model.backbone=resnet_tiny)
 fi
@@ -147,10 +149,12 @@ for phase in "${PHASES[@]}"; do
         ;;
     pretrain-*)
         method=${phase#pretrain-}
+        extra=("${EXTRA[@]}")
+        [[ $method == moco ]] && extra+=("${MOCO_EXTRA[@]}")
         run_phase "$phase" 150 "$PY" -m selfsup pretrain --method "$method" --preset cifar10 \
             --data "$DATA" --epochs "$EPOCHS" --out "$RUNS/$phase" --overwrite --no-progress \
             data.cache_dir="$CACHE/selfsup" train.knn_every=10 train.checkpoint_every=$EPOCHS \
-            "${EXTRA[@]}"
+            "${extra[@]}"
         for f in results.json metrics.jsonl; do
             [[ -f $RUNS/$phase/$f ]] && cp "$RUNS/$phase/$f" "$OUT/$phase-$f"
         done
@@ -161,7 +165,9 @@ for phase in "${PHASES[@]}"; do
         minutes=$("$PY" -c "print(max(1.0, ($(left) - 55) / 60))")
         tta_extra=()
         [[ "${SMOKE:-0}" == 1 ]] && tta_extra=(--epochs 2 --knn-every 1)
-        for s in "${EXTRA[@]}"; do tta_extra+=(--set "$s"); done
+        extra=("${EXTRA[@]}")
+        [[ $method == moco ]] && extra+=("${MOCO_EXTRA[@]}")
+        for s in "${extra[@]}"; do tta_extra+=(--set "$s"); done
         run_phase "$phase" 150 "$PY" bench/time_to_accuracy.py --method "$method" --data "$DATA" \
             --out "$RUNS/$phase" --cache-dir "$CACHE/selfsup" --budget-min "$minutes" \
             --copy-to "$OUT" "${tta_extra[@]}"

@@ -437,7 +437,8 @@ def bench_config(method: str, args: argparse.Namespace) -> DictConfig:
     ]
     if args.cache_dir:
         overrides.append(f"data.cache_dir={args.cache_dir}")
-    return resolve_config(method, "cifar10", overrides=overrides)
+    # one --set for every method of the run: another method's option is ignored, not refused
+    return resolve_config(method, "cifar10", overrides=overrides, shared_overrides=True)
 
 
 def load_train(cfg: DictConfig) -> tuple[ImageDataset, float]:

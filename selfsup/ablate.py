@@ -164,7 +164,10 @@ def run_ablation(
     for i, v in enumerate(spec.variants):
         run_dir = out / name / f"{i:02d}_{v.method}"
         flags = {"data.source": data, "train.progress": progress}
-        cfg = resolve_config(v.method, preset, flags=flags, overrides=[*size, *extra, *v.overrides])
+        cfg = resolve_config(
+            v.method, preset, flags=flags, overrides=[*size, *extra, *v.overrides],
+            shared_overrides=True,  # `extra` is for every variant, of either method
+        )  # fmt: skip
         same = _same_plan(run_dir, cfg)
         if not same or not (run_dir / "results.json").exists():
             # a finished variant is reused, an interrupted one resumed, only at the same settings

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from selfsup.errors import ConfigError, SelfsupError
+from selfsup.errors import ConfigError, DataError, SelfsupError
 
 QUICKSTART_OUT = "runs/quickstart"
 QUICKSTART_SOURCE = "mnist5k"  # the quickstart preset's data.source
@@ -54,8 +54,9 @@ def pretrain_config(
     """The resolved config and output directory of a pretrain; every error before long work.
 
     ``--resume`` of a run with a ``config.yaml`` starts from that file (flags and overrides
-    given now still apply); otherwise the preset (``quickstart`` without ``data``), ``method``
-    (else the preset file's ``method.name``, else simclr), flags and ``key=value`` overrides.
+    given now still apply); otherwise the preset (``quickstart`` without ``data`` or with
+    ``mnist5k``), ``method`` (else the preset file's ``method.name``, else simclr), flags and
+    ``key=value`` overrides.
     """
     from omegaconf import OmegaConf
 
@@ -73,7 +74,9 @@ def pretrain_config(
         )
         _refuse_changes_to_a_finished_run(out, base, cfg)
     else:
-        preset = preset or ("quickstart" if data is None else None)
+        # the embedded digits' recipe is the quickstart's, named or not (not resnet18's 100
+        # epochs at batch 512 of the general defaults)
+        preset = preset or ("quickstart" if data in (None, QUICKSTART_SOURCE) else None)
         cfg = resolve_config(method, preset=preset, flags=flags, overrides=overrides)
         # a preset for a folder (imagenette) leaves the quickstart's digits as the source
         if data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:
@@ -196,10 +199,31 @@ def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
         cleanup()
 
 
-def _override_text(value: Any) -> str:
+def _setting_problem(key: str, value: Any) -> ConfigError:
+    """A setting that is an object (an nn.Module, a function): settings are names and numbers,
+    saved in the run's config.yaml so that eval, export and --resume can rebuild the run."""
+    kind = type(value).__name__
+    if callable(getattr(value, "forward", None)):  # an nn.Module, without importing torch
+        return ConfigError(
+            f"{key} is a {kind} module; pretrain takes a backbone by name (one of `selfsup "
+            "config`'s model.backbone choices). To train a module of your own, build the method "
+            "around it with selfsup.methods.build_method and train it in your own loop (the "
+            "README's example under 'Command line')"
+        )
+    return ConfigError(
+        f"{key}={value!r} (of type {kind}) is not a setting: give a string, number, bool or list"
+    )
+
+
+def _override_text(key: str, value: Any) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
-    return value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        raise _setting_problem(key, value) from None
 
 
 def _override_strings(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
@@ -214,7 +238,7 @@ def _override_strings(overrides: Mapping[str, Any] | Sequence[str] | None) -> li
     if isinstance(overrides, Mapping):
         # strings as written (OmegaConf parses them as the command line's are); the rest as
         # JSON, which YAML reads back: true, null, [0.2, 1.0]
-        return [f"{k}={_override_text(v)}" for k, v in overrides.items()]
+        return [f"{k}={_override_text(k, v)}" for k, v in overrides.items()]
     return list(overrides)
 
 
@@ -250,6 +274,18 @@ def pretrain(
     it; ``resume=True`` continues). Raises
     :class:`~selfsup.errors.ConfigError` for bad settings, before any data is decoded.
     """
+    for key, value in {"method": method, "preset": preset, "model.backbone": backbone}.items():
+        if value is not None and not isinstance(value, str):
+            raise _setting_problem(key, value)
+    if data is not None:  # as the command line does: a typo first, before any other setting
+        from selfsup.data.sources import parse_source
+
+        try:
+            parse_source(os.fspath(data))
+        except DataError as exc:
+            raise DataError(f"data.source: {exc}") from None
+        except TypeError:
+            raise _setting_problem("data", data) from None
     flags = {
         "data.source": None if data is None else os.fspath(data),
         "train.epochs": epochs,

@@ -11,8 +11,10 @@ from omegaconf import OmegaConf
 from tiny_runs import TINY, run
 
 import selfsup
-from selfsup.errors import ConfigError, SelfsupError
-from selfsup.run import _override_strings
+from selfsup.errors import ConfigError, DataError, SelfsupError
+from selfsup.run import _override_strings, pretrain_config
+
+_NO_FLAGS = {"preset": None, "resume": False, "flags": {}, "overrides": []}
 
 
 def _tiny_overrides(tmp_path) -> dict:
@@ -62,6 +64,38 @@ def test_pretrain_from_python_refuses_bad_settings_before_decoding(tmp_path) -> 
         selfsup.pretrain(out=tmp_path / "c", overrides="optim.lr=0.1")
     assert not cache.exists()  # nothing decoded
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_pretrain_names_a_module_given_as_a_setting_and_a_missing_folder_first(tmp_path) -> None:
+    """A backbone module (in the argument or an override) is a ConfigError that points to the
+    own-loop recipe, not a YAML or JSON error; a missing folder is named before a limit that
+    only the folder's recipe would make too small."""
+    from torchvision.models import resnet18
+
+    for call in (
+        {"backbone": resnet18()},
+        {"overrides": {"model.backbone": resnet18()}},
+    ):
+        with pytest.raises(ConfigError, match=r"model.backbone is a ResNet module.*build_method"):
+            selfsup.pretrain("simclr", out=tmp_path / "m", **call)
+    with pytest.raises(ConfigError, match=r"x=<object .*\(of type object\) is not a setting"):
+        selfsup.pretrain(out=tmp_path / "o", overrides={"x": object()})
+    with pytest.raises(DataError, match=r"^data.source: .*nope.* is not an existing folder"):
+        selfsup.pretrain("simclr", data=tmp_path / "nope", limit=256, out=tmp_path / "n")
+    assert not any((tmp_path / name).exists() for name in "mon")
+
+
+def test_the_embedded_digits_named_as_data_train_with_the_quickstart_recipe(tmp_path) -> None:
+    """--data mnist5k is the quickstart's data; without --preset it gets the quickstart's recipe
+    (the general defaults are resnet18 for 100 epochs at batch 512), and a preset still wins."""
+    quickstart, _ = pretrain_config(None, None, **_NO_FLAGS, out=tmp_path / "q")
+    named, _ = pretrain_config(None, "mnist5k", **_NO_FLAGS, out=tmp_path / "n")
+    settings = [OmegaConf.to_container(c) for c in (quickstart, named)]
+    for c in settings:
+        c.pop("out", None)  # the two run directories
+    assert settings[0] == settings[1] and named.model.backbone == "resnet_tiny"
+    other, _ = pretrain_config("simclr", "mnist5k", **{**_NO_FLAGS, "preset": "cifar10"}, out=None)
+    assert other.model.backbone == "resnet18"
 
 
 def test_override_dict_values_read_back_as_written() -> None:

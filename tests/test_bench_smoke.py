@@ -135,6 +135,7 @@ def bench_cfg(method: str, image_folder: Path, tmp_path: Path):
     return resolve_config(
         method,
         "cifar10",
+        shared_overrides=True,  # TINY's heads for all four methods
         overrides=[
             f"data.source={image_folder}",
             f"data.cache_dir={tmp_path / 'cache'}",

@@ -507,3 +507,54 @@ def _compiled_step_on(device: str, name: str, channels_last: bool = False) -> No
 @pytest.mark.parametrize("name", METHODS)
 def test_compiled_step_on_cuda_matches_eager(name: str) -> None:
     _compiled_step_on("cuda", name, channels_last=True)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_views_of_two_shapes_are_refused_not_paired_with_the_wrong_images(name: str) -> None:
+    """cat + chunk(2) of 16 and 8 views would pair image i of one view with another image."""
+    method = make(name)
+    x1, x2 = views(batch=8)
+    with pytest.raises(ValueError, match=r"\(16, 3, 16, 16\) and \(8, 3, 16, 16\)"):
+        method(torch.cat([x1, x1]), x2)
+    with pytest.raises(ValueError, match="one shape"):
+        method(x1[..., :8, :8], x2)  # another crop size
+    assert method(x1, x2)["loss"].isfinite()  # the same shapes still train
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_update_target_refuses_a_step_count_for_progress(name: str) -> None:
+    """progress is step / total in [0, 1]; 7 (a step) would have left tau at 1: a frozen target."""
+    method = make(name)
+    method(*views())
+    before = copy.deepcopy(method.state_dict())
+    for bad in (7, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"\[0, 1\] \(step / total steps\)"):
+            method.update_target(bad)
+    for key, value in method.state_dict().items():  # nothing moved on the refused calls
+        assert torch.equal(value, before[key]), key
+    method.update_target(1.0)  # the end of training is fine
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_method_refuses_a_backbone_that_is_not_a_module_when_built(name: str) -> None:
+    built = build_backbone("resnet_tiny", small_stem=True)
+    with pytest.raises(ConfigError, match=r"unpack it, `backbone, feat_dim = build_backbone"):
+        build_method(name, built, built[1])
+    with pytest.raises(ConfigError, match="build_backbone first"):
+        build_method(name, "resnet18", 512)
+    with pytest.raises(ConfigError, match="feat_dim must be a positive integer"):
+        build_method(name, built[0], "64")
+
+
+def test_the_constructors_check_their_options_as_build_method_does() -> None:
+    from selfsup.methods import BYOL, MoCo, SimCLR, SimSiam
+
+    backbone, feat_dim = build_backbone("resnet_tiny", small_stem=True)
+    with pytest.raises(ConfigError, match=r"method.temperature=-1 must be > 0"):
+        SimCLR(backbone, feat_dim, temperature=-1)
+    with pytest.raises(ConfigError, match=r"method.temperature='0.1' must be a number"):
+        MoCo(backbone, feat_dim, temperature="0.1")
+    with pytest.raises(ConfigError, match=r"method.tau_base=1.5 must be in \[0, 1\]"):
+        BYOL(backbone, feat_dim, tau_base=1.5)
+    with pytest.raises(ConfigError, match=r"method.pred_hidden=2.5 must be an integer"):
+        SimSiam(backbone, feat_dim, pred_hidden=2.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -221,3 +222,17 @@ def test_a_resnet_with_its_own_head_or_a_given_dim_is_kept_as_it_is() -> None:
     assert dim == 128 and module.fc is own.fc
     stock = torchvision.models.resnet18(weights=None)
     assert build_backbone(stock, feat_dim=1000) == (stock, 1000) and isinstance(stock.fc, nn.Linear)
+
+
+def test_a_module_with_imagenet_logits_is_warned_of_and_small_stem_is_refused_for_it() -> None:
+    """build_backbone(mobilenet_v3_small()) would train on 1000 class logits: warned, with the
+    fix; small_stem=True cannot change a module's own stem: an error, not ignored in silence."""
+    logits = torchvision.models.mobilenet_v3_small(weights=None)
+    with pytest.warns(UserWarning, match=r"MobileNetV3 returns 1000 values and has a `classifier`"):
+        assert build_backbone(logits)[1] == 1000
+    logits.classifier = nn.Identity()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its pooled features: no warning
+        assert build_backbone(logits)[1] == 576
+    with pytest.raises(ConfigError, match="small_stem=True applies to the named ResNets"):
+        build_backbone(torchvision.models.resnet18(weights=None), small_stem=True)

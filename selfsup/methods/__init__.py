@@ -18,6 +18,7 @@ from torch import nn
 from selfsup.errors import ConfigError
 from selfsup.methods.byol import BYOL
 from selfsup.methods.ema import EmaTarget, cosine_tau, ema_update_
+from selfsup.methods.inputs import option_problem
 from selfsup.methods.moco import MoCo
 from selfsup.methods.simclr import SimCLR
 from selfsup.methods.simsiam import SimSiam
@@ -41,28 +42,6 @@ def method_defaults(name: str) -> dict[str, Any]:
     """Each keyword option of method ``name`` with its default value."""
     params = inspect.signature(METHOD_CLASSES[name].__init__).parameters
     return {key: params[key].default for key in method_options(name)}
-
-
-# The numeric options' valid ranges: (check, what it must be). Used by build_method and, before any
-# data is read, by the CLI's config check, so both name the same problem. MoCo's queue_size and
-# bn_splits have their own checks, which also depend on the batch size.
-_OPTION_RANGES: dict[str, tuple[Any, str]] = {
-    "temperature": (lambda v: v > 0, "> 0"),
-    "momentum": (lambda v: 0 <= v <= 1, "in [0, 1] (the key encoder's EMA decay m)"),
-    "tau_base": (lambda v: 0 <= v <= 1, "in [0, 1] (the target's EMA decay at step 0)"),
-    "proj_hidden": (lambda v: v >= 1, ">= 1"),
-    "proj_dim": (lambda v: v >= 1, ">= 1"),
-    "pred_hidden": (lambda v: v >= 1, ">= 1"),
-    "proj_layers": (lambda v: v >= 1, ">= 1"),
-}
-
-
-def option_problem(key: str, value: Any) -> str | None:
-    """Why ``method.<key>=value`` is out of range, or None (non-numbers are checked elsewhere)."""
-    if key not in _OPTION_RANGES or isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    ok, must = _OPTION_RANGES[key]
-    return None if ok(value) else f"method.{key}={value!r} must be {must}"
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -103,9 +82,6 @@ def build_method(
         )
     # None in cfg means "the method's default".
     options = {k: v for k, v in options.items() if k in own and v is not None} | kwargs
-    for key, value in options.items():
-        if problem := option_problem(key, value):
-            raise ConfigError(problem)
     return METHOD_CLASSES[name](backbone, feat_dim, **options)
 
 
@@ -122,4 +98,5 @@ __all__ = [
     "ema_update_",
     "method_defaults",
     "method_options",
+    "option_problem",
 ]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from selfsup.errors import ConfigError
 from selfsup.losses import byol_loss
 from selfsup.methods.ema import EmaTarget, cosine_tau
+from selfsup.methods.inputs import check_method_args, check_progress, check_views
 from selfsup.models.heads import PredictionHead, ProjectionHead
 
 BYOL_TARGETS = ("ema", "random_fixed")
@@ -47,6 +48,10 @@ class BYOL(nn.Module):
         target: str = "ema",
     ) -> None:
         super().__init__()
+        check_method_args(
+            "byol", backbone, feat_dim, proj_hidden=proj_hidden, proj_dim=proj_dim,
+            pred_hidden=pred_hidden, tau_base=tau_base,
+        )  # fmt: skip
         if target not in BYOL_TARGETS:
             raise ConfigError(f"BYOL `target` must be one of {BYOL_TARGETS}, got {target!r}.")
         self.backbone = backbone
@@ -59,6 +64,7 @@ class BYOL(nn.Module):
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
         """Views [B, 3, S, S] -> {"loss", "z": z1, "z2": z2 [B, d], "h": [B, D] of view 1,
         "online_target_cos": cos(z1, z1')}."""
+        check_views("byol", x1, x2)
         x = torch.cat([x1, x2])
         h = self.backbone(x)
         z = self.projector(h)
@@ -78,6 +84,7 @@ class BYOL(nn.Module):
 
     def target_momentum(self, progress: float) -> float:
         """tau at ``progress`` in [0, 1]: the cosine from ``tau_base`` to 1 (a fixed target: 1)."""
+        check_progress("byol", progress)
         return cosine_tau(self.tau_base, progress) if self.target == "ema" else 1.0
 
     def update_target(self, progress: float) -> None:

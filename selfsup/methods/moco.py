@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from selfsup.errors import ConfigError
 from selfsup.losses import concat_all_gather, distributed_world, info_nce_loss
 from selfsup.methods.ema import EmaTarget, cosine_tau
+from selfsup.methods.inputs import check_method_args, check_progress, check_views
 from selfsup.models.heads import ProjectionHead
 from selfsup.models.split_bn import convert_split_batchnorm
 
@@ -105,6 +106,10 @@ class MoCo(nn.Module):
         bn_splits: int = 8,
     ) -> None:
         super().__init__()
+        check_method_args(
+            "moco", backbone, feat_dim, proj_hidden=proj_hidden, proj_dim=proj_dim,
+            temperature=temperature, momentum=momentum,
+        )  # fmt: skip
         if queue_size < 1:
             raise ConfigError(f"MoCo `method.queue_size` must be >= 1, got {queue_size}.")
         if bn_splits < 1:
@@ -164,6 +169,7 @@ class MoCo(nn.Module):
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
         """Views x1, x2: [B, 3, S, S] -> {"loss", "z": q1, "z2": q2 or k2 [B, d], "h": [B, D] of
         view 1, "pos_cos": mean q1.k2, and when symmetric "online_target_cos": mean q1.k1}."""
+        check_views("moco", x1, x2)
         queue = self.queue
         h1 = self.backbone(x1)
         q1 = self.projector(h1)
@@ -193,6 +199,7 @@ class MoCo(nn.Module):
 
     def target_momentum(self, progress: float) -> float:
         """The key encoder's momentum m at ``progress`` in [0, 1] (cosine to 1 if configured)."""
+        check_progress("moco", progress)
         return cosine_tau(self.momentum, progress) if self.momentum_cosine else self.momentum
 
     def update_target(self, progress: float) -> None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.losses import nt_xent_loss
+from selfsup.methods.inputs import check_method_args, check_progress, check_views
 from selfsup.models.heads import ProjectionHead
 
 
@@ -39,6 +40,10 @@ class SimCLR(nn.Module):
         gather_distributed: bool = True,
     ) -> None:
         super().__init__()
+        check_method_args(
+            "simclr", backbone, feat_dim, proj_hidden=proj_hidden, proj_dim=proj_dim,
+            temperature=temperature,
+        )  # fmt: skip
         self.backbone = backbone
         self.projector = ProjectionHead(feat_dim, proj_hidden or feat_dim, proj_dim)
         self.temperature = temperature
@@ -47,6 +52,7 @@ class SimCLR(nn.Module):
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
         """Views x1, x2: [B, 3, S, S] -> {"loss": scalar, "z", "z2": [B, d], "h": [B, D],
         "pos_cos": scalar} (all but the loss detached, for the monitors)."""
+        check_views("simclr", x1, x2)
         h = self.backbone(torch.cat([x1, x2]))
         z1, z2 = self.projector(h).chunk(2)
         loss = nt_xent_loss(z1, z2, self.temperature, self.gather_distributed)
@@ -60,7 +66,8 @@ class SimCLR(nn.Module):
         }
 
     def update_target(self, progress: float) -> None:
-        """SimCLR has no target network."""
+        """SimCLR has no target network (``progress`` is checked all the same)."""
+        check_progress("simclr", progress)
 
     def param_groups(self) -> list[dict]:
         """One optimizer group: the backbone and projector."""

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from selfsup.errors import ConfigError
 from selfsup.losses import negative_cosine_similarity
+from selfsup.methods.inputs import check_method_args, check_progress, check_views
 from selfsup.models.heads import PredictionHead, ProjectionHead
 
 SIMSIAM_PREDICTORS = ("mlp", "none", "random_fixed")
@@ -46,6 +47,10 @@ class SimSiam(nn.Module):
         fixed_predictor_lr: bool = True,
     ) -> None:
         super().__init__()
+        check_method_args(
+            "simsiam", backbone, feat_dim, proj_hidden=proj_hidden, proj_dim=proj_dim,
+            proj_layers=proj_layers, pred_hidden=pred_hidden,
+        )  # fmt: skip
         if predictor not in SIMSIAM_PREDICTORS:
             raise ConfigError(
                 f"SimSiam `predictor` must be one of {SIMSIAM_PREDICTORS}, got {predictor!r}."
@@ -64,6 +69,7 @@ class SimSiam(nn.Module):
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
         """Views [B, 3, S, S] -> {"loss", "z": z1, "z2": z2 [B, d], "h": [B, D] of view 1,
         "pos_cos": mean cos(z1, z2)}."""
+        check_views("simsiam", x1, x2)
         h = self.backbone(torch.cat([x1, x2]))
         z = self.projector(h)
         (z1, z2), (p1, p2) = z.chunk(2), self.predictor(z).chunk(2)
@@ -79,7 +85,9 @@ class SimSiam(nn.Module):
         }
 
     def update_target(self, progress: float) -> None:
-        """SimSiam has no target network: the stop-gradient replaces it."""
+        """SimSiam has no target network: the stop-gradient replaces it (``progress`` is checked
+        all the same)."""
+        check_progress("simsiam", progress)
 
     def param_groups(self) -> list[dict]:
         """Encoder group, plus the predictor group flagged ``fixed_lr`` (if it has parameters)."""

@@ -17,6 +17,8 @@ with ``strict=False`` (only ``fc.weight`` / ``fc.bias`` missing) for export and 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torchvision
 from torch import nn
@@ -133,6 +135,11 @@ def _infer_feature_dim(module: nn.Module, image_size: int = 64) -> int:
     return int(out.shape[1])
 
 
+# where torchvision's classification models keep their ImageNet head (ResNet, RegNet: fc;
+# MobileNet, EfficientNet, ConvNeXt, DenseNet, VGG: classifier; ViT: heads; Swin: head)
+_CLASSIFIER_HEADS = ("fc", "classifier", "heads", "head")
+
+
 def build_backbone(
     name: str | nn.Module,
     *,
@@ -149,12 +156,19 @@ def build_backbone(
             do; otherwise D is found by a dummy forward at ``image_size`` unless ``feat_dim``
             is given.
         small_stem: use the CIFAR stem (3x3 stride-1 conv1, no max-pool) for images of ~32 px.
-            Ignored for a user module.
+            Named ResNets only: with a module of your own it is an error (change its stem).
         image_size: S of the dummy batch that finds D of a user module (one that only takes its
             own input size, such as a ViT with fixed positional embeddings, needs its S).
         feat_dim: D of a user module, skipping the dummy forward.
     """
     if isinstance(name, nn.Module):
+        if small_stem:
+            raise ConfigError(
+                f"build_backbone: small_stem=True applies to the named ResNets; a module of your "
+                f"own ({type(name).__name__}) keeps its stem: change it yourself (for a "
+                "torchvision ResNet, conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = "
+                "nn.Identity()), or pass its name, e.g. build_backbone('resnet18', small_stem=True)"
+            )
         if feat_dim is not None:
             return name, int(feat_dim)
         fc = getattr(name, "fc", None)
@@ -163,7 +177,17 @@ def build_backbone(
             # as for a backbone by name (a head of the user's own, or feat_dim=, is kept)
             name.fc = nn.Identity()
             return name, fc.in_features
-        return name, _infer_feature_dim(name, image_size)
+        dim = _infer_feature_dim(name, image_size)
+        head = next((h for h in _CLASSIFIER_HEADS if hasattr(name, h)), None)
+        if dim == 1000 and head is not None:
+            warnings.warn(
+                f"build_backbone: {type(name).__name__} returns 1000 values and has a `{head}`: "
+                "ImageNet class logits, it seems, not features. To train its features, replace "
+                f"the head first (model.{head} = nn.Identity(), or the head's last Linear "
+                "alone); to keep it, pass feat_dim=1000",
+                stacklevel=2,
+            )
+        return name, dim
     model = backbone_to_torchvision(name, small_stem)
     feat_dim = model.fc.in_features
     model.fc = nn.Identity()

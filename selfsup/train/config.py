@@ -194,12 +194,18 @@ def resolve_config(
     preset: str | None = "quickstart",
     flags: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
+    *,
+    shared_overrides: bool = False,
 ) -> DictConfig:
     """Build the fully resolved run config; every error here happens before any long work.
 
     ``method`` ``None`` takes the ``method.name`` a preset file sets, else ``simclr``; a method
-    given and a preset that names another is an error (the recipe is that method's).
+    given and a preset that names another is an error (the recipe is that method's). An
+    override of an option only other methods take is an error too (it would change nothing),
+    unless ``shared_overrides``: the same overrides for runs of several methods (ablate, bench).
     """
+    if isinstance(method, str):
+        method = method.lower()  # "SimCLR", as build_method takes it
     cfg = OmegaConf.structured(RunConfig)
     cfg.method = {"name": method or DEFAULT_METHOD}
     if preset:
@@ -237,6 +243,8 @@ def resolve_config(
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.1)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
     keys = [item.split("=", 1)[0].strip() for item in overrides or []]
+    if not shared_overrides:
+        _refuse_other_methods_options(cfg.method.name, keys)
     eval_source_given = any(k == "data.eval_source" or k == "data" for k in keys)
     if (
         preset_eval_source is not None
@@ -257,6 +265,29 @@ def resolve_config(
     if cfg.optim.exclude_bias_norm is None:  # the papers skip biases and norms in LARS only
         cfg.optim.exclude_bias_norm = cfg.optim.name == "lars"
     return cfg
+
+
+def _refuse_other_methods_options(name: Any, keys: list[str]) -> None:
+    """A ``method.X`` the user set that only other methods take would be ignored in silence (a
+    preset's are: one file serves every method), as if it had an effect: an error instead."""
+    if not any(key.startswith("method.") for key in keys):
+        return
+    from selfsup.methods import METHOD_CLASSES, method_options
+
+    if name not in METHOD_CLASSES:
+        return  # validate_method_and_model names the method
+    own = set(method_options(name))
+    for key in keys:
+        option = key.removeprefix("method.")
+        if not key.startswith("method.") or option in own or option == "name":
+            continue
+        owners = [m for m in METHOD_CLASSES if option in method_options(m)]
+        if owners:
+            raise ConfigError(
+                f"{key} is an option of {' and '.join(owners)}; {name} does not take it, so it "
+                f"would change nothing: drop it (or choose --method {owners[0]}). {name} takes "
+                f"{[f'method.{k}' for k in sorted(own)]}"
+            )
 
 
 def _require(ok: bool, message: str) -> None:
@@ -491,11 +522,11 @@ def validate_method_and_model(cfg: DictConfig) -> None:
         if key not in known:
             hint = _did_you_mean(where, [f"method.{k}" for k in own])
             close = difflib.get_close_matches(str(key), [k for k in known if k not in own], n=1)
-            if not hint and close:  # another method's option: say that this one ignores it
+            if not hint and close:  # another method's option: say that this one does not take it
                 owners = [m for m in METHOD_CLASSES if close[0] in method_options(m)]
                 hint = (
                     f" (did you mean {'method.' + close[0]!r}? an option of "
-                    f"{' and '.join(owners)}, which {name} ignores)"
+                    f"{' and '.join(owners)}, which {name} does not take)"
                 )
             raise ConfigError(
                 f"unknown setting {where!r} for method {name!r}{hint}; {name} takes "
