@@ -12,6 +12,8 @@ from selfsup.run import pretrain
 if TYPE_CHECKING:
     import torch
 
+    from selfsup.export import Classifier
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -53,7 +55,7 @@ def encoder_metadata(path: str | Path) -> dict[str, Any]:
     return _metadata(path)
 
 
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
     """A classifier saved by ``selfsup eval --save-classifiers`` (``path``: a
     ``classifiers/*.pt`` or the ``.json`` beside it), as a ``selfsup.export.Classifier``:
     ``model`` (eval mode, normalised ``[B, 3, S, S]`` -> logits ``[B, C]``), ``classes`` (in

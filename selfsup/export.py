@@ -25,7 +25,7 @@ from torch import nn
 from selfsup.checks import check_encode_args, check_writable
 from selfsup.data.cache import atomic_write, atomic_write_text
 from selfsup.data.decode import storage_size_for_crop
-from selfsup.errors import CheckpointError, ConfigError
+from selfsup.errors import CheckpointError, ConfigError, DataError
 from selfsup.models import BACKBONES, backbone_to_torchvision, build_backbone
 from selfsup.models.weights import EXPORT_INFO, encoder_file, is_torchscript, read_state_dict
 from selfsup.train.checkpoint import atomic_torch_save
@@ -322,9 +322,20 @@ def storage_batch(images: Any, storage_size: int) -> torch.Tensor:
                     f"{list(item.shape)}"
                 )
             if item.dtype != torch.uint8:  # float in [0, 1], as torchvision's to_tensor gives
+                low, high = float(item.min()), float(item.max())
+                if not item.is_floating_point() or low < -1e-3 or high > 1 + 1e-3:
+                    # 0-255 floats would be clipped to a white image, and classified all the same
+                    raise DataError(
+                        f"an image tensor must be uint8, or float in [0, 1]; this one is "
+                        f"{item.dtype} in [{low:g}, {high:g}] (divide 0-255 pixels by 255, or "
+                        "pass them as uint8)"
+                    )
                 item = item.float().mul(255).round().clamp(0, 255).to(torch.uint8)
             item = item.permute(1, 2, 0).cpu().numpy()
-        arrays.append(storage_image(item, size))
+        try:
+            arrays.append(storage_image(item, size))
+        except OSError as error:  # a path that is not there, or not readable
+            raise DataError(f"cannot read image {item}: {error.strerror or error}") from None
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -336,6 +347,11 @@ def prepare_images(images: Any, encoder: str | Path) -> torch.Tensor:
     ``image_size``), normalised with the run's mean / std. Returns float ``[B, 3, S, S]``."""
     from selfsup.augment import EvalTransform
 
+    if isinstance(encoder, nn.Module):
+        raise ConfigError(
+            "prepare_images(images, encoder): encoder is the run directory or encoder file (its "
+            "config says how the run prepared images), not the loaded module"
+        )
     meta = encoder_metadata(encoder)
     missing = [k for k in ("image_size", "mean", "std") if k not in meta]
     if missing:

@@ -18,9 +18,12 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selfsup.errors import ConfigError, DataError, SelfsupError
+
+if TYPE_CHECKING:  # the trainer imports torch: not for `import selfsup`
+    from selfsup.train.trainer import TrainResult
 
 QUICKSTART_OUT = "runs/quickstart"
 QUICKSTART_SOURCE = "mnist5k"  # the quickstart preset's data.source
@@ -258,7 +261,7 @@ def pretrain(
     overwrite: bool = False,
     progress: bool = True,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
-):
+) -> TrainResult:
     """Pretrain an encoder, as ``selfsup pretrain`` does with the same arguments.
 
     ``selfsup.pretrain()`` is the offline quickstart; ``selfsup.pretrain("byol",

@@ -645,3 +645,15 @@ def test_views_grid_undoes_the_normalisation_and_leaves_other_random_streams_alo
     assert not torch.equal(first, views_grid(real, images, seed=4))
     shown = _tiles(first, 3, 5, 96)
     assert not torch.equal(shown[1][0], shown[2][0])  # two different views of one image
+
+
+def test_eval_transform_and_view_config_refuse_malformed_settings() -> None:
+    """std 0 gave non-finite inputs and one mean was broadcast in silence (EvalTransform now
+    checks them as ViewAugment does); a bare crop_scale=0.5 was a TypeError."""
+    from selfsup.augment import EvalTransform
+
+    for bad in ({"std": [0.0, 0.0, 0.0]}, {"mean": [0.5]}):
+        with pytest.raises(ConfigError, match="give 3 values each, std positive"):
+            EvalTransform(32, **bad)
+    with pytest.raises(ConfigError, match=r"ViewConfig.crop_scale=0.5: give two positive"):
+        ViewConfig(crop_scale=0.5)

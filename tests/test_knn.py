@@ -95,6 +95,8 @@ def test_knn_rejects_bad_inputs() -> None:
                      torch.zeros(2, dtype=torch.long))  # fmt: skip
     with pytest.raises(ValueError, match="dimension"):
         knn_predict(torch.ones(2, 3), torch.ones(4, 5), torch.zeros(4, dtype=torch.long), 2)
+    with pytest.raises(DataError, match="needs labels .* this data has none"):
+        knn_accuracy(torch.ones(4, 2), None, torch.ones(2, 2), None)  # an unlabeled folder's
 
 
 # --- extract_features ---

@@ -844,6 +844,13 @@ def test_prepare_images_gives_the_encoder_what_embed_gives_it(trained, tmp_path)
     np.testing.assert_allclose(from_tensor[0], embedded[0], atol=1e-5, rtol=1e-4)
     with pytest.raises(SelfsupError, match=r"\[3, H, W\]"):
         selfsup.prepare_images(torch.zeros(5, 5), trained["run"])
+    # 0-255 floats of another size were clipped to white, and a classifier was sure of them
+    with pytest.raises(SelfsupError, match=r"float in \[0, 1\]; this one is torch.float32 in"):
+        selfsup.prepare_images(torch.full((2, 3, 50, 40), 200.0), trained["run"])
+    with pytest.raises(SelfsupError, match=r"cannot read image .*nope.png: No such file"):
+        selfsup.prepare_images([tmp_path / "nope.png"], trained["run"])
+    with pytest.raises(SelfsupError, match="not the loaded module"):
+        selfsup.prepare_images(paths, encoder)
 
 
 def test_embed_reports_the_files_it_skipped(trained, tmp_path) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from selfsup.augment import ops
+from selfsup.data.decode import storage_size_for_crop
 from selfsup.errors import ConfigError, DataError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -75,7 +76,7 @@ class ViewConfig:
 
         for name in ("crop_scale", "crop_ratio", "blur_sigma"):
             pair = getattr(self, name)
-            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+            if not isinstance(pair, tuple | list) or len(pair) != 2 or not 0 < pair[0] <= pair[1]:
                 raise bad(name, "give two positive numbers (low, high) with low <= high")
             setattr(self, name, (float(pair[0]), float(pair[1])))
         if self.crop_scale[1] > 1.0:
@@ -171,6 +172,15 @@ def sample_view_params(
     )
 
 
+def _check_normalisation(mean: Sequence[float], std: Sequence[float]) -> None:
+    """3 means and 3 positive stds (a zero std would divide by zero; one value would be
+    broadcast over the channels in silence)."""
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ConfigError(
+            f"normalisation mean={mean} / std={std}: give 3 values each, std positive"
+        )
+
+
 def _check_images(images: Tensor) -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise DataError(
@@ -209,10 +219,7 @@ class ViewAugment(nn.Module):
         super().__init__()
         if size < 1:
             raise ConfigError(f"augmentation image size {size} must be a positive number of pixels")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ConfigError(
-                f"normalisation mean={mean} / std={std}: give 3 values each, std positive"
-            )
+        _check_normalisation(mean, std)
         self.cfg = cfg
         self.size = int(size)
         self.kernel_size = ops.blur_kernel_size(self.size, cfg.blur_kernel_frac)
@@ -381,8 +388,9 @@ class EvalTransform(nn.Module):
                 f"data.eval_crop={crop_fraction} must lie in (0, 1]: the fraction of the shorter "
                 "side that the evaluation's centre crop keeps (0.875 as ImageNet's 224/256)"
             )
+        _check_normalisation(mean, std)
         self.size = int(size)
-        self.resize = round(size / crop_fraction)
+        self.resize = storage_size_for_crop(size, crop_fraction)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
 

@@ -147,6 +147,11 @@ def knn_accuracy(
         ``{"top1", "top5" (fractions in [0, 1]), "k": effective k, "temperature": T}``;
         top-5 is top-``min(5, C)``.
     """
+    if train_labels is None or test_labels is None:  # an unlabeled dataset's .labels
+        raise DataError(
+            "kNN accuracy needs labels for the training and the test features; this data has "
+            "none (a flat folder): use an ImageFolder layout (train/<class>/*, test/<class>/*)"
+        )
     _check_inputs(train_feats, train_labels, test_feats, test_labels)
     if num_classes is None:
         num_classes = int(max(train_labels.max().item(), test_labels.max().item())) + 1
