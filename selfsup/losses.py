@@ -55,6 +55,11 @@ def _check_pair(fn: str, a: str, x: Tensor, b: str, y: Tensor, min_rows: int = 1
     """Both ``[N, d]`` with the same shape and ``N >= min_rows``: broadcasting a [1, d] or [d]
     against [N, d], or taking the cosine over the batch axis of a 3-D input, would be silently
     wrong."""
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        kinds = f"{type(x).__name__} and {type(y).__name__}"
+        raise TypeError(f"{fn}: {a} and {b} must be torch tensors [N, d]; got {kinds}")
+    if not x.is_floating_point() or not y.is_floating_point():
+        raise TypeError(f"{fn}: {a} and {b} must be float embeddings; got {x.dtype} and {y.dtype}")
     if x.dim() != 2 or x.shape != y.shape:
         raise ValueError(
             f"{fn}: {a} and {b} must both be [N, d]; got {tuple(x.shape)} and {tuple(y.shape)}"
@@ -196,10 +201,10 @@ def info_nce_loss(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2)
         Scalar loss, mean over the N queries.
     """
     _check_pair("info_nce_loss", "q", q, "k", k)
-    if queue.dim() != 2 or queue.shape[1] != q.shape[1]:
+    if queue.dim() != 2 or queue.shape[1] != q.shape[1] or queue.shape[0] < 1:
         raise ValueError(
-            f"info_nce_loss: queue must be [K, d] with the d of q ({q.shape[1]}); "
-            f"got {tuple(queue.shape)}"
+            f"info_nce_loss: queue must be [K, d] with K >= 1 negatives and the d of q "
+            f"({q.shape[1]}); got {tuple(queue.shape)} (no negatives: the loss would be 0)"
         )
     _check_temperature("info_nce_loss", temperature)
     q = F.normalize(q, dim=1)

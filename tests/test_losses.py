@@ -198,3 +198,13 @@ def test_losses_refuse_inputs_that_would_be_silently_wrong(call, message) -> Non
     a, b = _pair(4, 8, seed=6)
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         call(a, b)
+
+
+def test_losses_name_an_empty_queue_and_inputs_that_are_no_float_tensors() -> None:
+    a, b = _pair(4, 8, seed=6)
+    with pytest.raises(ValueError, match=r"K >= 1 negatives .* the loss would be 0"):
+        info_nce_loss(a, b, torch.randn(0, 8))  # it gave 0.0: a single-class cross entropy
+    with pytest.raises(TypeError, match="nt_xent_loss: z1 and z2 must be torch tensors"):
+        nt_xent_loss(a, b.numpy())
+    with pytest.raises(TypeError, match="must be float embeddings; got torch.int64"):
+        byol_loss(a.long(), b.long())
