@@ -7,10 +7,12 @@ fault and exits with status 2, before any long work where the error can be known
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from selfsup.errors import DataError, SelfsupError
@@ -110,6 +112,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     from selfsup.train.trainer import check_data_sources, check_run_dir
 
     launch = args.devices is not None and args.devices != 1 and "WORLD_SIZE" not in os.environ
+    started = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun's processes on this machine
+    if args.devices is not None and started is not None and str(args.devices) != started:
+        raise SelfsupError(
+            f"--devices {args.devices} under torchrun, which started {started} process(es) "
+            "here: torchrun's --nproc_per_node sets the number; drop --devices"
+        )
     flags = _run_flags(args) | {"train.progress": False if args.no_progress else None}
     cfg, out = pretrain_config(
         args.method,
@@ -141,6 +149,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if launch:  # checked once here, not once per process after each has decoded the data
         import torch
 
+        from selfsup.checks import check_writable
         from selfsup.train.distributed import launch_local, per_rank_batch_size
 
         check_data_sources(cfg, out)
@@ -149,12 +158,15 @@ def _pretrain(args: argparse.Namespace) -> int:
         per_rank_batch_size(cfg.train.batch_size, args.devices)
         check_run_dir(out, resume=args.resume, overwrite=args.overwrite)  # once, not per rank
         gpus = torch.cuda.device_count()
-        if cfg.train.device.startswith("cuda") and gpus < args.devices:
+        # auto takes the GPUs when there are any: then it needs N of them too
+        wants_gpus = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and gpus)
+        if wants_gpus and gpus < args.devices:
             raise SelfsupError(
                 f"--devices {args.devices} with train.device={cfg.train.device} needs "
                 f"{args.devices} GPUs; this machine shows {gpus} (train.device=cpu runs the "
                 "processes on the CPU)"
             )
+        check_writable(out, "the run")  # not after N processes have started and decoded
         return launch_local(args.devices, sys.argv[1:])
     result = run_pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite)
     if result is None:
@@ -239,11 +251,32 @@ def register(name: str, adder, handler) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The ``selfsup`` console script and ``python -m selfsup`` (also each torchrun worker)."""
     try:
-        return _main(argv)
+        with _warnings_as_selfsup_lines():
+            return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before the command's own handling (_dispatch) began
         if is_first_rank():
             print("selfsup: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _warnings_as_selfsup_lines():
+    """selfsup's own warnings (``warnings.warn`` in the library, for Python users) printed as
+    the command line's other warnings are, ``selfsup: warning: ...``, not as
+    ``/path/selfsup/methods/moco.py:85: UserWarning: ...``; others' warnings as before."""
+    previous = warnings.showwarning
+    package = str(Path(__file__).resolve().parent)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not str(filename).startswith(package):
+            return previous(message, category, filename, lineno, file, line)
+        print(f"selfsup: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def _main(argv: list[str] | None) -> int:

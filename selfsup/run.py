@@ -162,13 +162,52 @@ def check_init(cfg, out: Path, *, resume: bool, overwrite: bool):
     return starting_weights(cfg)
 
 
+def _run_dir_view(out: Path) -> tuple[str | None, int | None]:
+    """What this process sees of the run it resumes: its config.yaml's hash and the size of
+    its last checkpoint (each None when absent). Every rank must see the same."""
+    import hashlib
+
+    config, last = out / "config.yaml", out / "checkpoints" / "last.pt"
+    text = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
+    return text, last.stat().st_size if last.is_file() else None
+
+
+def _lost_a_process(error: RuntimeError) -> bool:
+    """A collective that failed because another process of the job is gone (killed, crashed,
+    its machine lost): gloo's closed connections, NCCL's backend errors."""
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", ())
+    if backend_error and isinstance(error, backend_error):
+        return True
+    text = str(error)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer"))
+
+
+def _env_world_size() -> int:
+    """torchrun's ``WORLD_SIZE`` (1 outside it, or when it is not a number: init_distributed
+    says so)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
     """Train ``cfg`` into ``out`` in this process (one of torchrun's, or alone).
 
     Returns the :class:`~selfsup.train.trainer.TrainResult` (``finished`` false when a signal
     or a time limit stopped it, its last checkpoint kept), or ``None`` on a rank other than 0
     when rank 0 refused the run directory (rank 0 raises why)."""
-    from selfsup.train.distributed import any_rank, barrier, cleanup, init_distributed
+    from selfsup.train.distributed import (
+        any_rank,
+        barrier,
+        cleanup,
+        init_distributed,
+        per_rank_batch_size,
+        rank_zero_value,
+        resume_command,
+    )
     from selfsup.train.trainer import (
         Trainer,
         check_data_sources,
@@ -177,9 +216,21 @@ def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
     )
 
     check_data_sources(cfg, out)  # before --overwrite clears anything
+    # under torchrun: the global batch must split over its processes, known before the data is
+    # decoded (and before the process group starts)
+    per_rank_batch_size(cfg.train.batch_size, _env_world_size())
     env = init_distributed(cfg.train.device)
     lock = init = None
     try:
+        if resume and env.world_size > 1:  # each rank reads the run's config and checkpoint
+            seen = _run_dir_view(out)
+            if any_rank(seen != rank_zero_value(seen)):
+                raise ConfigError(
+                    f"--resume: the {env.world_size} processes of this job do not see the same "
+                    f"run in {out} (its config.yaml and checkpoints/last.pt differ between "
+                    "machines, or are missing on some): --out must be a folder that every "
+                    "machine shares (a network file system), as the data must be"
+                )
         refused: SelfsupError | None = None
         if env.is_main:
             try:
@@ -195,7 +246,18 @@ def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
                 raise refused
             return None  # rank 0 says why
         barrier()
-        return Trainer(cfg, out, resume=resume, init=init).fit()
+        try:
+            return Trainer(cfg, out, resume=resume, init=init).fit()
+        except RuntimeError as exc:
+            if env.world_size == 1 or not _lost_a_process(exc):
+                raise
+            text = str(exc).strip()
+            first = text.splitlines()[0].split(". ")[0][:200] if text else type(exc).__name__
+            raise SelfsupError(
+                f"another process of this {env.world_size}-process job stopped ({first}); what "
+                f"was written is intact (checkpoints/last.pt in {out}). Continue with: "
+                f"{resume_command(out)}"
+            ) from None
     finally:
         if lock is not None:
             lock.close()  # releases the flock

@@ -140,3 +140,21 @@ def test_constants_spelled_out_alike():
     """The constants that cli and commands spell out to stay free of torch are the originals."""
     assert commands.EXPORT_FORMATS == export.EXPORT_FORMATS  # the --format choices
     assert cli.EXIT_STATUS_ENV == distributed.EXIT_STATUS_ENV
+
+
+def test_selfsup_warnings_are_printed_as_selfsup_lines(capsys):
+    """A library warning (warnings.warn, for Python users) reads on the command line as its
+    other warnings do, not as "/path/selfsup/methods/moco.py:85: UserWarning: ..."."""
+    import warnings
+
+    import selfsup
+    from selfsup.cli import _warnings_as_selfsup_lines
+
+    ours = os.path.join(os.path.dirname(selfsup.__file__), "methods", "moco.py")
+    with warnings.catch_warnings(), _warnings_as_selfsup_lines():
+        warnings.simplefilter("always")
+        warnings.warn_explicit("bn_splits does not split", UserWarning, ours, 85)
+        warnings.warn_explicit("not ours", UserWarning, __file__, 1)  # left to Python
+    err = capsys.readouterr().err
+    assert "selfsup: warning: bn_splits does not split\n" in err and "moco.py:85" not in err
+    assert "selfsup: warning: not ours" not in err

@@ -703,15 +703,22 @@ def test_two_process_run_resumes(tmp_path):
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
 
-    def finished(proc: subprocess.Popen) -> None:
+    def finished(proc: subprocess.Popen, status: int = 0) -> str:
         _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-4000:]
+        assert proc.returncode == status, err[-4000:]
+        return err
 
-    first = tmp_path / "run"
-    finished(torchrun(first, "train.epochs=2"))
-    assert _checkpoint_epoch(first) == 2 and (first / "encoder.pt").exists()
+    # a 3-epoch run stopped after 2 (a planned stop: torchrun reports its workers' status 3 as a
+    # failure, 1), and the same run uninterrupted, at the same time (one thread per process)
+    first, whole = tmp_path / "run", tmp_path / "whole"
+    stopped = torchrun(first, "train.epochs=3", "train.stop_after_epochs=2")
+    uninterrupted = torchrun(whole, "train.epochs=3")
+    err = finished(stopped, status=1)
+    finished(uninterrupted)
+    assert "Resume with: torchrun <as before> -m selfsup pretrain --out" in err  # not plain
+    assert _checkpoint_epoch(first) == 2 and not (first / "encoder.pt").exists()
     # rank 0 alone writes the logs: each logged step once, in order
-    records = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "train/loss" in r]
     assert steps and steps == sorted(set(steps)), steps
     runs = {nproc: tmp_path / f"resume{nproc}" for nproc in (1, 2)}
@@ -719,14 +726,50 @@ def test_two_process_run_resumes(tmp_path):
         shutil.copytree(first, run)
     # resumed on 2 processes (torchrun, in the background) and on 1 (`selfsup pretrain` in this
     # process, which has torch imported already) at the same time: the two copies share nothing
-    two = torchrun(runs[2], "--resume", "train.epochs=3")
+    two = torchrun(runs[2], "--resume")
     try:
-        assert main(argv(runs[1], "--resume", "train.epochs=3")) == 0
+        assert main(argv(runs[1], "--resume")) == 0
     finally:
         finished(two)
     for run in runs.values():
         assert _checkpoint_epoch(run) == 3
         assert (run / "results.json").exists() and (run / "encoder.pt").exists()
+    results = {n: json.loads((run / "results.json").read_text()) for n, run in runs.items()}
+    assert results[1]["processes"] == 1 and results[2]["processes"] == 2
+    # every process's random streams were in the checkpoint: on 2 processes again, the run
+    # ends with the uninterrupted run's weights (on 1, with other augmentations: other weights)
+    expected = torch.load(whole / "encoder.pt", weights_only=True)
+    resumed = torch.load(runs[2] / "encoder.pt", weights_only=True)
+    for key in expected:
+        assert torch.equal(resumed[key], expected[key]), key
+
+
+def test_a_resume_on_two_machines_that_see_different_run_directories_is_refused(tmp_path):
+    """Two "machines" (torchrun --nnodes=2 on this host), each with its own --out: node 0 holds
+    the run, node 1 nothing. Before, node 1 took the defaults, started at step 0 and the job
+    died in a collective of mismatched sizes; now both stop at once, saying --out must be
+    shared."""
+    from omegaconf import OmegaConf
+
+    from selfsup.train.config import resolve_config
+
+    env = _child_env()
+    port = _free_port()
+    overrides = ["train.device=cpu", f"data.cache_dir={tmp_path / 'cache'}"]
+    node_out = [tmp_path / "node0", tmp_path / "node1"]
+    node_out[0].mkdir()
+    OmegaConf.save(resolve_config("simclr", overrides=overrides), node_out[0] / "config.yaml")
+    procs = []
+    for node, out in enumerate(node_out):
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+        launch += [f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        cmd = [*launch, "-m", "selfsup", "pretrain", "--out", str(out), "--resume", *overrides]
+        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
+    errs = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert all(proc.returncode != 0 for proc in procs), errs
+    assert "--out must be a folder that every machine shares" in errs[0], errs[0][-3000:]
+    assert "decoding" not in errs[0] + errs[1]  # refused before any data was read
+    assert not (node_out[1] / "config.yaml").exists()
 
 
 def test_torchrun_with_one_process_matches_the_plain_run(tmp_path):
@@ -953,6 +996,35 @@ def test_devices_that_the_machine_cannot_give_are_refused_before_launching(tmp_p
     assert main(["pretrain", "--devices", "0", *out]) == 2
     assert "--devices must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_settings_that_cannot_work_are_refused_before_any_data_is_read(
+    tmp_path, capsys, monkeypatch
+):
+    """Under torchrun (its environment, here faked): --devices other than the processes it
+    started, and a global batch its processes cannot share (with the counts that can), are
+    refused before the process group starts or a cache is built; the resume hint names the
+    launch to repeat."""
+    from selfsup.cli import main
+    from selfsup.train.distributed import DEVICES_ENV, resume_command
+
+    cache = tmp_path / "cache"
+    argv = ["pretrain", "--out", str(tmp_path / "run"), f"data.cache_dir={cache}"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert main([*argv, "--devices", "4"]) == 2
+    assert "--devices 4 under torchrun, which started 2 process(es)" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main([*argv, "train.batch_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert "over 3 processes; use a multiple of 3 (e.g. 66), or a number of processes that" in err
+    assert "divides 64 (1, 2, 4, 8)" in err
+    assert not cache.exists() and not (tmp_path / "run").exists()
+    assert resume_command("r").startswith("torchrun <as before> -m selfsup pretrain --out r")
+    monkeypatch.setenv(DEVICES_ENV, "3")
+    assert resume_command("r") == "selfsup pretrain --devices 3 --out r --resume"
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv(DEVICES_ENV)
+    assert resume_command("r") == "selfsup pretrain --out r --resume"
 
 
 def test_a_failed_write_on_rank_0_stops_every_rank(dist_results):

@@ -72,12 +72,15 @@ __all__ = [
     "distributed_knn",
     "gather_rows",
     "gather_with_grad",
+    "gather_objects",
     "init_distributed",
     "is_main",
     "launch_local",
     "main_process_first",
     "per_rank_batch_size",
     "rank_seed",
+    "rank_zero_value",
+    "resume_command",
     "save_on_main",
     "shard_indices",
     "shard_range",
@@ -178,6 +181,10 @@ def init_distributed(device_pref: str = "auto") -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # a torchrun worker: SIGTERM (checkpoint, stop) when torchrun's agent dies, rather than
+        # training on, orphaned, with the run's lock held
+        _die_with_parent()
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         kwargs: dict[str, Any] = {"device_id": device} if use_cuda else {}
@@ -249,6 +256,27 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor(int(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable: CPU tensors, numbers, dicts), in rank order; ``[obj]``
+    in one process. For what differs per rank and a checkpoint must hold, such as each rank's
+    random streams."""
+    world = distributed_world()[1]
+    if world == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def rank_zero_value(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (picklable); ``value`` itself in one process."""
+    if distributed_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def save_on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
@@ -351,12 +379,36 @@ def unwrap(model: nn.Module) -> nn.Module:
 def per_rank_batch_size(global_batch: int, world_size: int) -> int:
     """``train.batch_size`` (the global batch) split over ``world_size`` ranks."""
     if global_batch % world_size:
+        # the process counts that fit too: a mid-epoch resume cannot change its batch size
+        counts = [
+            n for n in range(1, min(global_batch, 4 * world_size) + 1) if global_batch % n == 0
+        ]
         raise ConfigError(
             f"train.batch_size={global_batch} is the global batch and must divide evenly over "
             f"{world_size} processes; use a multiple of {world_size} "
-            f"(e.g. {math.ceil(global_batch / world_size) * world_size})"
+            f"(e.g. {math.ceil(global_batch / world_size) * world_size}), or a number of "
+            f"processes that divides {global_batch} ({', '.join(map(str, counts))})"
         )
     return global_batch // world_size
+
+
+#: set by ``--devices N``'s launcher in its workers, so that a hint to resume names it
+DEVICES_ENV = "SELFSUP_DEVICES"
+
+
+def resume_command(run_dir: Path | str) -> str:
+    """The command that continues ``run_dir``, launched as this process was: ``--devices N``
+    when selfsup's launcher started it, torchrun's own when torchrun did (pasting the plain
+    command there would go on in one process)."""
+    devices = os.environ.get(DEVICES_ENV)
+    if devices:
+        return f"selfsup pretrain --devices {devices} --out {run_dir} --resume"
+    if _env_int("WORLD_SIZE", 1) > 1:
+        return (
+            f"torchrun <as before> -m selfsup pretrain --out {run_dir} --resume (the same "
+            "torchrun options: the same number of processes continues it exactly)"
+        )
+    return f"selfsup pretrain --out {run_dir} --resume"
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -598,7 +650,7 @@ def launch_local(nproc: int, argv: Sequence[str]) -> int:
     ]
     with tempfile.TemporaryDirectory(prefix="selfsup-launch-") as tmp:
         status_file = Path(tmp) / "rank0_status"
-        env = {**os.environ, EXIT_STATUS_ENV: str(status_file)}
+        env = {**os.environ, EXIT_STATUS_ENV: str(status_file), DEVICES_ENV: str(nproc)}
         # its own session: a terminal's Ctrl-C reaches the workers once, through this launcher
         # (twice, the second would abort them before their checkpoint)
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)

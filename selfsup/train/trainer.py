@@ -58,10 +58,12 @@ from selfsup.train.distributed import (
     concat_all_gather,
     convert_sync_batchnorm,
     distributed_knn,
+    gather_objects,
     init_distributed,
     main_process_first,
     per_rank_batch_size,
     rank_seed,
+    resume_command,
     save_on_main,
     wrap_ddp,
 )
@@ -721,20 +723,29 @@ class Trainer:
             match_parameter_layouts(optimizer)
             if state.get("scaler"):  # an fp16 run's loss scale; a bf16/fp32 one saved {}
                 scaler.load_state_dict(state["scaler"])
-            saved_generator = state["generator"].cpu()
-            same_stream = env.world_size == 1 and state.get("world_size", 1) == 1
+            # this rank's random streams as they were: from a run on as many processes (every
+            # rank's are saved; checkpoints of earlier selfsup hold rank 0's alone)
+            streams = state.get("rank_rng")
+            if streams is not None and len(streams) == env.world_size:
+                mine = streams[env.rank]
+            elif env.world_size == 1 and state.get("world_size", 1) == 1:
+                mine = {k: state.get(k) for k in ("generator", "torch_rng", "cuda_rng")}
+            else:
+                mine = None  # another number of processes: other streams
             same_kind = (  # checkpoints before device_type: the state's size tells the kind
-                state.get("device_type", self.device.type) == self.device.type
-                and saved_generator.numel() == generator.get_state().numel()
+                mine is not None
+                and state.get("device_type", self.device.type) == self.device.type
+                and mine["generator"].numel() == generator.get_state().numel()
             )
-            if same_stream and same_kind:
-                generator.set_state(saved_generator)
-            else:  # only rank 0's stream was saved, or it was another device's kind of
+            if same_kind:
+                generator.set_state(mine["generator"].cpu())
+            else:  # saved on another number of processes, or by another device's kind of
                 # generator (a CUDA state cannot seed a CPU generator): fresh streams at this step
                 generator.manual_seed(rank_seed(t.seed + state["global_step"], env.rank))
-            torch.set_rng_state(state["torch_rng"])
-            if state.get("cuda_rng") is not None and self.device.type == "cuda" and same_stream:
-                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)  # MoCo's shuffle
+            torch.set_rng_state((mine or state)["torch_rng"])
+            cuda_rng = None if mine is None else mine.get("cuda_rng")
+            if cuda_rng is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng.cpu(), self.device)  # MoCo's shuffle
             start_epoch, start_step, global_step = (
                 state["epoch"],
                 state["step_in_epoch"],
@@ -770,12 +781,21 @@ class Trainer:
                     )
             if saved_batch != batch_size:  # steps per epoch changed: count steps anew
                 if start_step:
+                    world = env.world_size
+                    most = min(saved_batch, 4 * world)
+                    counts = [n for n in range(1, most + 1) if saved_batch % n == 0]
                     raise ConfigError(
                         f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
                         f"with train.batch_size={saved_batch}; a new batch size can only start "
                         f"at an epoch's end: resume with train.batch_size={saved_batch} "
-                        "train.stop_after_epochs=1, then resume again with "
-                        f"train.batch_size={batch_size}"
+                        "train.stop_after_epochs=1"
+                        + (
+                            f" on a number of processes that divides {saved_batch} "
+                            f"({', '.join(map(str, counts))}; not {world})"
+                            if saved_batch % world
+                            else ""
+                        )
+                        + f", then resume again with train.batch_size={batch_size}"
                     )
                 global_step = start_epoch * steps_per_epoch
                 if env.is_main:
@@ -809,6 +829,8 @@ class Trainer:
                     file=sys.stderr,
                 )
         results["precision"] = self.precision  # this invocation's: a resume may change it
+        # as is the number of processes (BatchNorm statistics and random streams depend on it)
+        results["processes"] = env.world_size
         run_config = ""  # the run's config.yaml text, also shown in TensorBoard
         if env.is_main:
             # only now, once a resume was accepted: a refused one must leave the run's config as
@@ -850,10 +872,23 @@ class Trainer:
                 raise CheckpointError(
                     f"cannot write a checkpoint to {ckpt_dir} ({exc.strerror or exc}); "
                     + (f"{kept} from before is intact. " if kept.exists() else "")
-                    + f"Free disk space, then: selfsup pretrain --out {self.run_dir} --resume"
+                    + f"Free disk space, then: {resume_command(self.run_dir)}"
                 ) from None
 
         def _save(epoch: int, step_in_epoch: int) -> Path:
+            # every rank's streams (each draws its own augmentations), so that a resume on as
+            # many processes goes on exactly as the uninterrupted run
+            streams = gather_objects(
+                {
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": (
+                        torch.cuda.get_rng_state(self.device)
+                        if self.device.type == "cuda"
+                        else None
+                    ),
+                }
+            )
             return save_on_main(
                 save_checkpoint,
                 {
@@ -888,6 +923,7 @@ class Trainer:
                     "config": OmegaConf.to_container(cfg, resolve=True),
                     "selfsup_version": selfsup.__version__,
                     "world_size": env.world_size,
+                    "rank_rng": streams,
                 },
                 ckpt_dir,
             )
@@ -1117,7 +1153,7 @@ class Trainer:
                 try:  # a hang-up's closed terminal (EIO) must not turn the stop into a crash
                     print(
                         f"\nselfsup: stopped ({stopped}); checkpoint saved in {ckpt_dir}.\n"
-                        f"Resume with: selfsup pretrain --out {self.run_dir} --resume",
+                        f"Resume with: {resume_command(self.run_dir)}",
                         file=sys.stderr,
                     )
                 except OSError:
