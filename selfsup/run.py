@@ -253,10 +253,15 @@ def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
                 raise
             text = str(exc).strip()
             first = text.splitlines()[0].split(". ")[0][:200] if text else type(exc).__name__
+            last = out / "checkpoints" / "last.pt"
+            kept = (
+                f"its last checkpoint, {last}, is intact"
+                if last.exists()
+                else "it stopped before its first checkpoint (a resume starts at step 0)"
+            )
             raise SelfsupError(
-                f"another process of this {env.world_size}-process job stopped ({first}); what "
-                f"was written is intact (checkpoints/last.pt in {out}). Continue with: "
-                f"{resume_command(out)}"
+                f"another process of this {env.world_size}-process job stopped ({first}); "
+                f"{kept}. Continue with: {resume_command(out)}"
             ) from None
     finally:
         if lock is not None:
