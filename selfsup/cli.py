@@ -188,10 +188,10 @@ def _config(args: argparse.Namespace) -> int:
     import json
 
     from selfsup.methods import method_defaults
-    from selfsup.run import QUICKSTART_SOURCE, default_out
+    from selfsup.run import QUICKSTART_SOURCE, default_out, default_preset
     from selfsup.train.config import resolve_config, resolve_views, to_yaml
 
-    preset = args.preset or ("quickstart" if args.data is None else None)  # as pretrain
+    preset = default_preset(args.preset, args.data)  # as pretrain
     flags = _run_flags(args)
     cfg = resolve_config(args.method, preset=preset, flags=flags, overrides=args.overrides)
     cfg.out = str(default_out(cfg, cfg.method.name, args.data))  # what pretrain would write to

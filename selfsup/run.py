@@ -36,6 +36,12 @@ def is_first_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def default_preset(preset: str | None, data: str | None) -> str | None:
+    """The preset a run takes without ``--preset``: the quickstart's for no data or its digits
+    (``mnist5k``: not resnet18's 100 epochs at batch 512 of the general defaults), else none."""
+    return preset or ("quickstart" if data in (None, QUICKSTART_SOURCE) else None)
+
+
 def default_out(cfg, method: str, data: str | None) -> Path:
     """runs/quickstart(-<method>) for the quickstart, one directory per method so all four can
     be tried side by side; else runs/<method>."""
@@ -77,9 +83,7 @@ def pretrain_config(
         )
         _refuse_changes_to_a_finished_run(out, base, cfg)
     else:
-        # the embedded digits' recipe is the quickstart's, named or not (not resnet18's 100
-        # epochs at batch 512 of the general defaults)
-        preset = preset or ("quickstart" if data in (None, QUICKSTART_SOURCE) else None)
+        preset = default_preset(preset, data)
         cfg = resolve_config(method, preset=preset, flags=flags, overrides=overrides)
         # a preset for a folder (imagenette) leaves the quickstart's digits as the source
         if data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:
@@ -184,15 +188,6 @@ def _lost_a_process(error: RuntimeError) -> bool:
     return any(s in text for s in ("Connection closed by peer", "Connection reset by peer"))
 
 
-def _env_world_size() -> int:
-    """torchrun's ``WORLD_SIZE`` (1 outside it, or when it is not a number: init_distributed
-    says so)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
 def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
     """Train ``cfg`` into ``out`` in this process (one of torchrun's, or alone).
 
@@ -207,6 +202,7 @@ def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
         per_rank_batch_size,
         rank_zero_value,
         resume_command,
+        world_size_from_env,
     )
     from selfsup.train.trainer import (
         Trainer,
@@ -218,7 +214,7 @@ def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
     check_data_sources(cfg, out)  # before --overwrite clears anything
     # under torchrun: the global batch must split over its processes, known before the data is
     # decoded (and before the process group starts)
-    per_rank_batch_size(cfg.train.batch_size, _env_world_size())
+    per_rank_batch_size(cfg.train.batch_size, world_size_from_env())
     env = init_distributed(cfg.train.device)
     lock = init = None
     try:

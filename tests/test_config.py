@@ -392,3 +392,20 @@ def test_config_of_a_folder_preset_without_data_says_pretrain_needs_data(capsys)
     assert yaml.safe_load(out)["data"]["image_size"] == 128
     assert main(["config", "--method", "byol"]) == 0  # the quickstart: nothing to say
     assert "names no data source" not in capsys.readouterr().out
+
+
+def test_config_with_the_embedded_digits_shows_what_pretrain_trains(capsys, tmp_path):
+    """`selfsup config --data mnist5k` takes the quickstart recipe, as `pretrain --data mnist5k`
+    does (it showed the general defaults: resnet18 for 100 epochs)."""
+    import yaml
+
+    from selfsup.cli import main
+    from selfsup.run import pretrain_config
+
+    assert main(["config", "--data", "mnist5k"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    trained, _ = pretrain_config(
+        None, "mnist5k", preset=None, out=tmp_path, resume=False, flags={}, overrides=[]
+    )
+    assert shown["model"]["backbone"] == trained.model.backbone == "resnet_tiny"
+    assert shown["train"]["epochs"] == trained.train.epochs

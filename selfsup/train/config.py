@@ -267,6 +267,13 @@ def resolve_config(
     return cfg
 
 
+def _methods_taking(option: str) -> list[str]:
+    """The methods whose constructor takes ``option`` (``method.<option>``)."""
+    from selfsup.methods import METHOD_CLASSES, method_options
+
+    return [m for m in METHOD_CLASSES if option in method_options(m)]
+
+
 def _refuse_other_methods_options(name: Any, keys: list[str]) -> None:
     """A ``method.X`` the user set that only other methods take would be ignored in silence (a
     preset's are: one file serves every method), as if it had an effect: an error instead."""
@@ -281,7 +288,7 @@ def _refuse_other_methods_options(name: Any, keys: list[str]) -> None:
         option = key.removeprefix("method.")
         if not key.startswith("method.") or option in own or option == "name":
             continue
-        owners = [m for m in METHOD_CLASSES if option in method_options(m)]
+        owners = _methods_taking(option)
         if owners:
             raise ConfigError(
                 f"{key} is an option of {' and '.join(owners)}; {name} does not take it, so it "
@@ -523,7 +530,7 @@ def validate_method_and_model(cfg: DictConfig) -> None:
             hint = _did_you_mean(where, [f"method.{k}" for k in own])
             close = difflib.get_close_matches(str(key), [k for k in known if k not in own], n=1)
             if not hint and close:  # another method's option: say that this one does not take it
-                owners = [m for m in METHOD_CLASSES if close[0] in method_options(m)]
+                owners = _methods_taking(close[0])
                 hint = (
                     f" (did you mean {'method.' + close[0]!r}? an option of "
                     f"{' and '.join(owners)}, which {name} does not take)"

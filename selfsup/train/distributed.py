@@ -78,6 +78,7 @@ __all__ = [
     "launch_local",
     "main_process_first",
     "per_rank_batch_size",
+    "process_counts_dividing",
     "rank_seed",
     "rank_zero_value",
     "resume_command",
@@ -85,6 +86,7 @@ __all__ = [
     "shard_indices",
     "shard_range",
     "unwrap",
+    "world_size_from_env",
     "wrap_ddp",
 ]
 
@@ -380,16 +382,27 @@ def per_rank_batch_size(global_batch: int, world_size: int) -> int:
     """``train.batch_size`` (the global batch) split over ``world_size`` ranks."""
     if global_batch % world_size:
         # the process counts that fit too: a mid-epoch resume cannot change its batch size
-        counts = [
-            n for n in range(1, min(global_batch, 4 * world_size) + 1) if global_batch % n == 0
-        ]
         raise ConfigError(
             f"train.batch_size={global_batch} is the global batch and must divide evenly over "
             f"{world_size} processes; use a multiple of {world_size} "
             f"(e.g. {math.ceil(global_batch / world_size) * world_size}), or a number of "
-            f"processes that divides {global_batch} ({', '.join(map(str, counts))})"
+            f"processes that divides {global_batch} "
+            f"({process_counts_dividing(global_batch, world_size)})"
         )
     return global_batch // world_size
+
+
+def process_counts_dividing(global_batch: int, world_size: int) -> str:
+    """``"1, 2, 4, 8"``: the process counts up to ``4 * world_size`` that split
+    ``global_batch`` evenly, for a message about a batch that ``world_size`` does not split."""
+    most = min(global_batch, 4 * world_size)
+    return ", ".join(str(n) for n in range(1, most + 1) if global_batch % n == 0)
+
+
+def world_size_from_env() -> int:
+    """torchrun's ``WORLD_SIZE`` (1 outside torchrun), readable before the process group is
+    up; a ConfigError when it is not an integer."""
+    return max(1, _env_int("WORLD_SIZE", 1))
 
 
 #: set by ``--devices N``'s launcher in its workers, so that a hint to resume names it
@@ -403,7 +416,7 @@ def resume_command(run_dir: Path | str) -> str:
     devices = os.environ.get(DEVICES_ENV)
     if devices:
         return f"selfsup pretrain --devices {devices} --out {run_dir} --resume"
-    if _env_int("WORLD_SIZE", 1) > 1:
+    if world_size_from_env() > 1:
         return (
             f"torchrun <as before> -m selfsup pretrain --out {run_dir} --resume (the same "
             "torchrun options: the same number of processes continues it exactly)"

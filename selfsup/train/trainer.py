@@ -62,6 +62,7 @@ from selfsup.train.distributed import (
     init_distributed,
     main_process_first,
     per_rank_batch_size,
+    process_counts_dividing,
     rank_seed,
     resume_command,
     save_on_main,
@@ -782,8 +783,6 @@ class Trainer:
             if saved_batch != batch_size:  # steps per epoch changed: count steps anew
                 if start_step:
                     world = env.world_size
-                    most = min(saved_batch, 4 * world)
-                    counts = [n for n in range(1, most + 1) if saved_batch % n == 0]
                     raise ConfigError(
                         f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
                         f"with train.batch_size={saved_batch}; a new batch size can only start "
@@ -791,7 +790,7 @@ class Trainer:
                         "train.stop_after_epochs=1"
                         + (
                             f" on a number of processes that divides {saved_batch} "
-                            f"({', '.join(map(str, counts))}; not {world})"
+                            f"({process_counts_dividing(saved_batch, world)}; not {world})"
                             if saved_batch % world
                             else ""
                         )
