@@ -336,7 +336,9 @@ def _measure_lightly(
     loader = lb.build_loader(
         root, lb.build_transform(name, size), batch_size, workers, pin_memory=device.type == "cuda"
     )
-    backbone, feat_dim = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
+    backbone, feat_dim = build_backbone(
+        cfg.model.backbone, small_stem=cfg.model.small_stem, image_size=cfg.data.image_size
+    )
     options = OmegaConf.to_container(cfg.method, resolve=True)
     model = lb.LightlyMethod(name, backbone, feat_dim, options).to(device)
     channels_last = device.type == "cuda" and bool(t.channels_last)

@@ -107,6 +107,14 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key=value settings")
 
 
+def _stem_words(cfg) -> str:
+    from selfsup.models.backbones import is_resnet
+
+    if not is_resnet(cfg.model.backbone):
+        return f"with {cfg.model.backbone}"
+    return f"with the {'small-image' if cfg.model.small_stem else 'ImageNet'} stem"
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from selfsup.run import pretrain_config, run_pretrain
     from selfsup.train.trainer import check_data_sources, check_run_dir
@@ -142,7 +150,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     ):
         print(
             f"selfsup: note: no --preset: training at data.image_size={cfg.data.image_size} px "
-            f"with the {'small-image' if cfg.model.small_stem else 'ImageNet'} stem; for larger "
+            f"{_stem_words(cfg)}; for larger "
             "images give --image-size N (or --preset imagenette: 128 px)",
             file=sys.stderr,
         )

@@ -27,6 +27,7 @@ from selfsup.data.cache import atomic_write, atomic_write_text
 from selfsup.data.decode import storage_size_for_crop
 from selfsup.errors import CheckpointError, ConfigError, DataError
 from selfsup.models import BACKBONES, backbone_to_torchvision, build_backbone
+from selfsup.models.backbones import classifier_key, encoder_shapes, is_factory
 from selfsup.models.weights import EXPORT_INFO, encoder_file, is_torchscript, read_state_dict
 from selfsup.train.checkpoint import atomic_torch_save
 
@@ -43,7 +44,11 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     block type, widths and groups all show in them), built on the meta device (no memory).
     """
     if "conv1.weight" not in state:
-        raise CheckpointError("not a ResNet encoder state_dict (no conv1.weight)")
+        raise CheckpointError(
+            "not a ResNet encoder state_dict (no conv1.weight), the only kind whose architecture "
+            "the tensors tell; another backbone's weights load with the config.yaml (or "
+            "export.json) their run wrote beside them"
+        )
     small_stem = state["conv1.weight"].shape[-1] == 3
     shapes = _encoder_shapes(state)
     for name in sorted(BACKBONES, key=lambda n: n != "resnet_tiny"):  # the quickstart's first
@@ -54,15 +59,23 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     )
 
 
-def _encoder_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """Parameter and buffer shapes of an encoder state_dict, the classifier ``fc`` left out."""
-    return {k: tuple(v.shape) for k, v in state.items() if not k.startswith("fc.")}
+def _encoder_shapes(
+    state: dict[str, torch.Tensor], head: str | None = "fc"
+) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of an encoder state_dict, the classifier ``head`` (``fc``
+    of a ResNet, :func:`~selfsup.models.classifier_key`) left out."""
+    prefix = f"{head}." if head else None
+    return {k: tuple(v.shape) for k, v in state.items() if not (prefix and k.startswith(prefix))}
+
+
+def _head(name: str) -> str | None:
+    """The classifier prefix a torchvision export of backbone ``name`` holds (None: a factory's)."""
+    return None if is_factory(name) else classifier_key(name)
 
 
 def _backbone_shapes(name: str, small_stem: bool) -> dict[str, tuple[int, ...]]:
-    """What :func:`_encoder_shapes` gives for backbone ``name``, built on the meta device."""
-    with torch.device("meta"):
-        return _encoder_shapes(backbone_to_torchvision(name, small_stem).state_dict())
+    """What :func:`_encoder_shapes` gives for backbone ``name``'s encoder."""
+    return encoder_shapes(name, small_stem)
 
 
 def encoder_metadata(path: str | Path) -> dict[str, Any]:
@@ -148,7 +161,7 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
         # every tensor of the metadata's backbone, with its shape (extra keys: load's concern);
         # not so for an encoder.pt copied beside another run's config.yaml
         expected = _backbone_shapes(name, small)
-        if not expected.items() <= _encoder_shapes(state).items():
+        if not expected.items() <= _encoder_shapes(state, _head(name)).items():
             try:
                 found = "a {} (small_stem={}) encoder".format(*infer_architecture(state))
             except CheckpointError:
@@ -188,8 +201,9 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
         map_location: device to put the module on.
 
     Returns:
-        the torchvision ResNet with ``fc = nn.Identity()`` (a ``torch.jit.ScriptModule`` for a
-        TorchScript file), in eval mode.
+        the backbone: the torchvision model with its classifier (``fc`` of a ResNet) replaced
+        by ``nn.Identity()``, or the module of the run's ``module:function`` factory (imported
+        again), or a ``torch.jit.ScriptModule`` for a TorchScript file; in eval mode.
     """
     path = encoder_file(Path(path))
     if is_torchscript(path):
@@ -199,7 +213,8 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
     state, name, small = _load_state(path)
     model, _ = build_backbone(name, small_stem=small)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in unexpected if not k.startswith("fc.")]
+    head = _head(name)
+    unexpected = [k for k in unexpected if not (head and k.startswith(f"{head}."))]
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match a {name} encoder: missing {missing[:5]}, "
@@ -214,9 +229,10 @@ def export_encoder(
     """Write the encoder of a run (or an encoder file) in ``fmt``; returns the written path.
 
     * ``torchvision``: ``<backbone>_torchvision.pt``, the ``state_dict`` of
-      ``backbone_to_torchvision(backbone, small_stem)`` (for resnet18/50 without the small stem,
-      plain ``torchvision.models.resnet18/50``). Its ``fc`` is the fresh, untrained classifier of
-      that model, so the file loads with ``strict=True``; replace ``fc`` for a new task.
+      ``backbone_to_torchvision(backbone, small_stem)`` (without the small stem, plain
+      ``torchvision.models.get_model(backbone)``). Its classifier (``fc`` of a ResNet) is the
+      fresh, untrained one of that model, so the file loads with ``strict=True``; replace it
+      for a new task. Not for a backbone of a ``module:function`` factory.
     * ``safetensors``: ``encoder.safetensors``, the backbone ``state_dict`` (no ``fc``) with
       backbone, small_stem, mean, std and image size in the header.
     * ``torchscript``: ``encoder.torchscript.pt``, the traced backbone in eval mode
@@ -238,6 +254,11 @@ def export_encoder(
     base = Path(out) if out else src.parent / "export"
     check_writable(base, "the export")  # a file in the way is said now, not after the trace
     state, name, small = _load_state(src)
+    if fmt == "torchvision" and is_factory(name):
+        raise ConfigError(
+            f"{src}: its backbone comes from your factory {name}, not torchvision: export it "
+            "as --format safetensors (the state_dict, for the same factory) or torchscript"
+        )
     model = load_encoder(src)
     source_meta = encoder_metadata(src)
     # --image-size is only the trace's example input: the metadata keeps the size the encoder
@@ -248,7 +269,8 @@ def export_encoder(
     if fmt == "torchvision":
         tv = backbone_to_torchvision(name, small)
         missing, unexpected = tv.load_state_dict(model.state_dict(), strict=False)
-        if sorted(missing) != ["fc.bias", "fc.weight"] or unexpected:
+        head = classifier_key(name)
+        if sorted(missing) != [f"{head}.bias", f"{head}.weight"] or unexpected:
             raise CheckpointError(
                 f"{src} does not map onto torchvision {name}: missing "
                 f"{missing[:5]}, unexpected {unexpected[:5]}"
@@ -421,10 +443,15 @@ class Classifier:
 def check_classifier_architecture(encoder: nn.Module, name: str, small_stem: bool) -> None:
     """A CheckpointError now, before any training, when ``encoder``'s tensors are not those of
     torchvision's ``name`` (a custom module): its classifiers could not be saved as one."""
-    if _encoder_shapes(encoder.state_dict()) != _backbone_shapes(name, small_stem):
+    if is_factory(name):
+        raise CheckpointError(
+            f"the encoder's backbone comes from your factory {name}: --save-classifiers saves "
+            "torchvision models only: drop it (the accuracies are written without it)"
+        )
+    if _encoder_shapes(encoder.state_dict(), None) != _backbone_shapes(name, small_stem):
         raise CheckpointError(
             f"the encoder's tensors are not those of a {name} (small_stem={small_stem}); "
-            "--save-classifiers saves torchvision ResNets only"
+            "--save-classifiers saves torchvision models only"
         )
 
 
@@ -432,11 +459,13 @@ def classifier_state(
     encoder: nn.Module, head: nn.Linear, name: str, small_stem: bool
 ) -> dict[str, torch.Tensor]:
     """The ``state_dict`` (CPU) of ``backbone_to_torchvision(name, small_stem, num_classes=C)``
-    holding ``encoder``'s tensors and ``head`` as its ``fc``: it loads with ``strict=True``."""
+    holding ``encoder``'s tensors and ``head`` as its classifier (``fc`` of a ResNet,
+    :func:`~selfsup.models.classifier_key`): it loads with ``strict=True``."""
     model = backbone_to_torchvision(name, small_stem, num_classes=head.out_features)
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    state["fc.weight"] = head.weight.detach().cpu().float()
-    state["fc.bias"] = head.bias.detach().cpu().float()
+    key = classifier_key(name)
+    state[f"{key}.weight"] = head.weight.detach().cpu().float()
+    state[f"{key}.bias"] = head.bias.detach().cpu().float()
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

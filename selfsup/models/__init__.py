@@ -1,10 +1,12 @@
-"""Backbones (torchvision ResNets) and MLP heads."""
+"""Backbones (torchvision models, factories of your own) and MLP heads."""
 
 from selfsup.models.backbones import (
     BACKBONES,
     ResNetTiny,
     backbone_to_torchvision,
     build_backbone,
+    classifier_key,
+    torchvision_backbones,
 )
 from selfsup.models.heads import PredictionHead, ProjectionHead
 from selfsup.models.split_bn import SplitBatchNorm, convert_split_batchnorm, plain_batchnorm
@@ -17,6 +19,8 @@ __all__ = [
     "SplitBatchNorm",
     "backbone_to_torchvision",
     "build_backbone",
+    "classifier_key",
     "convert_split_batchnorm",
     "plain_batchnorm",
+    "torchvision_backbones",
 ]

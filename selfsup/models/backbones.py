@@ -1,8 +1,12 @@
 """Backbones: torchvision ResNets mapping images [B, 3, S, S] to pooled features [B, D].
 
 Every ResNet of ``torchvision.models`` (ResNet-18/34/50/101/152 [0], the wide ResNets [2] and
-ResNeXts [3]) and ``resnet_tiny`` (the quickstart's); any other ``nn.Module`` returning ``[B, D]``
-can be passed to :func:`build_backbone` instead of a name.
+ResNeXts [3]) and ``resnet_tiny`` (the quickstart's); every other torchvision classification model
+by name (ConvNeXt, EfficientNet, RegNet, MobileNet, ViT, Swin, ...: its last ``nn.Linear``, the
+ImageNet classifier, becomes ``nn.Identity``); a factory of your own as ``"module:function"`` or
+``"path/to/file.py:function"`` (called with no arguments, it returns the module), which a config
+can name, so a run of it resumes and its encoder loads again; and, from Python, any ``nn.Module``
+returning ``[B, D]``.
 
 The classifier ``fc`` is replaced by ``nn.Identity`` so the backbone's ``state_dict`` is a plain
 torchvision ResNet ``state_dict`` without ``fc.*``: it loads into ``backbone_to_torchvision(...)``
@@ -17,7 +21,14 @@ with ``strict=False`` (only ``fc.weight`` / ``fc.bias`` missing) for export and 
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import os
+import sys
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torchvision
@@ -40,6 +51,10 @@ TORCHVISION_RESNETS: tuple[str, ...] = (
     "resnext101_64x4d",
 )
 BACKBONES: tuple[str, ...] = (*TORCHVISION_RESNETS, "resnet_tiny")
+# torchvision classification models that are no backbone by name: auxiliary classifiers
+# (googlenet; inception_v3, which also takes 299 px only) or a convolutional classifier
+# (squeezenet) leave no single Linear to remove
+_NOT_BACKBONES = ("googlenet", "inception", "squeezenet")
 TINY_WIDTHS: tuple[int, int, int, int] = (16, 32, 64, 128)
 
 
@@ -83,26 +98,246 @@ def _use_small_stem_(model: ResNet) -> None:
     model.maxpool = nn.Identity()
 
 
-def backbone_to_torchvision(name: str, small_stem: bool, num_classes: int = 1000) -> ResNet:
-    """A fresh torchvision ResNet (with its ``fc`` classifier) of the same architecture as
+def torchvision_backbones() -> tuple[str, ...]:
+    """Every torchvision classification model :func:`build_backbone` takes by name besides
+    ``resnet_tiny`` (``torchvision.models.list_models``, less googlenet, inception_v3 and the
+    squeezenets, whose classifiers are no single ``nn.Linear``)."""
+    names = torchvision.models.list_models(module=torchvision.models)
+    return tuple(n for n in names if not n.startswith(_NOT_BACKBONES))
+
+
+def is_resnet(name: str) -> bool:
+    """Whether backbone ``name`` is a ResNet: the small-image stem and a bare file's
+    architecture inference apply to these only."""
+    return name in BACKBONES
+
+
+def is_factory(name: str) -> bool:
+    """Whether ``model.backbone`` names a factory of the user's (``module:function``)."""
+    return isinstance(name, str) and ":" in name
+
+
+def backbone_names_hint() -> str:
+    """What ``model.backbone`` takes, for error messages."""
+    return (
+        f"one of {', '.join(BACKBONES)}, another torchvision classification model (e.g. "
+        "convnext_tiny, efficientnet_b0, regnet_y_400mf, vit_b_16), or a factory of your own "
+        "as module:function or path/to/file.py:function"
+    )
+
+
+def check_backbone_name(name: str) -> None:
+    """A :class:`ConfigError` for a ``model.backbone`` that names nothing buildable (a factory
+    is imported and checked to be callable, not called)."""
+    if is_factory(name):
+        load_factory(name)
+        return
+    if name in BACKBONES or name in torchvision_backbones():
+        return
+    import difflib
+
+    if isinstance(name, str) and name.startswith(_NOT_BACKBONES):
+        raise ConfigError(
+            f"model.backbone={name}: torchvision's {name} has no single Linear classifier to "
+            "remove (auxiliary heads, or a convolutional one); build it without its head in a "
+            "factory of your own (model.backbone=path/to/file.py:function)"
+        )
+    close = difflib.get_close_matches(str(name), [*BACKBONES, *torchvision_backbones()], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(
+        f"Unknown backbone {name!r} (setting `model.backbone`){hint}; choose "
+        f"{backbone_names_hint()}."
+    )
+
+
+def load_factory(spec: str) -> Callable[[], nn.Module]:
+    """The function of ``"package.module:function"`` or ``"path/to/file.py:function"``.
+
+    A module not importable as it is, is looked for in the current folder too (the console
+    script ``selfsup`` does not put it on ``sys.path`` as ``python -m selfsup`` does).
+    """
+    where, _, attr = spec.rpartition(":")
+    advice = "model.backbone=package.module:function or path/to/file.py:function"
+    if not where or not attr.isidentifier():
+        raise ConfigError(f"model.backbone={spec!r} is no factory; write {advice}")
+    if where.endswith(".py"):
+        path = Path(where).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.backbone={spec}: there is no file {path}")
+        module_name = f"selfsup_backbone_{abs(hash(str(path.resolve())))}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            file_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(file_spec)
+            sys.modules[module_name] = module  # dataclasses, pickling look it up there
+            try:
+                file_spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[module_name]
+                raise ConfigError(
+                    f"model.backbone={spec}: importing {path} failed ({type(exc).__name__}: {exc})"
+                ) from exc
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as exc:
+            top = where.split(".")[0]
+            if exc.name != top or os.getcwd() in sys.path:
+                raise ConfigError(
+                    f"model.backbone={spec}: cannot import {where} ({exc}); install it, or "
+                    f"give the file's path ({advice})"
+                ) from exc
+            sys.path.insert(0, os.getcwd())  # where `python -m selfsup` would have found it
+            return load_factory(spec)
+        except Exception as exc:
+            raise ConfigError(
+                f"model.backbone={spec}: importing {where} failed ({type(exc).__name__}: {exc})"
+            ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(
+            f"model.backbone={spec}: {where} has no function {attr!r} "
+            f"(its functions: {_functions(module)})"
+        )
+    return factory
+
+
+def _functions(module) -> list[str]:
+    import types
+
+    return sorted(
+        k
+        for k, v in vars(module).items()
+        if callable(v)
+        and not k.startswith("_")
+        and not isinstance(v, types.ModuleType)
+        and getattr(v, "__module__", None) == module.__name__
+    )[:8]
+
+
+def _build_from_factory(spec: str) -> nn.Module:
+    module = load_factory(spec)()
+    if not isinstance(module, nn.Module):
+        raise ConfigError(
+            f"model.backbone={spec} returned a {type(module).__name__}, not an nn.Module "
+            "mapping images [B, 3, S, S] to features [B, D]"
+        )
+    return module
+
+
+@functools.cache
+def classifier_key(name: str) -> str:
+    """The ``state_dict`` prefix of torchvision model ``name``'s ImageNet classifier: ``fc``
+    for the ResNets, ``classifier.2`` for ConvNeXt, ``heads.head`` for ViT, ...: its last
+    ``nn.Linear``, which a backbone replaces by ``nn.Identity``."""
+    if name in BACKBONES:
+        return "fc"
+    model = on_meta(lambda: torchvision.models.get_model(name, weights=None))
+    linears = [key for key, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:  # not in torchvision_backbones(): check_backbone_name refuses it first
+        raise ConfigError(f"torchvision's {name} has no Linear classifier to remove")
+    return linears[-1]
+
+
+def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` on the meta device (shapes, no memory), or on the CPU for the models whose
+    constructors read tensors' values (RegNet's block widths)."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except NotImplementedError:
+        return build()
+
+
+def _refuse_small_stem(name: str) -> None:
+    raise ConfigError(
+        f"model.small_stem=true (the 3x3, no-max-pool stem) applies to the ResNets; "
+        f"{name} keeps its own stem: set model.small_stem=false (and give it images large "
+        "enough for its downsampling, e.g. --image-size 96 or more)"
+    )
+
+
+def encoder_shapes(name: str, small_stem: bool) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of ``build_backbone(name, small_stem=...)``'s module (its
+    classifier removed), built on the meta device where the constructor allows it."""
+
+    def build() -> nn.Module:
+        if is_factory(name):
+            return _build_from_factory(name)
+        return build_backbone(name, small_stem=small_stem)[0]
+
+    return {k: tuple(v.shape) for k, v in on_meta(build).state_dict().items()}
+
+
+def check_backbone(name: str, *, small_stem: bool, image_size: int) -> int:
+    """D of backbone ``name`` (see :func:`build_backbone`), built on the meta device and run on
+    one dummy ``[2, 3, S, S]`` batch, ``S = image_size``: a :class:`ConfigError` naming what does
+    not fit (an unknown name, the small stem on a non-ResNet, an input size the model refuses,
+    such as a ViT's fixed 224 px) before any data is read."""
+    check_backbone_name(name)
+    if small_stem and not is_resnet(name):
+        _refuse_small_stem(name)
+    with warnings.catch_warnings():  # the 1000-logits warning is for the real build
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                model, dim = build_backbone(name, small_stem=small_stem, image_size=image_size)
+        except NotImplementedError:  # a constructor that reads tensors' values (RegNet)
+            model, dim = build_backbone(name, small_stem=small_stem, image_size=image_size)
+    if is_factory(name):
+        return dim  # build_backbone ran its dummy batch already
+    problem = _input_problem(model.eval(), image_size)
+    if problem:
+        takes = [s for s in (32, 64, 96, 128, 160, 224) if not _input_problem(model, s)]
+        hint = f", e.g. --image-size {takes[0]}" if takes else ""
+        raise ConfigError(
+            f"model.backbone={name} does not take {image_size} px images ({problem}); set "
+            f"data.image_size (--image-size) to a size it takes{hint}"
+        )
+    return dim
+
+
+def _input_problem(model: nn.Module, image_size: int) -> str | None:
+    """Why ``model`` fails on a ``[2, 3, S, S]`` batch, or None (also for an op the meta
+    device cannot run: the first real step tells)."""
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, 3, image_size, image_size, device=param.device))
+    except NotImplementedError:
+        return None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {first[:160]}"
+    return None
+
+
+def backbone_to_torchvision(name: str, small_stem: bool, num_classes: int = 1000) -> nn.Module:
+    """A fresh torchvision model (with its classifier) of the same architecture as
     ``build_backbone(name, small_stem=small_stem)``.
 
-    A saved encoder ``state_dict`` loads into it with ``strict=False`` and only ``fc.*`` missing.
+    A saved encoder ``state_dict`` loads into it with ``strict=False`` and only the classifier
+    (``classifier_key(name)``: ``fc.*`` for a ResNet) missing.
 
     Args:
-        name: one of ``BACKBONES``.
-        small_stem: whether the encoder was built with the small-image stem.
-        num_classes: output size of the new ``fc``.
+        name: one of ``BACKBONES`` or :func:`torchvision_backbones`.
+        small_stem: whether the encoder was built with the small-image stem (ResNets only).
+        num_classes: output size of the new classifier.
     """
     if name in TORCHVISION_RESNETS:
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     elif name == "resnet_tiny":
         model = ResNetTiny(num_classes=num_classes)
-    else:
+    elif is_factory(name):
         raise ConfigError(
-            f"Unknown backbone {name!r} (setting `model.backbone`); choose one of "
-            f"{', '.join(BACKBONES)}, or pass an nn.Module from Python."
+            f"backbone {name} is a factory of your own, not a torchvision model: save its "
+            "state_dict (safetensors) or a TorchScript export instead"
         )
+    else:
+        check_backbone_name(name)
+        if small_stem:
+            _refuse_small_stem(name)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if small_stem:
         _use_small_stem_(model)
     return model
@@ -120,8 +355,9 @@ def _infer_feature_dim(module: nn.Module, image_size: int = 64) -> int:
     except Exception as exc:  # a module built for one input size, a wrong channel count, ...
         raise ConfigError(
             f"The custom backbone {type(module).__name__} failed on a dummy [2, 3, {image_size}, "
-            f"{image_size}] batch ({type(exc).__name__}: {exc}); pass the image size it takes "
-            "as build_backbone(module, image_size=S), or its feature size as feat_dim=D."
+            f"{image_size}] batch ({type(exc).__name__}: {exc}); give the image size it takes "
+            "(data.image_size / --image-size for a run; build_backbone(module, image_size=S) "
+            "from Python), or its feature size as feat_dim=D."
         ) from exc
     finally:
         module.train(was_training)
@@ -150,13 +386,15 @@ def build_backbone(
     """Build the encoder f: [B, 3, S, S] -> [B, D] and return ``(module, D)``.
 
     Args:
-        name: ``"resnet18"`` (D=512), ``"resnet50"`` (D=2048), ``"resnet_tiny"`` (D=128), or any
-            ``nn.Module`` returning [B, D] features. A torchvision ``ResNet`` with its 1000-class
-            ImageNet ``fc`` gets that replaced by ``nn.Identity`` (in place), as the named ones
-            do; otherwise D is found by a dummy forward at ``image_size`` unless ``feat_dim``
-            is given.
+        name: ``"resnet18"`` (D=512), ``"resnet50"`` (D=2048), ``"resnet_tiny"`` (D=128), another
+            torchvision classification model (``"convnext_tiny"``: D=768, its classifier's
+            input), a factory ``"module:function"`` / ``"file.py:function"`` returning a module,
+            or any ``nn.Module`` returning [B, D] features. A torchvision ``ResNet`` module with
+            its 1000-class ImageNet ``fc`` gets that replaced by ``nn.Identity`` (in place), as
+            the named ones do; otherwise a module's D is found by a dummy forward at
+            ``image_size`` unless ``feat_dim`` is given.
         small_stem: use the CIFAR stem (3x3 stride-1 conv1, no max-pool) for images of ~32 px.
-            Named ResNets only: with a module of your own it is an error (change its stem).
+            ResNets by name only: for any other backbone it is an error (change its stem).
         image_size: S of the dummy batch that finds D of a user module (one that only takes its
             own input size, such as a ViT with fixed positional embeddings, needs its S).
         feat_dim: D of a user module, skipping the dummy forward.
@@ -188,7 +426,12 @@ def build_backbone(
                 stacklevel=2,
             )
         return name, dim
+    if is_factory(name):
+        if small_stem:
+            _refuse_small_stem(name)
+        return build_backbone(_build_from_factory(name), image_size=image_size, feat_dim=feat_dim)
     model = backbone_to_torchvision(name, small_stem)
-    feat_dim = model.fc.in_features
-    model.fc = nn.Identity()
-    return model, feat_dim
+    key = classifier_key(name)
+    head = model.get_submodule(key)
+    model.set_submodule(key, nn.Identity())
+    return model, head.in_features

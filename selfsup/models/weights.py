@@ -188,13 +188,13 @@ def init_state(
     where: str = "model.init",
     notes: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The state_dict to start ``backbone`` (built as ``arch``, a name of ``BACKBONES``) from.
+    """The state_dict to start ``backbone`` (built as ``arch``, its ``model.backbone``) from.
 
     ``source``: ``imagenet`` (torchvision's weights of ``arch``), a run directory (its
     ``encoder.pt``) or a weights file (see :func:`read_state_dict`). Keys under one prefix
     (``module.``, ``backbone.``, ...) are taken from under it (said in ``notes``); the
-    classifier ``fc.*`` of a torchvision checkpoint is dropped (the backbone's ``fc`` is
-    ``nn.Identity``); BatchNorm's step counters, absent from torchvision's oldest files, count
+    classifier of a torchvision checkpoint (``fc.*`` of a ResNet) is dropped (the backbone's
+    is ``nn.Identity``); BatchNorm's step counters, absent from torchvision's oldest files, count
     from 0. Any other key missing, extra or of another shape is a :class:`ConfigError` naming
     it, so a caller can check the weights before any data is read.
     """
@@ -214,7 +214,10 @@ def init_state(
     state, prefix = _strip_prefix(state, {k: tuple(v.shape) for k, v in own.items()})
     if prefix and notes is not None:
         notes.append(f"{where}: the backbone's tensors are those under {prefix!r} in {origin}")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    from selfsup.models.backbones import classifier_key, is_factory
+
+    head = None if is_factory(arch) else f"{classifier_key(arch)}."
+    state = {k: v for k, v in state.items() if not (head and k.startswith(head))}
     for key, value in own.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros(value.shape, dtype=value.dtype)  # value may be on meta

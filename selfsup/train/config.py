@@ -261,10 +261,29 @@ def resolve_config(
 
     for key in ("source", "eval_source"):  # a relative path would only work from this folder
         cfg.data[key] = absolute_source(cfg.data[key])
+    _fit_backbone_settings(cfg, given=[*keys, *(flags or {})])
     validate_config(cfg)
     if cfg.optim.exclude_bias_norm is None:  # the papers skip biases and norms in LARS only
         cfg.optim.exclude_bias_norm = cfg.optim.name == "lars"
     return cfg
+
+
+def _fit_backbone_settings(cfg: DictConfig, given: list[str]) -> None:
+    """A backbone other than a ResNet drops the small-image stem that the defaults and presets
+    set for ResNets (``model.small_stem=true`` given by the user stays, and is refused); a
+    factory's file path is made absolute, as data paths are, so a resume or ``load_encoder``
+    from another folder finds it."""
+    from selfsup.models.backbones import is_factory, is_resnet
+
+    backbone = cfg.model.backbone
+    if not isinstance(backbone, str):
+        return
+    if not is_resnet(backbone) and cfg.model.small_stem and "model.small_stem" not in given:
+        cfg.model.small_stem = False
+    if is_factory(backbone):
+        where, _, function = backbone.rpartition(":")
+        if where.endswith(".py"):
+            cfg.model.backbone = f"{Path(where).expanduser().resolve()}:{function}"
 
 
 def _methods_taking(option: str) -> list[str]:
@@ -486,7 +505,7 @@ def validate_method_and_model(cfg: DictConfig) -> None:
     import inspect
 
     from selfsup.methods import METHOD_CLASSES, method_defaults, method_options, option_problem
-    from selfsup.models import BACKBONES
+    from selfsup.models.backbones import check_backbone, is_factory
 
     name = cfg.method.get("name")
     _require(
@@ -496,10 +515,10 @@ def validate_method_and_model(cfg: DictConfig) -> None:
     )
     backbone = cfg.model.backbone
     _require(
-        backbone in BACKBONES,
-        f"model.backbone must be one of {list(BACKBONES)}, got "
-        f"{backbone!r}{_did_you_mean(str(backbone), list(BACKBONES))}",
+        isinstance(backbone, str),
+        f"model.backbone must be a name or module:function, got {backbone!r}",
     )
+    check_backbone(backbone, small_stem=bool(cfg.model.small_stem), image_size=cfg.data.image_size)
     init = cfg.model.get("init")
     _require(
         init is None or (isinstance(init, str) and init.strip() != ""),
@@ -507,10 +526,10 @@ def validate_method_and_model(cfg: DictConfig) -> None:
     )
     if init == "imagenet":  # torchvision's weights have the ImageNet stem: say so before a download
         _require(
-            backbone != "resnet_tiny",
+            backbone != "resnet_tiny" and not is_factory(backbone),
             "model.init=imagenet: torchvision has no ImageNet weights for "
-            "model.backbone=resnet_tiny; choose a torchvision ResNet (resnet18, resnet50, ...) "
-            "or pass model.init=PATH (a run directory or a weights file)",
+            f"model.backbone={backbone}; choose a torchvision model (resnet18, resnet50, "
+            "convnext_tiny, ...) or pass model.init=PATH (a run directory or a weights file)",
         )
         _require(
             not cfg.model.small_stem,

@@ -39,6 +39,7 @@ from selfsup.errors import (
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
 from selfsup.methods import build_method, method_defaults
 from selfsup.models import build_backbone
+from selfsup.models.backbones import is_resnet, on_meta
 from selfsup.models.weights import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, init_state
 from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.progress import bar_options
@@ -324,6 +325,8 @@ def _limit(dataset: ImageDataset, limit: int | None) -> ImageDataset:
 def small_image_stem_note(cfg: DictConfig) -> None:
     """A note when images of 64 px or less meet the ImageNet stem (``--preset imagenette
     --image-size 32``): it shrinks them 4x before the first block."""
+    if not is_resnet(cfg.model.backbone):
+        return  # the small stem is a ResNet's; other backbones keep their own
     if not cfg.model.small_stem and cfg.data.image_size <= 64:
         print(
             f"selfsup: note: data.image_size={cfg.data.image_size} with the ImageNet stem "
@@ -356,15 +359,19 @@ def starting_weights(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], list[str
     """``model.init``'s weights for ``cfg``'s backbone, checked against its shapes (a
     :class:`ConfigError` naming what does not fit), and notes on how they were read."""
     m, notes = cfg.model, []
-    with torch.device("meta"):  # shapes only
-        shapes, _ = build_backbone(m.backbone, small_stem=m.small_stem)
+    size = cfg.data.image_size
+    shapes = on_meta(  # shapes only
+        lambda: build_backbone(m.backbone, small_stem=m.small_stem, image_size=size)[0]
+    )
     return init_state(str(m.init), shapes, m.backbone, notes=notes), notes
 
 
 def build_model(cfg: DictConfig, init: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """The method of ``cfg``; its backbone starts from ``init`` (``model.init``'s weights, from
     :func:`selfsup.models.weights.init_state`) before a method copies it into a target network."""
-    backbone, feat_dim = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
+    backbone, feat_dim = build_backbone(
+        cfg.model.backbone, small_stem=cfg.model.small_stem, image_size=cfg.data.image_size
+    )
     if init is not None:
         backbone.load_state_dict(init)
     # options of other methods are ignored, so one preset can serve every method
