@@ -271,10 +271,12 @@ def _setting_problem(key: str, value: Any) -> ConfigError:
     kind = type(value).__name__
     if callable(getattr(value, "forward", None)):  # an nn.Module, without importing torch
         return ConfigError(
-            f"{key} is a {kind} module; pretrain takes a backbone by name (one of `selfsup "
-            "config`'s model.backbone choices). To train a module of your own, build the method "
-            "around it with selfsup.methods.build_method and train it in your own loop (the "
-            "README's example under 'Command line')"
+            f"{key} is a {kind} module; pretrain takes a backbone by name (a torchvision model "
+            "such as resnet18 or convnext_tiny), or the function that builds yours, as "
+            "'package.module:function' or 'path/to/file.py:function': the run's config.yaml "
+            "keeps that name, so --resume, eval and load_encoder can build it again. A module "
+            "alone can be trained in your own loop (selfsup.methods.build_method; the README's "
+            "example under 'Command line')"
         )
     return ConfigError(
         f"{key}={value!r} (of type {kind}) is not a setting: give a string, number, bool or list"

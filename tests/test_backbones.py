@@ -1,0 +1,214 @@
+"""Backbones beyond the ResNets: torchvision classification models by name, and factories of
+the user's own (``module:function``, ``path/to/file.py:function``), through the whole tool."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from omegaconf import OmegaConf
+from tiny_runs import run
+from torch import nn
+
+import selfsup
+from selfsup.cli import main
+from selfsup.errors import ConfigError
+from selfsup.export import weights_digest
+from selfsup.models import build_backbone, classifier_key, torchvision_backbones
+from selfsup.models.backbones import check_backbone
+from selfsup.models.weights import init_state
+from selfsup.train.config import resolve_config
+
+NETS = """
+from torch import nn
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+
+
+def not_a_module():
+    return "resnet18"
+"""
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def nets(tmp_path) -> Path:
+    path = tmp_path / "nets.py"
+    path.write_text(NETS)
+    return path
+
+
+# ---------------------------------------------------------------------------- by name
+@pytest.mark.parametrize(
+    "name,key,dim",
+    [
+        ("mobilenet_v3_small", "classifier.3", 1024),  # the hidden Linear classifier.0 stays
+        ("efficientnet_b0", "classifier.1", 1280),
+        ("regnet_y_400mf", "fc", 440),  # its constructor cannot run on the meta device
+    ],
+)
+def test_a_torchvision_model_by_name_gives_its_classifiers_input(name, key, dim) -> None:
+    backbone, feat_dim = build_backbone(name)
+    assert classifier_key(name) == key and feat_dim == dim
+    assert isinstance(backbone.get_submodule(key), nn.Identity)
+    reference = torchvision.models.get_model(name, weights=None)
+    expected = {k for k in reference.state_dict() if not k.startswith(f"{key}.")}
+    assert set(backbone.state_dict()) == expected
+    with torch.no_grad():
+        assert backbone.eval()(torch.randn(2, 3, 32, 32)).shape == (2, dim)
+
+
+def test_the_classifier_of_each_family_is_found() -> None:
+    keys = {n: classifier_key(n) for n in ("convnext_tiny", "vit_b_16", "swin_t", "densenet121")}
+    assert keys == {
+        "convnext_tiny": "classifier.2",
+        "vit_b_16": "heads.head",
+        "swin_t": "head",
+        "densenet121": "classifier",
+    }
+    names = torchvision_backbones()
+    assert "convnext_tiny" in names and "resnet50" in names
+    assert not any(n.startswith(("googlenet", "inception", "squeezenet")) for n in names)
+
+
+def test_backbones_that_cannot_work_are_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"vit_b_16 does not take 32 px .*--image-size 224"):
+        check_backbone("vit_b_16", small_stem=False, image_size=32)
+    assert check_backbone("vit_b_16", small_stem=False, image_size=224) == 768
+    with pytest.raises(ConfigError, match=r"convnext_tiny does not take 20 px .*--image-size 32"):
+        check_backbone("convnext_tiny", small_stem=False, image_size=20)
+    with pytest.raises(ConfigError, match="applies to the ResNets; convnext_tiny keeps its own"):
+        check_backbone("convnext_tiny", small_stem=True, image_size=64)
+    with pytest.raises(ConfigError, match="googlenet has no single Linear classifier"):
+        check_backbone("googlenet", small_stem=False, image_size=64)
+    with pytest.raises(ConfigError, match="did you mean 'convnext_tiny'"):
+        check_backbone("convnxt_tiny", small_stem=False, image_size=64)
+
+
+def test_a_non_resnet_drops_the_presets_small_stem_but_not_one_the_user_set() -> None:
+    sizes = ["data.image_size=32", "data.storage_size=32"]
+    cfg = resolve_config(
+        "byol", "quickstart", overrides=["model.backbone=mobilenet_v3_small", *sizes]
+    )
+    assert cfg.model.small_stem is False
+    assert resolve_config("byol", "quickstart").model.small_stem is True  # a ResNet keeps it
+    with pytest.raises(ConfigError, match="model.small_stem=true .* applies to the ResNets"):
+        resolve_config(
+            "byol",
+            "quickstart",
+            overrides=["model.backbone=mobilenet_v3_small", "model.small_stem=true", *sizes],
+        )
+
+
+# ---------------------------------------------------------------------------- factories
+def test_a_factory_in_a_file_builds_the_backbone_and_bad_ones_say_why(nets, tmp_path) -> None:
+    backbone, dim = build_backbone(f"{nets}:small_cnn", image_size=16)
+    assert dim == 16 and isinstance(backbone, nn.Sequential)
+    with pytest.raises(ConfigError, match=r"has no function 'small_cn' \(its functions: \["):
+        build_backbone(f"{nets}:small_cn")
+    with pytest.raises(ConfigError, match="returned a str, not an nn.Module"):
+        build_backbone(f"{nets}:not_a_module")
+    with pytest.raises(ConfigError, match="there is no file"):
+        build_backbone(f"{tmp_path / 'gone.py'}:small_cnn")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import not_a_package_anywhere\n")
+    with pytest.raises(ConfigError, match=r"importing .*broken.py failed \(ModuleNotFoundError"):
+        build_backbone(f"{broken}:small_cnn")
+    with pytest.raises(ConfigError, match="small_stem=true .* applies to the ResNets"):
+        build_backbone(f"{nets}:small_cnn", small_stem=True)
+
+
+def test_a_factory_module_is_found_in_the_current_folder(tmp_path, monkeypatch) -> None:
+    # the console script `selfsup` does not put the current folder on sys.path
+    (tmp_path / "selfsup_test_factory_nets.py").write_text(NETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    monkeypatch.delitem(sys.modules, "selfsup_test_factory_nets", raising=False)
+    _, dim = build_backbone("selfsup_test_factory_nets:small_cnn", image_size=16)
+    assert dim == 16
+    with pytest.raises(ConfigError, match="cannot import not_a_module_anywhere"):
+        build_backbone("not_a_module_anywhere:small_cnn")
+
+
+def test_a_factory_run_resumes_loads_and_exports_from_another_folder(
+    nets, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run(tmp_path, "byol", "model.backbone=nets.py:small_cnn", "train.epochs=1") == 0
+    config = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert config.model.backbone == f"{nets}:small_cnn"  # absolute: usable from anywhere
+    assert config.model.small_stem is False
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # from another folder the relative path names no file (said at once); the saved one works
+    rc = run(tmp_path, "byol", "--resume", "train.epochs=2", "model.backbone=nets.py:small_cnn")
+    assert rc == 2
+    rc = main(["pretrain", "--out", str(tmp_path / "run"), "--resume", "--epochs", "2"])
+    assert rc == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["epochs"] == 2
+
+    encoder = selfsup.load_encoder(tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "encoder.pt", weights_only=True)
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in state.items())
+    x = torch.randn(4, 3, 16, 16)
+    for fmt in ("safetensors", "torchscript"):
+        rc, out, err = cli("export", str(tmp_path / "run"), "--format", fmt)
+        assert rc == 0, err
+        loaded = selfsup.load_encoder(out.strip().rsplit(" ", 1)[-1])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), encoder(x))
+    rc, _, err = cli("export", str(tmp_path / "run"), "--format", "torchvision")
+    assert rc == 2 and "comes from your factory" in err and "safetensors" in err
+    rc, _, err = cli("eval", str(tmp_path / "run"), "--protocol", "linear", "--save-classifiers")
+    assert rc == 2 and "--save-classifiers saves torchvision models only" in err
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_a_torchvision_model_run_exports_to_torchvision_and_its_classifier_loads(tmp_path):
+    extra = ["model.backbone=mobilenet_v3_small", "train.epochs=1"]
+    assert run(tmp_path, "simclr", *extra) == 0
+    encoder = selfsup.load_encoder(tmp_path / "run")
+    assert isinstance(encoder.classifier[3], nn.Identity)
+    rc, out, err = cli("export", str(tmp_path / "run"), "--format", "torchvision")
+    assert rc == 0, err
+    exported = Path(out.strip().rsplit(" ", 1)[-1])
+    assert exported.name == "mobilenet_v3_small_torchvision.pt"
+    plain = torchvision.models.mobilenet_v3_small()
+    plain.load_state_dict(torch.load(exported, weights_only=True))  # strict: classifier too
+    plain.classifier[3] = nn.Identity()
+    assert weights_digest(plain) == weights_digest(encoder)
+    # the export starts a new run (model.init): its random classifier is dropped
+    start = init_state(str(exported), build_backbone("mobilenet_v3_small")[0], "mobilenet_v3_small")
+    assert start.keys() == encoder.state_dict().keys()
+
+    rc, _, err = cli(
+        "eval", str(tmp_path / "run"), "--protocol", "linear", "--save-classifiers",
+        "--cache-dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert rc == 0, err
+    saved = next((tmp_path / "run" / "classifiers").glob("*.pt"))
+    classifier = selfsup.load_classifier(saved)
+    assert isinstance(classifier.model, torchvision.models.MobileNetV3)
+    assert classifier.model.classifier[3].out_features == len(classifier.classes) == 10
+    index, confidence = classifier.predict(torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8))
+    assert index.shape == confidence.shape == (3,)
