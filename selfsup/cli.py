@@ -43,8 +43,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backbone",
         default=None,
-        help="resnet18, resnet50, resnet_tiny, or another torchvision ResNet (resnet34, "
-        "resnet101, wide_resnet50_2, resnext50_32x4d, ...)",
+        help="resnet18, resnet50, resnet_tiny, another torchvision ResNet (resnet34, "
+        "wide_resnet50_2, resnext50_32x4d, ...) or classification model (convnext_tiny, "
+        "efficientnet_b0, vit_b_16, ...), or your own factory: module:function or "
+        "path/to/file.py:function",
     )
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument(

@@ -307,11 +307,11 @@ def _fresh_backbone(name: str, small_stem: bool, seed: int) -> torch.nn.Module:
     """A seeded random-init backbone of the architecture, leaving the global RNG as it was."""
     import torch
 
-    from selfsup.models import build_backbone
+    from selfsup.models.backbones import backbone_module
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_backbone(name, small_stem=small_stem)[0]
+        return backbone_module(name, small_stem=small_stem)
 
 
 def _slug(text: str) -> str:

@@ -26,8 +26,8 @@ from selfsup.checks import check_encode_args, check_writable
 from selfsup.data.cache import atomic_write, atomic_write_text
 from selfsup.data.decode import storage_size_for_crop
 from selfsup.errors import CheckpointError, ConfigError, DataError
-from selfsup.models import BACKBONES, backbone_to_torchvision, build_backbone
-from selfsup.models.backbones import classifier_key, encoder_shapes, is_factory
+from selfsup.models import BACKBONES, backbone_to_torchvision
+from selfsup.models.backbones import backbone_module, classifier_key, encoder_shapes, is_factory
 from selfsup.models.weights import EXPORT_INFO, encoder_file, is_torchscript, read_state_dict
 from selfsup.train.checkpoint import atomic_torch_save
 
@@ -211,7 +211,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(path), map_location=map_location).eval()
     state, name, small = _load_state(path)
-    model, _ = build_backbone(name, small_stem=small)
+    model = backbone_module(name, small_stem=small)
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = _head(name)
     unexpected = [k for k in unexpected if not (head and k.startswith(f"{head}."))]

@@ -212,3 +212,37 @@ def test_a_torchvision_model_run_exports_to_torchvision_and_its_classifier_loads
     assert classifier.model.classifier[3].out_features == len(classifier.classes) == 10
     index, confidence = classifier.predict(torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8))
     assert index.shape == confidence.shape == (3,)
+
+
+def test_a_factorys_encoder_loads_whatever_image_size_its_module_takes(tmp_path) -> None:
+    # a module of one input size (a ViT's fixed positional embeddings): loading its weights
+    # runs no dummy batch, which at another size would fail
+    (tmp_path / "vit.py").write_text(
+        "import torchvision\n\n\ndef tiny_vit():\n"
+        "    model = torchvision.models.VisionTransformer(\n"
+        "        image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,\n"
+        "        mlp_dim=16,\n    )\n    model.heads = torchvision.ops.MLP(8, [8])\n"
+        "    return model\n"
+        "\n\ndef imagenet_resnet():\n    return torchvision.models.resnet18()\n"
+    )
+    spec = f"{tmp_path / 'vit.py'}:tiny_vit"
+    backbone, dim = build_backbone(spec, image_size=16)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(backbone.state_dict(), run_dir / "encoder.pt")
+    (run_dir / "config.yaml").write_text(
+        OmegaConf.to_yaml({"model": {"backbone": spec, "small_stem": False}})
+    )
+    loaded = selfsup.load_encoder(run_dir)
+    assert weights_digest(loaded) == weights_digest(backbone) and dim == 8
+    # a factory returning torchvision's ImageNet resnet18 trains its pooled features, and
+    # its encoder (no fc) loads back the same way
+    resnet, dim = build_backbone(f"{tmp_path / 'vit.py'}:imagenet_resnet")
+    assert dim == 512 and isinstance(resnet.fc, nn.Identity)
+    torch.save(resnet.state_dict(), run_dir / "encoder.pt")
+    (run_dir / "config.yaml").write_text(
+        OmegaConf.to_yaml(
+            {"model": {"backbone": f"{tmp_path / 'vit.py'}:imagenet_resnet", "small_stem": False}}
+        )
+    )
+    assert weights_digest(selfsup.load_encoder(run_dir)) == weights_digest(resnet)

@@ -222,7 +222,26 @@ def _build_from_factory(spec: str) -> nn.Module:
             f"model.backbone={spec} returned a {type(module).__name__}, not an nn.Module "
             "mapping images [B, 3, S, S] to features [B, D]"
         )
+    return _without_imagenet_fc(module)
+
+
+def _without_imagenet_fc(module: nn.Module) -> nn.Module:
+    """A torchvision ``ResNet`` with its 1000-class ImageNet ``fc``: that replaced by
+    ``nn.Identity`` (in place); its logits are no features. Any other module as it is."""
+    fc = getattr(module, "fc", None)
+    if isinstance(module, ResNet) and isinstance(fc, nn.Linear) and fc.out_features == 1000:
+        module.fc = nn.Identity()
     return module
+
+
+def backbone_module(name: str, small_stem: bool = False) -> nn.Module:
+    """The module :func:`build_backbone` builds for ``name`` (a name or a factory), without the
+    dummy batch that finds D: for loading saved weights into, whatever image size it takes."""
+    if is_factory(name):
+        if small_stem:
+            _refuse_small_stem(name)
+        return _build_from_factory(name)
+    return build_backbone(name, small_stem=small_stem)[0]
 
 
 @functools.cache
@@ -261,12 +280,8 @@ def encoder_shapes(name: str, small_stem: bool) -> dict[str, tuple[int, ...]]:
     """Parameter and buffer shapes of ``build_backbone(name, small_stem=...)``'s module (its
     classifier removed), built on the meta device where the constructor allows it."""
 
-    def build() -> nn.Module:
-        if is_factory(name):
-            return _build_from_factory(name)
-        return build_backbone(name, small_stem=small_stem)[0]
-
-    return {k: tuple(v.shape) for k, v in on_meta(build).state_dict().items()}
+    module = on_meta(lambda: backbone_module(name, small_stem))
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def check_backbone(name: str, *, small_stem: bool, image_size: int) -> int:
@@ -410,10 +425,9 @@ def build_backbone(
         if feat_dim is not None:
             return name, int(feat_dim)
         fc = getattr(name, "fc", None)
-        if isinstance(name, ResNet) and isinstance(fc, nn.Linear) and fc.out_features == 1000:
+        if getattr(_without_imagenet_fc(name), "fc", None) is not fc:
             # torchvision's ImageNet classifier: its logits are no features; keep the pooled ones,
             # as for a backbone by name (a head of the user's own, or feat_dim=, is kept)
-            name.fc = nn.Identity()
             return name, fc.in_features
         dim = _infer_feature_dim(name, image_size)
         head = next((h for h in _CLASSIFIER_HEADS if hasattr(name, h)), None)
