@@ -90,6 +90,26 @@ def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
     return int(info.get("storage_size") or size), size
 
 
+def check_input_size(
+    encoder: torch.nn.Module, size: int, where: Path | str, info: dict[str, Any]
+) -> None:
+    """A ConfigError now, before any image is decoded, when ``encoder`` refuses ``size`` px
+    inputs (a ViT takes the size it was trained at only), naming the size it was trained at."""
+    from selfsup.models.backbones import input_problem
+
+    was_training = encoder.training
+    problem = input_problem(encoder.eval(), size)
+    encoder.train(was_training)
+    if problem:
+        trained = info.get("image_size")
+        fix = (
+            f"it was trained at {trained} px: drop --image-size (or pass {trained})"
+            if trained and int(trained) != size
+            else "pass --image-size with a size it takes"
+        )
+        raise ConfigError(f"{where}: the encoder does not take {size} px images ({problem}); {fix}")
+
+
 def _pretrain_augment(run_dir: Path) -> dict[str, Any]:
     """``augment.both`` of the run's config (what the user or preset set for this data), or
     ``{}`` without a config."""
@@ -303,15 +323,19 @@ def _architecture(info: dict[str, Any], encoder: torch.nn.Module) -> tuple[str, 
     return infer_architecture(encoder.state_dict())
 
 
-def _fresh_backbone(name: str, small_stem: bool, seed: int) -> torch.nn.Module:
-    """A seeded random-init backbone of the architecture, leaving the global RNG as it was."""
+def _fresh_backbone(
+    name: str, small_stem: bool, seed: int, like: torch.nn.Module
+) -> torch.nn.Module:
+    """A seeded random-init backbone of the architecture (for the input size of ``like``, the
+    trained encoder, where that matters: a ViT's), leaving the global RNG as it was."""
     import torch
 
-    from selfsup.models.backbones import backbone_module
+    from selfsup.models.backbones import backbone_module, state_image_size
 
+    size = state_image_size(name, like.state_dict())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return backbone_module(name, small_stem=small_stem)
+        return backbone_module(name, small_stem=small_stem, image_size=size)
 
 
 def _slug(text: str) -> str:
@@ -576,6 +600,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 "where it is on this machine (or any labeled dataset)"
             ) from None
     load_size, image_size = _sizes(info, args.image_size)
+    check_input_size(encoder, image_size, target, info)
     progress = not args.no_progress and is_main()
     with main_process_first():  # under torchrun rank 0 builds the cache, the others read it
         train, test = _load_labeled_splits(source, load_size, args.cache_dir, args.limit, progress)
@@ -598,7 +623,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     encoders: dict[str, torch.nn.Module] = {"ssl": encoder}
     if args.baselines:
         arch = arch or _architecture(info, encoder)
-        encoders["random_init"] = _fresh_backbone(*arch, seed=args.seed)
+        encoders["random_init"] = _fresh_backbone(*arch, seed=args.seed, like=encoder)
     weights = weights_digest(encoder)  # of the tensors: an export of a run shares its digest
     results: dict[str, Any] = {
         "encoder": str(target),
@@ -786,7 +811,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 for label, (train_fn, lr) in trainers.items():
                     t0 = time.monotonic()
                     # the baseline's seeded random-init encoder is built inside its timing
-                    start = enc if label == "ssl" else _fresh_backbone(*arch, seed=args.seed)
+                    start = (
+                        enc if label == "ssl" else _fresh_backbone(*arch, seed=args.seed, like=enc)
+                    )
                     # the ssl encoder's fine-tuned copy comes back too, for --save-classifiers
                     returned = {"return_model": True} if save_classifiers and label == "ssl" else {}
                     m = train_fn(
@@ -1068,6 +1095,7 @@ def _encode_source(
     from selfsup.train.distributed import distributed_extract_features, main_process_first
 
     load_size, size = _sizes(info, image_size)
+    check_input_size(model, size, info.get("run_dir") or "the encoder", info)
     with main_process_first():
         ds = _load(source, split, load_size, cache_dir, limit, progress and is_first_rank())
     mean, std = _normalisation(info, ds.images)

@@ -27,7 +27,13 @@ from selfsup.data.cache import atomic_write, atomic_write_text
 from selfsup.data.decode import storage_size_for_crop
 from selfsup.errors import CheckpointError, ConfigError, DataError
 from selfsup.models import BACKBONES, backbone_to_torchvision
-from selfsup.models.backbones import backbone_module, classifier_key, encoder_shapes, is_factory
+from selfsup.models.backbones import (
+    backbone_module,
+    classifier_key,
+    encoder_shapes,
+    is_factory,
+    state_image_size,
+)
 from selfsup.models.weights import EXPORT_INFO, encoder_file, is_torchscript, read_state_dict
 from selfsup.train.checkpoint import atomic_torch_save
 
@@ -73,9 +79,12 @@ def _head(name: str) -> str | None:
     return None if is_factory(name) else classifier_key(name)
 
 
-def _backbone_shapes(name: str, small_stem: bool) -> dict[str, tuple[int, ...]]:
-    """What :func:`_encoder_shapes` gives for backbone ``name``'s encoder."""
-    return encoder_shapes(name, small_stem)
+def _backbone_shapes(
+    name: str, small_stem: bool, image_size: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """What :func:`_encoder_shapes` gives for backbone ``name``'s encoder (a ViT's for
+    ``image_size`` px inputs)."""
+    return encoder_shapes(name, small_stem, image_size)
 
 
 def encoder_metadata(path: str | Path) -> dict[str, Any]:
@@ -160,7 +169,7 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
         name, small = meta["backbone"], bool(meta["small_stem"])
         # every tensor of the metadata's backbone, with its shape (extra keys: load's concern);
         # not so for an encoder.pt copied beside another run's config.yaml
-        expected = _backbone_shapes(name, small)
+        expected = _backbone_shapes(name, small, state_image_size(name, state))
         if not expected.items() <= _encoder_shapes(state, _head(name)).items():
             try:
                 found = "a {} (small_stem={}) encoder".format(*infer_architecture(state))
@@ -211,7 +220,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(path), map_location=map_location).eval()
     state, name, small = _load_state(path)
-    model = backbone_module(name, small_stem=small)
+    model = backbone_module(name, small_stem=small, image_size=state_image_size(name, state))
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = _head(name)
     unexpected = [k for k in unexpected if not (head and k.startswith(f"{head}."))]
@@ -221,6 +230,33 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
             f"unexpected {unexpected[:5]}"
         )
     return model.to(map_location).eval()
+
+
+def _traced(model: nn.Module, example: torch.Tensor, src: Path) -> torch.jit.ScriptModule:
+    """``model`` traced on ``example``, checked against the module itself on another batch.
+
+    torch.jit.trace's own check compares the graphs of two traces, which differ for
+    torchvision's ViTs (a constant of ``torch._assert`` is renamed) although their outputs are
+    the same; the outputs are what a user runs, so they are compared instead."""
+    with warnings.catch_warnings():
+        # torch >= 2.9 marks jit.trace deprecated; TorchScript is still what this format is
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # a ViT's shape asserts
+        scripted = torch.jit.trace(model, example, check_trace=False)
+    check = torch.Generator().manual_seed(0)
+    batch = torch.rand(2, *example.shape[1:], generator=check)
+    with torch.no_grad():
+        want, got = model(batch), scripted(batch)
+    if (
+        not isinstance(got, torch.Tensor)
+        or got.shape != want.shape
+        or not torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    ):
+        raise CheckpointError(
+            f"{src}: the traced encoder does not compute what the module does (data-dependent "
+            "control flow, which tracing cannot record); export it as --format safetensors"
+        )
+    return scripted
 
 
 def export_encoder(
@@ -267,7 +303,7 @@ def export_encoder(
     meta = {k: v for k, v in source_meta.items() if k not in ("backbone", "small_stem")}
     meta.update(backbone=name, small_stem=small)
     if fmt == "torchvision":
-        tv = backbone_to_torchvision(name, small)
+        tv = backbone_to_torchvision(name, small, image_size=state_image_size(name, state))
         missing, unexpected = tv.load_state_dict(model.state_dict(), strict=False)
         head = classifier_key(name)
         if sorted(missing) != [f"{head}.bias", f"{head}.weight"] or unexpected:
@@ -287,10 +323,7 @@ def export_encoder(
     else:
         target = base / "encoder.torchscript.pt"
         example = torch.zeros(1, 3, size, size)
-        with warnings.catch_warnings():
-            # torch >= 2.9 marks jit.trace deprecated; TorchScript is still what this format is
-            warnings.simplefilter("ignore", FutureWarning)
-            scripted = torch.jit.trace(model, example)
+        scripted = _traced(model, example, src)
         atomic_write(target, lambda tmp: scripted.save(str(tmp)))
     # one export.json for the folder: the shared metadata, and each format's file
     info_path = base / EXPORT_INFO
@@ -448,7 +481,10 @@ def check_classifier_architecture(encoder: nn.Module, name: str, small_stem: boo
             f"the encoder's backbone comes from your factory {name}: --save-classifiers saves "
             "torchvision models only: drop it (the accuracies are written without it)"
         )
-    if _encoder_shapes(encoder.state_dict(), None) != _backbone_shapes(name, small_stem):
+    state = encoder.state_dict()
+    if _encoder_shapes(state, None) != _backbone_shapes(
+        name, small_stem, state_image_size(name, state)
+    ):
         raise CheckpointError(
             f"the encoder's tensors are not those of a {name} (small_stem={small_stem}); "
             "--save-classifiers saves torchvision models only"
@@ -461,8 +497,10 @@ def classifier_state(
     """The ``state_dict`` (CPU) of ``backbone_to_torchvision(name, small_stem, num_classes=C)``
     holding ``encoder``'s tensors and ``head`` as its classifier (``fc`` of a ResNet,
     :func:`~selfsup.models.classifier_key`): it loads with ``strict=True``."""
-    model = backbone_to_torchvision(name, small_stem, num_classes=head.out_features)
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    model = backbone_to_torchvision(
+        name, small_stem, num_classes=head.out_features, image_size=state_image_size(name, state)
+    )
     key = classifier_key(name)
     state[f"{key}.weight"] = head.weight.detach().cpu().float()
     state[f"{key}.bias"] = head.bias.detach().cpu().float()
@@ -540,7 +578,12 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
             f"{weights} is damaged or holds no classifier weights (its .json is fine); run "
             "`selfsup eval --save-classifiers` again to rewrite it"
         ) from None
-    model = backbone_to_torchvision(meta["backbone"], bool(meta["small_stem"]), len(classes))
+    model = backbone_to_torchvision(
+        meta["backbone"],
+        bool(meta["small_stem"]),
+        len(classes),
+        image_size=state_image_size(meta["backbone"], state),
+    )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -22,7 +22,7 @@ from selfsup.cli import main
 from selfsup.errors import ConfigError
 from selfsup.export import weights_digest
 from selfsup.models import build_backbone, classifier_key, torchvision_backbones
-from selfsup.models.backbones import check_backbone
+from selfsup.models.backbones import check_backbone, state_image_size
 from selfsup.models.weights import init_state
 from selfsup.train.config import resolve_config
 
@@ -91,9 +91,10 @@ def test_the_classifier_of_each_family_is_found() -> None:
 
 
 def test_backbones_that_cannot_work_are_refused_with_the_fix() -> None:
-    with pytest.raises(ConfigError, match=r"vit_b_16 does not take 32 px .*--image-size 224"):
-        check_backbone("vit_b_16", small_stem=False, image_size=32)
-    assert check_backbone("vit_b_16", small_stem=False, image_size=224) == 768
+    with pytest.raises(ConfigError, match=r"maxvit_t does not take 32 px .*--image-size 224"):
+        check_backbone("maxvit_t", small_stem=False, image_size=32)
+    with pytest.raises(ConfigError, match=r"vit_b_16 cuts images into 16 px .* not 40 \(e.g. 32"):
+        check_backbone("vit_b_16", small_stem=False, image_size=40)
     with pytest.raises(ConfigError, match=r"convnext_tiny does not take 20 px .*--image-size 32"):
         check_backbone("convnext_tiny", small_stem=False, image_size=20)
     with pytest.raises(ConfigError, match="applies to the ResNets; convnext_tiny keeps its own"):
@@ -246,3 +247,83 @@ def test_a_factorys_encoder_loads_whatever_image_size_its_module_takes(tmp_path)
         )
     )
     assert weights_digest(selfsup.load_encoder(run_dir)) == weights_digest(resnet)
+
+
+# ---------------------------------------------------------------------------- ViT sizes
+def test_a_vit_trains_at_any_multiple_of_its_patch_and_loads_exports_at_it(tmp_path) -> None:
+    assert check_backbone("vit_b_32", small_stem=False, image_size=64) == 768
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("vit_b_32", image_size=64)
+    assert state_image_size("vit_b_32", backbone.state_dict()) == 64
+    assert state_image_size("vit_b_32", build_backbone("vit_b_32")[0].state_dict()) == 224
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = backbone.eval()(x)
+    assert features.shape == (2, dim)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(backbone.state_dict(), run_dir / "encoder.pt")
+    (run_dir / "config.yaml").write_text(
+        OmegaConf.to_yaml(
+            {
+                "model": {"backbone": "vit_b_32", "small_stem": False},
+                "data": {"source": str(tmp_path / "gone"), "image_size": 64},
+            }
+        )
+    )
+    loaded = selfsup.load_encoder(run_dir)  # built for 64 px, as the weights say
+    assert weights_digest(loaded) == weights_digest(backbone)
+    for fmt in ("torchvision", "safetensors", "torchscript"):
+        rc, out, err = cli("export", str(run_dir), "--format", fmt)
+        assert rc == 0, err
+        exported = Path(out.strip().rsplit(" ", 1)[-1])
+        if fmt == "torchvision":  # strict, with the image_size torchvision takes
+            plain = torchvision.models.vit_b_32(image_size=64)
+            plain.load_state_dict(torch.load(exported, weights_only=True))
+            plain.heads.head = nn.Identity()
+            assert weights_digest(plain) == weights_digest(backbone)
+        else:
+            with torch.no_grad():
+                torch.testing.assert_close(selfsup.load_encoder(exported)(x), features)
+    # another size is refused before any image is read (no cache is written)
+    from PIL import Image
+
+    for split, label in (("train", "a"), ("train", "b"), ("test", "a"), ("test", "b")):
+        (tmp_path / "data" / split / label).mkdir(parents=True)
+        Image.new("RGB", (64, 64)).save(tmp_path / "data" / split / label / "0.png")
+    rc, _, err = cli(
+        "eval", str(run_dir), "--data", str(tmp_path / "data"), "--image-size", "32",
+        "--cache-dir", str(tmp_path / "cache"),
+    )  # fmt: skip
+    assert rc == 2 and not (tmp_path / "cache").exists()
+    assert "does not take 32 px images" in err and "trained at 64 px: drop --image-size" in err
+
+
+def test_vit_weights_of_another_size_start_a_run_with_resized_position_embeddings() -> None:
+    torch.manual_seed(0)
+    big = build_backbone("vit_b_32")[0].state_dict()  # 224 px: 7x7 patches + class token
+    small = build_backbone("vit_b_32", image_size=96)[0]  # 3x3 patches + class token
+    notes: list[str] = []
+    state = init_state_from(big, small, notes)
+    pos = state["encoder.pos_embedding"]
+    assert pos.shape == (1, 10, 768)
+    torch.testing.assert_close(pos[:, 0], big["encoder.pos_embedding"][:, 0])  # class token
+    # the grid is resized bicubically, corners aligned: the corner patches keep their vectors
+    grid = big["encoder.pos_embedding"][0, 1:].reshape(7, 7, 768)
+    torch.testing.assert_close(pos[0, 1:].reshape(3, 3, 768)[0, 0], grid[0, 0])
+    torch.testing.assert_close(pos[0, 1:].reshape(3, 3, 768)[2, 2], grid[6, 6])
+    assert all(torch.equal(state[k], v) for k, v in big.items() if k != "encoder.pos_embedding")
+    assert notes and "7x7 patches, 224 px) resized to 3x3 (96 px images)" in notes[0]
+    small.load_state_dict(state)
+    same: list[str] = []
+    init_state_from(big, build_backbone("vit_b_32")[0], same)
+    assert same == []  # the same size: nothing resized, nothing said
+
+
+def init_state_from(state, backbone, notes, tmp=None):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "vit.pt"
+        torch.save(state, path)
+        return init_state(str(path), backbone, "vit_b_32", notes=notes)

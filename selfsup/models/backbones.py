@@ -112,6 +112,34 @@ def is_resnet(name: str) -> bool:
     return name in BACKBONES
 
 
+def is_sized(name: str) -> bool:
+    """Whether backbone ``name`` is built for one input size: torchvision's ViTs, whose
+    position embeddings hold one per patch of an ``image_size`` image (torchvision's
+    ``image_size`` argument, 224 by default; any multiple of the patch size)."""
+    return isinstance(name, str) and name.startswith("vit_")
+
+
+def sized_kwargs(name: str, image_size: int | None) -> dict[str, int]:
+    """The keyword arguments that build torchvision's ``name`` for ``image_size`` px inputs:
+    ``{"image_size": S}`` for a ViT (none at its default 224, or for any other model)."""
+    if is_sized(name) and image_size is not None and int(image_size) != 224:
+        return {"image_size": int(image_size)}
+    return {}
+
+
+def state_image_size(name: str, state: dict[str, torch.Tensor]) -> int | None:
+    """The input size a ViT ``state`` was built for, read from its tensors: ``encoder.
+    pos_embedding`` [1, (S/p)^2 + 1, D] and ``conv_proj.weight`` [D, 3, p, p]. None for any
+    other backbone (its weights take any size) or a state without those tensors."""
+    if not is_sized(name):
+        return None
+    pos, proj = state.get("encoder.pos_embedding"), state.get("conv_proj.weight")
+    if pos is None or proj is None or pos.dim() != 3:
+        return None
+    side = round((pos.shape[1] - 1) ** 0.5)
+    return side * int(proj.shape[-1]) if side * side == pos.shape[1] - 1 else None
+
+
 def is_factory(name: str) -> bool:
     """Whether ``model.backbone`` names a factory of the user's (``module:function``)."""
     return isinstance(name, str) and ":" in name
@@ -234,14 +262,18 @@ def _without_imagenet_fc(module: nn.Module) -> nn.Module:
     return module
 
 
-def backbone_module(name: str, small_stem: bool = False) -> nn.Module:
+def backbone_module(
+    name: str, small_stem: bool = False, image_size: int | None = None
+) -> nn.Module:
     """The module :func:`build_backbone` builds for ``name`` (a name or a factory), without the
-    dummy batch that finds D: for loading saved weights into, whatever image size it takes."""
+    dummy batch that finds D: for loading saved weights into, whatever image size it takes.
+    ``image_size`` matters to a ViT only (:func:`is_sized`; :func:`state_image_size` reads it
+    from saved weights)."""
     if is_factory(name):
         if small_stem:
             _refuse_small_stem(name)
         return _build_from_factory(name)
-    return build_backbone(name, small_stem=small_stem)[0]
+    return build_backbone(name, small_stem=small_stem, image_size=image_size)[0]
 
 
 @functools.cache
@@ -276,11 +308,13 @@ def _refuse_small_stem(name: str) -> None:
     )
 
 
-def encoder_shapes(name: str, small_stem: bool) -> dict[str, tuple[int, ...]]:
-    """Parameter and buffer shapes of ``build_backbone(name, small_stem=...)``'s module (its
-    classifier removed), built on the meta device where the constructor allows it."""
+def encoder_shapes(
+    name: str, small_stem: bool, image_size: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of ``build_backbone(name, small_stem=..., image_size=...)``'s
+    module (its classifier removed), built on the meta device where the constructor allows it."""
 
-    module = on_meta(lambda: backbone_module(name, small_stem))
+    module = on_meta(lambda: backbone_module(name, small_stem, image_size))
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
@@ -292,6 +326,15 @@ def check_backbone(name: str, *, small_stem: bool, image_size: int) -> int:
     check_backbone_name(name)
     if small_stem and not is_resnet(name):
         _refuse_small_stem(name)
+    if is_sized(name):
+        patch = int(on_meta(lambda: torchvision.models.get_model(name)).patch_size)
+        if image_size % patch:
+            fits = [s for s in (32, 64, 96, 128, 160, 224) if s % patch == 0 and s >= patch]
+            raise ConfigError(
+                f"model.backbone={name} cuts images into {patch} px patches: set "
+                f"data.image_size (--image-size) to a multiple of {patch}, not {image_size}"
+                f" (e.g. {', '.join(map(str, fits))})"
+            )
     with warnings.catch_warnings():  # the 1000-logits warning is for the real build
         warnings.simplefilter("ignore")
         try:
@@ -301,9 +344,9 @@ def check_backbone(name: str, *, small_stem: bool, image_size: int) -> int:
             model, dim = build_backbone(name, small_stem=small_stem, image_size=image_size)
     if is_factory(name):
         return dim  # build_backbone ran its dummy batch already
-    problem = _input_problem(model.eval(), image_size)
+    problem = input_problem(model.eval(), image_size)
     if problem:
-        takes = [s for s in (32, 64, 96, 128, 160, 224) if not _input_problem(model, s)]
+        takes = [s for s in (32, 64, 96, 128, 160, 224) if not input_problem(model, s)]
         hint = f", e.g. --image-size {takes[0]}" if takes else ""
         raise ConfigError(
             f"model.backbone={name} does not take {image_size} px images ({problem}); set "
@@ -312,13 +355,14 @@ def check_backbone(name: str, *, small_stem: bool, image_size: int) -> int:
     return dim
 
 
-def _input_problem(model: nn.Module, image_size: int) -> str | None:
+def input_problem(model: nn.Module, image_size: int) -> str | None:
     """Why ``model`` fails on a ``[2, 3, S, S]`` batch, or None (also for an op the meta
     device cannot run: the first real step tells)."""
-    param = next(model.parameters())
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     try:
         with torch.no_grad():
-            model(torch.zeros(2, 3, image_size, image_size, device=param.device))
+            model(torch.zeros(2, 3, image_size, image_size, device=device))
     except NotImplementedError:
         return None
     except Exception as exc:
@@ -327,9 +371,11 @@ def _input_problem(model: nn.Module, image_size: int) -> str | None:
     return None
 
 
-def backbone_to_torchvision(name: str, small_stem: bool, num_classes: int = 1000) -> nn.Module:
+def backbone_to_torchvision(
+    name: str, small_stem: bool, num_classes: int = 1000, image_size: int | None = None
+) -> nn.Module:
     """A fresh torchvision model (with its classifier) of the same architecture as
-    ``build_backbone(name, small_stem=small_stem)``.
+    ``build_backbone(name, small_stem=small_stem, image_size=image_size)``.
 
     A saved encoder ``state_dict`` loads into it with ``strict=False`` and only the classifier
     (``classifier_key(name)``: ``fc.*`` for a ResNet) missing.
@@ -338,6 +384,8 @@ def backbone_to_torchvision(name: str, small_stem: bool, num_classes: int = 1000
         name: one of ``BACKBONES`` or :func:`torchvision_backbones`.
         small_stem: whether the encoder was built with the small-image stem (ResNets only).
         num_classes: output size of the new classifier.
+        image_size: the input size of a ViT (:func:`is_sized`; 224 when None), passed as
+            torchvision's ``image_size``; other models take any size and ignore it.
     """
     if name in TORCHVISION_RESNETS:
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
@@ -352,7 +400,9 @@ def backbone_to_torchvision(name: str, small_stem: bool, num_classes: int = 1000
         check_backbone_name(name)
         if small_stem:
             _refuse_small_stem(name)
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(
+            name, weights=None, num_classes=num_classes, **sized_kwargs(name, image_size)
+        )
     if small_stem:
         _use_small_stem_(model)
     return model
@@ -395,7 +445,7 @@ def build_backbone(
     name: str | nn.Module,
     *,
     small_stem: bool = False,
-    image_size: int = 64,
+    image_size: int | None = None,
     feat_dim: int | None = None,
 ) -> tuple[nn.Module, int]:
     """Build the encoder f: [B, 3, S, S] -> [B, D] and return ``(module, D)``.
@@ -410,8 +460,10 @@ def build_backbone(
             ``image_size`` unless ``feat_dim`` is given.
         small_stem: use the CIFAR stem (3x3 stride-1 conv1, no max-pool) for images of ~32 px.
             ResNets by name only: for any other backbone it is an error (change its stem).
-        image_size: S of the dummy batch that finds D of a user module (one that only takes its
-            own input size, such as a ViT with fixed positional embeddings, needs its S).
+        image_size: the input size S: a ViT by name is built for it (torchvision's
+            ``image_size``, 224 when None; other models by name take any S), and it is the S
+            of the dummy batch that finds D of a user module (64 when None; a module that only
+            takes its own input size needs its S).
         feat_dim: D of a user module, skipping the dummy forward.
     """
     if isinstance(name, nn.Module):
@@ -429,7 +481,7 @@ def build_backbone(
             # torchvision's ImageNet classifier: its logits are no features; keep the pooled ones,
             # as for a backbone by name (a head of the user's own, or feat_dim=, is kept)
             return name, fc.in_features
-        dim = _infer_feature_dim(name, image_size)
+        dim = _infer_feature_dim(name, 64 if image_size is None else image_size)
         head = next((h for h in _CLASSIFIER_HEADS if hasattr(name, h)), None)
         if dim == 1000 and head is not None:
             warnings.warn(
@@ -444,7 +496,7 @@ def build_backbone(
         if small_stem:
             _refuse_small_stem(name)
         return build_backbone(_build_from_factory(name), image_size=image_size, feat_dim=feat_dim)
-    model = backbone_to_torchvision(name, small_stem)
+    model = backbone_to_torchvision(name, small_stem, image_size=image_size)
     key = classifier_key(name)
     head = model.get_submodule(key)
     model.set_submodule(key, nn.Identity())
