@@ -145,3 +145,15 @@ def test_extract_features_normalize_and_errors() -> None:
         extract_features(net, images[:0], to_float)
     with pytest.raises(DataError, match=r"\[N, 3, H, W\]"):
         extract_features(net, images[:, :1], to_float)
+    # a pooled [B, D, 1, 1] map is one vector per image; a spatial map or a tuple is refused
+    pooled = extract_features(net[:4], images, to_float)
+    torch.testing.assert_close(pooled, extract_features(net, images, to_float))
+    with pytest.raises(DataError, match=r"shaped \(7, 6, 8, 8\), not one vector .* pool its"):
+        extract_features(net[:3], images, to_float)
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)), x
+
+    with pytest.raises(DataError, match="returned a tuple, not a features tensor"):
+        extract_features(Pair(), images, to_float)

@@ -230,6 +230,27 @@ def test_moco_split_bn_keys_are_normalised_in_shuffled_groups(shuffle_bn: bool) 
         assert not torch.allclose(method.queue[:8], whole, atol=1e-3)
 
 
+def test_moco_shuffles_keys_only_where_batchnorm_could_leak_between_them() -> None:
+    assert make("moco", shuffle_bn=True).shuffle_bn  # resnet_tiny's BatchNorm
+    assert not make("moco", shuffle_bn=False).shuffle_bn
+    torch.manual_seed(0)
+    no_bn = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    method = build_method("moco", no_bn, 8, **{**SMALL["moco"], "shuffle_bn": True})
+    assert not method.shuffle_bn  # GroupNorm and a head without BatchNorm: nothing to shuffle
+    x1, x2 = views()
+    torch.manual_seed(5)
+    method(x1, x2)
+    drawn = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(1), drawn)  # the forward drew no permutation
+    with_bn_head = build_method(
+        "moco", no_bn, 8, **{**SMALL["moco"], "shuffle_bn": True, "proj_batch_norm": True}
+    )
+    assert with_bn_head.shuffle_bn
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_moco_enqueues_normalised_detached_keys_after_the_loss(symmetric: bool) -> None:
     method = make("moco", queue_size=32, symmetric=symmetric)

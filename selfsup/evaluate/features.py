@@ -119,11 +119,30 @@ def extract_features(
             batch = images[start : start + batch_size].to(run_device, non_blocking=True)
             with autocast_context(run_device, amp):
                 feats = backbone(transform(batch))
-            feats = feats.float().flatten(1)
+            feats = _pooled(feats, backbone).float().flatten(1)
             if normalize:
                 feats = F.normalize(feats, dim=1)
             chunks.append(feats.cpu())
     return torch.cat(chunks)
+
+
+def _pooled(feats: object, backbone: nn.Module) -> Tensor:
+    """``feats`` when a backbone's output is one vector per image (``[B, D]``, or ``[B, D, 1,
+    1]`` of a pooled map); a DataError for what the protocols cannot compare (a spatial map,
+    a tuple): flattening a map would make kNN compare pixels' places, not images."""
+    name = type(backbone).__name__
+    if not isinstance(feats, Tensor):
+        raise DataError(
+            f"the encoder {name} returned a {type(feats).__name__}, not a features tensor "
+            "[B, D]; return one tensor (e.g. the pooled features, not a tuple of outputs)"
+        )
+    if feats.dim() < 2 or any(n != 1 for n in feats.shape[2:]):
+        raise DataError(
+            f"the encoder {name} returned features shaped {tuple(feats.shape)}, not one vector "
+            "per image [B, D]; pool its feature maps first (nn.AdaptiveAvgPool2d(1) and "
+            "nn.Flatten() at its end)"
+        )
+    return feats
 
 
 def accepts_generator(transform: Transform) -> bool:

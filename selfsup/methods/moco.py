@@ -82,7 +82,9 @@ class MoCo(nn.Module):
             measured on the quickstart digits stops the slide of all keys onto one direction.
         shuffle_bn: shuffle the key encoder's batch so that its BatchNorm groups differ from the
             query encoder's ([0] sec. 3.3): across ranks under DDP, within the process when
-            ``bn_splits`` gives it several groups. Not needed with SyncBatchNorm.
+            ``bn_splits`` gives it several groups. Not needed with SyncBatchNorm, and off (the
+            attribute false) for a key encoder without BatchNorm, whose keys share no
+            batch statistics.
         bn_splits: G, the number of groups the global batch is split into for BatchNorm, as G
             GPUs would each normalise their own B / G images (8 in the MoCo authors' one-GPU
             CIFAR-10 demo, matching the paper's 8 GPUs). Each of W processes uses G / W groups
@@ -132,7 +134,12 @@ class MoCo(nn.Module):
         self.key_backbone = EmaTarget(backbone)
         self.key_projector = EmaTarget(self.projector)
         self.temperature, self.symmetric = temperature, symmetric
-        self.shuffle_bn = shuffle_bn
+        # without BatchNorm (ConvNeXt, ViT, Swin; GroupNorm, LayerNorm) no key sees another's
+        # statistics: nothing to shuffle, and under DDP no images to gather for it
+        self.shuffle_bn = shuffle_bn and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for m in (*self.backbone.modules(), *self.projector.modules())
+        )
         self.momentum, self.momentum_cosine = momentum, momentum_cosine
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
