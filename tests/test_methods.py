@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -251,6 +252,23 @@ def test_moco_shuffles_keys_only_where_batchnorm_could_leak_between_them() -> No
     assert with_bn_head.shuffle_bn
 
 
+def test_moco_enqueues_every_forwards_keys_and_warns_when_update_target_is_missing() -> None:
+    method = make("moco", queue_size=16, shuffle_bn=False)
+    (a1, a2), (b1, b2) = views(seed=1), views(seed=2)
+    keys = [method(a1, a2)["z2"], method(b1, b2)["z2"]]  # two micro-batches, one step
+    method.update_target(0.0)
+    torch.testing.assert_close(method.queue, torch.cat(keys))  # both, oldest first
+    assert int(method.queue_ptr) == 0  # 16 keys: wrapped round once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        method(a1, a2)  # one forward per update_target: no warning
+        method.update_target(0.0)
+    with pytest.warns(UserWarning, match="Call method.update_target"):
+        for _ in range(3):  # never updated: 24 keys waiting for a queue of 16
+            method(a1, a2)
+    assert method._pending_keys.shape == (16, 32)  # the newest K only: memory stays bounded
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_moco_enqueues_normalised_detached_keys_after_the_loss(symmetric: bool) -> None:
     method = make("moco", queue_size=32, symmetric=symmetric)
@@ -389,6 +407,7 @@ def test_a_few_sgd_steps_lower_the_loss(name: str) -> None:
         method(*batch_b)  # MoCo: keys to fill its queue with real ones
     if name == "moco":
         method._enqueue(method._pending_keys)
+        method._pending_keys = None
     losses_a = []
     steps = 6
     for step in range(steps):

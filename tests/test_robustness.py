@@ -1043,6 +1043,15 @@ def test_a_skipped_step_leaves_batchnorm_statistics_and_queue_as_they_were(metho
     after = method.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, changed
+    v1[0, 0, 0, 0] = 0.5  # the next step's keys go into the queue, the skipped one's do not
+    out, finite, applied = optimizer_step(
+        method, method, optimizer, v1, v2, autocast=contextlib.nullcontext, progress=0.5,
+        skip_nonfinite=True, scaler=grad_scaler("fp32", torch.device("cpu")),
+    )  # fmt: skip
+    assert applied and bool(finite)
+    if method_name == "moco":
+        assert int(method.queue_ptr) == 8 and torch.isfinite(method.queue).all()
+        torch.testing.assert_close(method.queue[:8], out["z2"])
 
 
 def test_stop_after_epochs_counts_the_epochs_of_this_invocation(tmp_path, good_folder, cache):

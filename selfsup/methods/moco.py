@@ -193,7 +193,10 @@ class MoCo(nn.Module):
             # They are enqueued by update_target, after the backward, which needs the queue as it
             # was: an in-place write here, inside a torch.compile'd forward, gave wrong gradients
             # (tests/test_methods.py::test_compiled_moco_split_bn_step_matches_eager).
-            self._pending_keys = torch.cat([concat_all_gather(k) for k in keys])
+            new_keys = torch.cat([concat_all_gather(k) for k in keys])
+            if not torch.compiler.is_compiling() and self._pending_keys is not None:
+                new_keys = self._keys_since_update(new_keys)
+            self._pending_keys = new_keys
         q1n = F.normalize(q1.detach(), dim=1)
         pos_cos = (q1n * k2).sum(dim=1).mean()
         # The monitors' alignment compares z with view 2's embedding: the query encoder's when
@@ -203,6 +206,27 @@ class MoCo(nn.Module):
         if self.symmetric:  # the key of view 1 exists: query vs key encoder on the same view
             out["online_target_cos"] = (q1n * k1).sum(dim=1).mean()
         return out
+
+    def _keys_since_update(self, new_keys: Tensor) -> Tensor:
+        """The keys of every training forward since the last ``update_target`` (gradient
+        accumulation: all micro-batches' keys are enqueued), the newest K; a warning, once, when
+        they outnumber the queue: ``update_target`` is not being called."""
+        pending = self._pending_keys
+        size = self.queue.shape[0]
+        if pending.shape[0] >= size and not getattr(self, "_warned_no_update", False):
+            self._warned_no_update = True
+            warnings.warn(
+                f"MoCo: {pending.shape[0]} keys of training forwards wait for update_target, "
+                f"as many as the queue holds ({size}): the queue and the key encoder are not "
+                "being updated. Call method.update_target(progress) after each optimizer step.",
+                stacklevel=3,
+            )
+        return torch.cat([pending, new_keys])[-size:]
+
+    def discard_last_forward(self) -> None:
+        """Forget the keys that wait for ``update_target``: a step skipped (a non-finite loss)
+        must not enqueue its keys with the next one's."""
+        self._pending_keys = None
 
     def target_momentum(self, progress: float) -> float:
         """The key encoder's momentum m at ``progress`` in [0, 1] (cosine to 1 if configured)."""

@@ -426,6 +426,9 @@ def optimizer_step(
         with torch.no_grad():
             for buffer, before in zip(buffers, saved, strict=True):
                 buffer.copy_(before)
+        discard = getattr(method, "discard_last_forward", None)  # MoCo's keys of this step
+        if discard is not None:
+            discard()
         return out, finite, False
     scaler.scale(out["loss"]).backward()
     scaler.step(optimizer)
