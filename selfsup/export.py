@@ -43,18 +43,26 @@ CLASSIFIER_DIR = "classifiers"  # in the run directory: what `selfsup eval --sav
 
 
 def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
-    """(backbone name, small_stem) of a ResNet ``state_dict`` written by selfsup.
+    """(backbone name, small_stem) of a torchvision backbone's ``state_dict`` (its classifier
+    removed, as selfsup writes it, or kept, as a torchvision export holds it).
 
-    The CIFAR stem has a 3x3 ``conv1`` (7x7 otherwise); the name is the backbone of
+    A ResNet: the CIFAR stem has a 3x3 ``conv1`` (7x7 otherwise); the name is the backbone of
     :data:`~selfsup.models.BACKBONES` whose parameter names and shapes are exactly these (depth,
     block type, widths and groups all show in them), built on the meta device (no memory).
+    Another torchvision model (ConvNeXt, EfficientNet, MobileNet, RegNet, Swin, ViT, ...): the
+    models whose parameter count (torchvision's weights metadata, no building) is the state's,
+    less or plus a 1000-class classifier, are built on the meta device and their shapes compared;
+    a ViT's by its position embeddings, at the size they were made for.
     """
     if "conv1.weight" not in state:
-        raise CheckpointError(
-            "not a ResNet encoder state_dict (no conv1.weight), the only kind whose architecture "
-            "the tensors tell; another backbone's weights load with the config.yaml (or "
-            "export.json) their run wrote beside them"
-        )
+        name = _other_torchvision_architecture(state)
+        if name is None:
+            raise CheckpointError(
+                "the weights are those of no torchvision backbone selfsup knows (a factory's "
+                "own module?); such weights load with the config.yaml (or export.json) their "
+                "run wrote beside them"
+            )
+        return name, False
     small_stem = state["conv1.weight"].shape[-1] == 3
     shapes = _encoder_shapes(state)
     for name in sorted(BACKBONES, key=lambda n: n != "resnet_tiny"):  # the quickstart's first
@@ -63,6 +71,47 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> tuple[str, bool]:
     raise CheckpointError(
         f"the ResNet state_dict ({len(shapes)} tensors) matches none of {', '.join(BACKBONES)}"
     )
+
+
+# state_dict entries of torchvision's models that are buffers, not parameters (BatchNorm's,
+# Swin's relative position tables): left out of the parameter count
+_BUFFERS = (
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+    "relative_position_index",
+    "relative_coords_table",
+)
+
+
+def _other_torchvision_architecture(state: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision model (not a ResNet) whose backbone ``state`` is, or None."""
+    import torchvision
+
+    from selfsup.models.backbones import is_sized, torchvision_backbones
+
+    count = sum(v.numel() for k, v in state.items() if not k.endswith(_BUFFERS))
+    for name in torchvision_backbones():
+        if name in BACKBONES:
+            continue
+        size = state_image_size(name, state)
+        if is_sized(name):
+            if size is None:
+                continue  # a ViT's count depends on its size: its position embeddings tell
+        else:
+            weights = list(torchvision.models.get_model_weights(name))
+            if not weights:
+                continue
+            extra = int(weights[0].meta["num_params"]) - count  # a 1000-class head: 1000(D+1)
+            if not (extra == 0 or (extra > 0 and extra % 1000 == 0)):
+                continue
+        try:
+            expected = _backbone_shapes(name, False, size)
+        except AssertionError:  # a ViT of another patch size, which does not divide this size
+            continue
+        if _encoder_shapes(state, classifier_key(name)) == expected:
+            return name
+    return None
 
 
 def _encoder_shapes(

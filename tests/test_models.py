@@ -190,6 +190,28 @@ def test_architecture_of_every_backbone_is_inferred_from_its_weights(small_stem:
         infer_architecture({k: v for k, v in state.items() if not k.startswith("layer4.1.")})
 
 
+@pytest.mark.parametrize(
+    "name,size",
+    [("mobilenet_v3_small", None), ("efficientnet_b0", None), ("swin_t", None), ("vit_b_32", 64)],
+)
+def test_bare_weights_of_other_torchvision_models_are_identified(name, size, tmp_path) -> None:
+    torch.manual_seed(0)
+    backbone, _ = build_backbone(name, image_size=size)
+    state = backbone.state_dict()
+    assert infer_architecture(state) == (name, False)
+    full = torchvision.models.get_model(name, **({"image_size": size} if size else {}))
+    assert infer_architecture(full.state_dict()) == (name, False)  # a torchvision export's
+    torch.save(state, tmp_path / "encoder.pt")  # no config.yaml beside it
+    x = torch.randn(2, 3, size or 32, size or 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            selfsup.load_encoder(tmp_path / "encoder.pt")(x), backbone.eval()(x)
+        )
+    cut = dict(list(state.items())[:-3])  # a tensor short: no model's
+    with pytest.raises(CheckpointError, match="no torchvision backbone selfsup knows"):
+        infer_architecture(cut)
+
+
 def test_projection_head_layouts() -> None:
     simclr = ProjectionHead(32, 32, 8)
     assert [type(m) for m in simclr] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
