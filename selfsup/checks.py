@@ -18,15 +18,22 @@ def check_encode_args(image_size: int | None, batch_size: int | None) -> None:
         raise ConfigError(f"--image-size must be >= 8 pixels, got {image_size}")
 
 
-def check_writable(folder: Path, what: str) -> None:
-    """A ConfigError now, not after the whole evaluation, when ``folder`` takes no files."""
-    probe = folder / f".selfsup-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def check_not_blocked(folder: Path, what: str) -> None:
+    """A ConfigError when a file stands where ``folder`` (or a folder above it) would be;
+    nothing is created."""
     try:
         blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    except OSError:  # a parent that cannot be looked into: the write below says why
+    except OSError:  # a parent that cannot be looked into: the write says why
         blocker = None
     if blocker is not None and not blocker.is_dir():
         raise ConfigError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """A ConfigError now, not after the whole evaluation, when ``folder`` takes no files (it is
+    created if missing)."""
+    probe = folder / f".selfsup-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    check_not_blocked(folder, what)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"x")

@@ -90,26 +90,6 @@ def _sizes(info: dict[str, Any], image_size: int | None) -> tuple[int, int]:
     return int(info.get("storage_size") or size), size
 
 
-def check_input_size(
-    encoder: torch.nn.Module, size: int, where: Path | str, info: dict[str, Any]
-) -> None:
-    """A ConfigError now, before any image is decoded, when ``encoder`` refuses ``size`` px
-    inputs (a ViT takes the size it was trained at only), naming the size it was trained at."""
-    from selfsup.models.backbones import input_problem
-
-    was_training = encoder.training
-    problem = input_problem(encoder.eval(), size)
-    encoder.train(was_training)
-    if problem:
-        trained = info.get("image_size")
-        fix = (
-            f"it was trained at {trained} px: drop --image-size (or pass {trained})"
-            if trained and int(trained) != size
-            else "pass --image-size with a size it takes"
-        )
-        raise ConfigError(f"{where}: the encoder does not take {size} px images ({problem}); {fix}")
-
-
 def _pretrain_augment(run_dir: Path) -> dict[str, Any]:
     """``augment.both`` of the run's config (what the user or preset set for this data), or
     ``{}`` without a config."""
@@ -530,6 +510,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     from selfsup.export import (
         CLASSIFIER_DIR,
         check_classifier_architecture,
+        check_input_size,
         classifier_state,
         load_encoder,
         save_classifier,
@@ -600,7 +581,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                 "where it is on this machine (or any labeled dataset)"
             ) from None
     load_size, image_size = _sizes(info, args.image_size)
-    check_input_size(encoder, image_size, target, info)
+    check_input_size(encoder, image_size, target, info.get("image_size"))
     progress = not args.no_progress and is_main()
     with main_process_first():  # under torchrun rank 0 builds the cache, the others read it
         train, test = _load_labeled_splits(source, load_size, args.cache_dir, args.limit, progress)
@@ -1092,10 +1073,11 @@ def _encode_source(
     image size, eval_crop, mean/std) and prepared by the evaluation's transform, as ``eval`` does.
     The images of ``embed`` (K = the feature size) and ``predict`` (K = the classes). Under
     torchrun each process encodes its share and all get every row."""
+    from selfsup.export import check_input_size
     from selfsup.train.distributed import distributed_extract_features, main_process_first
 
     load_size, size = _sizes(info, image_size)
-    check_input_size(model, size, info.get("run_dir") or "the encoder", info)
+    check_input_size(model, size, info.get("run_dir") or "the encoder", info.get("image_size"))
     with main_process_first():
         ds = _load(source, split, load_size, cache_dir, limit, progress and is_first_rank())
     mean, std = _normalisation(info, ds.images)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfsup.checks import check_encode_args, check_writable
+from selfsup.checks import check_encode_args, check_not_blocked, check_writable
 from selfsup.data.cache import atomic_write, atomic_write_text
 from selfsup.data.decode import storage_size_for_crop
 from selfsup.errors import CheckpointError, ConfigError, DataError
@@ -31,6 +31,7 @@ from selfsup.models.backbones import (
     backbone_module,
     classifier_key,
     encoder_shapes,
+    input_problem,
     is_factory,
     state_image_size,
 )
@@ -219,7 +220,16 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
         # every tensor of the metadata's backbone, with its shape (extra keys: load's concern);
         # not so for an encoder.pt copied beside another run's config.yaml
         expected = _backbone_shapes(name, small, state_image_size(name, state))
-        if not expected.items() <= _encoder_shapes(state, _head(name)).items():
+        found_shapes = _encoder_shapes(state, _head(name))
+        if is_factory(name) and not expected.items() <= found_shapes.items():
+            key = next(k for k, v in expected.items() if found_shapes.get(k) != v)
+            there = list(found_shapes[key]) if key in found_shapes else "no such tensor"
+            raise CheckpointError(
+                f"{path} does not fit what your factory {name} builds now: {key} is "
+                f"{there} in the file, {list(expected[key])} in the module; did the factory's "
+                "code change since the run? Put back the version that trained it"
+            )
+        if not expected.items() <= found_shapes.items():
             try:
                 found = "a {} (small_stem={}) encoder".format(*infer_architecture(state))
             except CheckpointError:
@@ -281,6 +291,24 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
     return model.to(map_location).eval()
 
 
+def check_input_size(
+    encoder: nn.Module, size: int, where: Path | str, trained: int | None = None
+) -> None:
+    """A ConfigError now, before any image is decoded or any file written, when ``encoder``
+    refuses ``size`` px inputs (a ViT takes the size it was trained at only; a ConvNeXt none
+    below 32 px), naming ``trained``, the size it was trained at, when known."""
+    was_training = encoder.training
+    problem = input_problem(encoder.eval(), size)
+    encoder.train(was_training)
+    if problem:
+        fix = (
+            f"it was trained at {trained} px: drop --image-size (or pass {trained})"
+            if trained and int(trained) != size
+            else "pass --image-size with a size it takes"
+        )
+        raise ConfigError(f"{where}: the encoder does not take {size} px images ({problem}); {fix}")
+
+
 def _traced(model: nn.Module, example: torch.Tensor, src: Path) -> torch.jit.ScriptModule:
     """``model`` traced on ``example``, checked against the module itself on another batch.
 
@@ -337,7 +365,7 @@ def export_encoder(
             f"export from the run directory or its encoder.pt"
         )
     base = Path(out) if out else src.parent / "export"
-    check_writable(base, "the export")  # a file in the way is said now, not after the trace
+    check_not_blocked(base, "the export")  # a file in the way is said first, not after the load
     state, name, small = _load_state(src)
     if fmt == "torchvision" and is_factory(name):
         raise ConfigError(
@@ -349,8 +377,34 @@ def export_encoder(
     # --image-size is only the trace's example input: the metadata keeps the size the encoder
     # was trained at (eval / embed of the export prepare images at it), none when unknown
     size = int(image_size if image_size is not None else source_meta.get("image_size") or 32)
-    meta = {k: v for k, v in source_meta.items() if k not in ("backbone", "small_stem")}
-    meta.update(backbone=name, small_stem=small)
+    if fmt == "torchscript":
+        check_input_size(model, size, src, source_meta.get("image_size"))
+    created = [p for p in (base, *base.parents) if not p.exists()]  # deepest first
+    check_writable(base, "the export")  # created now: an unwritable place is said before the trace
+    try:
+        meta = {k: v for k, v in source_meta.items() if k not in ("backbone", "small_stem")}
+        meta.update(backbone=name, small_stem=small)
+        target = _write_export(fmt, model, state, name, small, meta, base, size, src)
+    except BaseException:
+        for folder in created:  # a failed export leaves no empty folders of its own
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    return target
+
+
+def _write_export(
+    fmt: str,
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    name: str,
+    small: bool,
+    meta: dict[str, Any],
+    base: Path,
+    size: int,
+    src: Path,
+) -> Path:
+    """:func:`export_encoder`'s file of ``fmt`` in ``base`` and the folder's export.json."""
     if fmt == "torchvision":
         tv = backbone_to_torchvision(name, small, image_size=state_image_size(name, state))
         missing, unexpected = tv.load_state_dict(model.state_dict(), strict=False)

@@ -21,6 +21,7 @@ import selfsup
 from selfsup.cli import main
 from selfsup.errors import ConfigError
 from selfsup.export import weights_digest
+from selfsup.methods import build_method
 from selfsup.models import build_backbone, classifier_key, torchvision_backbones
 from selfsup.models.backbones import check_backbone, state_image_size
 from selfsup.models.weights import init_state
@@ -40,6 +41,28 @@ def small_cnn():
 
 def not_a_module():
     return "resnet18"
+
+
+def raises():
+    raise RuntimeError("boom in the factory")
+
+
+def needs_width(width):
+    return nn.Linear(width, 2)
+
+
+def pooling_only():
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def feature_maps():
+    return nn.Conv2d(3, 4, 3)
+
+
+class NoForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
 """
 
 
@@ -70,6 +93,8 @@ def test_a_torchvision_model_by_name_gives_its_classifiers_input(name, key, dim)
     backbone, feat_dim = build_backbone(name)
     assert classifier_key(name) == key and feat_dim == dim
     assert isinstance(backbone.get_submodule(key), nn.Identity)
+    # the classifier's dropout goes with it (mobilenet's, efficientnet's; regnet has none)
+    assert not any(isinstance(m, nn.Dropout) for m in backbone.modules())
     reference = torchvision.models.get_model(name, weights=None)
     expected = {k for k in reference.state_dict() if not k.startswith(f"{key}.")}
     assert set(backbone.state_dict()) == expected
@@ -136,6 +161,34 @@ def test_a_factory_in_a_file_builds_the_backbone_and_bad_ones_say_why(nets, tmp_
         build_backbone(f"{broken}:small_cnn")
     with pytest.raises(ConfigError, match="small_stem=true .* applies to the ResNets"):
         build_backbone(f"{nets}:small_cnn", small_stem=True)
+    # a factory that fails, and modules that cannot be trained, are named with the setting
+    size = {"small_stem": False, "image_size": 16}
+    for factory, message in (
+        ("raises", r"nets.py:raises: calling it failed \(RuntimeError: boom in the factory"),
+        ("needs_width", "called with no arguments, and needs width: wrap it"),
+        ("pooling_only", "nets.py:pooling_only has no parameters: it cannot learn"),
+        ("feature_maps", r"nets.py:feature_maps: .* returned \(2, 4, 14, 14\) .* pooled"),
+        ("NoForward", "nets.py:NoForward: The custom backbone NoForward has no forward()"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check_backbone(f"{nets}:{factory}", **size)
+    with pytest.raises(ConfigError, match=r"its functions: \['feature_maps', .*'NoForward'\]"):
+        build_backbone(f"{nets}:nope")  # functions first, then classes
+    with pytest.raises(ConfigError, match="the backbone Sequential has no parameters"):
+        build_method("byol", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), 3)
+
+
+def test_a_factory_spec_on_the_command_line_is_text_not_yaml(nets) -> None:
+    # `--backbone nets.py:` was read as the YAML mapping {nets.py: null}
+    with pytest.raises(ConfigError, match="is no factory; write model.backbone=package.module"):
+        resolve_config("byol", "quickstart", flags={"model.backbone": f"{nets}:"})
+
+
+def test_a_size_suggestion_says_the_storage_size_it_needs() -> None:
+    with pytest.raises(ConfigError, match=r"e.g. --image-size 32 with data.storage_size=null"):
+        resolve_config(
+            "byol", "quickstart", overrides=["model.backbone=convnext_tiny", "data.image_size=20"]
+        )  # the quickstart stores 28 px digits
 
 
 def test_a_factory_module_is_found_in_the_current_folder(tmp_path, monkeypatch) -> None:
@@ -148,6 +201,10 @@ def test_a_factory_module_is_found_in_the_current_folder(tmp_path, monkeypatch) 
     assert dim == 16
     with pytest.raises(ConfigError, match="cannot import not_a_module_anywhere"):
         build_backbone("not_a_module_anywhere:small_cnn")
+    # the run keeps the file's path, so that a resume from another folder imports it again
+    flags = {"model.backbone": "selfsup_test_factory_nets:small_cnn", "data.image_size": 16}
+    cfg = resolve_config("byol", "quickstart", flags=flags)
+    assert cfg.model.backbone == f"{tmp_path.resolve() / 'selfsup_test_factory_nets.py'}:small_cnn"
 
 
 def test_a_factory_run_resumes_loads_and_exports_from_another_folder(
@@ -182,6 +239,53 @@ def test_a_factory_run_resumes_loads_and_exports_from_another_folder(
     assert rc == 2 and "comes from your factory" in err and "safetensors" in err
     rc, _, err = cli("eval", str(tmp_path / "run"), "--protocol", "linear", "--save-classifiers")
     assert rc == 2 and "--save-classifiers saves torchvision models only" in err
+
+
+def test_a_run_whose_factory_changed_says_so_on_resume_load_and_export(nets, tmp_path) -> None:
+    assert run(tmp_path, "simclr", f"model.backbone={nets}:small_cnn", "train.epochs=1") == 0
+    nets.write_text(
+        NETS.replace("nn.Conv2d(8, 16, 3", "nn.Conv2d(8, 24, 3").replace(
+            "nn.BatchNorm2d(16)", "nn.BatchNorm2d(24)"
+        )
+    )
+    for name in [m for m in sys.modules if m.startswith("selfsup_backbone_")]:
+        del sys.modules[name]  # as a new process would, import the file as it is now
+    rc, _, err = cli("pretrain", "--out", str(tmp_path / "run"), "--resume", "--epochs", "2")
+    assert rc == 2 and "did the code of your factory" in err and "size mismatch" in err
+    with pytest.raises(selfsup.errors.CheckpointError, match=r"builds now: 3.weight is \[16, 8"):
+        selfsup.load_encoder(tmp_path / "run")
+    rc, _, err = cli("export", str(tmp_path / "run"), "--format", "torchvision", "--out",
+                     str(tmp_path / "a" / "b"))  # fmt: skip
+    assert rc == 2 and "did the factory's code change" in err and not (tmp_path / "a").exists()
+
+
+def test_a_failed_export_leaves_no_folder_and_a_size_the_encoder_refuses_is_said(tmp_path):
+    (tmp_path / "branchy.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Branchy(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.linear = nn.Linear(3, 4)\n\n    def forward(self, x):\n"
+        "        h = self.linear(x.mean((2, 3)))\n"
+        "        return h if bool(x.mean() > 0.25) else -h  # tracing keeps one branch\n"
+        "\n\ndef branchy():\n    return Branchy()\n"
+    )
+    spec = f"{tmp_path / 'branchy.py'}:branchy"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save(build_backbone(spec)[0].state_dict(), run_dir / "encoder.pt")
+    (run_dir / "config.yaml").write_text(
+        OmegaConf.to_yaml({"model": {"backbone": spec, "small_stem": False}})
+    )
+    rc, _, err = cli("export", str(run_dir), "--format", "torchscript", "--out",
+                     str(tmp_path / "out" / "ts"))  # fmt: skip
+    assert rc == 2 and "the traced encoder does not compute what the module does" in err
+    assert not (tmp_path / "out").exists()
+    mobile = tmp_path / "mobile"
+    mobile.mkdir()
+    torch.save(build_backbone("convnext_tiny")[0].state_dict(), mobile / "encoder.pt")
+    rc, _, err = cli("export", str(mobile / "encoder.pt"), "--format", "torchscript",
+                     "--image-size", "20")  # fmt: skip
+    assert rc == 2 and "the encoder does not take 20 px images" in err
+    assert not (mobile / "export").exists()
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -327,3 +431,28 @@ def init_state_from(state, backbone, notes, tmp=None):
         path = Path(folder) / "vit.pt"
         torch.save(state, path)
         return init_state(str(path), backbone, "vit_b_32", notes=notes)
+
+
+def test_batchnorm_momentum_is_a_setting_and_a_short_run_is_told_its_statistics_lag(capsys):
+    from selfsup.train.config import config_hash
+    from selfsup.train.trainer import batchnorm_lag_note, build_model
+
+    sizes = ["model.backbone=mobilenet_v3_small", "data.image_size=32", "data.storage_size=32"]
+    cfg = resolve_config("simclr", "quickstart", overrides=sizes)
+    momenta = {
+        m.momentum for m in build_model(cfg).backbone.modules() if isinstance(m, nn.BatchNorm2d)
+    }
+    assert momenta == {0.01}  # torchvision's MobileNetV3
+    batchnorm_lag_note(cfg, build_model(cfg).backbone, total_steps=4)
+    assert "momentum 0.01: after this run's 4 steps they still hold 96%" in capsys.readouterr().err
+    set_cfg = resolve_config("simclr", "quickstart", overrides=[*sizes, "model.bn_momentum=0.1"])
+    backbone = build_model(set_cfg).backbone
+    assert {m.momentum for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}
+    batchnorm_lag_note(set_cfg, backbone, total_steps=100)  # 0.9^100: nothing left to say
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ConfigError, match=r"model.bn_momentum must be null .* in \(0, 1\]"):
+        resolve_config("simclr", "quickstart", overrides=["model.bn_momentum=0"])
+    # runs from before the setting keep their hash (checkpoints resume)
+    old = OmegaConf.create(OmegaConf.to_container(cfg))
+    del old.model["bn_momentum"]
+    assert config_hash(old) == config_hash(cfg) != config_hash(set_cfg)

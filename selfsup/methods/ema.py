@@ -37,8 +37,9 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
                 f"EMA target and online networks differ: a parameter of shape {tuple(t.shape)} "
                 f"meets one of {tuple(o.shape)} (the target must be a copy of the online network)"
             )
-    torch._foreach_mul_(target_params, tau)
-    torch._foreach_add_(target_params, online_params, alpha=1.0 - tau)
+    if target_params:  # a parameter-free network (a pooling backbone) has nothing to average
+        torch._foreach_mul_(target_params, tau)
+        torch._foreach_add_(target_params, online_params, alpha=1.0 - tau)
     target_buffers = list(target.buffers())
     if target_buffers:
         torch._foreach_copy_(target_buffers, list(online.buffers()))

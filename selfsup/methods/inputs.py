@@ -52,6 +52,12 @@ def check_method_args(method: str, backbone: Any, feat_dim: Any, **options: Any)
             f"features, got {type(backbone).__name__} (a name such as 'resnet18' goes through "
             "selfsup.models.build_backbone first)"
         )
+    if next(backbone.parameters(), None) is None:
+        raise ConfigError(
+            f"{method}: the backbone {type(backbone).__name__} has no parameters: it cannot "
+            "learn, and its features would be the same before and after training; give it "
+            "layers with weights (convolutions, linear layers)"
+        )
     if isinstance(feat_dim, bool) or not isinstance(feat_dim, int) or feat_dim < 1:
         raise ConfigError(
             f"{method}: feat_dim must be a positive integer (the backbone's output width D), "

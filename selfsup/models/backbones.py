@@ -233,18 +233,39 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
 def _functions(module) -> list[str]:
     import types
 
-    return sorted(
-        k
+    own = [
+        (isinstance(v, type), k)  # functions first, then classes
         for k, v in vars(module).items()
         if callable(v)
         and not k.startswith("_")
         and not isinstance(v, types.ModuleType)
         and getattr(v, "__module__", None) == module.__name__
-    )[:8]
+    ]
+    return [k for _, k in sorted(own)][:12]
 
 
 def _build_from_factory(spec: str) -> nn.Module:
-    module = load_factory(spec)()
+    factory = load_factory(spec)
+    try:
+        module = factory()
+    except Exception as exc:
+        import inspect
+
+        try:
+            required = [
+                p.name
+                for p in inspect.signature(factory).parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
+        except (TypeError, ValueError):
+            required = []
+        why = (
+            f"it is called with no arguments, and needs {', '.join(required)}: wrap it in a "
+            "function of none that passes them"
+            if required
+            else f"{type(exc).__name__}: {exc}"
+        )
+        raise ConfigError(f"model.backbone={spec}: calling it failed ({why})") from exc
     if not isinstance(module, nn.Module):
         raise ConfigError(
             f"model.backbone={spec} returned a {type(module).__name__}, not an nn.Module "
@@ -318,7 +339,9 @@ def encoder_shapes(
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def check_backbone(name: str, *, small_stem: bool, image_size: int) -> int:
+def check_backbone(
+    name: str, *, small_stem: bool, image_size: int, storage_size: int | None = None
+) -> int:
     """D of backbone ``name`` (see :func:`build_backbone`), built on the meta device and run on
     one dummy ``[2, 3, S, S]`` batch, ``S = image_size``: a :class:`ConfigError` naming what does
     not fit (an unknown name, the small stem on a non-ResNet, an input size the model refuses,
@@ -333,7 +356,7 @@ def check_backbone(name: str, *, small_stem: bool, image_size: int) -> int:
             raise ConfigError(
                 f"model.backbone={name} cuts images into {patch} px patches: set "
                 f"data.image_size (--image-size) to a multiple of {patch}, not {image_size}"
-                f" (e.g. {', '.join(map(str, fits))})"
+                f" (e.g. {', '.join(map(str, fits))}){_storage_hint(fits, storage_size)}"
             )
     with warnings.catch_warnings():  # the 1000-logits warning is for the real build
         warnings.simplefilter("ignore")
@@ -342,17 +365,30 @@ def check_backbone(name: str, *, small_stem: bool, image_size: int) -> int:
                 model, dim = build_backbone(name, small_stem=small_stem, image_size=image_size)
         except NotImplementedError:  # a constructor that reads tensors' values (RegNet)
             model, dim = build_backbone(name, small_stem=small_stem, image_size=image_size)
+    if next(model.parameters(), None) is None:
+        raise ConfigError(
+            f"model.backbone={name} has no parameters: it cannot learn, and its features would "
+            "be the same before and after training; give its module layers with weights"
+        )
     if is_factory(name):
         return dim  # build_backbone ran its dummy batch already
     problem = input_problem(model.eval(), image_size)
     if problem:
         takes = [s for s in (32, 64, 96, 128, 160, 224) if not input_problem(model, s)]
         hint = f", e.g. --image-size {takes[0]}" if takes else ""
+        hint += _storage_hint(takes[:1], storage_size)
         raise ConfigError(
             f"model.backbone={name} does not take {image_size} px images ({problem}); set "
             f"data.image_size (--image-size) to a size it takes{hint}"
         )
     return dim
+
+
+def _storage_hint(sizes: list[int], storage_size: int | None) -> str:
+    """The data.storage_size the suggested image sizes need, when the configured one is less."""
+    if storage_size and sizes and min(sizes) > storage_size:
+        return f" with data.storage_size=null (the cache stores {storage_size} px images now)"
+    return ""
 
 
 def input_problem(model: nn.Module, image_size: int) -> str | None:
@@ -417,12 +453,17 @@ def _infer_feature_dim(module: nn.Module, image_size: int = 64) -> int:
     module.eval()
     try:
         out = module(torch.zeros(2, 3, image_size, image_size, device=device))
+    except NotImplementedError as exc:  # nn.Module's own forward: the class defines none
+        raise ConfigError(
+            f"The custom backbone {type(module).__name__} has no forward() ({exc}); define one "
+            "mapping images [B, 3, S, S] to features [B, D]"
+        ) from exc
     except Exception as exc:  # a module built for one input size, a wrong channel count, ...
         raise ConfigError(
             f"The custom backbone {type(module).__name__} failed on a dummy [2, 3, {image_size}, "
             f"{image_size}] batch ({type(exc).__name__}: {exc}); give the image size it takes "
-            "(data.image_size / --image-size for a run; build_backbone(module, image_size=S) "
-            "from Python), or its feature size as feat_dim=D."
+            "(data.image_size / --image-size for a run; from Python, "
+            "build_backbone(module, image_size=S), or feat_dim=D to skip the dummy batch)."
         ) from exc
     finally:
         module.train(was_training)
@@ -495,9 +536,19 @@ def build_backbone(
     if is_factory(name):
         if small_stem:
             _refuse_small_stem(name)
-        return build_backbone(_build_from_factory(name), image_size=image_size, feat_dim=feat_dim)
+        module = _build_from_factory(name)
+        try:
+            return build_backbone(module, image_size=image_size, feat_dim=feat_dim)
+        except ConfigError as exc:  # the dummy batch's: name the setting
+            raise ConfigError(f"model.backbone={name}: {exc}") from exc.__cause__
     model = backbone_to_torchvision(name, small_stem, image_size=image_size)
     key = classifier_key(name)
     head = model.get_submodule(key)
     model.set_submodule(key, nn.Identity())
+    parent = key.rpartition(".")[0]
+    if parent:  # the classifier's dropout (MobileNet, EfficientNet, VGG) regularises the head,
+        # which is gone: the projector gets the features whole (no parameters: same state_dict)
+        for child, module in model.get_submodule(parent).named_children():
+            if isinstance(module, nn.Dropout):
+                model.set_submodule(f"{parent}.{child}", nn.Identity())
     return model, head.in_features

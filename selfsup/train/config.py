@@ -46,6 +46,9 @@ class ModelConfig:
     small_stem: bool = True  # 3x3 conv, no max-pool: for 32-64 px images
     # starting weights: None (random), imagenet (torchvision's), a run directory or weights file
     init: str | None = None
+    # the backbone's BatchNorm momentum (running statistics); None: the model's own (0.1, but
+    # 0.01 in torchvision's MobileNetV3, whose statistics then lag in short runs)
+    bn_momentum: float | None = None
 
 
 @dataclass
@@ -236,8 +239,12 @@ def resolve_config(
                 if key == "data.source":
                     parse_source(value)  # its message lists the accepted forms
                 raise ConfigError(f"{key} is empty (an empty command-line flag); give it a value")
-        dotlist = [f"{k}={v}" for k, v in flags.items() if v is not None]
-        cfg = _merge(cfg, OmegaConf.from_dotlist(dotlist), "command-line flag")
+        # as given, not read as YAML: `--backbone nets.py:` is text, not a mapping
+        given = OmegaConf.create()
+        for key, value in flags.items():
+            if value is not None:
+                OmegaConf.update(given, key, value, force_add=True)
+        cfg = _merge(cfg, given, "command-line flag")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.1)")
@@ -284,6 +291,10 @@ def _fit_backbone_settings(cfg: DictConfig, given: list[str]) -> None:
         where, _, function = backbone.rpartition(":")
         if where.endswith(".py"):
             cfg.model.backbone = f"{Path(where).expanduser().resolve()}:{function}"
+        elif where.isidentifier() and (Path.cwd() / f"{where}.py").is_file():
+            # a one-file module of this folder (`--backbone nets:small_cnn`): its path, so a
+            # resume from another folder imports the same file
+            cfg.model.backbone = f"{(Path.cwd() / f'{where}.py').resolve()}:{function}"
 
 
 def _methods_taking(option: str) -> list[str]:
@@ -518,7 +529,19 @@ def validate_method_and_model(cfg: DictConfig) -> None:
         isinstance(backbone, str),
         f"model.backbone must be a name or module:function, got {backbone!r}",
     )
-    check_backbone(backbone, small_stem=bool(cfg.model.small_stem), image_size=cfg.data.image_size)
+    check_backbone(
+        backbone,
+        small_stem=bool(cfg.model.small_stem),
+        image_size=cfg.data.image_size,
+        storage_size=cfg.data.storage_size,
+    )
+    bn_momentum = cfg.model.get("bn_momentum")
+    _require(
+        bn_momentum is None
+        or (isinstance(bn_momentum, int | float) and not isinstance(bn_momentum, bool)
+            and 0 < bn_momentum <= 1),
+        f"model.bn_momentum must be null (the model's own) or in (0, 1], got {bn_momentum!r}",
+    )  # fmt: skip
     init = cfg.model.get("init")
     _require(
         init is None or (isinstance(init, str) and init.strip() != ""),
@@ -610,6 +633,8 @@ def config_hash(cfg: DictConfig, keys: tuple[str, ...] = ("method", "model", "au
     part = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in keys}
     if isinstance(part.get("model"), dict) and part["model"].get("init") is None:
         part["model"].pop("init", None)  # runs from before model.init keep their hash
+    if isinstance(part.get("model"), dict) and part["model"].get("bn_momentum") is None:
+        part["model"].pop("bn_momentum", None)  # and from before model.bn_momentum
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -39,7 +39,7 @@ from selfsup.errors import (
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
 from selfsup.methods import build_method, method_defaults
 from selfsup.models import build_backbone
-from selfsup.models.backbones import is_resnet, on_meta
+from selfsup.models.backbones import is_factory, is_resnet, on_meta
 from selfsup.models.weights import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, init_state
 from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.progress import bar_options
@@ -337,6 +337,31 @@ def small_image_stem_note(cfg: DictConfig) -> None:
         )
 
 
+def batchnorm_lag_note(cfg: DictConfig, backbone: torch.nn.Module, total_steps: int) -> None:
+    """A note when the backbone's BatchNorm running statistics cannot follow the training in
+    ``total_steps`` steps: with momentum m they keep (1 - m)^steps of their initial values
+    (torchvision's MobileNetV3 has m = 0.01: 37% after 100 steps), and every eval-mode feature
+    (kNN, ``selfsup eval``, ``embed``) uses them."""
+    momenta = [
+        m.momentum
+        for m in backbone.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is not None
+    ]
+    if not momenta:
+        return
+    slowest = min(momenta)
+    kept = (1 - slowest) ** total_steps
+    if kept > 0.05:
+        print(
+            f"selfsup: note: the BatchNorm layers of {cfg.model.backbone} update their running "
+            f"statistics with momentum {slowest:g}: after this run's {total_steps} steps they "
+            f"still hold {kept:.0%} of their initial values, so eval-mode features (kNN, eval, "
+            "embed) are not yet the trained network's; train longer, or set "
+            "model.bn_momentum=0.1",
+            file=sys.stderr,
+        )
+
+
 def storage_size_note(cfg: DictConfig) -> None:
     """A note when the cache stores images much larger than the crops need (``--preset
     imagenette --image-size 64`` keeps the preset's 146 px storage): a cache, and a decode,
@@ -366,6 +391,26 @@ def starting_weights(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], list[str
     return init_state(str(m.init), shapes, m.backbone, notes=notes), notes
 
 
+def _unfit_checkpoint(path: Path, cfg: DictConfig, exc: RuntimeError) -> str:
+    """Why checkpoint ``path`` does not load into the model ``cfg`` builds now."""
+    first = next(
+        (
+            line.strip()
+            for line in str(exc).splitlines()
+            if "size mismatch" in line or "key" in line
+        ),
+        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+    )
+    backbone = cfg.model.backbone
+    cause = (
+        f"did the code of your factory {backbone} change since the run? Put back the version "
+        "that trained it, or start a new run (another --out)"
+        if is_factory(backbone)
+        else "start a new run (another --out), or resume with the settings the run had"
+    )
+    return f"{path} does not fit the model this run's config builds now ({first}); {cause}"
+
+
 def build_model(cfg: DictConfig, init: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """The method of ``cfg``; its backbone starts from ``init`` (``model.init``'s weights, from
     :func:`selfsup.models.weights.init_state`) before a method copies it into a target network."""
@@ -374,6 +419,10 @@ def build_model(cfg: DictConfig, init: dict[str, torch.Tensor] | None = None) ->
     )
     if init is not None:
         backbone.load_state_dict(init)
+    if cfg.model.get("bn_momentum") is not None:
+        for module in backbone.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = float(cfg.model.bn_momentum)
     # options of other methods are ignored, so one preset can serve every method
     options = OmegaConf.to_container(cfg.method, resolve=True)
     return build_method(cfg.method.name, backbone, feat_dim, cfg=options)
@@ -688,6 +737,8 @@ class Trainer:
         )
         steps_per_epoch = stream.steps_per_epoch
         total_steps = steps_per_epoch * t.epochs
+        if env.is_main and not self.resume:
+            batchnorm_lag_note(cfg, method.backbone, total_steps)
         warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(rank_seed(t.seed, env.rank))
@@ -722,7 +773,10 @@ class Trainer:
                 version=selfsup.__version__,
                 config=OmegaConf.to_container(cfg, resolve=True),
             )
-            method.load_state_dict(state["model"])
+            try:
+                method.load_state_dict(state["model"])
+            except RuntimeError as exc:  # the config is the run's, the module is not
+                raise CheckpointError(_unfit_checkpoint(path, cfg, exc)) from None
             # the momentum buffers come from the checkpoint; lr, momentum and weight decay from
             # this invocation's config, so `--resume optim.lr=0.03` takes effect
             configured = [
