@@ -109,6 +109,17 @@ def test_fast_linear_probe_separable_features() -> None:
     assert chunked["final_loss"] == pytest.approx(result["final_loss"], rel=1e-3, abs=1e-6)
 
 
+def test_fast_linear_probe_does_not_depend_on_the_features_scale() -> None:
+    # a random-init MobileNet's eval-mode features are ~1e-10: a fixed std floor of 1e-6 made
+    # them all "constant", and the probe scored chance
+    train_x, train_y = blobs(40)
+    test_x, test_y = blobs(20, seed=1)
+    unit = linear_probe_features(train_x, train_y, test_x, test_y, max_iter=30)
+    tiny = linear_probe_features(1e-10 * train_x, train_y, 1e-10 * test_x, test_y, max_iter=30)
+    assert tiny["top1"] == unit["top1"] >= 0.98
+    assert tiny["final_loss"] == pytest.approx(unit["final_loss"], rel=1e-2)
+
+
 def test_fast_linear_probe_reaches_the_regularised_optimum() -> None:
     """The L-BFGS fit must reach the minimiser of mean CE + wd/2 ||W||^2 on standardised features,
     here found independently by plain full-batch gradient descent written out step by step."""

@@ -379,8 +379,15 @@ def linear_probe_features(
 
     x_train = train_feats.to(run_device, torch.float32)
     mean = x_train.mean(dim=0)
-    # A dimension that is constant over the training set carries no information: std 1 keeps it 0.
-    std = x_train.std(dim=0, correction=0).clamp_min(1e-6) if x_train.shape[0] > 1 else 1.0
+    # A dimension that is constant over the training set carries no information: the floor
+    # keeps it ~0. The floor scales with features far below unit size (a random-init MobileNet's
+    # are ~1e-10 in eval mode), which a fixed 1e-6 would shrink to nothing.
+    if x_train.shape[0] > 1:
+        std = x_train.std(dim=0, correction=0)
+        floor = 1e-6 * min(1.0, float(std.max()))
+        std = std.clamp_min(floor) if floor > 0 else torch.ones_like(std)
+    else:
+        std = 1.0
     x_train = (x_train - mean) / std
     x_test = (test_feats.to(run_device, torch.float32) - mean) / std
     y_train = train_labels.to(run_device)
