@@ -57,13 +57,19 @@ EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript")
 
 
 # ---------------------------------------------------------------------------- shared helpers
-def _run_info(target: Path) -> dict[str, Any]:
+def _run_info(target: Path, encoder: torch.nn.Module | None = None) -> dict[str, Any]:
     """What is known of an encoder: its run directory, and (from config.yaml or export metadata)
-    method, pre-training data, epochs, mean/std, image size, architecture, config hash."""
+    method, pre-training data, epochs, mean/std, image size, architecture, config hash. Without
+    metadata, the image size is the one ``encoder`` is built for, if it has one (a ViT's
+    ``image_size``, read from its weights)."""
     from selfsup.export import encoder_metadata
 
     run_dir = target if target.is_dir() else target.parent
-    return {**encoder_metadata(target), "run_dir": run_dir}
+    info = {**encoder_metadata(target), "run_dir": run_dir}
+    native = getattr(encoder, "image_size", None)
+    if not info.get("image_size") and isinstance(native, int) and not isinstance(native, bool):
+        info["image_size"] = native
+    return info
 
 
 def add_device_and_cache_args(p: argparse.ArgumentParser) -> None:
@@ -541,7 +547,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{target} does not exist: pass a run directory or an encoder file")
     # first: a folder that is no run, or a file that is no encoder, is what to fix (not --data)
     encoder = load_encoder(target)
-    info = _run_info(target)
+    info = _run_info(target, encoder)
     run_dir: Path = info["run_dir"]
     # an exported file (<run>/export/encoder.safetensors) belongs to its run: the run's
     # results.csv, and a row that names the file; the eval JSON stays beside the file
@@ -1050,7 +1056,7 @@ def embed_dataset(
     check_encode_args(image_size, batch_size)
     # loaded before the data: a folder that is no run, or a file that is no encoder, fails fast
     model = encoder if encoder is not None else load_encoder(encoder_path)
-    info = _run_info(Path(encoder_path))
+    info = _run_info(Path(encoder_path), model)
     return _encode_source(
         model, info, source, split, image_size, batch_size, device, cache_dir, limit, progress
     )
@@ -1314,7 +1320,8 @@ def nearest_neighbors(
         ]  # fmt: skip
         if not queries:
             raise DataError(f"query list {listing} names no images; write one path a line")
-    info = _run_info(Path(encoder_path))
+    encoder = load_encoder(encoder_path)
+    info = _run_info(Path(encoder_path), encoder)
     load_size, size = _sizes(info, image_size)
     arrays = []
     for q in queries:  # decode the queries first: a bad query fails before any encoding
@@ -1329,7 +1336,6 @@ def nearest_neighbors(
             raise DataError(f"query image {q} does not exist{named}")
         img = resize_shorter(decode_image(path.read_bytes(), name=q), load_size)
         arrays.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # a writable copy
-    encoder = load_encoder(encoder_path)
     feats, ds = embed_dataset(
         encoder_path, source, split, image_size, batch_size, device, cache_dir, limit,
         encoder=encoder, progress=progress,

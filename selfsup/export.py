@@ -349,8 +349,8 @@ def export_encoder(
     * ``safetensors``: ``encoder.safetensors``, the backbone ``state_dict`` (no ``fc``) with
       backbone, small_stem, mean, std and image size in the header.
     * ``torchscript``: ``encoder.torchscript.pt``, the traced backbone in eval mode
-      (``torch.jit.load`` it; no selfsup needed). Traced on a ``[1, 3, S, S]`` example; the
-      pooling is adaptive, so other sizes work too.
+      (``torch.jit.load`` it; no selfsup needed). Traced on a ``[1, 3, S, S]`` example; a
+      backbone with adaptive pooling takes other sizes too (a ViT only its own).
 
     ``export.json`` beside the file records the same metadata. ``image_size`` (>= 8) is only the
     TorchScript example's size: the metadata keeps the size the encoder was trained at.
@@ -376,14 +376,20 @@ def export_encoder(
     source_meta = encoder_metadata(src)
     # --image-size is only the trace's example input: the metadata keeps the size the encoder
     # was trained at (eval / embed of the export prepare images at it), none when unknown
-    size = int(image_size if image_size is not None else source_meta.get("image_size") or 32)
+    native = getattr(model, "image_size", None)  # a ViT's, read from its weights
+    native = native if isinstance(native, int) and not isinstance(native, bool) else None
+    size = int(
+        image_size if image_size is not None else source_meta.get("image_size") or native or 32
+    )
     if fmt == "torchscript":
         check_input_size(model, size, src, source_meta.get("image_size"))
     created = [p for p in (base, *base.parents) if not p.exists()]  # deepest first
-    check_writable(base, "the export")  # created now: an unwritable place is said before the trace
     try:
+        check_writable(base, "the export")  # created now: an unwritable place is said first
         meta = {k: v for k, v in source_meta.items() if k not in ("backbone", "small_stem")}
         meta.update(backbone=name, small_stem=small)
+        if native and not meta.get("image_size"):
+            meta["image_size"] = native  # a bare ViT's: eval of the export prepares it
         target = _write_export(fmt, model, state, name, small, meta, base, size, src)
     except BaseException:
         for folder in created:  # a failed export leaves no empty folders of its own

@@ -28,6 +28,7 @@ from selfsup.models.weights import init_state
 from selfsup.train.config import resolve_config
 
 NETS = """
+import torch
 from torch import nn
 
 
@@ -63,6 +64,20 @@ class NoForward(nn.Module):
     def __init__(self):
         super().__init__()
         self.linear = nn.Linear(2, 2)
+
+
+class Unique(nn.Module):  # torch.unique has no meta kernel: the check runs it on the CPU
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        h = self.conv(x).mean((2, 3))
+        return h + 0 * torch.unique(h).sum()
+
+
+def with_unique():
+    return Unique()
 """
 
 
@@ -146,7 +161,9 @@ def test_a_non_resnet_drops_the_presets_small_stem_but_not_one_the_user_set() ->
 
 
 # ---------------------------------------------------------------------------- factories
-def test_a_factory_in_a_file_builds_the_backbone_and_bad_ones_say_why(nets, tmp_path) -> None:
+def test_a_factory_in_a_file_builds_the_backbone_and_bad_ones_say_why(
+    nets, tmp_path, monkeypatch
+) -> None:
     backbone, dim = build_backbone(f"{nets}:small_cnn", image_size=16)
     assert dim == 16 and isinstance(backbone, nn.Sequential)
     with pytest.raises(ConfigError, match=r"has no function 'small_cn' \(its functions: \["):
@@ -172,7 +189,12 @@ def test_a_factory_in_a_file_builds_the_backbone_and_bad_ones_say_why(nets, tmp_
     ):
         with pytest.raises(ConfigError, match=message):
             check_backbone(f"{nets}:{factory}", **size)
-    with pytest.raises(ConfigError, match=r"its functions: \['feature_maps', .*'NoForward'\]"):
+    assert check_backbone(f"{nets}:with_unique", **size) == 4  # has a forward(), runs on the CPU
+    (tmp_path / "vit_selfsup_test_nets.py").write_text(NETS)  # a module, not torchvision's ViT
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert check_backbone("vit_selfsup_test_nets:small_cnn", **size) == 16
+    with pytest.raises(ConfigError, match=r"its functions: \['feature_maps', .*'NoForward'"):
         build_backbone(f"{nets}:nope")  # functions first, then classes
     with pytest.raises(ConfigError, match="the backbone Sequential has no parameters"):
         build_method("byol", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), 3)
@@ -182,6 +204,13 @@ def test_a_factory_spec_on_the_command_line_is_text_not_yaml(nets) -> None:
     # `--backbone nets.py:` was read as the YAML mapping {nets.py: null}
     with pytest.raises(ConfigError, match="is no factory; write model.backbone=package.module"):
         resolve_config("byol", "quickstart", flags={"model.backbone": f"{nets}:"})
+    import numpy as np  # the Python API's flags: a device, a numpy integer, a path
+
+    flags = {"train.device": torch.device("cpu"), "train.epochs": np.int64(3), "data.source": nets}
+    cfg = resolve_config("byol", "quickstart", flags=flags)
+    assert cfg.train.device == "cpu" and cfg.train.epochs == 3 and cfg.data.source == str(nets)
+    with pytest.raises(ConfigError, match=r"train.epochs=\[3\]: give text, a number"):
+        resolve_config("byol", "quickstart", flags={"train.epochs": [3]})
 
 
 def test_a_size_suggestion_says_the_storage_size_it_needs() -> None:
@@ -205,6 +234,11 @@ def test_a_factory_module_is_found_in_the_current_folder(tmp_path, monkeypatch) 
     flags = {"model.backbone": "selfsup_test_factory_nets:small_cnn", "data.image_size": 16}
     cfg = resolve_config("byol", "quickstart", flags=flags)
     assert cfg.model.backbone == f"{tmp_path.resolve() / 'selfsup_test_factory_nets.py'}:small_cnn"
+    # a run's config.yaml of an earlier selfsup keeps its module form: its hash is its own
+    saved = tmp_path / "config.yaml"
+    cfg.model.backbone = "selfsup_test_factory_nets:small_cnn"
+    saved.write_text(OmegaConf.to_yaml(cfg))
+    assert resolve_config("byol", str(saved)).model.backbone == cfg.model.backbone
 
 
 def test_a_factory_run_resumes_loads_and_exports_from_another_folder(
@@ -389,6 +423,13 @@ def test_a_vit_trains_at_any_multiple_of_its_patch_and_loads_exports_at_it(tmp_p
         else:
             with torch.no_grad():
                 torch.testing.assert_close(selfsup.load_encoder(exported)(x), features)
+    # a bare file (no config.yaml beside it) is known as a 64 px vit_b_32 by its tensors alone
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    torch.save(backbone.state_dict(), bare / "encoder.pt")
+    rc, out, err = cli("export", str(bare / "encoder.pt"), "--format", "torchscript")
+    assert rc == 0, err
+    assert json.loads((bare / "export" / "export.json").read_text())["image_size"] == 64
     # another size is refused before any image is read (no cache is written)
     from PIL import Image
 
@@ -450,9 +491,17 @@ def test_batchnorm_momentum_is_a_setting_and_a_short_run_is_told_its_statistics_
     assert {m.momentum for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}
     batchnorm_lag_note(set_cfg, backbone, total_steps=100)  # 0.9^100: nothing left to say
     assert capsys.readouterr().err == ""
+    batchnorm_lag_note(set_cfg, backbone, total_steps=4)  # 0.1 already: only "train longer"
+    assert capsys.readouterr().err.rstrip().endswith("not yet the trained network's; train longer")
     with pytest.raises(ConfigError, match=r"model.bn_momentum must be null .* in \(0, 1\]"):
         resolve_config("simclr", "quickstart", overrides=["model.bn_momentum=0"])
-    # runs from before the setting keep their hash (checkpoints resume)
+    # runs from before the setting keep their hash (checkpoints resume), and a refusal for
+    # another reason does not name it
+    from selfsup.train.checkpoint import config_differences
+
     old = OmegaConf.create(OmegaConf.to_container(cfg))
     del old.model["bn_momentum"]
     assert config_hash(old) == config_hash(cfg) != config_hash(set_cfg)
+    plain = {k: OmegaConf.to_container(c[k]) for c in (old,) for k in ("model",)}
+    now = {"model": OmegaConf.to_container(cfg.model)}
+    assert config_differences(plain, now, ("model",)) == []

@@ -263,8 +263,13 @@ def test_moco_enqueues_every_forwards_keys_and_warns_when_update_target_is_missi
         warnings.simplefilter("error")
         method(a1, a2)  # one forward per update_target: no warning
         method.update_target(0.0)
-    with pytest.warns(UserWarning, match="Call method.update_target"):
-        for _ in range(3):  # never updated: 24 keys waiting for a queue of 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(4):  # 4 micro-batches of 8 accumulated: more keys than the queue, fine
+            method(a1, a2)
+        method.update_target(0.0)
+    with pytest.warns(UserWarning, match="9 training forwards since the last update_target"):
+        for _ in range(9):  # never updated: 72 keys waiting for a queue of 16
             method(a1, a2)
     assert method._pending_keys.shape == (16, 32)  # the newest K only: memory stays bounded
 

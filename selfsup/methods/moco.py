@@ -210,15 +210,22 @@ class MoCo(nn.Module):
     def _keys_since_update(self, new_keys: Tensor) -> Tensor:
         """The keys of every training forward since the last ``update_target`` (gradient
         accumulation: all micro-batches' keys are enqueued), the newest K; a warning, once, when
-        they outnumber the queue: ``update_target`` is not being called."""
+        over 8 forwards' keys fill the queue: ``update_target`` is not being called."""
         pending = self._pending_keys
         size = self.queue.shape[0]
-        if pending.shape[0] >= size and not getattr(self, "_warned_no_update", False):
+        self._forwards_pending = getattr(self, "_forwards_pending", 1) + 1
+        # more keys than the queue holds, over 8 forwards: no accumulation of micro-batches
+        if (
+            pending.shape[0] >= size
+            and self._forwards_pending > 8
+            and not getattr(self, "_warned_no_update", False)
+        ):
             self._warned_no_update = True
             warnings.warn(
-                f"MoCo: {pending.shape[0]} keys of training forwards wait for update_target, "
-                f"as many as the queue holds ({size}): the queue and the key encoder are not "
-                "being updated. Call method.update_target(progress) after each optimizer step.",
+                f"MoCo: {self._forwards_pending} training forwards since the last "
+                f"update_target, their keys more than the queue holds ({size}): the queue and "
+                "the key encoder are not being updated. Call method.update_target(progress) "
+                "after each optimizer step.",
                 stacklevel=3,
             )
         return torch.cat([pending, new_keys])[-size:]
@@ -227,6 +234,7 @@ class MoCo(nn.Module):
         """Forget the keys that wait for ``update_target``: a step skipped (a non-finite loss)
         must not enqueue its keys with the next one's."""
         self._pending_keys = None
+        self._forwards_pending = 1
 
     def target_momentum(self, progress: float) -> float:
         """The key encoder's momentum m at ``progress`` in [0, 1] (cosine to 1 if configured)."""
@@ -240,6 +248,7 @@ class MoCo(nn.Module):
         self.key_backbone.update_(self.backbone, m)
         self.key_projector.update_(self.projector, m)
         keys, self._pending_keys = self._pending_keys, None
+        self._forwards_pending = 1
         if keys is not None:
             self._enqueue(keys)
 

@@ -116,7 +116,7 @@ def is_sized(name: str) -> bool:
     """Whether backbone ``name`` is built for one input size: torchvision's ViTs, whose
     position embeddings hold one per patch of an ``image_size`` image (torchvision's
     ``image_size`` argument, 224 by default; any multiple of the patch size)."""
-    return isinstance(name, str) and name.startswith("vit_")
+    return isinstance(name, str) and name.startswith("vit_") and not is_factory(name)
 
 
 def sized_kwargs(name: str, image_size: int | None) -> dict[str, int]:
@@ -453,8 +453,10 @@ def _infer_feature_dim(module: nn.Module, image_size: int = 64) -> int:
     module.eval()
     try:
         out = module(torch.zeros(2, 3, image_size, image_size, device=device))
-    except NotImplementedError as exc:  # nn.Module's own forward: the class defines none
-        raise ConfigError(
+    except NotImplementedError as exc:
+        if type(module).forward is not nn.Module.forward:
+            raise  # an op without a meta kernel: check_backbone runs it again on the CPU
+        raise ConfigError(  # nn.Module's own forward: the class defines none
             f"The custom backbone {type(module).__name__} has no forward() ({exc}); define one "
             "mapping images [B, 3, S, S] to features [B, D]"
         ) from exc

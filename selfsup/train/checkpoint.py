@@ -143,6 +143,8 @@ def config_differences(
         f"{key}: {old.get(key, unset)!r} in the checkpoint, {new.get(key, unset)!r} now"
         for key in sorted(old.keys() | new.keys())
         if old.get(key, unset) != new.get(key, unset)
+        # a setting added since (null by default) is no difference: config_hash leaves it out
+        and {old.get(key, unset), new.get(key, unset)} != {None, unset}
     ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -243,7 +244,7 @@ def resolve_config(
         given = OmegaConf.create()
         for key, value in flags.items():
             if value is not None:
-                OmegaConf.update(given, key, value, force_add=True)
+                OmegaConf.update(given, key, _flag_value(key, value), force_add=True)
         cfg = _merge(cfg, given, "command-line flag")
     for item in overrides or []:
         if "=" not in item:
@@ -268,11 +269,29 @@ def resolve_config(
 
     for key in ("source", "eval_source"):  # a relative path would only work from this folder
         cfg.data[key] = absolute_source(cfg.data[key])
-    _fit_backbone_settings(cfg, given=[*keys, *(flags or {})])
+    _fit_backbone_settings(
+        cfg, given=[*keys, *(k for k, v in (flags or {}).items() if v is not None)]
+    )
     validate_config(cfg)
     if cfg.optim.exclude_bias_norm is None:  # the papers skip biases and norms in LARS only
         cfg.optim.exclude_bias_norm = cfg.optim.name == "lars"
     return cfg
+
+
+def _flag_value(key: str, value: Any) -> Any:
+    """A flag's value as the config holds it: text, numbers and booleans as they are; a path
+    or ``torch.device`` as text, a numpy scalar as its Python number."""
+    if isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        return value.item()
+    if type(value).__name__ == "device":  # torch.device, without importing torch here
+        return str(value)
+    raise ConfigError(
+        f"{key}={value!r}: give text, a number or a boolean, not a {type(value).__name__}"
+    )
 
 
 def _fit_backbone_settings(cfg: DictConfig, given: list[str]) -> None:
@@ -291,7 +310,11 @@ def _fit_backbone_settings(cfg: DictConfig, given: list[str]) -> None:
         where, _, function = backbone.rpartition(":")
         if where.endswith(".py"):
             cfg.model.backbone = f"{Path(where).expanduser().resolve()}:{function}"
-        elif where.isidentifier() and (Path.cwd() / f"{where}.py").is_file():
+        elif (
+            "model.backbone" in given
+            and where.isidentifier()
+            and (Path.cwd() / f"{where}.py").is_file()
+        ):
             # a one-file module of this folder (`--backbone nets:small_cnn`): its path, so a
             # resume from another folder imports the same file
             cfg.model.backbone = f"{(Path.cwd() / f'{where}.py').resolve()}:{function}"

@@ -352,12 +352,12 @@ def batchnorm_lag_note(cfg: DictConfig, backbone: torch.nn.Module, total_steps: 
     slowest = min(momenta)
     kept = (1 - slowest) ** total_steps
     if kept > 0.05:
+        fix = "train longer" + (", or set model.bn_momentum=0.1" if slowest < 0.1 else "")
         print(
             f"selfsup: note: the BatchNorm layers of {cfg.model.backbone} update their running "
             f"statistics with momentum {slowest:g}: after this run's {total_steps} steps they "
             f"still hold {kept:.0%} of their initial values, so eval-mode features (kNN, eval, "
-            "embed) are not yet the trained network's; train longer, or set "
-            "model.bn_momentum=0.1",
+            f"embed) are not yet the trained network's; {fix}",
             file=sys.stderr,
         )
 
