@@ -393,7 +393,8 @@ def test_a_vit_trains_at_any_multiple_of_its_patch_and_loads_exports_at_it(tmp_p
     torch.manual_seed(0)
     backbone, dim = build_backbone("vit_b_32", image_size=64)
     assert state_image_size("vit_b_32", backbone.state_dict()) == 64
-    assert state_image_size("vit_b_32", build_backbone("vit_b_32")[0].state_dict()) == 224
+    with torch.device("meta"):  # shapes only
+        assert state_image_size("vit_b_32", build_backbone("vit_b_32")[0].state_dict()) == 224
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         features = backbone.eval()(x)
