@@ -261,6 +261,31 @@ def test_full_linear_probe_scores_each_test_image_independently_of_the_others() 
     assert sum(per_class) / 3 == pytest.approx(full)  # 6 test images per class
 
 
+def test_full_linear_probe_does_not_depend_on_the_features_scale() -> None:
+    # a random-init MobileNet's eval-mode features are ~1e-10 (variance ~1e-20): BatchNorm's
+    # eps of 1e-5 and running statistics starting at 0 / 1 both outweighed them (chance)
+    class Scaled(nn.Module):
+        def __init__(self, net: nn.Module, scale: float) -> None:
+            super().__init__()
+            self.net, self.scale = net, scale
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) * self.scale
+
+    train_images, train_labels = colour_images(40)
+    test_images, test_labels = colour_images(30, seed=1)
+
+    def top1(scale: float) -> float:
+        return linear_probe(
+            Scaled(warmed_net(), scale), train_images, train_labels, test_images, test_labels,
+            train_transform=train_transform, eval_transform=eval_transform, epochs=20,
+            batch_size=32, progress=False,
+        )["top1"]  # fmt: skip
+
+    unit = top1(1.0)
+    assert unit > 0.6 and top1(1e-10) == pytest.approx(unit, abs=0.05)
+
+
 def test_fast_and_full_modes_agree_on_easy_task() -> None:
     net = warmed_net()
     train_images, train_labels = colour_images(40)

@@ -548,12 +548,22 @@ def linear_probe(
                 return backbone(apply_transform(train_transform, images, aug_generator)).float()
 
         with torch.no_grad(), autocast_context(run_device, amp):
-            probe = apply_transform(eval_transform, train_images[:2].to(run_device))
-            feat_dim = backbone(probe).float().shape[1]
+            probe = apply_transform(eval_transform, train_images[:64].to(run_device))
+            probe_feats = backbone(probe).float()
+        feat_dim = probe_feats.shape[1]
+        # BatchNorm's eps (1e-5) in proportion to features far below unit variance: it would
+        # swamp a random-init MobileNet's (variance ~1e-20 in eval mode), and the probe score
+        # chance; features of unit variance or more keep 1e-5
+        variance = float(probe_feats.var(dim=0, correction=0).mean()) if len(probe) > 1 else 1.0
+        eps = 1e-5 * min(1.0, variance) if variance > 0 else 1e-5
         head = nn.Sequential(
-            nn.BatchNorm1d(feat_dim, affine=False),
+            nn.BatchNorm1d(feat_dim, eps=eps, affine=False),
             make_linear_head(feat_dim, num_classes, generator=cpu_generator),
         ).to(run_device)
+        if len(probe) > 1:  # running statistics from the features, not 0 / 1: a short probe's
+            # would keep (1 - 0.1)^steps of those, which outweigh features far from unit scale
+            head[0].running_mean.copy_(probe_feats.mean(dim=0))
+            head[0].running_var.copy_(probe_feats.var(dim=0))
         # extract the test features while the encoder is still frozen
         metrics = train_and_test_head(
             encode,
