@@ -63,12 +63,12 @@ def _run_info(target: Path, encoder: torch.nn.Module | None = None) -> dict[str,
     metadata, the image size is the one ``encoder`` is built for, if it has one (a ViT's
     ``image_size``, read from its weights)."""
     from selfsup.export import encoder_metadata
+    from selfsup.models.backbones import native_image_size
 
     run_dir = target if target.is_dir() else target.parent
     info = {**encoder_metadata(target), "run_dir": run_dir}
-    native = getattr(encoder, "image_size", None)
-    if not info.get("image_size") and isinstance(native, int) and not isinstance(native, bool):
-        info["image_size"] = native
+    if not info.get("image_size") and native_image_size(encoder):
+        info["image_size"] = native_image_size(encoder)
     return info
 
 

@@ -33,6 +33,7 @@ from selfsup.models.backbones import (
     encoder_shapes,
     input_problem,
     is_factory,
+    native_image_size,
     state_image_size,
 )
 from selfsup.models.weights import EXPORT_INFO, encoder_file, is_torchscript, read_state_dict
@@ -221,15 +222,15 @@ def _load_state(path: Path) -> tuple[dict[str, torch.Tensor], str, bool]:
         # not so for an encoder.pt copied beside another run's config.yaml
         expected = _backbone_shapes(name, small, state_image_size(name, state))
         found_shapes = _encoder_shapes(state, _head(name))
-        if is_factory(name) and not expected.items() <= found_shapes.items():
-            key = next(k for k, v in expected.items() if found_shapes.get(k) != v)
-            there = list(found_shapes[key]) if key in found_shapes else "no such tensor"
-            raise CheckpointError(
-                f"{path} does not fit what your factory {name} builds now: {key} is "
-                f"{there} in the file, {list(expected[key])} in the module; did the factory's "
-                "code change since the run? Put back the version that trained it"
-            )
         if not expected.items() <= found_shapes.items():
+            if is_factory(name):
+                key = next(k for k, v in expected.items() if found_shapes.get(k) != v)
+                there = list(found_shapes[key]) if key in found_shapes else "no such tensor"
+                raise CheckpointError(
+                    f"{path} does not fit what your factory {name} builds now: {key} is "
+                    f"{there} in the file, {list(expected[key])} in the module; did the "
+                    "factory's code change since the run? Put back the version that trained it"
+                )
             try:
                 found = "a {} (small_stem={}) encoder".format(*infer_architecture(state))
             except CheckpointError:
@@ -279,6 +280,14 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(path), map_location=map_location).eval()
     state, name, small = _load_state(path)
+    return _encoder_from_state(path, state, name, small).to(map_location).eval()
+
+
+def _encoder_from_state(
+    path: Path, state: dict[str, torch.Tensor], name: str, small: bool
+) -> nn.Module:
+    """Backbone ``name``'s module holding ``state`` (read from ``path`` by :func:`_load_state`;
+    a torchvision export's classifier left out)."""
     model = backbone_module(name, small_stem=small, image_size=state_image_size(name, state))
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = _head(name)
@@ -288,7 +297,7 @@ def load_encoder(path: str | Path, map_location: str | torch.device = "cpu") -> 
             f"{path} does not match a {name} encoder: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
-    return model.to(map_location).eval()
+    return model.eval()
 
 
 def check_input_size(
@@ -372,12 +381,11 @@ def export_encoder(
             f"{src}: its backbone comes from your factory {name}, not torchvision: export it "
             "as --format safetensors (the state_dict, for the same factory) or torchscript"
         )
-    model = load_encoder(src)
+    model = _encoder_from_state(src, state, name, small)  # the file is read once
     source_meta = encoder_metadata(src)
     # --image-size is only the trace's example input: the metadata keeps the size the encoder
     # was trained at (eval / embed of the export prepare images at it), none when unknown
-    native = getattr(model, "image_size", None)  # a ViT's, read from its weights
-    native = native if isinstance(native, int) and not isinstance(native, bool) else None
+    native = native_image_size(model)  # a ViT's, read from its weights
     size = int(
         image_size if image_size is not None else source_meta.get("image_size") or native or 32
     )

@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from selfsup.errors import ConfigError
+from selfsup.models.backbones import check_has_parameters
 
 # The numeric options' valid ranges: (integer only, check, what it must be). Used by the methods'
 # constructors and, before any data is read, by the CLI's config check, so both name the same
@@ -52,12 +53,7 @@ def check_method_args(method: str, backbone: Any, feat_dim: Any, **options: Any)
             f"features, got {type(backbone).__name__} (a name such as 'resnet18' goes through "
             "selfsup.models.build_backbone first)"
         )
-    if next(backbone.parameters(), None) is None:
-        raise ConfigError(
-            f"{method}: the backbone {type(backbone).__name__} has no parameters: it cannot "
-            "learn, and its features would be the same before and after training; give it "
-            "layers with weights (convolutions, linear layers)"
-        )
+    check_has_parameters(backbone, f"{method}: the backbone {type(backbone).__name__}")
     if isinstance(feat_dim, bool) or not isinstance(feat_dim, int) or feat_dim < 1:
         raise ConfigError(
             f"{method}: feat_dim must be a positive integer (the backbone's output width D), "

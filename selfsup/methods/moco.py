@@ -144,6 +144,8 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending_keys: Tensor | None = None  # this step's keys, enqueued by update_target
+        self._forwards_pending = 1  # training forwards whose keys wait for update_target
+        self._warned_no_update = False
 
     def _keys(self, x: Tensor) -> Tensor:
         world = distributed_world()[1]
@@ -213,13 +215,9 @@ class MoCo(nn.Module):
         over 8 forwards' keys fill the queue: ``update_target`` is not being called."""
         pending = self._pending_keys
         size = self.queue.shape[0]
-        self._forwards_pending = getattr(self, "_forwards_pending", 1) + 1
+        self._forwards_pending += 1
         # more keys than the queue holds, over 8 forwards: no accumulation of micro-batches
-        if (
-            pending.shape[0] >= size
-            and self._forwards_pending > 8
-            and not getattr(self, "_warned_no_update", False)
-        ):
+        if pending.shape[0] >= size and self._forwards_pending > 8 and not self._warned_no_update:
             self._warned_no_update = True
             warnings.warn(
                 f"MoCo: {self._forwards_pending} training forwards since the last "

@@ -140,6 +140,22 @@ def state_image_size(name: str, state: dict[str, torch.Tensor]) -> int | None:
     return side * int(proj.shape[-1]) if side * side == pos.shape[1] - 1 else None
 
 
+def native_image_size(module: object) -> int | None:
+    """The one input size ``module`` is built for, if it has one: a torchvision ViT's
+    ``image_size`` (which :func:`state_image_size` reads from its weights); None otherwise."""
+    size = getattr(module, "image_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def check_has_parameters(module: nn.Module, what: str) -> None:
+    """A ConfigError for a backbone without parameters (pooling alone): it cannot learn."""
+    if next(module.parameters(), None) is None:
+        raise ConfigError(
+            f"{what} has no parameters: it cannot learn, and its features would be the same "
+            "before and after training; give it layers with weights (convolutions, linear layers)"
+        )
+
+
 def is_factory(name: str) -> bool:
     """Whether ``model.backbone`` names a factory of the user's (``module:function``)."""
     return isinstance(name, str) and ":" in name
@@ -365,11 +381,7 @@ def check_backbone(
                 model, dim = build_backbone(name, small_stem=small_stem, image_size=image_size)
         except NotImplementedError:  # a constructor that reads tensors' values (RegNet)
             model, dim = build_backbone(name, small_stem=small_stem, image_size=image_size)
-    if next(model.parameters(), None) is None:
-        raise ConfigError(
-            f"model.backbone={name} has no parameters: it cannot learn, and its features would "
-            "be the same before and after training; give its module layers with weights"
-        )
+    check_has_parameters(model, f"model.backbone={name}")
     if is_factory(name):
         return dim  # build_backbone ran its dummy batch already
     problem = input_problem(model.eval(), image_size)

@@ -183,6 +183,7 @@ def _strip_prefix(
 def _resized_position_embeddings(
     state: dict[str, torch.Tensor],
     own: dict[str, torch.Tensor],
+    arch: str,
     origin: str,
     where: str,
     notes: list[str] | None,
@@ -190,27 +191,25 @@ def _resized_position_embeddings(
     """A ViT ``state`` whose position embeddings are for another input size than the backbone's
     (``own``, its state_dict): those resized to the backbone's patch grid with torchvision's
     ``interpolate_embeddings`` (bicubic, the class token kept), as for fine-tuning a ViT at
-    another resolution; ``state`` itself when the grids agree or the tensors are not a ViT's."""
-    key = "encoder.pos_embedding"
-    theirs, ours, proj = state.get(key), own.get(key), own.get("conv_proj.weight")
-    if theirs is None or ours is None or proj is None or theirs.shape == ours.shape:
+    another resolution; ``state`` itself when the sizes agree or the tensors are not a ViT's."""
+    from selfsup.models.backbones import state_image_size
+
+    size, theirs = state_image_size(arch, own), state_image_size(arch, state)
+    if size is None or theirs is None or size == theirs:
         return state
-    if theirs.dim() != 3 or theirs.shape[0] != 1 or theirs.shape[2] != ours.shape[2]:
+    key = "encoder.pos_embedding"
+    if state[key].shape[0] != 1 or state[key].shape[2] != own[key].shape[2]:
         return state  # another width: init_state names the mismatch
     from torchvision.models.vision_transformer import interpolate_embeddings
 
-    patch = int(proj.shape[-1])
-    side = round((ours.shape[1] - 1) ** 0.5)
-    try:
-        resized = interpolate_embeddings(side * patch, patch, dict(state))
-    except ValueError:  # not a square grid: init_state names the mismatch
-        return state
+    patch = int(own["conv_proj.weight"].shape[-1])
+    resized = interpolate_embeddings(size, patch, dict(state))
     if notes is not None:
-        old_side = round((theirs.shape[1] - 1) ** 0.5)
+        old, new = theirs // int(state["conv_proj.weight"].shape[-1]), size // patch
         notes.append(
-            f"{where}: the position embeddings of {origin} ({old_side}x{old_side} patches, "
-            f"{old_side * patch} px) resized to {side}x{side} ({side * patch} px images) with "
-            "torchvision's interpolate_embeddings (bicubic)"
+            f"{where}: the position embeddings of {origin} ({old}x{old} patches, {theirs} px) "
+            f"resized to {new}x{new} ({size} px images) with torchvision's "
+            "interpolate_embeddings (bicubic)"
         )
     return resized
 
@@ -254,7 +253,7 @@ def init_state(
     head = None if is_factory(arch) else f"{classifier_key(arch)}."
     state = {k: v for k, v in state.items() if not (head and k.startswith(head))}
     if is_sized(arch):
-        state = _resized_position_embeddings(state, own, origin, where, notes)
+        state = _resized_position_embeddings(state, own, arch, origin, where, notes)
     for key, value in own.items():
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros(value.shape, dtype=value.dtype)  # value may be on meta
