@@ -119,6 +119,7 @@ def _stem_words(cfg) -> str:
 
 def _pretrain(args: argparse.Namespace) -> int:
     from selfsup.run import pretrain_config, run_pretrain
+    from selfsup.train.logging import strict_json
     from selfsup.train.trainer import check_data_sources, check_run_dir
 
     launch = args.devices is not None and args.devices != 1 and "WORLD_SIZE" not in os.environ
@@ -188,7 +189,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     r = result.results
     shown = ("method", "train_images", "epochs", "final_loss", "knn_top1")
     shown += ("knn_top1_init", "init") if "init" in r else ("knn_top1_random_init",)
-    print(json.dumps({k: r[k] for k in shown if k in r}))
+    print(json.dumps(strict_json({k: r[k] for k in shown if k in r})))
     print(f"selfsup: encoder saved to {out / 'encoder.pt'}; results in {out / 'results.json'}")
     return 0
 

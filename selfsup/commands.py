@@ -108,18 +108,17 @@ def _pretrain_augment(run_dir: Path) -> dict[str, Any]:
     return OmegaConf.to_container(both) if both is not None else {}
 
 
-def _transforms(
+def _crop_flip_transform(
     image_size: int,
     mean,
     std,
     device: torch.device,
     crop_scale: tuple[float, float] = PAPER_CROP_SCALE,
     flip_p: float = 0.5,
-    eval_crop: float = 1.0,
 ):
-    from selfsup.augment import EvalTransform, ViewAugment, ViewConfig
+    """The papers' linear / fine-tuning augmentation: random resized crop and flip only."""
+    from selfsup.augment import ViewAugment, ViewConfig
 
-    # the papers' linear / fine-tuning augmentation: random resized crop and flip only
     crop_flip = ViewConfig(
         crop_scale=tuple(crop_scale),
         flip_p=flip_p,
@@ -128,10 +127,21 @@ def _transforms(
         blur_p=0.0,
         solarize_p=0.0,
     )
-    train_t = ViewAugment(crop_flip, image_size, mean, std).to(device)
-    # the run's data.eval_crop: the same evaluation view as the trainer's kNN monitor
-    eval_t = EvalTransform(image_size, mean=mean, std=std, crop_fraction=eval_crop).to(device)
-    return train_t, eval_t
+    return ViewAugment(crop_flip, image_size, mean, std).to(device)
+
+
+def _eval_crop(info: dict[str, Any]) -> float:
+    """The run's ``data.eval_crop`` (runs from before it: 1, the whole image)."""
+    return float(info.get("eval_crop") or 1.0)
+
+
+def _eval_transform(image_size: int, mean, std, device: torch.device, info: dict[str, Any]):
+    """The run's evaluation view (its :func:`_eval_crop`), the one the trainer's kNN monitor
+    takes."""
+    from selfsup.augment import EvalTransform
+
+    crop = _eval_crop(info)
+    return EvalTransform(image_size, mean=mean, std=std, crop_fraction=crop).to(device)
 
 
 def _normalisation(info: dict[str, Any], images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -164,10 +174,14 @@ def _torchrun_device(name: str | None, command: str, refused: str | None = None)
     return env.device
 
 
-def _limit(ds, limit: int | None):
-    """``limit`` images spread evenly over a dataset (all of them for ``None``)."""
+def _check_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be a positive number of images, got {limit}")
+
+
+def _limit(ds, limit: int | None):
+    """``limit`` images spread evenly over a dataset (all of them for ``None``)."""
+    _check_limit(limit)
     return ds.spread(limit)
 
 
@@ -184,8 +198,7 @@ def _load(
     when already made."""
     from selfsup.data import load_dataset
 
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be a positive number of images, got {limit}")
+    _check_limit(limit)
     ds = load_dataset(
         source,
         split,
@@ -600,8 +613,9 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
     flip_p = next(v for v in (args.flip_p, run_augment.get("flip_p"), 0.5) if v is not None)
     flip_p = float(flip_p)
-    eval_crop = float(info.get("eval_crop", 1.0))
-    train_t, eval_t = _transforms(image_size, mean, std, device, crop_scale, flip_p, eval_crop)
+    train_t = _crop_flip_transform(image_size, mean, std, device, crop_scale, flip_p)
+    eval_t = _eval_transform(image_size, mean, std, device, info)
+    eval_crop = _eval_crop(info)
     if train.classes:
         num_classes = len(train.classes)
     else:
@@ -1088,7 +1102,7 @@ def _encode_source(
         ds = _load(source, split, load_size, cache_dir, limit, progress and is_first_rank())
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
-    _, eval_t = _transforms(size, mean, std, dev, eval_crop=float(info.get("eval_crop") or 1.0))
+    eval_t = _eval_transform(size, mean, std, dev, info)
     out = distributed_extract_features(model, ds.images, eval_t, batch_size=batch_size, device=dev)
     return out, ds
 
@@ -1342,7 +1356,7 @@ def nearest_neighbors(
     )  # fmt: skip
     mean, std = _normalisation(info, ds.images)
     dev = _device(device)
-    _, eval_t = _transforms(size, mean, std, dev, eval_crop=float(info.get("eval_crop", 1.0)))
+    eval_t = _eval_transform(size, mean, std, dev, info)
     qf = extract_features(encoder, torch.stack(arrays), eval_t, batch_size=batch_size, device=dev)
     sims = torch.nn.functional.normalize(qf, dim=1) @ torch.nn.functional.normalize(feats, dim=1).T
     if k > feats.shape[0] and is_first_rank():
@@ -1510,8 +1524,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_encode_args(None, args.batch_size)
-    if args.limit is not None and args.limit < 1:
-        raise ConfigError(f"--limit must be a positive number of images, got {args.limit}")
+    _check_limit(args.limit)
     clf = load_classifier(args.classifier)  # a missing or foreign file: before any decoding
     if out.is_dir():
         raise ConfigError(

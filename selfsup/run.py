@@ -81,6 +81,7 @@ def pretrain_config(
         cfg = resolve_config(
             method or base.method.name, preset=str(saved), flags=flags, overrides=overrides
         )
+        _follow_the_optimizer(base, cfg, overrides)
         _refuse_changes_to_a_finished_run(out, base, cfg)
     else:
         preset = default_preset(preset, data)
@@ -98,6 +99,27 @@ def pretrain_config(
     out = out or default_out(cfg, cfg.method.name, data)
     cfg.out = str(out)
     return cfg, out
+
+
+def _follow_the_optimizer(base, cfg, overrides: list[str]) -> None:
+    """``--resume optim.name=lars`` of an SGD run: ``optim.exclude_bias_norm``, which the run
+    had at SGD's default (off), takes LARS's (on), as a new LARS run would; a value the run set
+    itself, or one given now, is kept."""
+    keys = [item.split("=", 1)[0].strip() for item in overrides or []]
+    given = "optim.exclude_bias_norm" in keys
+    was_default = base.optim.get("exclude_bias_norm") in (None, base.optim.name == "lars")
+    if cfg.optim.name == base.optim.name or given or not was_default:
+        return
+    cfg.optim.exclude_bias_norm = cfg.optim.name == "lars"
+    if is_first_rank():
+        print(
+            f"selfsup: optim.name {base.optim.name} -> {cfg.optim.name}: "
+            f"optim.exclude_bias_norm={str(cfg.optim.exclude_bias_norm).lower()}, "
+            f"{cfg.optim.name}'s default (biases and norm parameters "
+            + ("left out of" if cfg.optim.exclude_bias_norm else "included in")
+            + " weight decay and LARS adaptation); pass optim.exclude_bias_norm to choose",
+            file=sys.stderr,
+        )
 
 
 # what a finished run's --resume may change: how to run (train.*), where its cache is; the

@@ -550,13 +550,17 @@ def test_eval_crop_takes_the_imagenet_protocols_centre_crop() -> None:
 
 
 def test_the_imagenette_preset_and_eval_use_the_runs_eval_crop() -> None:
-    from selfsup.commands import _transforms
+    from selfsup.commands import _eval_transform
     from selfsup.train.config import resolve_config
 
     assert resolve_config("byol", "imagenette").data.eval_crop == 0.875
     assert resolve_config("byol", "quickstart").data.eval_crop == 1.0  # digits: the whole image
-    _, eval_t = _transforms(128, IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"), eval_crop=0.875)
+    cpu = torch.device("cpu")
+    eval_t = _eval_transform(128, IMAGENET_MEAN, IMAGENET_STD, cpu, {"eval_crop": 0.875})
     assert (eval_t.size, eval_t.resize) == (128, 146)
+    # a run from before data.eval_crop (its metadata says None): the whole image
+    eval_t = _eval_transform(128, IMAGENET_MEAN, IMAGENET_STD, cpu, {"eval_crop": None})
+    assert (eval_t.size, eval_t.resize) == (128, 128)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -181,3 +181,42 @@ def test_warmup_cosine_with_a_floor_peaks_at_one_and_decays_to_it():
         t = (step - warm) / (total - warm)
         expected = floor + (1 - floor) * (math.cos(math.pi * t) + 1) / 2
         assert warmup_cosine(step, total, warm, min_ratio=floor) == pytest.approx(expected), step
+
+
+def _filled_sgd(model: nn.Module, exclude: bool) -> torch.optim.Optimizer:
+    torch.manual_seed(0)
+    opt = build_optimizer(model, "sgd", 0.1, 0.9, 1e-4, exclude_bias_norm=exclude)
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("written_with", [False, True])
+def test_a_saved_optimizer_is_regrouped_parameter_by_parameter(written_with):
+    """A resume that turns exclude_bias_norm on or off numbers the parameters anew (one group,
+    or weights then biases/norms): each momentum buffer must reach its own parameter."""
+    from selfsup.train.optim import regroup_optimizer_state, same_group_layout
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    saved = _filled_sgd(model, written_with)
+    buffers = {n: saved.state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()}
+    now = build_optimizer(model, "lars", 0.1, 0.9, 1e-4, exclude_bias_norm=not written_with)
+    assert not same_group_layout(saved.state_dict(), now)
+    now.load_state_dict(regroup_optimizer_state(saved.state_dict(), model, written_with, now))
+    for name, param in model.named_parameters():
+        assert torch.equal(now.state[param]["momentum_buffer"], buffers[name]), name
+    # the groups keep this run's settings: biases and norms out of weight decay and LARS
+    assert [g["weight_decay"] for g in now.param_groups] == (
+        [1e-4] if written_with else [1e-4, 0.0]
+    )
+
+
+def test_a_saved_optimizer_of_other_parameters_is_refused():
+    from selfsup.errors import CheckpointError
+    from selfsup.train.optim import regroup_optimizer_state
+
+    saved = _filled_sgd(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), False)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    now = build_optimizer(model, "sgd", 0.1, 0.9, 1e-4, exclude_bias_norm=True)
+    with pytest.raises(CheckpointError, match="trainable parameters changed"):
+        regroup_optimizer_state(saved.state_dict(), model, False, now)

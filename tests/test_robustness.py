@@ -736,6 +736,45 @@ def test_on_nan_skip_skips_the_bad_steps_and_finishes(tmp_path, good_folder, cac
     assert all(v.float().isfinite().all() for v in weights(out / "encoder.pt").values())
 
 
+def test_images_per_s_times_training_steps_not_the_epoch_end(
+    tmp_path, good_folder, cache, monkeypatch
+):
+    """The first window of epoch 2 starts after epoch 1's checkpoint: a checkpoint that takes a
+    second (a slow disk) would otherwise read as a step of 16 images in over a second."""
+    real_save = trainer.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        time.sleep(1.0)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", slow_save)
+    out = tmp_path / "run"
+    assert pretrain(out, data=good_folder, cache=cache) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rate = {r["step"]: r["train/images_per_s"] for r in records if "train/loss" in r}
+    first_of_epoch_2 = TOTAL_STEPS // 2 + 1
+    assert rate[first_of_epoch_2] > 2 * BATCH  # a window of under half a second: no checkpoint
+
+
+def _refuse_nan(name: str):
+    raise ValueError(f"bare {name} in JSON")
+
+
+def test_a_skipped_last_step_is_null_in_results_json_and_the_printed_line(
+    tmp_path, good_folder, cache, monkeypatch, capsys
+):
+    """The last logging window skipped: no final loss. results.json and the line printed on
+    stdout say null, which strict readers (jq, JavaScript) take, not Python's bare NaN."""
+    _nan_loss_at(monkeypatch, {TOTAL_STEPS})
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert pretrain(out, "train.on_nan=skip", data=good_folder, cache=cache) == 0
+    results = json.loads((out / "results.json").read_text(), parse_constant=_refuse_nan)
+    assert results["final_loss"] is None and results["skipped_steps"] == 1
+    printed = json.loads(capsys.readouterr().out.splitlines()[0], parse_constant=_refuse_nan)
+    assert printed["final_loss"] is None
+
+
 # --------------------------------------------------------------------------- out of memory
 def _oom_at_step(monkeypatch, bad_call: int) -> None:
     """Make the given (1-based) training step raise CUDA's out-of-memory error."""
@@ -808,17 +847,66 @@ def test_resume_with_a_new_lr_uses_it(tmp_path, good_folder, cache, baseline):
 
 def test_resume_with_a_new_batch_size_continues_the_schedule(tmp_path, good_folder, cache):
     """After an epoch-end checkpoint the steps are counted anew: the rest of the run follows the
-    schedule of a run with the new batch size from the start (lr scaled to it, ending at 0)."""
+    schedule of a run with the new batch size from the start (lr scaled to it, ending at 0). The
+    logs go on counting the steps taken: 4 of batch 16, then 8 of batch 8."""
     out, fresh = tmp_path / "run", tmp_path / "fresh"
     assert pretrain(out, "train.stop_after_epochs=1", data=good_folder, cache=cache) == 3
     assert resume(out, f"train.batch_size={BATCH // 2}") == 0
     assert pretrain(fresh, f"train.batch_size={BATCH // 2}", data=good_folder, cache=cache) == 0
     resumed, reference = _logged_lrs(out), _logged_lrs(fresh)
+    first_epoch = TOTAL_STEPS // 2  # steps of batch 16
     steps_per_epoch = 2 * GOOD_PER_CLASS // (BATCH // 2)
-    second_epoch = range(steps_per_epoch + 1, 2 * steps_per_epoch + 1)
-    assert sorted(resumed) == [*range(1, TOTAL_STEPS // 2 + 1), *second_epoch]
-    for step in second_epoch:
-        assert resumed[step] == pytest.approx(reference[step], rel=1e-6), step
+    assert sorted(resumed) == list(range(1, first_epoch + steps_per_epoch + 1))
+    for k in range(1, steps_per_epoch + 1):  # logged step 4 + k is the schedule's step 8 + k
+        expected = reference[steps_per_epoch + k]
+        assert resumed[first_epoch + k] == pytest.approx(expected, rel=1e-6), k
+
+
+def test_resume_with_a_larger_batch_keeps_the_metrics_of_the_run_so_far(
+    tmp_path, good_folder, cache
+):
+    """A larger batch renumbers the schedule's steps below the checkpoint's (4 of batch 16 are
+    step 2 of batch 32): the records of those steps are history, not steps to replay, and are
+    kept; the logged steps go on increasing, through a second resume too."""
+    out = tmp_path / "run"
+    argv = ("train.epochs=3", "train.stop_after_epochs=1")
+    assert pretrain(out, *argv, data=good_folder, cache=cache) == 3
+    before = (out / "metrics.jsonl").read_text().splitlines()
+    assert resume(out, f"train.batch_size={2 * BATCH}", "train.stop_after_epochs=1") == 3
+    assert resume(out) == 0
+    after = (out / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before
+    records = [json.loads(line) for line in after if "train/loss" in line]
+    assert [r["step"] for r in records] == list(range(1, 9))  # 4 + 2 + 2 steps taken
+    assert [r["train/epoch"] for r in records] == [1] * 4 + [2] * 2 + [3] * 2
+    # from epoch 2 on, the schedule is that of a run of batch 32 from the start (its steps 3-6)
+    fresh = tmp_path / "fresh"
+    assert pretrain(fresh, "train.epochs=3", f"train.batch_size={2 * BATCH}", data=good_folder,
+                    cache=cache) == 0  # fmt: skip
+    reference = _logged_lrs(fresh)
+    for k in range(4):
+        assert records[4 + k]["train/lr"] == pytest.approx(reference[3 + k], rel=1e-6), k
+
+
+def test_resume_with_another_optimizer_takes_its_grouping(tmp_path, good_folder, cache, capsys):
+    """`--resume optim.name=lars` of an SGD run: LARS's default (biases and norms out of weight
+    decay and adaptation) as in a new LARS run, said once; the momentum buffers are regrouped.
+    Turning exclude_bias_norm back off on a further resume regroups them again."""
+    out = tmp_path / "run"
+    argv = ("train.epochs=3", "train.stop_after_epochs=1")
+    assert pretrain(out, *argv, data=good_folder, cache=cache) == 3
+    last = out / "checkpoints" / "last.pt"
+    sgd_groups = len(torch.load(last, weights_only=False)["optimizer"]["param_groups"])
+    capsys.readouterr()
+    assert resume(out, "optim.name=lars", "train.stop_after_epochs=1") == 3
+    assert "optim.name sgd -> lars: optim.exclude_bias_norm=true" in capsys.readouterr().err
+    saved = OmegaConf.load(out / "config.yaml").optim
+    assert saved.name == "lars" and saved.exclude_bias_norm is True
+    # a decay and a no-decay group for each of the method's groups
+    lars_groups = len(torch.load(last, weights_only=False)["optimizer"]["param_groups"])
+    assert lars_groups == 2 * sgd_groups
+    assert resume(out, "optim.exclude_bias_norm=false") == 0
+    assert OmegaConf.load(out / "config.yaml").optim.exclude_bias_norm is False
 
 
 def test_resume_extends_a_run_and_refuses_to_shorten_it(tmp_path, good_folder, cache, capsys):

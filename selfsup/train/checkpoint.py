@@ -53,7 +53,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         # into an open file: given a path, torch.save names the archive's records after the
         # (random) temporary name, and the same weights would give other bytes each time
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            _save(obj, fh)  # a full disk: the OSError, as a checkpoint's
 
     atomic_write(path, write)
     _fsync_dir(path.parent)

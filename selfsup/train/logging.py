@@ -20,11 +20,18 @@ class MetricsLogger:
         enabled: bool = True,
         tensorboard: bool = True,
         resume_step: int | None = None,
+        step_offset: int = 0,
     ) -> None:
-        """``resume_step``: the step a resumed run continues after. Records of later steps (of
-        the stopped run, which the resumed one replays) are dropped from both logs, so that no
-        step appears twice."""
+        """``resume_step``: the (logged) step a resumed run continues after. Records of later
+        steps (of the stopped run, which the resumed one replays) are dropped from both logs, so
+        that no step appears twice.
+
+        ``step_offset`` is added to every step logged: a resume that changed the batch size or
+        the data renumbers its schedule's steps, while the logs go on counting the optimizer
+        steps taken, so that they keep the history before the change and increase.
+        """
         self.enabled = enabled
+        self.step_offset = step_offset
         path = run_dir / "metrics.jsonl"
         if enabled and resume_step is not None and path.exists():
             kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= resume_step]
@@ -45,6 +52,7 @@ class MetricsLogger:
     def log(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
         if not self.enabled:
             return
+        step += self.step_offset
         record = {
             "time": round(time.time(), 3),
             "step": step,
@@ -62,7 +70,7 @@ class MetricsLogger:
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         """Text for TensorBoard's Text tab (the run's config): markdown, shown as a code block."""
         if self._tb is not None:
-            self._tb.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+            self._tb.add_text(tag, "    " + text.replace("\n", "\n    "), step + self.step_offset)
             self._tb.flush()
 
     def log_image(self, tag: str, picture: Any, step: int = 0) -> None:
@@ -97,3 +105,16 @@ def _json_number(value: Any) -> Any:
     if isinstance(value, float | int) and not isinstance(value, bool):
         return float(value) if math.isfinite(float(value)) else None
     return value
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN/Inf float, at any depth, as ``None`` (JSON null); integers and
+    everything else unchanged. For ``results.json`` and printed results (see
+    :func:`_json_number`)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: strict_json(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(value) for value in obj]
+    return obj

@@ -23,6 +23,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from selfsup.errors import CheckpointError
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling.
@@ -125,13 +127,7 @@ def build_optimizer(
     trust_coefficient: float = 0.001,
 ) -> torch.optim.Optimizer:
     """SGD or LARS over the method's param groups (``method.param_groups()`` if it has one)."""
-    module_groups = (
-        method.param_groups()
-        if hasattr(method, "param_groups")
-        else [{"params": list(method.parameters())}]
-    )
-    named = {id(p): n for n, p in method.named_parameters()}
-    groups = split_decay_groups(module_groups, named, exclude_bias_norm)
+    groups = _method_groups(method, exclude_bias_norm)
     for g in groups:
         g["base_lr"] = lr
     if name == "lars":
@@ -148,21 +144,73 @@ def build_optimizer(
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs)
 
 
+def _method_groups(method: nn.Module, exclude_bias_norm: bool) -> list[dict]:
+    module_groups = (
+        method.param_groups()
+        if hasattr(method, "param_groups")
+        else [{"params": list(method.parameters())}]
+    )
+    named = {id(p): n for n, p in method.named_parameters()}
+    return split_decay_groups(module_groups, named, exclude_bias_norm)
+
+
+def regroup_optimizer_state(
+    saved: dict, method: nn.Module, saved_exclude_bias_norm: bool, optimizer: torch.optim.Optimizer
+) -> dict:
+    """A saved optimizer ``state_dict`` re-indexed for ``optimizer``'s param groups.
+
+    ``state_dict`` numbers the parameters group by group, so a resume that turns
+    ``optim.exclude_bias_norm`` on or off (one group per module group, or a decay and a no-decay
+    group) numbers them anew: each momentum buffer is moved to its own parameter, found by the
+    grouping the checkpoint was written with. Other layouts are a :class:`CheckpointError`.
+    """
+    saved_groups = _method_groups(method, saved_exclude_bias_norm)
+    saved_sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if saved_sizes != [len(g["params"]) for g in saved_groups]:
+        now = [len(g["params"]) for g in optimizer.param_groups]
+        raise CheckpointError(
+            f"the checkpoint's optimizer holds parameter groups of {saved_sizes} parameters, "
+            f"this run's {now}: its trainable parameters changed (method.* or model.* "
+            "settings); resume with the run's own settings, or start over with --overwrite"
+        )
+    saved_order = [p for g in saved_groups for p in g["params"]]
+    saved_index = {id(p): i for i, p in enumerate(saved_order)}
+    current = optimizer.state_dict()
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for index, param in enumerate(order):
+        old = saved_index.get(id(param))
+        if old is not None and old in saved["state"]:
+            state[index] = saved["state"][old]
+    return {"state": state, "param_groups": current["param_groups"]}
+
+
+def same_group_layout(saved: dict, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a saved ``state_dict`` has ``optimizer``'s number of groups and group sizes."""
+    return [len(g["params"]) for g in saved["param_groups"]] == [
+        len(g["params"]) for g in optimizer.param_groups
+    ]
+
+
 def optimizer_from_config(method: nn.Module, optim_cfg, batch_size: int) -> torch.optim.Optimizer:
     """The optimizer a run's ``optim`` settings describe, with the base lr scaled to the batch."""
     lr = scaled_lr(optim_cfg.lr, batch_size, optim_cfg.lr_reference_batch, optim_cfg.lr_scaling)
-    exclude = optim_cfg.exclude_bias_norm
-    if exclude is None:  # unset: on for LARS, off for SGD (as resolve_config decides)
-        exclude = optim_cfg.name == "lars"
     return build_optimizer(
         method,
         optim_cfg.name,
         lr,
         optim_cfg.momentum,
         optim_cfg.weight_decay,
-        exclude,
+        excludes_bias_norm(optim_cfg),
         optim_cfg.trust_coefficient,
     )
+
+
+def excludes_bias_norm(optim_cfg) -> bool:
+    """``optim.exclude_bias_norm``; unset: on for LARS, off for SGD (as resolve_config decides)."""
+    if optim_cfg.exclude_bias_norm is None:
+        return optim_cfg.name == "lars"
+    return bool(optim_cfg.exclude_bias_norm)
 
 
 def _all_cuda(groups: list[dict]) -> bool:
@@ -211,6 +259,9 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
     lr = 0.0
     for g in optimizer.param_groups:
         g.setdefault("base_lr", g["lr"])
-        g["lr"] = g["base_lr"] if g.get("fixed_lr") else g["base_lr"] * factor
-        lr = max(lr, g["lr"]) if not g.get("fixed_lr") else lr
+        if g.get("fixed_lr"):  # SimSiam's predictor: its lr is not on the schedule
+            g["lr"] = g["base_lr"]
+        else:
+            g["lr"] = g["base_lr"] * factor
+            lr = max(lr, g["lr"])
     return lr

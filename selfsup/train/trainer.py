@@ -69,10 +69,13 @@ from selfsup.train.distributed import (
     save_on_main,
     wrap_ddp,
 )
-from selfsup.train.logging import MetricsLogger
+from selfsup.train.logging import MetricsLogger, strict_json
 from selfsup.train.optim import (
+    excludes_bias_norm,
     match_parameter_layouts,
     optimizer_from_config,
+    regroup_optimizer_state,
+    same_group_layout,
     set_lr,
     warmup_cosine,
 )
@@ -318,10 +321,6 @@ def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoVi
     return TwoViewAugment(view1, view2, cfg.data.image_size, mean=mean, std=std)
 
 
-def _limit(dataset: ImageDataset, limit: int | None) -> ImageDataset:
-    return dataset.spread(limit)
-
-
 def small_image_stem_note(cfg: DictConfig) -> None:
     """A note when images of 64 px or less meet the ImageNet stem (``--preset imagenette
     --image-size 32``): it shrinks them 4x before the first block."""
@@ -538,7 +537,7 @@ class Trainer:
         )
         check_data_sources(self.cfg)  # a typo is an error before the data is decoded
         with main_process_first():  # rank 0 builds the cache, the others then read it
-            train = _limit(load_dataset(d.source, "train", **kwargs), d.limit)
+            train = load_dataset(d.source, "train", **kwargs)  # spread to d.limit
         summary = write_skip_report(train, self.run_dir / "skipped.csv") if self.env.is_main else ""
         if train.skipped and self.env.is_main:
             print(f"selfsup: {summary} (list: {self.run_dir / 'skipped.csv'})", file=sys.stderr)
@@ -570,9 +569,9 @@ class Trainer:
                 bank = (
                     train
                     if eval_source == d.source
-                    else _limit(load_dataset(eval_source, "train", **kwargs), d.limit)
+                    else load_dataset(eval_source, "train", **kwargs)
                 )
-                query = _limit(load_dataset(eval_source, "test", **kwargs), d.limit)
+                query = load_dataset(eval_source, "test", **kwargs)
         except DataError as exc:
             if d.eval_source:  # monitoring was asked for: without it the run would be blind
                 raise DataError(
@@ -747,6 +746,7 @@ class Trainer:
         ckpt_dir = self.run_dir / "checkpoints"
         d_source = repr(cfg.data.source)
         start_epoch, start_step, global_step = 0, 0, 0
+        log_step_offset = 0  # logged step - schedule step (see MetricsLogger's step_offset)
         loaded = False  # resumed from a checkpoint
         results: dict[str, Any] = {
             "method": cfg.method.name,
@@ -782,7 +782,14 @@ class Trainer:
             configured = [
                 {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
             ]
-            optimizer.load_state_dict(state["optimizer"])
+            saved_optimizer = state["optimizer"]
+            if not same_group_layout(saved_optimizer, optimizer):
+                # the one setting that regroups the same parameters: written with the other
+                written_with = not excludes_bias_norm(cfg.optim)
+                saved_optimizer = regroup_optimizer_state(
+                    saved_optimizer, method, written_with, optimizer
+                )
+            optimizer.load_state_dict(saved_optimizer)
             for group, settings in zip(optimizer.param_groups, configured, strict=True):
                 group.update(settings)
             match_parameter_layouts(optimizer)
@@ -868,6 +875,10 @@ class Trainer:
                         f"{start_epoch + 1} (step {global_step} of {total_steps})",
                         file=sys.stderr,
                     )
+            # the steps renumbered above (a new batch size or data): the logs go on counting
+            # the steps taken, and keep every record of the run so far
+            logged_step = state["global_step"] + state.get("log_step_offset", 0)
+            log_step_offset = logged_step - global_step
             results.update(state.get("results", {}))
             # this invocation's data and length: a resume may extend the run or change its batch
             results.update(train_images=len(train), epochs=t.epochs, batch_size=batch_size)
@@ -907,7 +918,8 @@ class Trainer:
             # a resume keeps the records up to its checkpoint (a restart from step 0: none)
             self.run_dir,
             enabled=env.is_main,
-            resume_step=(global_step if loaded else -1) if self.resume else None,
+            resume_step=(global_step + log_step_offset if loaded else -1) if self.resume else None,
+            step_offset=log_step_offset,
         )
         logger.log_text("config", run_config, global_step)  # a no-op off rank 0 (no writer)
         if env.is_main and not (self.run_dir / VIEWS_FILE).exists():
@@ -969,6 +981,7 @@ class Trainer:
                     "epoch": epoch,
                     "step_in_epoch": step_in_epoch,
                     "global_step": global_step,
+                    "log_step_offset": log_step_offset,
                     # a stop between two log steps: the steps since the last metrics line, so
                     # the resumed run logs the same mean loss as an uninterrupted one
                     # summed over the ranks (every rank builds this dict), per global step: the
@@ -1149,9 +1162,9 @@ class Trainer:
                                 h=None if h is None else concat_all_gather(h).float(),
                                 z2=None if z2 is None else concat_all_gather(z2).float(),
                             )
-                        for key in ("online_target_cos",):
-                            if key in out:
-                                metrics[key] = float(all_reduce_mean(out[key]))
+                        if "online_target_cos" in out:  # BYOL, MoCo
+                            cos = all_reduce_mean(out["online_target_cos"])
+                            metrics["online_target_cos"] = float(cos)
                         logger.log(global_step, metrics, prefix="collapse")
                         try:
                             monitor.check(metrics, step=global_step)
@@ -1161,7 +1174,7 @@ class Trainer:
                                 write_json(
                                     self.run_dir / "collapse.json",
                                     {
-                                        "step": global_step,
+                                        "step": global_step + log_step_offset,  # metrics'
                                         "epoch": epoch + 1,
                                         "metrics": metrics,
                                         "message": str(exc),
@@ -1209,6 +1222,9 @@ class Trainer:
                 this_run = done_epochs - start_epoch
                 if t.stop_after_epochs and this_run >= t.stop_after_epochs and not last_epoch:
                     raise StopRequested(f"train.stop_after_epochs={t.stop_after_epochs}")
+                # images/s times training steps: not the epoch end's kNN and checkpoint (the
+                # window is empty here, as an epoch's last step is a log step)
+                window_start = time.monotonic()
             finished = True
         except StopRequested as stopped:
             bar.close()
@@ -1256,4 +1272,7 @@ class Trainer:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """``obj`` as strict JSON (NaN/Inf as null: a run whose every step was skipped has no final
+    loss), written atomically."""
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(path, text + "\n")
