@@ -36,7 +36,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--preset",
         default=None,
         help="recipe: quickstart, cifar10, imagenette, stl10, or a .yaml path "
-        "(default: quickstart without --data, else none)",
+        "(default: quickstart without --data or with --data mnist5k, else none)",
     )
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -53,7 +53,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--limit",
         type=int,
         default=None,
-        help="use N evenly spaced images of each split, for a quick trial (data.limit)",
+        help="use N evenly spaced files of each split, for a quick trial (data.limit)",
     )
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
 
@@ -259,15 +259,49 @@ def register(name: str, adder, handler) -> None:
     _HANDLERS[name] = handler
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler), raised as a Ctrl-C is: the same clean-up (the run's
+    lock, partial files) and message, where SIGTERM would otherwise end the process at once."""
+
+
+def _interrupt_status(exc: KeyboardInterrupt) -> int:
+    return 128 + 15 if isinstance(exc, Terminated) else 130  # as the shell reports them
+
+
+@contextlib.contextmanager
+def _sigterm_as_terminated():
+    """SIGTERM raises :class:`Terminated` while a command runs (training and decoding install
+    handlers of their own, and put this one back). Only in the main thread, and only where
+    SIGTERM has its default action: a Python caller's own handler is left in place."""
+    import signal
+    import threading
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def terminate(signum, frame):  # noqa: ARG001
+        raise Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``selfsup`` console script and ``python -m selfsup`` (also each torchrun worker)."""
     try:
-        with _warnings_as_selfsup_lines():
+        with _warnings_as_selfsup_lines(), _sigterm_as_terminated():
             return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C before the command's own handling (_dispatch) began
+    except KeyboardInterrupt as exc:  # before the command's own handling (_dispatch) began
         if is_first_rank():
             print("selfsup: interrupted", file=sys.stderr)
-        return 130
+        return _interrupt_status(exc)
 
 
 @contextlib.contextmanager
@@ -387,7 +421,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:  # before training's own handlers (decoding, the first kNN)
+    except KeyboardInterrupt as exc:  # before training's own handlers (decoding, the first kNN)
         hint = ""
         if args.command == "pretrain":
             out = getattr(args, "resolved_out", None) or getattr(args, "out", None)
@@ -402,7 +436,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         if is_first_rank():
             print(f"selfsup: interrupted{hint}", file=sys.stderr)
-        return 130
+        return _interrupt_status(exc)
     except RuntimeError as exc:  # pretrain reports its own; this is for eval, embed, neighbors
         torch = sys.modules.get("torch")
         if torch is None or not isinstance(exc, torch.cuda.OutOfMemoryError):

@@ -357,7 +357,9 @@ def _add_eval(sub, name: str) -> None:
         help="labeled source with train/ and test/ splits "
         "(default: the run's data.eval_source if it has one, else its pre-training data)",
     )
-    p.add_argument("--protocol", choices=PROTOCOLS, default="knn")
+    p.add_argument(
+        "--protocol", choices=PROTOCOLS, default="knn", help="what to run (default: knn)"
+    )
     p.add_argument(
         "--label-fraction",
         type=float,
@@ -372,15 +374,21 @@ def _add_eval(sub, name: str) -> None:
         help="fast: L-BFGS logistic regression on cached features; full: the papers' "
         "protocol (augmented crops and flips, SGD, cosine); both: the two (default: fast)",
     )
-    p.add_argument("--linear-epochs", type=int, default=100, help="full linear probe epochs")
-    p.add_argument("--linear-lr", type=float, default=0.1, help="full linear probe SGD lr")
+    p.add_argument(
+        "--linear-epochs", type=int, default=100, help="full linear probe epochs (default: 100)"
+    )
+    p.add_argument(
+        "--linear-lr", type=float, default=0.1, help="full linear probe SGD lr (default: 0.1)"
+    )
     p.add_argument(
         "--linear-weight-decay",
         type=float,
         default=0.0,
         help="full linear probe SGD weight decay (default: 0, as in SimCLR / BYOL's probes)",
     )
-    p.add_argument("--lbfgs-iters", type=int, default=100, help="fast linear probe iterations")
+    p.add_argument(
+        "--lbfgs-iters", type=int, default=100, help="fast linear probe iterations (default: 100)"
+    )
     p.add_argument(
         "--lbfgs-weight-decay",
         type=float,
@@ -398,14 +406,14 @@ def _add_eval(sub, name: str) -> None:
         "--finetune-lr",
         type=float,
         default=0.01,
-        help="encoder lr when fine-tuning (the head gets 10x; SimCLR's single lr is "
-        "0.05 x batch / 256)",
+        help="encoder lr when fine-tuning (default: 0.01; the head gets 10x; SimCLR's single "
+        "lr is 0.05 x batch / 256)",
     )
     p.add_argument(
         "--supervised-lr",
         type=float,
         default=0.1,
-        help="lr of the supervised baseline (encoder and head)",
+        help="lr of the supervised baseline, encoder and head (default: 0.1)",
     )
     p.add_argument(
         "--crop-scale",
@@ -424,8 +432,10 @@ def _add_eval(sub, name: str) -> None:
         help="horizontal flip probability there (default: the run's augment.both.flip_p if set "
         "and --data is the run's data, else 0.5; 0 for data that flipping changes)",
     )
-    p.add_argument("--knn-k", type=int, default=200)
-    p.add_argument("--knn-temperature", type=float, default=0.1)
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours (default: 200)")
+    p.add_argument(
+        "--knn-temperature", type=float, default=0.1, help="weight exp(sim / T) (default: 0.1)"
+    )
     p.add_argument(
         "--baselines",
         action="store_true",
@@ -436,7 +446,7 @@ def _add_eval(sub, name: str) -> None:
         "--limit",
         type=int,
         default=None,
-        help="use only N images of each split, evenly spaced (quick checks)",
+        help="use only N evenly spaced files of each split (quick checks)",
     )
     p.add_argument(
         "--image-size",
@@ -444,8 +454,13 @@ def _add_eval(sub, name: str) -> None:
         default=None,
         help="default: the pre-training image size (else 32)",
     )
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256, help="default: 256")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="label subsets, random-init baseline, training (default: 0)",
+    )
     add_device_and_cache_args(p)
     p.add_argument(
         "--results-csv",
@@ -1567,7 +1582,8 @@ def _add_export(sub, name: str) -> None:
     p = sub.add_parser(
         name,
         help="export the encoder of a run",
-        description="torchvision: a torchvision ResNet state_dict (fresh fc); "
+        description="torchvision: the torchvision model's state_dict, with a fresh "
+        "classifier (fc, classifier or head); "
         "safetensors: the encoder state_dict with its metadata; torchscript: a "
         "traced module that loads without selfsup.",
     )

@@ -54,3 +54,14 @@ def test_readme_python_pretrain_runs_as_written(tmp_path, monkeypatch):
     assert r["epochs"] == 2 and r["train_images"] == 2000
     assert r["knn_top1"] > r["knn_top1_random_init"] + 0.05, r
     assert namespace["encoder"].training is False
+
+
+def test_troubleshooting_is_the_readmes_section_word_for_word():
+    """docs/troubleshooting.md is README's "When things go wrong" for readers who land in docs/;
+    two copies edited apart drifted once (one said --resume where the CLI says to rerun)."""
+    text = README.read_text()
+    section = text[text.index("## When things go wrong") : text.index("## Results")]
+    copy = README.parent / "docs" / "troubleshooting.md"
+    assert copy.read_text() == section.rstrip() + "\n", (
+        "docs/troubleshooting.md differs from README.md's section: edit the README, then copy it"
+    )

@@ -565,6 +565,33 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(
     )
 
 
+def test_sigterm_before_training_is_a_clean_stop_with_its_message(tmp_path):
+    """`kill` during the random-init kNN check (before the trainer's own handler, which stops
+    after a step): SIGTERM used to end the process at once, silently, leaving its run lock.
+    Now it is handled as a Ctrl-C: the message and the command to continue, status 143."""
+    out = tmp_path / "run"
+    code = f"""
+import os, signal, sys
+import selfsup.train.trainer as trainer
+from selfsup.cli import main
+def killed(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, *args, **kwargs)
+real, trainer.Trainer._knn = trainer.Trainer._knn, killed
+sys.exit(main(["pretrain", "--no-progress", "--epochs", "1", "--out", {str(out)!r},
+               "data.limit=256", "train.batch_size=64", "data.cache_dir={tmp_path / "cache"}"]))
+"""
+    checkout = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": checkout}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "selfsup: interrupted; run the same command with --resume" in proc.stderr
+    assert not (out / ".selfsup.lock").exists()
+    assert main(["pretrain", "--no-progress", "--out", str(out), "--resume"]) == 0
+
+
 @pytest.mark.parametrize(("epoch", "seed"), [(1, 0), (2, 1)])
 def test_sigkill_at_any_point_resumes_to_the_same_result(
     epoch, seed, tmp_path, good_folder, cache, baseline
