@@ -177,7 +177,8 @@ def run_ablation(
             prepare_run_dir(run_dir, resume=resume, overwrite=not resume)
             cfg.out = str(run_dir)
             print(f"selfsup ablate {name}: {v.label} -> {run_dir}")
-            if not Trainer(cfg, run_dir, resume=resume).fit().finished:
+            again = f"the same `selfsup ablate {name} ...` command (it resumes this variant)"
+            if not Trainer(cfg, run_dir, resume=resume, continue_with=again).fit().finished:
                 raise AblationStopped(
                     f"selfsup ablate {name} stopped during {v.label} ({run_dir}); run the same "
                     "command again to resume it and go on"

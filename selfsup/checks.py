@@ -29,9 +29,9 @@ def check_not_blocked(folder: Path, what: str) -> None:
         raise ConfigError(f"cannot write {what} to {folder}: {blocker} is a file, not a folder")
 
 
-def check_writable(folder: Path, what: str) -> None:
+def check_writable(folder: Path, what: str, fix: str = "choose a writable place") -> None:
     """A ConfigError now, not after the whole evaluation, when ``folder`` takes no files (it is
-    created if missing)."""
+    created if missing); ``fix`` says how to write elsewhere."""
     probe = folder / f".selfsup-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     check_not_blocked(folder, what)
     try:
@@ -40,5 +40,5 @@ def check_writable(folder: Path, what: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(
-            f"cannot write {what} to {folder} ({exc.strerror or exc}); choose a writable place"
+            f"cannot write {what} to {folder} ({exc.strerror or exc}); {fix}"
         ) from None

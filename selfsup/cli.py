@@ -426,9 +426,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "pretrain":
             out = getattr(args, "resolved_out", None) or getattr(args, "out", None)
             started = out is not None and (Path(out) / "config.yaml").exists()
+            saved = out is not None and any(
+                (Path(out) / "checkpoints" / name).exists() for name in ("last.pt", "prev.pt")
+            )
             hint = (
-                "; run the same command with --resume to continue (from step 0 if no checkpoint "
-                "was written yet), or with --overwrite to start over"
+                "; run the same command with --resume to continue ("
+                + (
+                    "from its last checkpoint: the steps since are trained again"
+                    if saved
+                    else "from step 0: no checkpoint was written yet"
+                )
+                + "), or with --overwrite to start over"
                 if started or args.resume
                 else "; nothing was trained yet: run the same command again (a data split "
                 "decoded completely is cached and reused; the one interrupted continues where "

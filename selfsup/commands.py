@@ -465,7 +465,14 @@ def _add_eval(sub, name: str) -> None:
     p.add_argument(
         "--results-csv",
         default=None,
-        help="append one line per number here (default: <run dir>/../results.csv)",
+        help="append one line per number here (default: <run dir>/../results.csv; with "
+        "--out-dir, beside that folder)",
+    )
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="where the evaluation's JSON, label-subset lists and saved classifiers go "
+        "(default: the run directory, or the encoder file's folder)",
     )
     p.add_argument(
         "--save-classifiers",
@@ -586,18 +593,27 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     run_label = str(owner.resolve())
     if target.is_file() and target.name != "encoder.pt":
         run_label = f"{run_label} ({target.resolve().relative_to(owner.resolve())})"
-    csv_path = Path(args.results_csv) if args.results_csv else owner.parent / "results.csv"
+    # the evaluation's own files (JSON, label subsets, classifiers): the run's folder, or
+    # --out-dir for a run one may not write to (a shared, read-only model folder)
+    given_out = getattr(args, "out_dir", None)
+    out_dir = Path(given_out) if given_out else run_dir
+    default_csv = (out_dir if given_out else owner).parent / "results.csv"
+    csv_path = Path(args.results_csv) if args.results_csv else default_csv
     check_results_csv(csv_path)  # before any work
     # on every rank (the same answer everywhere): a refusal on rank 0 alone would leave the
     # others waiting for it under torchrun
-    check_writable(csv_path.parent, "the results CSV")
-    check_writable(run_dir, "the evaluation's JSON")
+    check_writable(csv_path.parent, "the results CSV", fix="pass --results-csv FILE")
+    elsewhere = "pass --out-dir DIR, a writable folder for the evaluation's files"
+    check_writable(out_dir, "the evaluation's JSON", fix=elsewhere)
     save_classifiers = bool(getattr(args, "save_classifiers", False))
     arch = None
     if save_classifiers:  # a custom encoder or a blocked folder is said before any work
         arch = _architecture(info, encoder)
         check_classifier_architecture(encoder, *arch)
-        check_writable(run_dir / CLASSIFIER_DIR, "the classifiers")
+        # the folder itself is made when a classifier is saved (none is left by a stopped eval)
+        classifier_dir = out_dir / CLASSIFIER_DIR
+        check_writable(classifier_dir if classifier_dir.exists() else out_dir,
+                       "the classifiers", fix=elsewhere)  # fmt: skip
     source = absolute_source(args.data) or info.get("eval_data") or info.get("pretrain_data")
     if source is None:
         raise ConfigError(
@@ -728,7 +744,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
             # the name says what drew it (a --limit changes the pool, hence the subset)
             pool = f"_limit{args.limit}" if args.limit else ""
             name = f"subset_{_slug(source)}{pool}_{fraction:g}pct_seed{args.seed}.csv"
-            subset_file = run_dir / name
+            subset_file = out_dir / name
             save_subset(idx, train.paths, train.labels, subset_file)
             subsets[fraction] = (idx, subset_file)
 
@@ -852,7 +868,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     pool = f"_limit{args.limit}" if args.limit else ""
     # several files in one folder (the exports) each keep their own results
     of_file = f"_{_slug(target.name)}" if target.is_file() and target.name != "encoder.pt" else ""
-    out_json = run_dir / f"eval_{_slug(source)}{pool}_{args.protocol}{of_file}.json"
+    out_json = out_dir / f"eval_{_slug(source)}{pool}_{args.protocol}{of_file}.json"
     earlier: list[tuple[str, str]] = []
     if is_main():  # every process computed the same numbers; one writes them
         replaced, earlier = _merge_earlier(out_json, results)
@@ -878,7 +894,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         }
         for protocol, (state, m) in classifiers.items():
             # named like the eval JSON: the data, its --limit and the evaluated file
-            path = run_dir / CLASSIFIER_DIR / f"{_slug(source)}{pool}_{protocol}{of_file}.pt"
+            path = out_dir / CLASSIFIER_DIR / f"{_slug(source)}{pool}_{protocol}{of_file}.pt"
             meta = {
                 "protocol": protocol,
                 "mode": m.get("mode"),

@@ -122,8 +122,9 @@ def _follow_the_optimizer(base, cfg, overrides: list[str]) -> None:
         )
 
 
-# what a finished run's --resume may change: how to run (train.*), where its cache is; the
-# method, model and augmentation are refused by the checkpoint's config hash, with the key named
+# what a finished run's --resume may change: how to run (train.*, but for what _TRAINED_WITH
+# names), where its cache is; the method, model and augmentation are refused by the
+# checkpoint's config hash, with the key named
 _FREE_ON_RESUME = (
     "train.",
     "method.",
@@ -132,6 +133,16 @@ _FREE_ON_RESUME = (
     "out",
     "data.cache_dir",
     "data.workers",
+)
+# the train.* settings its weights and results.json were made with
+_TRAINED_WITH = (
+    "train.batch_size",
+    "train.seed",
+    "train.precision",
+    "train.sync_bn",
+    "train.on_nan",
+    "train.knn_k",
+    "train.knn_temperature",
 )
 
 
@@ -155,7 +166,9 @@ def _refuse_changes_to_a_finished_run(out: Path, base, cfg) -> None:
     changed = [
         f"{key}={now[key]!r} (the run's: {before[key]!r})"
         for key in now
-        if key in before and now[key] != before[key] and not key.startswith(_FREE_ON_RESUME)
+        if key in before
+        and now[key] != before[key]
+        and (key in _TRAINED_WITH or not key.startswith(_FREE_ON_RESUME))
     ]
     if changed:
         trained = f"all {epochs} epochs" if epochs != 1 else "its 1 epoch"

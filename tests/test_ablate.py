@@ -69,7 +69,11 @@ def test_a_stopped_variant_says_how_to_go_on(tmp_path, capsys):
     args = ["ablate", "simsiam-stopgrad", "--quick", "--epochs", "2", "--out", str(out), *TINY]
     args.append(f"data.cache_dir={tmp_path / 'cache'}")
     assert main([*args, "train.stop_after_epochs=1"]) == 3
-    assert "run the same command again to resume it" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "run the same command again to resume it" in err
+    # one instruction: not also the variant's own `selfsup pretrain --resume`
+    assert "Resume with: the same `selfsup ablate simsiam-stopgrad ...` command" in err
+    assert "--resume" not in err
     assert main(args) == 0  # resumes the stopped variant, runs the other
     assert len(list((out / "simsiam-stopgrad").glob("0*_simsiam/results.json"))) == 2
 

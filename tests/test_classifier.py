@@ -280,3 +280,27 @@ def test_classifier_predict_on_files_of_any_size_gives_selfsup_predicts_answers(
     rgb = torch.from_numpy(np.array(Image.open(paths[0]))).permute(2, 0, 1)
     (k,), (c,) = clf.predict(rgb)
     assert c == pytest.approx(float(rows["0.png"]["confidence"]), abs=1e-5)
+
+
+def test_eval_out_dir_writes_the_evaluations_files_there_not_in_the_run(evaluated, tmp_path, cli):
+    """A run in a folder one may not write to (a shared model folder): --out-dir takes the eval
+    JSON, the label subset and the classifiers, and the results CSV goes beside it; the run's
+    folder is left as it was."""
+    run = evaluated["run"]
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    out = tmp_path / "evals" / "run"
+    argv = ("--protocol", "finetune", "--label-fraction", "10", "--finetune-epochs", "1")
+    rc, _, _ = cli(
+        "eval", run, *argv, "--limit", LIMIT, "--batch-size", 64, "--no-progress",
+        "--save-classifiers", "--cache-dir", evaluated["cache"], "--out-dir", out,
+    )  # fmt: skip
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "classifiers",
+        f"eval_mnist5k_limit{LIMIT}_finetune.json",
+        f"subset_mnist5k_limit{LIMIT}_10pct_seed0.csv",
+    ]
+    assert sorted(p.suffix for p in (out / "classifiers").iterdir()) == [".json", ".pt"]
+    assert (tmp_path / "evals" / "results.csv").exists()
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -199,6 +200,27 @@ def test_an_unfinished_run_is_still_told_to_resume(trained, tmp_path, cli, start
         selfsup.load_encoder(run)
     rc, _, err = cli("export", run)
     assert rc == 2 and f"`selfsup pretrain --out {run} --resume`" in err
+
+
+def test_a_run_still_training_is_not_told_to_resume(trained, tmp_path, cli) -> None:
+    """`eval` while the run's pretrain is going: the resume advice would be refused (the run is
+    locked); it says the run is training. A stale lock file (a killed run) changes nothing."""
+    from selfsup.train.trainer import lock_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((trained["run"] / "config.yaml").read_text())
+    held = lock_run_dir(run)  # the pretrain going on: this process
+    try:
+        rc, _, err = cli("eval", run)
+        assert rc == 2 and f"a selfsup pretrain (pid {os.getpid()}) is still training" in err
+    finally:
+        held.close()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    (run / ".selfsup.lock").write_text(f"pid {dead}\n")
+    rc, _, err = cli("eval", run)
+    assert rc == 2 and "the run has not finished; resume it with" in err
 
 
 # ---------------------------------------------------------------------------- 7: not a checkpoint

@@ -1372,6 +1372,10 @@ def test_a_finished_run_resumed_with_other_data_or_settings_is_refused_unchanged
     assert "--epochs N" in err and f"model.init={out}" in err
     assert resume(out, "data.eval_crop=0.5") == 2
     assert "data.eval_crop=0.5" in capsys.readouterr().err
+    # the batch, seed and kNN settings made its weights and results: refused too
+    for setting in ("train.batch_size=8", "train.seed=5", "train.knn_k=20"):
+        assert resume(out, setting) == 2
+        assert f"{setting} (the run's: " in capsys.readouterr().err
     assert {name: (out / name).read_bytes() for name in before} == before
     assert resume(out, "train.log_every=7") == 0  # how to run, not what was trained: as before
 
@@ -1525,7 +1529,11 @@ def test_resume_mid_epoch_on_other_data_names_both_sources(copy_of_baseline, tmp
     assert resume(out, "--data", str(other), f"data.cache_dir={tmp_path / 'cache'}") == 2
     err = capsys.readouterr().err
     assert "it trained on data.source=" in err and f"--data '{other}' holds 32" in err, err
-    assert "resume without --data" in err
+    assert "Resume without --data" in err
+    # the run's own data with another --limit: the setting is named, not "restore the data"
+    assert resume(out, "data.limit=32", f"data.cache_dir={tmp_path / 'cache'}") == 2
+    err = capsys.readouterr().err
+    assert "data.limit=32 takes 32 of them" in err and "Resume without data.limit" in err
 
 
 def test_split_folders_without_class_folders_say_why_knn_is_off(tmp_path, capsys):

@@ -280,8 +280,9 @@ def load_dataset(
         probe.unlink()
     except OSError as error:
         raise DataError(
-            f"cannot write the data cache to {root} ({error.strerror or error}); pass a "
-            "writable cache_dir or set $SELFSUP_CACHE"
+            f"cannot write the data cache to {root} ({error.strerror or error}); set "
+            "data.cache_dir (eval, embed, neighbors: --cache-dir) or $SELFSUP_CACHE to a "
+            "writable folder"
         ) from error
     try:
         worker_count = workers if workers is not None else min(8, os.cpu_count() or 1)

@@ -9,7 +9,9 @@ adaptation of ImageNet weights, or more pre-training of an earlier run on new im
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -35,6 +37,26 @@ def is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
+def _training_pid(run: Path) -> int | None:
+    """The pid that run directory ``run``'s lock file names (``.selfsup.lock``, written by
+    ``train.trainer.lock_run_dir``), if that process is alive on this machine: a pretrain still
+    training it. A killed run's stale file names a dead pid."""
+    try:
+        found = re.fullmatch(r"pid (\d+)\s*", (run / ".selfsup.lock").read_text())
+    except (OSError, UnicodeDecodeError):
+        return None
+    if found is None:
+        return None
+    pid = int(found.group(1))
+    try:
+        os.kill(pid, 0)  # signal 0: only whether it exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return pid
+
+
 def encoder_file(path: Path) -> Path:
     """The weights file of a run directory (its encoder.pt) or the file itself; a clear error if
     there is none."""
@@ -55,8 +77,12 @@ def encoder_file(path: Path) -> Path:
                 "written by `selfsup export`"
             )
         if not candidate.exists():
+            training = _training_pid(path)
             raise CheckpointError(
-                f"{path} has no encoder.pt: the run has not finished; "
+                f"{path} has no encoder.pt yet: a selfsup pretrain (pid {training}) is still "
+                "training it; use it once that run ends"
+                if training is not None
+                else f"{path} has no encoder.pt: the run has not finished; "
                 f"resume it with `selfsup pretrain --out {path} --resume`"
             )
         return candidate

@@ -495,10 +495,14 @@ class Trainer:
         *,
         resume: bool = False,
         init: tuple[dict[str, torch.Tensor], list[str]] | None = None,
+        continue_with: str | None = None,
     ) -> None:
         """``init``: what :func:`starting_weights` already read for ``cfg`` (``run_pretrain``
-        checks ``model.init`` before it touches the run directory), so it is not read again."""
+        checks ``model.init`` before it touches the run directory), so it is not read again.
+        ``continue_with``: what a stop tells the user to run (default: this run's ``--resume``
+        command), for a caller that resumes its runs itself (``selfsup ablate``)."""
         self.cfg = cfg
+        self.continue_with = continue_with
         self._init = init
         self.run_dir = Path(run_dir)
         self.resume = resume
@@ -831,17 +835,28 @@ class Trainer:
             saved_source = state.get("config", {}).get("data", {}).get("source", cfg.data.source)
             if saved_images != len(train):  # files added or removed, or other data named
                 if start_step:
-                    now = (
-                        f"{d_source} holds {len(train)} now"
-                        if saved_source == cfg.data.source
-                        else f"it trained on data.source={saved_source!r}, and --data "
-                        f"{cfg.data.source!r} holds {len(train)}"
-                    )
+                    saved_limit = state.get("config", {}).get("data", {}).get("limit")
+                    if saved_limit != cfg.data.limit:  # the same data, another share of it
+                        now = f"data.limit={cfg.data.limit} takes {len(train)} of them"
+                        fix = (
+                            "Resume without data.limit"
+                            if saved_limit is None
+                            else f"Resume with data.limit={saved_limit}"
+                        )
+                    elif saved_source == cfg.data.source:
+                        now, fix = f"{d_source} holds {len(train)} now", "Restore the data"
+                    else:
+                        now = (
+                            f"it trained on data.source={saved_source!r}, and --data "
+                            f"{cfg.data.source!r} holds {len(train)}"
+                        )
+                        fix = "Resume without --data"
                     raise DataError(
                         f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
                         f"of {saved_images} training images; {now}, so that epoch's order and "
-                        "the schedule no longer fit. Restore the data (or resume without "
-                        "--data), or start over with --overwrite"
+                        f"the schedule no longer fit. {fix} (a change of data can start at an "
+                        "epoch's end: add train.stop_after_epochs=1 first), or start over with "
+                        "--overwrite"
                     )
                 global_step = start_epoch * steps_per_epoch
                 if env.is_main:
@@ -1232,7 +1247,7 @@ class Trainer:
                 try:  # a hang-up's closed terminal (EIO) must not turn the stop into a crash
                     print(
                         f"\nselfsup: stopped ({stopped}); checkpoint saved in {ckpt_dir}.\n"
-                        f"Resume with: {resume_command(self.run_dir)}",
+                        f"Resume with: {self.continue_with or resume_command(self.run_dir)}",
                         file=sys.stderr,
                     )
                 except OSError:
