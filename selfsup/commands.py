@@ -748,127 +748,141 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
             save_subset(idx, train.paths, train.labels, subset_file)
             subsets[fraction] = (idx, subset_file)
 
-    for enc_name, enc in encoders.items():
-        feats, feat_seconds = None, 0.0
-        if "knn" in protocols or ("linear" in protocols and "fast" in linear_modes):
-            t0 = time.monotonic()
-            feats = tuple(  # each process encodes its share (all of it in one process)
-                distributed_extract_features(
-                    enc, ds.images, eval_t, batch_size=args.batch_size, device=device
+    try:  # a stop (Ctrl-C, SIGTERM) keeps the numbers finished so far, below
+        for enc_name, enc in encoders.items():
+            feats, feat_seconds = None, 0.0
+            if "knn" in protocols or ("linear" in protocols and "fast" in linear_modes):
+                t0 = time.monotonic()
+                feats = tuple(  # each process encodes its share (all of it in one process)
+                    distributed_extract_features(
+                        enc, ds.images, eval_t, batch_size=args.batch_size, device=device
+                    )
+                    for ds in (train, test)
                 )
-                for ds in (train, test)
-            )
-            feat_seconds = time.monotonic() - t0
-        if "knn" in protocols:
-            t0 = time.monotonic()
-            m = knn_accuracy(
-                feats[0],
-                train.labels,
-                feats[1],
-                test.labels,
-                k=args.knn_k,
-                temperature=args.knn_temperature,
-                num_classes=num_classes,
-                device=device,
-            )
-            m = {
-                **m,
-                "mode": f"weighted kNN (k={m['k']}, T={m['temperature']:g})",
-                "seconds": round(time.monotonic() - t0 + feat_seconds, 2),
-            }
-            record(enc_name, "knn", m)
-        if "linear" in protocols and "fast" in linear_modes:
-            t0 = time.monotonic()
-            m = linear_probe_features(
-                feats[0],
-                train.labels,
-                feats[1],
-                test.labels,
-                num_classes=num_classes,
-                max_iter=args.lbfgs_iters,
-                weight_decay=args.lbfgs_weight_decay,
-                device=device,
-                seed=args.seed,
-                **wanted,
-            )
-            m = keep(enc_name, "linear_fast", enc, m)
-            record(
-                enc_name,
-                "linear_fast",
-                {**m, "seconds": round(time.monotonic() - t0 + feat_seconds, 2)},
-            )
-        if "linear" in protocols and "full" in linear_modes:
-            t0 = time.monotonic()
-            m = linear_probe(
-                enc,
-                train.images,
-                train.labels,
-                test.images,
-                test.labels,
-                train_transform=train_t,
-                eval_transform=eval_t,
-                num_classes=num_classes,
-                epochs=args.linear_epochs,
-                lr=args.linear_lr,
-                weight_decay=args.linear_weight_decay,
-                batch_size=args.batch_size,
-                device=device,
-                seed=args.seed,
-                progress=progress,
-                **wanted,
-            )
-            m = keep(enc_name, "linear_full", enc, m)
-            record(enc_name, "linear_full", {**m, "seconds": round(time.monotonic() - t0, 2)})
-        if "finetune" in protocols and enc_name == "ssl":
-            # the random-init encoder trained end to end is the supervised baseline below
-            for fraction, (idx, subset_file) in subsets.items():
-                common = dict(
+                feat_seconds = time.monotonic() - t0
+            if "knn" in protocols:
+                t0 = time.monotonic()
+                m = knn_accuracy(
+                    feats[0],
+                    train.labels,
+                    feats[1],
+                    test.labels,
+                    k=args.knn_k,
+                    temperature=args.knn_temperature,
                     num_classes=num_classes,
+                    device=device,
+                )
+                m = {
+                    **m,
+                    "mode": f"weighted kNN (k={m['k']}, T={m['temperature']:g})",
+                    "seconds": round(time.monotonic() - t0 + feat_seconds, 2),
+                }
+                record(enc_name, "knn", m)
+            if "linear" in protocols and "fast" in linear_modes:
+                t0 = time.monotonic()
+                m = linear_probe_features(
+                    feats[0],
+                    train.labels,
+                    feats[1],
+                    test.labels,
+                    num_classes=num_classes,
+                    max_iter=args.lbfgs_iters,
+                    weight_decay=args.lbfgs_weight_decay,
+                    device=device,
+                    seed=args.seed,
+                    **wanted,
+                )
+                m = keep(enc_name, "linear_fast", enc, m)
+                record(
+                    enc_name,
+                    "linear_fast",
+                    {**m, "seconds": round(time.monotonic() - t0 + feat_seconds, 2)},
+                )
+            if "linear" in protocols and "full" in linear_modes:
+                t0 = time.monotonic()
+                m = linear_probe(
+                    enc,
+                    train.images,
+                    train.labels,
+                    test.images,
+                    test.labels,
                     train_transform=train_t,
                     eval_transform=eval_t,
-                    epochs=finetune_epochs(args.finetune_epochs, fraction),
+                    num_classes=num_classes,
+                    epochs=args.linear_epochs,
+                    lr=args.linear_lr,
+                    weight_decay=args.linear_weight_decay,
                     batch_size=args.batch_size,
                     device=device,
                     seed=args.seed,
                     progress=progress,
+                    **wanted,
                 )
-                extra = {
-                    "subset_file": subset_file.name,
-                    "labeled_images": int(idx.numel()),
-                    "label_fraction": fraction,
-                }
-                trainers = {"ssl": (finetune, args.finetune_lr)}
-                if args.baselines:
-                    trainers["supervised"] = (supervised_baseline, args.supervised_lr)
-                for label, (train_fn, lr) in trainers.items():
-                    t0 = time.monotonic()
-                    # the baseline's seeded random-init encoder is built inside its timing
-                    start = (
-                        enc if label == "ssl" else _fresh_backbone(*arch, seed=args.seed, like=enc)
+                m = keep(enc_name, "linear_full", enc, m)
+                record(enc_name, "linear_full", {**m, "seconds": round(time.monotonic() - t0, 2)})
+            if "finetune" in protocols and enc_name == "ssl":
+                # the random-init encoder trained end to end is the supervised baseline below
+                for fraction, (idx, subset_file) in subsets.items():
+                    common = dict(
+                        num_classes=num_classes,
+                        train_transform=train_t,
+                        eval_transform=eval_t,
+                        epochs=finetune_epochs(args.finetune_epochs, fraction),
+                        batch_size=args.batch_size,
+                        device=device,
+                        seed=args.seed,
+                        progress=progress,
                     )
-                    # the ssl encoder's fine-tuned copy comes back too, for --save-classifiers
-                    returned = {"return_model": True} if save_classifiers and label == "ssl" else {}
-                    m = train_fn(
-                        start,
-                        train.images[idx],
-                        train.labels[idx],
-                        test.images,
-                        test.labels,
-                        lr=lr,
-                        **common,
-                        **returned,
-                    )
-                    if returned:
-                        m, tuned, head = m
-                        keep(label, f"finetune_{fraction:g}pct", tuned, (m, head))
-                        del tuned, head  # its state_dict is kept (CPU), not the network
-                    m = {**m, **extra, "seconds": round(time.monotonic() - t0, 2)}
-                    record(label, f"finetune_{fraction:g}pct", m)
+                    extra = {
+                        "subset_file": subset_file.name,
+                        "labeled_images": int(idx.numel()),
+                        "label_fraction": fraction,
+                    }
+                    trainers = {"ssl": (finetune, args.finetune_lr)}
+                    if args.baselines:
+                        trainers["supervised"] = (supervised_baseline, args.supervised_lr)
+                    for label, (train_fn, lr) in trainers.items():
+                        t0 = time.monotonic()
+                        # the baseline's seeded random-init encoder is built inside its timing
+                        start = (
+                            enc
+                            if label == "ssl"
+                            else _fresh_backbone(*arch, seed=args.seed, like=enc)
+                        )
+                        # the ssl encoder's fine-tuned copy comes back too, for --save-classifiers
+                        returned = (
+                            {"return_model": True} if save_classifiers and label == "ssl" else {}
+                        )
+                        m = train_fn(
+                            start,
+                            train.images[idx],
+                            train.labels[idx],
+                            test.images,
+                            test.labels,
+                            lr=lr,
+                            **common,
+                            **returned,
+                        )
+                        if returned:
+                            m, tuned, head = m
+                            keep(label, f"finetune_{fraction:g}pct", tuned, (m, head))
+                            del tuned, head  # its state_dict is kept (CPU), not the network
+                        m = {**m, **extra, "seconds": round(time.monotonic() - t0, 2)}
+                        record(label, f"finetune_{fraction:g}pct", m)
+    except KeyboardInterrupt:
+        if results["protocols"] and is_main():
+            path = _out_json(out_dir, source, args, target)
+            _merge_earlier(path, results)
+            write_json(path, results)
+            append_results(csv_path, rows)
+            done = ", ".join(f"{p} ({', '.join(e)})" for p, e in results["protocols"].items())
+            print(f"selfsup: stopped; finished before the stop and saved in {path}: {done}",
+                  file=sys.stderr)  # fmt: skip
+        raise
 
     pool = f"_limit{args.limit}" if args.limit else ""
-    # several files in one folder (the exports) each keep their own results
     of_file = f"_{_slug(target.name)}" if target.is_file() and target.name != "encoder.pt" else ""
-    out_json = out_dir / f"eval_{_slug(source)}{pool}_{args.protocol}{of_file}.json"
+    out_json = _out_json(out_dir, source, args, target)
     earlier: list[tuple[str, str]] = []
     if is_main():  # every process computed the same numbers; one writes them
         replaced, earlier = _merge_earlier(out_json, results)
@@ -954,6 +968,14 @@ PROTOCOL_KNOBS = {
 def _knobs(protocol: str, settings: dict[str, Any]) -> dict[str, Any]:
     names = PROTOCOL_KNOBS["finetune" if protocol.startswith("finetune") else protocol]
     return {k: settings.get(k) for k in names}
+
+
+def _out_json(out_dir: Path, source: str, args: argparse.Namespace, target: Path) -> Path:
+    """``eval_<data>[_limitN]_<protocol>[_<file>].json``: several files in one folder (the
+    exports) each keep their own results."""
+    pool = f"_limit{args.limit}" if args.limit else ""
+    of_file = f"_{_slug(target.name)}" if target.is_file() and target.name != "encoder.pt" else ""
+    return out_dir / f"eval_{_slug(source)}{pool}_{args.protocol}{of_file}.json"
 
 
 def _merge_earlier(path: Path, results: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:

@@ -304,3 +304,32 @@ def test_eval_out_dir_writes_the_evaluations_files_there_not_in_the_run(evaluate
     assert sorted(p.suffix for p in (out / "classifiers").iterdir()) == [".json", ".pt"]
     assert (tmp_path / "evals" / "results.csv").exists()
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_a_stopped_eval_keeps_the_numbers_it_finished(evaluated, tmp_path, cli, monkeypatch):
+    """Ctrl-C (or SIGTERM) during the full linear probe: the kNN and fast-probe numbers already
+    measured are written (JSON and CSV rows) and named, not thrown away."""
+    import selfsup.evaluate.linear as linear
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(linear, "linear_probe", stopped)
+    out = tmp_path / "evals" / "run"
+    rc, _, err = cli(
+        "eval", evaluated["run"], "--protocol", "all", "--linear-mode", "both", "--limit", LIMIT,
+        "--batch-size", 64, "--no-progress", "--cache-dir", evaluated["cache"], "--out-dir", out,
+        "--label-fraction", "10",
+    )  # fmt: skip
+    assert rc == 130
+    saved = out / f"eval_mnist5k_limit{LIMIT}_all.json"
+    assert f"finished before the stop and saved in {saved}: knn (ssl), linear_fast (ssl)" in err
+    results = json.loads(saved.read_text())
+    assert sorted(results["protocols"]) == ["knn", "linear_fast"]
+    assert (
+        results["protocols"]["knn"]["ssl"]["top1"]
+        == (evaluated["results"]["protocols"]["knn"]["ssl"]["top1"])
+    )
+    with open(tmp_path / "evals" / "results.csv") as fh:
+        protocols = {row["protocol"] for row in csv.DictReader(fh)}
+    assert protocols == {"knn", "linear_fast"}
