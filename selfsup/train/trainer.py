@@ -698,6 +698,62 @@ class Trainer:
         except torch.cuda.OutOfMemoryError:
             raise self._out_of_memory() from None
 
+    def _restore(
+        self,
+        state: dict[str, Any],
+        path: Path,
+        method: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        generator: torch.Generator,
+    ) -> None:
+        """A checkpoint's weights, optimizer state, loss scale and this rank's random streams
+        into a run being resumed (its step counters and data checks: ``_fit``)."""
+        cfg, env = self.cfg, self.env
+        try:
+            method.load_state_dict(state["model"])
+        except RuntimeError as exc:  # the config is the run's, the module is not
+            raise CheckpointError(_unfit_checkpoint(path, cfg, exc)) from None
+        # the momentum buffers come from the checkpoint; lr, momentum and weight decay from
+        # this invocation's config, so `--resume optim.lr=0.03` takes effect
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        saved_optimizer = state["optimizer"]
+        if not same_group_layout(saved_optimizer, optimizer):
+            # the one setting that regroups the same parameters: written with the other
+            written_with = not excludes_bias_norm(cfg.optim)
+            saved_optimizer = regroup_optimizer_state(
+                saved_optimizer, method, written_with, optimizer
+            )
+        optimizer.load_state_dict(saved_optimizer)
+        for group, settings in zip(optimizer.param_groups, configured, strict=True):
+            group.update(settings)
+        match_parameter_layouts(optimizer)
+        if state.get("scaler"):  # an fp16 run's loss scale; a bf16/fp32 one saved {}
+            scaler.load_state_dict(state["scaler"])
+        # this rank's random streams as they were: from a run on as many processes (every
+        # rank's are saved; checkpoints of earlier selfsup hold rank 0's alone)
+        streams = state.get("rank_rng")
+        if streams is not None and len(streams) == env.world_size:
+            mine = streams[env.rank]
+        elif env.world_size == 1 and state.get("world_size", 1) == 1:
+            mine = {k: state.get(k) for k in ("generator", "torch_rng", "cuda_rng")}
+        else:
+            mine = None  # another number of processes: other streams
+        same_kind = (  # checkpoints before device_type: the state's size tells the kind
+            mine is not None
+            and state.get("device_type", self.device.type) == self.device.type
+            and mine["generator"].numel() == generator.get_state().numel()
+        )
+        if same_kind:
+            generator.set_state(mine["generator"].cpu())
+        else:  # saved on another number of processes, or by another device's kind of
+            # generator (a CUDA state cannot seed a CPU generator): fresh streams at this step
+            generator.manual_seed(rank_seed(cfg.train.seed + state["global_step"], env.rank))
+        torch.set_rng_state((mine or state)["torch_rng"])
+        cuda_rng = None if mine is None else mine.get("cuda_rng")
+        if cuda_rng is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng.cpu(), self.device)  # MoCo's shuffle
+
     def _fit(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
@@ -777,51 +833,7 @@ class Trainer:
                 version=selfsup.__version__,
                 config=OmegaConf.to_container(cfg, resolve=True),
             )
-            try:
-                method.load_state_dict(state["model"])
-            except RuntimeError as exc:  # the config is the run's, the module is not
-                raise CheckpointError(_unfit_checkpoint(path, cfg, exc)) from None
-            # the momentum buffers come from the checkpoint; lr, momentum and weight decay from
-            # this invocation's config, so `--resume optim.lr=0.03` takes effect
-            configured = [
-                {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
-            ]
-            saved_optimizer = state["optimizer"]
-            if not same_group_layout(saved_optimizer, optimizer):
-                # the one setting that regroups the same parameters: written with the other
-                written_with = not excludes_bias_norm(cfg.optim)
-                saved_optimizer = regroup_optimizer_state(
-                    saved_optimizer, method, written_with, optimizer
-                )
-            optimizer.load_state_dict(saved_optimizer)
-            for group, settings in zip(optimizer.param_groups, configured, strict=True):
-                group.update(settings)
-            match_parameter_layouts(optimizer)
-            if state.get("scaler"):  # an fp16 run's loss scale; a bf16/fp32 one saved {}
-                scaler.load_state_dict(state["scaler"])
-            # this rank's random streams as they were: from a run on as many processes (every
-            # rank's are saved; checkpoints of earlier selfsup hold rank 0's alone)
-            streams = state.get("rank_rng")
-            if streams is not None and len(streams) == env.world_size:
-                mine = streams[env.rank]
-            elif env.world_size == 1 and state.get("world_size", 1) == 1:
-                mine = {k: state.get(k) for k in ("generator", "torch_rng", "cuda_rng")}
-            else:
-                mine = None  # another number of processes: other streams
-            same_kind = (  # checkpoints before device_type: the state's size tells the kind
-                mine is not None
-                and state.get("device_type", self.device.type) == self.device.type
-                and mine["generator"].numel() == generator.get_state().numel()
-            )
-            if same_kind:
-                generator.set_state(mine["generator"].cpu())
-            else:  # saved on another number of processes, or by another device's kind of
-                # generator (a CUDA state cannot seed a CPU generator): fresh streams at this step
-                generator.manual_seed(rank_seed(t.seed + state["global_step"], env.rank))
-            torch.set_rng_state((mine or state)["torch_rng"])
-            cuda_rng = None if mine is None else mine.get("cuda_rng")
-            if cuda_rng is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(cuda_rng.cpu(), self.device)  # MoCo's shuffle
+            self._restore(state, path, method, optimizer, scaler, generator)
             start_epoch, start_step, global_step = (
                 state["epoch"],
                 state["step_in_epoch"],
