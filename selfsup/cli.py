@@ -272,13 +272,16 @@ def _interrupt_status(exc: KeyboardInterrupt) -> int:
 def _sigterm_as_terminated():
     """SIGTERM raises :class:`Terminated` while a command runs (training and decoding install
     handlers of their own, and put this one back). Only in the main thread, and only where
-    SIGTERM has its default action: a Python caller's own handler is left in place."""
+    SIGTERM has its default action: a Python caller's own handler is left in place. Not in a
+    torchrun worker: torchrun sends SIGTERM to tear a failed job down, and a worker blocked in
+    a collective would only notice it when torchrun's SIGKILL comes, 30 s later."""
     import signal
     import threading
 
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        or "TORCHELASTIC_RUN_ID" in os.environ
     ):
         yield
         return
