@@ -872,12 +872,16 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     except KeyboardInterrupt:
         if results["protocols"] and is_main():
             path = _out_json(out_dir, source, args, target)
-            _merge_earlier(path, results)
+            # this eval's own numbers (the merge adds an earlier eval's)
+            done = ", ".join(f"{p} ({', '.join(e)})" for p, e in results["protocols"].items())
+            replaced, _ = _merge_earlier(path, results)
             write_json(path, results)
             append_results(csv_path, rows)
-            done = ", ".join(f"{p} ({', '.join(e)})" for p, e in results["protocols"].items())
             print(f"selfsup: stopped; finished before the stop and saved in {path}: {done}",
                   file=sys.stderr)  # fmt: skip
+            if replaced:
+                print(f"selfsup: note: they replace results of {path} at other settings "
+                      f"({replaced}); {csv_path} keeps their rows", file=sys.stderr)  # fmt: skip
         raise
 
     pool = f"_limit{args.limit}" if args.limit else ""

@@ -81,8 +81,8 @@ def pretrain_config(
         cfg = resolve_config(
             method or base.method.name, preset=str(saved), flags=flags, overrides=overrides
         )
-        _follow_the_optimizer(base, cfg, overrides)
         _refuse_changes_to_a_finished_run(out, base, cfg)
+        _follow_the_optimizer(base, cfg, overrides)
     else:
         preset = default_preset(preset, data)
         cfg = resolve_config(method, preset=preset, flags=flags, overrides=overrides)
@@ -103,8 +103,9 @@ def pretrain_config(
 
 def _follow_the_optimizer(base, cfg, overrides: list[str]) -> None:
     """``--resume optim.name=lars`` of an SGD run: ``optim.exclude_bias_norm``, which the run
-    had at SGD's default (off), takes LARS's (on), as a new LARS run would; a value the run set
-    itself, or one given now, is kept."""
+    had at SGD's default (off), takes LARS's (on), as a new LARS run would. A value given now
+    is kept, and so is one unlike the old optimizer's default (the run set it; one it set to
+    that default cannot be told from it, and follows the new optimizer too)."""
     keys = [item.split("=", 1)[0].strip() for item in overrides or []]
     given = "optim.exclude_bias_norm" in keys
     was_default = base.optim.get("exclude_bias_norm") in (None, base.optim.name == "lars")

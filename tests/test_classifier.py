@@ -333,3 +333,12 @@ def test_a_stopped_eval_keeps_the_numbers_it_finished(evaluated, tmp_path, cli, 
     with open(tmp_path / "evals" / "results.csv") as fh:
         protocols = {row["protocol"] for row in csv.DictReader(fh)}
     assert protocols == {"knn", "linear_fast"}
+    # stopped earlier again: the message names this eval's numbers, not those kept from the file
+    monkeypatch.setattr(linear, "linear_probe_features", stopped)
+    rc, _, err = cli(
+        "eval", evaluated["run"], "--protocol", "all", "--linear-mode", "both", "--limit", LIMIT,
+        "--batch-size", 64, "--no-progress", "--cache-dir", evaluated["cache"], "--out-dir", out,
+        "--label-fraction", "10",
+    )  # fmt: skip
+    assert rc == 130 and f"saved in {saved}: knn (ssl)\n" in err
+    assert sorted(json.loads(saved.read_text())["protocols"]) == ["knn", "linear_fast"]

@@ -204,7 +204,8 @@ def test_an_unfinished_run_is_still_told_to_resume(trained, tmp_path, cli, start
 
 def test_a_run_still_training_is_not_told_to_resume(trained, tmp_path, cli) -> None:
     """`eval` while the run's pretrain is going: the resume advice would be refused (the run is
-    locked); it says the run is training. A stale lock file (a killed run) changes nothing."""
+    locked); it says the run is training. A stale lock file (a killed run), even one naming a
+    live process (a pid used again), changes nothing: only a held lock counts."""
     from selfsup.train.trainer import lock_run_dir
 
     run = tmp_path / "run"
@@ -218,9 +219,10 @@ def test_a_run_still_training_is_not_told_to_resume(trained, tmp_path, cli) -> N
         held.close()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    (run / ".selfsup.lock").write_text(f"pid {dead}\n")
-    rc, _, err = cli("eval", run)
-    assert rc == 2 and "the run has not finished; resume it with" in err
+    for pid in (dead, os.getpid()):
+        (run / ".selfsup.lock").write_text(f"pid {pid}\n")
+        rc, _, err = cli("eval", run)
+        assert rc == 2 and "the run has not finished; resume it with" in err, pid
 
 
 # ---------------------------------------------------------------------------- 7: not a checkpoint

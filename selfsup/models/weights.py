@@ -9,7 +9,6 @@ adaptation of ImageNet weights, or more pre-training of an earlier run on new im
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
@@ -37,24 +36,22 @@ def is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def _training_pid(run: Path) -> int | None:
+def _training_pid(run: Path) -> str | None:
     """The pid that run directory ``run``'s lock file names (``.selfsup.lock``, written by
-    ``train.trainer.lock_run_dir``), if that process is alive on this machine: a pretrain still
-    training it. A killed run's stale file names a dead pid."""
+    ``train.trainer.lock_run_dir``) while its ``flock`` is held: a pretrain still training it.
+    A killed run's file stays, unlocked, naming a pid that may be another process's by now."""
+    import fcntl
+
     try:
-        found = re.fullmatch(r"pid (\d+)\s*", (run / ".selfsup.lock").read_text())
-    except (OSError, UnicodeDecodeError):
+        with open(run / ".selfsup.lock") as handle:
+            try:  # shared and at once: a test, released on close
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                found = re.fullmatch(r"pid (\d+)\s*", handle.read())
+                return found.group(1) if found else "unknown"
+    except (OSError, UnicodeDecodeError):  # no file; a filesystem without locks
         return None
-    if found is None:
-        return None
-    pid = int(found.group(1))
-    try:
-        os.kill(pid, 0)  # signal 0: only whether it exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, another user's
-        pass
-    return pid
+    return None
 
 
 def encoder_file(path: Path) -> Path:

@@ -974,7 +974,7 @@ class Trainer:
                 raise CheckpointError(
                     f"cannot write a checkpoint to {ckpt_dir} ({exc.strerror or exc}); "
                     + (f"{kept} from before is intact. " if kept.exists() else "")
-                    + f"Free disk space, then: {resume_command(self.run_dir)}"
+                    + f"Free disk space, then: {self.continue_with or resume_command(self.run_dir)}"
                 ) from None
 
         def _save(epoch: int, step_in_epoch: int) -> Path:
@@ -1043,7 +1043,6 @@ class Trainer:
             results[f"knn_top5_{start}"] = knn0["top5"]
             logger.log(0, {"knn_top1": knn0["top1"], "knn_top5": knn0["top5"]}, prefix="eval")
 
-        previous_handlers = self._install_signal_handlers()
         started = time.monotonic()
         bar = tqdm(
             total=total_steps,
@@ -1067,6 +1066,7 @@ class Trainer:
         images_per_s = 0.0
         finished = False
         stop = False  # the ranks' agreed stop flag of the latest step
+        previous_handlers = self._install_signal_handlers()  # put back by the finally below
         try:
             for epoch in range(start_epoch, t.epochs):
                 method.train()
@@ -1127,7 +1127,8 @@ class Trainer:
                         if n_bad and t.on_nan == "stop":
                             good = ckpt_dir / "last.pt"
                             raise NumericalError(
-                                f"loss became NaN/Inf at or before step {global_step} (epoch "
+                                "loss became NaN/Inf at or before step "
+                                f"{global_step + log_step_offset} (epoch "
                                 f"{epoch + 1}); "
                                 + (
                                     f"the last good checkpoint is {good}"
@@ -1194,14 +1195,14 @@ class Trainer:
                             metrics["online_target_cos"] = float(cos)
                         logger.log(global_step, metrics, prefix="collapse")
                         try:
-                            monitor.check(metrics, step=global_step)
+                            monitor.check(metrics, step=global_step + log_step_offset)
                         except CollapseError as exc:
                             # the event is recorded; checkpoints/last.pt (the last epoch) is kept
                             if env.is_main:
                                 write_json(
                                     self.run_dir / "collapse.json",
                                     {
-                                        "step": global_step + log_step_offset,  # metrics'
+                                        "step": global_step + log_step_offset,  # as logged
                                         "epoch": epoch + 1,
                                         "metrics": metrics,
                                         "message": str(exc),
