@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from selfsup.errors import DataError, SelfsupError
+from selfsup.errors import DataError, SelfsupError, Terminated, sigterm_as_interrupt
 from selfsup.run import QUICKSTART_OUT, is_first_rank
 
 METHOD_NAMES = ("simclr", "moco", "byol", "simsiam")
@@ -259,47 +259,14 @@ def register(name: str, adder, handler) -> None:
     _HANDLERS[name] = handler
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a job scheduler), raised as a Ctrl-C is: the same clean-up (the run's
-    lock, partial files) and message, where SIGTERM would otherwise end the process at once."""
-
-
 def _interrupt_status(exc: KeyboardInterrupt) -> int:
     return 128 + 15 if isinstance(exc, Terminated) else 130  # as the shell reports them
-
-
-@contextlib.contextmanager
-def _sigterm_as_terminated():
-    """SIGTERM raises :class:`Terminated` while a command runs (training and decoding install
-    handlers of their own, and put this one back). Only in the main thread, and only where
-    SIGTERM has its default action: a Python caller's own handler is left in place. Not in a
-    torchrun worker: torchrun sends SIGTERM to tear a failed job down, and a worker blocked in
-    a collective would only notice it when torchrun's SIGKILL comes, 30 s later."""
-    import signal
-    import threading
-
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-        or "TORCHELASTIC_RUN_ID" in os.environ
-    ):
-        yield
-        return
-
-    def terminate(signum, frame):  # noqa: ARG001
-        raise Terminated(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:
     """The ``selfsup`` console script and ``python -m selfsup`` (also each torchrun worker)."""
     try:
-        with _warnings_as_selfsup_lines(), _sigterm_as_terminated():
+        with _warnings_as_selfsup_lines(), sigterm_as_interrupt(torchrun_workers=False):
             return _main(argv)
     except KeyboardInterrupt as exc:  # before the command's own handling (_dispatch) began
         if is_first_rank():

@@ -748,6 +748,22 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
             save_subset(idx, train.paths, train.labels, subset_file)
             subsets[fraction] = (idx, subset_file)
 
+    out_json = out_dir / f"eval_{_eval_name(source, args, target, args.protocol)}.json"
+
+    def save_results() -> list[tuple[str, str]]:
+        """``results`` into ``out_json`` (with what an earlier eval of it holds) and its rows
+        into the CSV; rank 0 only. Returns the entries kept from the earlier file."""
+        replaced, earlier = _merge_earlier(out_json, results)
+        if replaced:
+            print(
+                f"selfsup: note: {out_json} held results at other settings ({replaced}); "
+                f"this evaluation replaces them ({csv_path} keeps their rows)",
+                file=sys.stderr,
+            )
+        write_json(out_json, results)
+        append_results(csv_path, rows)
+        return earlier
+
     try:  # a stop (Ctrl-C, SIGTERM) keeps the numbers finished so far, below
         for enc_name, enc in encoders.items():
             feats, feat_seconds = None, 0.0
@@ -871,33 +887,16 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
                         record(label, f"finetune_{fraction:g}pct", m)
     except KeyboardInterrupt:
         if results["protocols"] and is_main():
-            path = _out_json(out_dir, source, args, target)
             # this eval's own numbers (the merge adds an earlier eval's)
             done = ", ".join(f"{p} ({', '.join(e)})" for p, e in results["protocols"].items())
-            replaced, _ = _merge_earlier(path, results)
-            write_json(path, results)
-            append_results(csv_path, rows)
-            print(f"selfsup: stopped; finished before the stop and saved in {path}: {done}",
+            save_results()
+            print(f"selfsup: stopped; finished before the stop and saved in {out_json}: {done}",
                   file=sys.stderr)  # fmt: skip
-            if replaced:
-                print(f"selfsup: note: they replace results of {path} at other settings "
-                      f"({replaced}); {csv_path} keeps their rows", file=sys.stderr)  # fmt: skip
         raise
 
-    pool = f"_limit{args.limit}" if args.limit else ""
-    of_file = f"_{_slug(target.name)}" if target.is_file() and target.name != "encoder.pt" else ""
-    out_json = _out_json(out_dir, source, args, target)
     earlier: list[tuple[str, str]] = []
     if is_main():  # every process computed the same numbers; one writes them
-        replaced, earlier = _merge_earlier(out_json, results)
-        if replaced:
-            print(
-                f"selfsup: note: {out_json} held results at other settings ({replaced}); "
-                f"this evaluation replaces them ({csv_path} keeps their rows)",
-                file=sys.stderr,
-            )
-        write_json(out_json, results)
-        append_results(csv_path, rows)
+        earlier = save_results()
     saved = []
     if classifiers and is_main():
         classes = list(train.classes or [str(i) for i in range(num_classes)])
@@ -912,7 +911,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         }
         for protocol, (state, m) in classifiers.items():
             # named like the eval JSON: the data, its --limit and the evaluated file
-            path = out_dir / CLASSIFIER_DIR / f"{_slug(source)}{pool}_{protocol}{of_file}.pt"
+            path = out_dir / CLASSIFIER_DIR / f"{_eval_name(source, args, target, protocol)}.pt"
             meta = {
                 "protocol": protocol,
                 "mode": m.get("mode"),
@@ -974,12 +973,12 @@ def _knobs(protocol: str, settings: dict[str, Any]) -> dict[str, Any]:
     return {k: settings.get(k) for k in names}
 
 
-def _out_json(out_dir: Path, source: str, args: argparse.Namespace, target: Path) -> Path:
-    """``eval_<data>[_limitN]_<protocol>[_<file>].json``: several files in one folder (the
-    exports) each keep their own results."""
+def _eval_name(source: str, args: argparse.Namespace, target: Path, protocol: str) -> str:
+    """``<data>[_limitN]_<protocol>[_<file>]``, the name of an eval JSON (``eval_<name>.json``)
+    and of a saved classifier: several files in one folder (the exports) each keep their own."""
     pool = f"_limit{args.limit}" if args.limit else ""
     of_file = f"_{_slug(target.name)}" if target.is_file() and target.name != "encoder.pt" else ""
-    return out_dir / f"eval_{_slug(source)}{pool}_{args.protocol}{of_file}.json"
+    return f"{_slug(source)}{pool}_{protocol}{of_file}"
 
 
 def _merge_earlier(path: Path, results: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:

@@ -106,8 +106,9 @@ def _follow_the_optimizer(base, cfg, overrides: list[str]) -> None:
     had at SGD's default (off), takes LARS's (on), as a new LARS run would. A value given now
     is kept, and so is one unlike the old optimizer's default (the run set it; one it set to
     that default cannot be told from it, and follows the new optimizer too)."""
-    keys = [item.split("=", 1)[0].strip() for item in overrides or []]
-    given = "optim.exclude_bias_norm" in keys
+    from selfsup.train.config import override_keys
+
+    given = "optim.exclude_bias_norm" in override_keys(overrides)
     was_default = base.optim.get("exclude_bias_norm") in (None, base.optim.name == "lars")
     if cfg.optim.name == base.optim.name or given or not was_default:
         return

@@ -64,7 +64,7 @@ from selfsup.data.sources import (
     spread_index,
     summarize_skips,
 )
-from selfsup.errors import ConfigError, DataError
+from selfsup.errors import ConfigError, DataError, sigterm_as_interrupt
 from selfsup.progress import bar_options
 
 #: Bumped whenever decoding, resizing or the file layout changes, so old caches are rebuilt.
@@ -300,7 +300,7 @@ def load_dataset(
                     file=sys.stderr,
                 )
             try:
-                with _sigterm_as_interrupt():  # a scheduler's stop keeps the decoded rows too
+                with sigterm_as_interrupt():  # a scheduler's stop keeps the decoded rows too
                     _decode_into(
                         listed, writer, storage_size, max(1, worker_count), progress, max_pixels,
                         split, kept=kept, skipped=skipped, checkpoint=partial.saver(writer),
@@ -466,32 +466,6 @@ def _decode_into(
                 future.cancel()
             raise
     return kept, skipped
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``kill``, a job scheduler, torchrun stopping its workers) raises
-    KeyboardInterrupt while the block runs, so a decode saves its progress as for a Ctrl-C
-    instead of dying mid-write. Only in the main thread, and only where SIGTERM has its default
-    action (a handler of the caller's own is left in place)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager

@@ -250,7 +250,7 @@ def resolve_config(
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.1)")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
-    keys = [item.split("=", 1)[0].strip() for item in overrides or []]
+    keys = override_keys(overrides)
     if not shared_overrides:
         _refuse_other_methods_options(cfg.method.name, keys)
     eval_source_given = any(k == "data.eval_source" or k == "data" for k in keys)
@@ -276,6 +276,11 @@ def resolve_config(
     if cfg.optim.exclude_bias_norm is None:  # the papers skip biases and norms in LARS only
         cfg.optim.exclude_bias_norm = cfg.optim.name == "lars"
     return cfg
+
+
+def override_keys(overrides: list[str] | None) -> list[str]:
+    """The keys of ``key=value`` overrides (``optim.lr`` of ``optim.lr=0.1``)."""
+    return [item.split("=", 1)[0].strip() for item in overrides or []]
 
 
 def _flag_value(key: str, value: Any) -> Any:
