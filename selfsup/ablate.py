@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfsup.cli import register
-from selfsup.errors import ConfigError, SelfsupError
+from selfsup.errors import ConfigError, DeviceMemoryError, SelfsupError
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,21 @@ def run_ablation(
             cfg.out = str(run_dir)
             print(f"selfsup ablate {name}: {v.label} -> {run_dir}")
             again = f"the same `selfsup ablate {name} ...` command (it resumes this variant)"
-            if not Trainer(cfg, run_dir, resume=resume, continue_with=again).fit().finished:
+            try:
+                finished = Trainer(cfg, run_dir, resume=resume, continue_with=again).fit().finished
+            except DeviceMemoryError as exc:  # the trainer's advice, then how to apply it here
+                varied = "train.batch_size" in " ".join(v.overrides)
+                raise DeviceMemoryError(
+                    f"{exc}Add the change to the overrides of this `selfsup ablate {name}` "
+                    f"command; {v.label} then starts over with it"
+                    + (
+                        " (this ablation sets train.batch_size itself: choose a smaller "
+                        "model.backbone or data.image_size)"
+                        if varied
+                        else ""
+                    )
+                ) from None
+            if not finished:
                 raise AblationStopped(
                     f"selfsup ablate {name} stopped during {v.label} ({run_dir}); run the same "
                     "command again to resume it and go on"

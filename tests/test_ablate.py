@@ -85,3 +85,28 @@ def test_every_named_ablation_resolves_its_variants():
         for quick in (True, False):
             for v in ablation(name, quick).variants:
                 resolve_config(v.method, "quickstart", overrides=list(v.overrides))
+
+
+def test_out_of_memory_in_a_variant_says_how_to_go_on_in_the_ablation(
+    tmp_path, capsys, monkeypatch
+):
+    """The trainer's advice (lower train.batch_size) with the ablate command to apply it to,
+    not the variant's own `selfsup pretrain --resume` (ablate resumes its variants itself)."""
+    import torch
+
+    import selfsup.train.trainer as trainer
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "optimizer_step", out_of_memory)
+    out = tmp_path / "abl"
+    for name, varied in (("simsiam-stopgrad", False), ("batch-size", True)):
+        args = ["ablate", name, "--quick", "--epochs", "1", "--out", str(out), *TINY]
+        args.append(f"data.cache_dir={tmp_path / 'cache'}")
+        assert main([a for a in args if not (varied and a.startswith("train.batch_size"))]) == 2
+        err = capsys.readouterr().err
+        assert "ran out of memory during epoch 1 of training" in err and "Traceback" not in err
+        assert f"Add the change to the overrides of this `selfsup ablate {name}` command" in err
+        assert "--resume" not in err and "--overwrite" not in err
+        assert ("this ablation sets train.batch_size itself" in err) == varied

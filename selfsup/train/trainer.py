@@ -10,6 +10,7 @@ throughput are read every ``train.log_every`` steps.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -485,6 +486,76 @@ def optimizer_step(
     return out, finite, True
 
 
+class _LogWindow:
+    """The steps since the last metrics line. Their loss and skipped steps are summed on the
+    device (no host synchronisation inside a step) and read, summed over the ranks, at a log
+    step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.bad_steps = torch.zeros((), device=device, dtype=torch.int64)
+        self.steps = 0
+        self.timed_from = 0  # images/s counts the window's steps of this invocation only
+        self.start = time.monotonic()
+
+    def add(self, out: dict[str, torch.Tensor], finite: torch.Tensor, applied: bool) -> None:
+        if applied:
+            self.bad_steps += (~finite).long()
+            self.loss_sum += out["loss"].detach().float()
+        else:
+            self.bad_steps += 1
+        self.steps += 1
+
+    def images_per_s(self, batch_size: int) -> float:
+        elapsed = time.monotonic() - self.start
+        return (self.steps - self.timed_from) * batch_size / max(elapsed, 1e-9)
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.bad_steps.zero_()  # skipped_steps is per logging window, like the loss
+        self.steps, self.start, self.timed_from = 0, time.monotonic(), 0
+
+    def state_dict(self, world_size: int) -> dict[str, Any]:
+        """Per global step: the sum of the window's global-batch mean losses and its skipped
+        steps, so that a resume on any number of processes continues the window (a collective:
+        every rank calls it)."""
+        return {
+            "loss_sum": float(all_reduce_sum(self.loss_sum)) / world_size,
+            "steps": self.steps,
+            "bad_steps": int(all_reduce_sum(self.bad_steps)) // world_size,
+        }
+
+    def load_state_dict(self, saved: dict[str, Any] | None, *, is_main: bool, world_size: int):
+        if not saved or not saved["steps"]:
+            return
+        if is_main:  # the window's sums, counted once: all_reduce_sum adds the ranks
+            self.loss_sum.fill_(saved["loss_sum"] * world_size)
+            self.bad_steps.fill_(saved["bad_steps"] * world_size)
+        self.steps = self.timed_from = saved["steps"]
+
+
+@dataclass
+class _Run:
+    """One invocation's training: what it trains (built by ``Trainer._build``), where the
+    schedule is, and what it has measured. Checkpoints save it; ``--resume`` restores it."""
+
+    method: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator  # this rank's augmentation stream
+    stream: DistributedBatchStream
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    config_hash: str
+    results: dict[str, Any]
+    global_step: int = 0  # the schedule's step
+    log_step_offset: int = 0  # logged step - schedule step (see MetricsLogger's step_offset)
+    monitor: CollapseMonitor | None = None
+    window: _LogWindow | None = None
+    images_per_s: float = 0.0  # of the last logged window
+
+
 class Trainer:
     """Pre-trains ``cfg.method`` on ``cfg.data`` into ``run_dir``; see :meth:`fit`."""
 
@@ -682,8 +753,10 @@ class Trainer:
             + ", or choose a smaller model.backbone or data.image_size; other programs on the "
             "same GPU take memory too (nvidia-smi lists them). "
             + (
-                f"{last} is intact; continue from it with: selfsup pretrain --out {self.run_dir} "
-                f"--resume train.batch_size={half}"
+                ""  # a caller that resumes its runs itself (ablate) says how to go on
+                if self.continue_with
+                else f"{last} is intact; continue from it with: selfsup pretrain --out "
+                f"{self.run_dir} --resume train.batch_size={half}"
                 if last.exists()
                 else "Then run the command again with --overwrite"
             )
@@ -754,16 +827,9 @@ class Trainer:
         if cuda_rng is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(cuda_rng.cpu(), self.device)  # MoCo's shuffle
 
-    def _fit(self) -> TrainResult:
-        cfg, t = self.cfg, self.cfg.train
-        torch.manual_seed(t.seed)
-        self.precision = resolve_precision(t.precision, self.device)
-        init = self._init_weights()  # checked before the data is decoded
-        if self.env.is_main and not self.resume:
-            small_image_stem_note(cfg)
-            storage_size_note(cfg)
-        train, bank, query = self._load_data()
-
+    def _build(self, train: ImageDataset, init: dict[str, torch.Tensor] | None) -> _Run:
+        """The augmentation, model, optimizer and batch stream of ``train``, on the device."""
+        cfg, t, env = self.cfg, self.cfg.train, self.env
         if cfg.data.mean:
             mean, std = list(cfg.data.mean), list(cfg.data.std)
         elif cfg.model.init == IMAGENET:  # the inputs those weights were trained on
@@ -772,7 +838,6 @@ class Trainer:
             mean, std = dataset_stats(train.images)
         if cfg.data.mean is None or cfg.data.std is None:
             cfg.data.mean, cfg.data.std = mean, std
-        env = self.env
         self.augment = build_augment(cfg, mean, std).to(self.device)
         self.eval_transform = EvalTransform(
             cfg.data.image_size, mean=mean, std=std, crop_fraction=cfg.data.eval_crop
@@ -781,308 +846,484 @@ class Trainer:
         method = convert_sync_batchnorm(build_model(cfg, init), t.sync_bn, env).to(self.device)
         if self.device.type == "cuda" and t.channels_last:
             method = method.to(memory_format=torch.channels_last)
-        batch_size = t.batch_size
-        optimizer = optimizer_from_config(method, cfg.optim, batch_size)
-        scaler = grad_scaler(self.precision, self.device)
-        channels_last = self.device.type == "cuda" and t.channels_last
         stream = DistributedBatchStream(
             train.images,
-            per_rank_batch_size(batch_size, env.world_size),
+            per_rank_batch_size(t.batch_size, env.world_size),
             rank=env.rank,
             world_size=env.world_size,
             device=self.device,
             shuffle=True,
             seed=t.seed,
         )
-        steps_per_epoch = stream.steps_per_epoch
-        total_steps = steps_per_epoch * t.epochs
+        total_steps = stream.steps_per_epoch * t.epochs
         if env.is_main and not self.resume:
             batchnorm_lag_note(cfg, method.backbone, total_steps)
-        warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(rank_seed(t.seed, env.rank))
-        chash = config_hash(cfg)
+        return _Run(
+            method=method,
+            optimizer=optimizer_from_config(method, cfg.optim, t.batch_size),
+            scaler=grad_scaler(self.precision, self.device),
+            generator=generator,
+            stream=stream,
+            steps_per_epoch=stream.steps_per_epoch,
+            total_steps=total_steps,
+            warmup_steps=round(cfg.optim.warmup_epochs * stream.steps_per_epoch),
+            config_hash=config_hash(cfg),
+            results={
+                "method": cfg.method.name,
+                "data": cfg.data.source,
+                "train_images": len(train),
+                "backbone": cfg.model.backbone,
+                "epochs": t.epochs,
+                "batch_size": t.batch_size,
+                "selfsup_version": selfsup.__version__,
+            },
+        )
 
+    def _resume_from_checkpoint(
+        self, run: _Run, train: ImageDataset
+    ) -> tuple[int, int, dict[str, Any] | None]:
+        """For ``--resume``: the last checkpoint into ``run``, checked against this invocation's
+        data and batch size. Returns the epoch and the step in it to start from, and the
+        checkpoint (None: none was written, the run starts from step 0)."""
+        cfg, t, env = self.cfg, self.cfg.train, self.env
         ckpt_dir = self.run_dir / "checkpoints"
-        d_source = repr(cfg.data.source)
-        start_epoch, start_step, global_step = 0, 0, 0
-        log_step_offset = 0  # logged step - schedule step (see MetricsLogger's step_offset)
-        loaded = False  # resumed from a checkpoint
-        results: dict[str, Any] = {
-            "method": cfg.method.name,
-            "data": cfg.data.source,
-            "train_images": len(train),
-            "backbone": cfg.model.backbone,
-            "epochs": t.epochs,
-            "batch_size": batch_size,
-            "selfsup_version": selfsup.__version__,
-        }
-        if self.resume and not has_checkpoint(self.run_dir):
-            print_main = print if env.is_main else (lambda *a, **k: None)
-            print_main(
-                f"selfsup: {ckpt_dir} holds no checkpoint yet (the run stopped before its "
-                f"first); starting from step 0",
+        if not self.resume:
+            return 0, 0, None
+        if not has_checkpoint(self.run_dir):
+            if env.is_main:
+                print(
+                    f"selfsup: {ckpt_dir} holds no checkpoint yet (the run stopped before its "
+                    f"first); starting from step 0",
+                    file=sys.stderr,
+                )
+            return 0, 0, None
+        state, path = load_checkpoint(
+            ckpt_dir,
+            method=cfg.method.name,
+            config_hash=run.config_hash,
+            version=selfsup.__version__,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        self._restore(state, path, run.method, run.optimizer, run.scaler, run.generator)
+        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+        run.global_step = state["global_step"]
+        check_not_past_the_end(path, start_epoch, start_step, t.epochs)
+        saved_train = state.get("config", {}).get("train", {})
+        saved_images = (state.get("results") or {}).get("train_images", len(train))
+        saved_batch = saved_train.get("batch_size", t.batch_size)
+        # a change of data or batch size renumbers the steps (refused within an epoch)
+        self._check_data_change(path, state, len(train), start_epoch, start_step)
+        self._check_batch_change(path, saved_batch, start_epoch, start_step)
+        if saved_images != len(train) or saved_batch != t.batch_size:
+            run.global_step = start_epoch * run.steps_per_epoch
+        at = f"epoch {start_epoch + 1} (step {run.global_step} of {run.total_steps})"
+        if env.is_main and saved_images != len(train):
+            print(
+                f"selfsup: note: {cfg.data.source!r} holds {len(train)} training images, "
+                f"{saved_images} at the checkpoint; the schedule continues at {at}",
                 file=sys.stderr,
             )
-        elif self.resume:
-            loaded = True
-            state, path = load_checkpoint(
-                ckpt_dir,
-                method=cfg.method.name,
-                config_hash=chash,
-                version=selfsup.__version__,
-                config=OmegaConf.to_container(cfg, resolve=True),
+        if env.is_main and saved_batch != t.batch_size:
+            print(
+                f"selfsup: train.batch_size {saved_batch} -> {t.batch_size}: "
+                f"{run.steps_per_epoch} steps per epoch; the schedule continues at {at}",
+                file=sys.stderr,
             )
-            self._restore(state, path, method, optimizer, scaler, generator)
-            start_epoch, start_step, global_step = (
-                state["epoch"],
-                state["step_in_epoch"],
-                state["global_step"],
+        # the steps renumbered above (a new batch size or data): the logs go on counting the
+        # steps taken, and keep every record of the run so far
+        logged_step = state["global_step"] + state.get("log_step_offset", 0)
+        run.log_step_offset = logged_step - run.global_step
+        run.results.update(state.get("results", {}))
+        # this invocation's data and length: a resume may extend the run or change its batch
+        run.results.update(train_images=len(train), epochs=t.epochs, batch_size=t.batch_size)
+        saved_epochs = saved_train.get("epochs", t.epochs)
+        if env.is_main and saved_epochs != t.epochs and start_epoch < t.epochs:
+            print(
+                f"selfsup: train.epochs {saved_epochs} -> {t.epochs}: the warm-up + cosine "
+                f"lr schedule (and an EMA or momentum schedule) is re-planned over "
+                f"{t.epochs} epochs; it continues at step {run.global_step} of {run.total_steps}",
+                file=sys.stderr,
             )
-            saved_train = state.get("config", {}).get("train", {})
-            saved_batch = saved_train.get("batch_size", batch_size)
-            saved_epochs = saved_train.get("epochs", t.epochs)
-            check_not_past_the_end(path, start_epoch, start_step, t.epochs)
-            saved_images = (state.get("results") or {}).get("train_images", len(train))
-            saved_source = state.get("config", {}).get("data", {}).get("source", cfg.data.source)
-            if saved_images != len(train):  # files added or removed, or other data named
-                if start_step:
-                    saved_limit = state.get("config", {}).get("data", {}).get("limit")
-                    if saved_limit != cfg.data.limit:  # the same data, another share of it
-                        now = f"data.limit={cfg.data.limit} takes {len(train)} of them"
-                        fix = (
-                            "Resume without data.limit"
-                            if saved_limit is None
-                            else f"Resume with data.limit={saved_limit}"
-                        )
-                    elif saved_source == cfg.data.source:
-                        now, fix = f"{d_source} holds {len(train)} now", "Restore the data"
-                    else:
-                        now = (
-                            f"it trained on data.source={saved_source!r}, and --data "
-                            f"{cfg.data.source!r} holds {len(train)}"
-                        )
-                        fix = "Resume without --data"
-                    raise DataError(
-                        f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
-                        f"of {saved_images} training images; {now}, so that epoch's order and "
-                        f"the schedule no longer fit. {fix} (a change of data can start at an "
-                        "epoch's end: add train.stop_after_epochs=1 first), or start over with "
-                        "--overwrite"
-                    )
-                global_step = start_epoch * steps_per_epoch
-                if env.is_main:
-                    print(
-                        f"selfsup: note: {d_source} holds {len(train)} training images, "
-                        f"{saved_images} at the checkpoint; the schedule continues at epoch "
-                        f"{start_epoch + 1} (step {global_step} of {total_steps})",
-                        file=sys.stderr,
-                    )
-            if saved_batch != batch_size:  # steps per epoch changed: count steps anew
-                if start_step:
-                    world = env.world_size
-                    raise ConfigError(
-                        f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
-                        f"with train.batch_size={saved_batch}; a new batch size can only start "
-                        f"at an epoch's end: resume with train.batch_size={saved_batch} "
-                        "train.stop_after_epochs=1"
-                        + (
-                            f" on a number of processes that divides {saved_batch} "
-                            f"({process_counts_dividing(saved_batch, world)}; not {world})"
-                            if saved_batch % world
-                            else ""
-                        )
-                        + f", then resume again with train.batch_size={batch_size}"
-                    )
-                global_step = start_epoch * steps_per_epoch
-                if env.is_main:
-                    print(
-                        f"selfsup: train.batch_size {saved_batch} -> {batch_size}: "
-                        f"{steps_per_epoch} steps per epoch; the schedule continues at epoch "
-                        f"{start_epoch + 1} (step {global_step} of {total_steps})",
-                        file=sys.stderr,
-                    )
-            # the steps renumbered above (a new batch size or data): the logs go on counting
-            # the steps taken, and keep every record of the run so far
-            logged_step = state["global_step"] + state.get("log_step_offset", 0)
-            log_step_offset = logged_step - global_step
-            results.update(state.get("results", {}))
-            # this invocation's data and length: a resume may extend the run or change its batch
-            results.update(train_images=len(train), epochs=t.epochs, batch_size=batch_size)
-            if env.is_main and saved_epochs != t.epochs and start_epoch < t.epochs:
-                print(
-                    f"selfsup: train.epochs {saved_epochs} -> {t.epochs}: the warm-up + cosine "
-                    f"lr schedule (and an EMA or momentum schedule) is re-planned over "
-                    f"{t.epochs} epochs; it continues at step {global_step} of {total_steps}",
-                    file=sys.stderr,
-                )
-            if env.is_main and start_epoch >= t.epochs:
-                print(
-                    f"selfsup: {path} is the end of the run: "
-                    + (f"all {t.epochs} epochs are" if t.epochs > 1 else "its 1 epoch is")
-                    + " done, nothing is left to train (the encoder and results are written again, "
-                    "with the timings measured when it trained)",
-                    file=sys.stderr,
-                )
-            elif env.is_main:
-                print(
-                    f"selfsup: resumed from {path} at epoch {start_epoch + 1}, step {global_step}",
-                    file=sys.stderr,
-                )
-        results["precision"] = self.precision  # this invocation's: a resume may change it
-        # as is the number of processes (BatchNorm statistics and random streams depend on it)
-        results["processes"] = env.world_size
+        if env.is_main and start_epoch >= t.epochs:
+            print(
+                f"selfsup: {path} is the end of the run: "
+                + (f"all {t.epochs} epochs are" if t.epochs > 1 else "its 1 epoch is")
+                + " done, nothing is left to train (the encoder and results are written again, "
+                "with the timings measured when it trained)",
+                file=sys.stderr,
+            )
+        elif env.is_main:
+            print(
+                f"selfsup: resumed from {path} at epoch {start_epoch + 1}, step {run.global_step}",
+                file=sys.stderr,
+            )
+        return start_epoch, start_step, state
+
+    def _check_data_change(
+        self, path: Path, state: dict[str, Any], n_train: int, start_epoch: int, start_step: int
+    ) -> None:
+        """Refuse other training data (another number of images) within an epoch: that epoch's
+        order and the schedule would no longer fit. At an epoch's end it is allowed."""
+        cfg = self.cfg
+        saved_images = (state.get("results") or {}).get("train_images", n_train)
+        if saved_images == n_train or not start_step:
+            return
+        saved_data = state.get("config", {}).get("data", {})
+        saved_source, saved_limit = (
+            saved_data.get("source", cfg.data.source),
+            saved_data.get("limit"),
+        )
+        if saved_limit != cfg.data.limit:  # the same data, another share of it
+            now = f"data.limit={cfg.data.limit} takes {n_train} of them"
+            fix = (
+                "Resume without data.limit"
+                if saved_limit is None
+                else f"Resume with data.limit={saved_limit}"
+            )
+        elif saved_source == cfg.data.source:
+            now, fix = f"{cfg.data.source!r} holds {n_train} now", "Restore the data"
+        else:
+            now = (
+                f"it trained on data.source={saved_source!r}, and --data "
+                f"{cfg.data.source!r} holds {n_train}"
+            )
+            fix = "Resume without --data"
+        raise DataError(
+            f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
+            f"of {saved_images} training images; {now}, so that epoch's order and "
+            f"the schedule no longer fit. {fix} (a change of data can start at an "
+            "epoch's end: add train.stop_after_epochs=1 first), or start over with "
+            "--overwrite"
+        )
+
+    def _check_batch_change(
+        self, path: Path, saved_batch: int, start_epoch: int, start_step: int
+    ) -> None:
+        """Refuse a new batch size within an epoch (steps per epoch change); at an epoch's end
+        it is allowed."""
+        batch_size, world = self.cfg.train.batch_size, self.env.world_size
+        if saved_batch == batch_size or not start_step:
+            return
+        raise ConfigError(
+            f"{path} was written at step {start_step} of epoch {start_epoch + 1} "
+            f"with train.batch_size={saved_batch}; a new batch size can only start "
+            f"at an epoch's end: resume with train.batch_size={saved_batch} "
+            "train.stop_after_epochs=1"
+            + (
+                f" on a number of processes that divides {saved_batch} "
+                f"({process_counts_dividing(saved_batch, world)}; not {world})"
+                if saved_batch % world
+                else ""
+            )
+            + f", then resume again with train.batch_size={batch_size}"
+        )
+
+    def _start_logs(self, run: _Run, train: ImageDataset, resumed: bool) -> MetricsLogger:
+        """Write the run's config.yaml and open its metrics (a resume keeps the records up to
+        its checkpoint); the first invocation also saves a picture of the views."""
+        env, t = self.env, self.cfg.train
         run_config = ""  # the run's config.yaml text, also shown in TensorBoard
         if env.is_main:
             # only now, once a resume was accepted: a refused one must leave the run's config as
             # it was. Limits of this invocation are not part of the run (a --resume must not
             # inherit them).
-            saved = cfg.copy()
+            saved = self.cfg.copy()
             saved.train.stop_after_epochs, saved.train.time_limit_min = None, None
             run_config = to_yaml(saved)
             atomic_write_text(self.run_dir / "config.yaml", run_config)
+        logged_step = run.global_step + run.log_step_offset
         logger = MetricsLogger(
-            # a resume keeps the records up to its checkpoint (a restart from step 0: none)
             self.run_dir,
             enabled=env.is_main,
-            resume_step=(global_step + log_step_offset if loaded else -1) if self.resume else None,
-            step_offset=log_step_offset,
+            # a resume keeps the records up to its checkpoint (a restart from step 0: none)
+            resume_step=(logged_step if resumed else -1) if self.resume else None,
+            step_offset=run.log_step_offset,
         )
-        logger.log_text("config", run_config, global_step)  # a no-op off rank 0 (no writer)
+        logger.log_text("config", run_config, run.global_step)  # a no-op off rank 0 (no writer)
         if env.is_main and not (self.run_dir / VIEWS_FILE).exists():
             save_views(self.augment, train.images, self.run_dir, logger, t.seed)
-        target_momentum = getattr(method, "target_momentum", None)  # BYOL's tau, MoCo's m
-        model = wrap_ddp(method, env)
-        step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
+        return logger
 
+    def _collapse_monitor(self, run: _Run, state: dict[str, Any] | None) -> CollapseMonitor:
         def warn_collapse(message: str) -> None:  # a selfsup line, not a Python warning
-            results["collapse_warning"] = message  # results.json says the encoder is suspect
-            if env.is_main:
+            run.results["collapse_warning"] = message  # results.json: the encoder is suspect
+            if self.env.is_main:
                 print(f"\nselfsup: warning: {message}", file=sys.stderr)
 
+        t = self.cfg.train
         monitor = CollapseMonitor(
-            cfg.method.name, mode=t.collapse, patience=t.collapse_patience, on_warning=warn_collapse
+            self.cfg.method.name,
+            mode=t.collapse,
+            patience=t.collapse_patience,
+            on_warning=warn_collapse,
         )
-        if loaded and state.get("collapse_monitor"):  # the streak of collapsed checks goes on
+        if state is not None and state.get("collapse_monitor"):  # the streak of checks goes on
             monitor.load_state_dict(state["collapse_monitor"])
+        return monitor
 
-        def checkpoint(epoch: int, step_in_epoch: int) -> Path:
-            try:
-                return _save(epoch, step_in_epoch)
-            except OSError as exc:  # full disk, quota, read-only remount: the old one is intact
-                kept = ckpt_dir / "last.pt"
-                raise CheckpointError(
-                    f"cannot write a checkpoint to {ckpt_dir} ({exc.strerror or exc}); "
-                    + (f"{kept} from before is intact. " if kept.exists() else "")
-                    + f"Free disk space, then: {self.continue_with or resume_command(self.run_dir)}"
-                ) from None
+    def _checkpoint(self, run: _Run, epoch: int, step_in_epoch: int) -> Path:
+        """Save ``run`` as at ``step_in_epoch`` of ``epoch`` (rank 0 writes; every rank takes
+        part). A failed write names what is intact and how to go on."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        try:
+            return self._save(run, epoch, step_in_epoch)
+        except OSError as exc:  # full disk, quota, read-only remount: the old one is intact
+            kept = ckpt_dir / "last.pt"
+            raise CheckpointError(
+                f"cannot write a checkpoint to {ckpt_dir} ({exc.strerror or exc}); "
+                + (f"{kept} from before is intact. " if kept.exists() else "")
+                + f"Free disk space, then: {self.continue_with or resume_command(self.run_dir)}"
+            ) from None
 
-        def _save(epoch: int, step_in_epoch: int) -> Path:
-            # every rank's streams (each draws its own augmentations), so that a resume on as
-            # many processes goes on exactly as the uninterrupted run
-            streams = gather_objects(
-                {
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": (
-                        torch.cuda.get_rng_state(self.device)
-                        if self.device.type == "cuda"
-                        else None
-                    ),
-                }
-            )
-            return save_on_main(
-                save_checkpoint,
-                {
-                    "model": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "generator": generator.get_state(),
-                    "device_type": self.device.type,
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": (
-                        torch.cuda.get_rng_state(self.device)
-                        if self.device.type == "cuda"
-                        else None
-                    ),
-                    "epoch": epoch,
-                    "step_in_epoch": step_in_epoch,
-                    "global_step": global_step,
-                    "log_step_offset": log_step_offset,
-                    # a stop between two log steps: the steps since the last metrics line, so
-                    # the resumed run logs the same mean loss as an uninterrupted one
-                    # summed over the ranks (every rank builds this dict), per global step: the
-                    # sum of the window's global-batch mean losses and its skipped steps, so a
-                    # resume on any number of processes continues the window
-                    "log_window": {
-                        "loss_sum": float(all_reduce_sum(loss_sum)) / env.world_size,
-                        "steps": window_steps,
-                        "bad_steps": int(all_reduce_sum(bad_steps)) // env.world_size,
-                    },
-                    "method": cfg.method.name,
-                    "config_hash": chash,
-                    "results": results,
-                    "collapse_monitor": monitor.state_dict(),
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                    "selfsup_version": selfsup.__version__,
-                    "world_size": env.world_size,
-                    "rank_rng": streams,
-                },
-                ckpt_dir,
-            )
+    def _save(self, run: _Run, epoch: int, step_in_epoch: int) -> Path:
+        env, device = self.env, self.device
 
+        def random_streams() -> dict[str, Any]:
+            return {
+                "generator": run.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }
+
+        # every rank's streams (each draws its own augmentations), so that a resume on as
+        # many processes goes on exactly as the uninterrupted run
+        streams = gather_objects(random_streams())
+        return save_on_main(
+            save_checkpoint,
+            {
+                "model": run.method.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                **random_streams(),  # rank 0's, as checkpoints before rank_rng held them
+                "device_type": device.type,
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": run.global_step,
+                "log_step_offset": run.log_step_offset,
+                # a stop between two log steps: the steps since the last metrics line, so the
+                # resumed run logs the same mean loss as an uninterrupted one
+                "log_window": run.window.state_dict(env.world_size),
+                "method": self.cfg.method.name,
+                "config_hash": run.config_hash,
+                "results": run.results,
+                "collapse_monitor": run.monitor.state_dict(),
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "selfsup_version": selfsup.__version__,
+                "world_size": env.world_size,
+                "rank_rng": streams,
+            },
+            self.run_dir / "checkpoints",
+        )
+
+    def _knn_before_training(self, run: _Run, bank, query, logger: MetricsLogger) -> None:
+        """The kNN of the weights training starts from, the baseline of every later check."""
+        cfg = self.cfg
         if bank is not None:  # what the kNN numbers mean: which labeled images, how many
-            results["knn_data"] = cfg.data.eval_source or cfg.data.source
-            results["knn_images"] = {"bank": len(bank), "query": len(query)}
+            run.results["knn_data"] = cfg.data.eval_source or cfg.data.source
+            run.results["knn_images"] = {"bank": len(bank), "query": len(query)}
         start = "init" if cfg.model.init else "random_init"  # the weights before training
         if cfg.model.init:
-            results["init"] = cfg.model.init
-        if bank is not None and f"knn_top1_{start}" not in results:
-            knn0 = self._knn(method.backbone, bank, query)
-            results[f"knn_top1_{start}"] = knn0["top1"]
-            results[f"knn_top5_{start}"] = knn0["top5"]
+            run.results["init"] = cfg.model.init
+        if bank is not None and f"knn_top1_{start}" not in run.results:
+            knn0 = self._knn(run.method.backbone, bank, query)
+            run.results[f"knn_top1_{start}"] = knn0["top1"]
+            run.results[f"knn_top5_{start}"] = knn0["top5"]
             logger.log(0, {"knn_top1": knn0["top1"], "knn_top5": knn0["top5"]}, prefix="eval")
+
+    def _agreed_stop(self, sync_step: bool, global_step: int) -> bool:
+        """Whether the run stops after this step: a signal or a limit, agreed by all ranks."""
+        stop = self._stop_reason is not None
+        if self.env.distributed:  # all ranks must agree: on the steps that sync anyway, and
+            # every STOP_CHECK_EVERY steps, as torchrun kills its workers 30 s after it
+            # forwards a signal (a log step can be minutes away)
+            check = sync_step or global_step % STOP_CHECK_EVERY == 0
+            stop = check and any_rank(stop)
+            if stop and self._stop_reason is None:
+                self._stop_reason = "stop requested on another rank"
+        return stop
+
+    def _nan_error(self, run: _Run, epoch: int) -> NumericalError:
+        good = self.run_dir / "checkpoints" / "last.pt"
+        return NumericalError(
+            f"loss became NaN/Inf at or before step {run.global_step + run.log_step_offset} "
+            f"(epoch {epoch + 1}); "
+            + (
+                f"the last good checkpoint is {good}"
+                if good.exists()
+                else "no checkpoint was written yet"
+            )
+            + f". Likely causes: learning rate too high (optim.lr={self.cfg.optim.lr}), "
+            "fp16/bf16 overflow (try train.precision=fp32), or a collapsed batch. Resume with a "
+            "lower lr, or set train.on_nan=skip to skip such steps"
+        )
+
+    def _log_window(
+        self, run: _Run, n_bad: int, lr: float, epoch: int, logger: MetricsLogger, bar
+    ) -> None:
+        """The window's mean loss, lr, images/s and skipped steps: to the metrics and the bar."""
+        env, window = self.env, run.window
+        run.images_per_s = window.images_per_s(self.cfg.train.batch_size)
+        # NaN when every step of the window was skipped: no loss to show
+        counted = window.steps * env.world_size - n_bad
+        mean_loss = float(all_reduce_sum(window.loss_sum)) / counted if counted > 0 else math.nan
+        run.results["final_loss"] = mean_loss  # the last logged window's
+        # a skipped step is skipped on every rank: each counted it
+        n_skipped = n_bad // env.world_size
+        if n_skipped:
+            run.results["skipped_steps"] = run.results.get("skipped_steps", 0) + n_skipped
+        logged = {
+            "loss": mean_loss,
+            "lr": lr,
+            "images_per_s": run.images_per_s,
+            "epoch": epoch + 1,
+            "skipped_steps": n_skipped,
+        }
+        target_momentum = getattr(run.method, "target_momentum", None)  # BYOL's tau, MoCo's m
+        if target_momentum is not None:
+            logged["target_momentum"] = target_momentum(run.global_step / run.total_steps)
+        if run.scaler.is_enabled():  # halves on each overflow, so it shows them
+            logged["loss_scale"] = run.scaler.get_scale()
+        logger.log(run.global_step, logged)
+        bar.set_postfix(
+            loss=f"{mean_loss:.4f}",
+            lr=f"{lr:.3g}",
+            img_s=f"{run.images_per_s:.0f}",
+            epoch=epoch + 1,
+        )
+        window.reset()
+
+    def _check_collapse(
+        self, run: _Run, out: dict[str, torch.Tensor], epoch: int, logger: MetricsLogger
+    ) -> None:
+        """The collapse monitors on this step's outputs (gathered over the ranks), logged; a
+        collapse that ``train.collapse=stop`` stops on is recorded in collapse.json."""
+        with torch.no_grad():
+            h, z2 = out.get("h"), out.get("z2")  # optional in a Method
+            metrics = collapse_metrics(
+                concat_all_gather(out["z"]).float(),
+                h=None if h is None else concat_all_gather(h).float(),
+                z2=None if z2 is None else concat_all_gather(z2).float(),
+            )
+        if "online_target_cos" in out:  # BYOL, MoCo
+            metrics["online_target_cos"] = float(all_reduce_mean(out["online_target_cos"]))
+        logger.log(run.global_step, metrics, prefix="collapse")
+        step = run.global_step + run.log_step_offset  # as logged
+        try:
+            run.monitor.check(metrics, step=step)
+        except CollapseError as exc:
+            # the event is recorded; checkpoints/last.pt (the last epoch) is kept
+            if self.env.is_main:
+                write_json(
+                    self.run_dir / "collapse.json",
+                    {
+                        "step": step,
+                        "epoch": epoch + 1,
+                        "metrics": metrics,
+                        "message": str(exc),
+                        "last_checkpoint": str(self.run_dir / "checkpoints" / "last.pt"),
+                    },
+                )
+            raise
+
+    def _end_epoch(
+        self, run: _Run, epoch: int, start_epoch: int, stop: bool, bank, query, logger, bar
+    ) -> None:
+        """An epoch's end: its kNN check, its checkpoint, and a stop of this invocation (a
+        signal, train.stop_after_epochs) as :class:`StopRequested`."""
+        env, t = self.env, self.cfg.train
+        done_epochs = epoch + 1
+        last_epoch = done_epochs == t.epochs
+        if bank is not None and (last_epoch or (t.knn_every and done_epochs % t.knn_every == 0)):
+            knn = self._knn(run.method.backbone, bank, query)
+            run.results.update(knn_top1=knn["top1"], knn_top5=knn["top5"], knn_epoch=done_epochs)
+            logger.log(
+                run.global_step,
+                {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "epoch": done_epochs},
+                prefix="eval",
+            )
+            if env.is_main:
+                bar.write(f"epoch {done_epochs}: kNN top-1 {knn['top1']:.4f}")
+        stopping = self._stop_reason is not None and (
+            not env.distributed or stop  # under DDP, what the ranks agreed on
+        )
+        # the checkpoint is the next epoch's start, so a resume may change the batch size
+        if last_epoch or done_epochs % t.checkpoint_every == 0 or stopping:
+            self._checkpoint(run, done_epochs, 0)
+        if stopping and not last_epoch:
+            raise StopRequested(self._stop_reason)
+        if stopping and env.is_main:  # the run's last step: it is done, not stopped
+            print(
+                f"\nselfsup: {self._stop_reason} at the run's last step: finishing it",
+                file=sys.stderr,
+            )
+        # epochs of this invocation, as time_limit_min counts its minutes: a job script that
+        # resumes with stop_after_epochs=10 trains 10 epochs each time
+        this_run = done_epochs - start_epoch
+        if t.stop_after_epochs and this_run >= t.stop_after_epochs and not last_epoch:
+            raise StopRequested(f"train.stop_after_epochs={t.stop_after_epochs}")
+
+    def _fit(self) -> TrainResult:
+        """Set up (weights, data, model, a resume's checkpoint, logs), then the epochs: each
+        step logs every ``train.log_every`` steps and checks collapse every
+        ``train.collapse_every``; each epoch ends with its kNN check and checkpoint. A stop
+        (signal, limit) saves a checkpoint at the step it came; a finished run writes
+        encoder.pt and results.json."""
+        cfg, t, env = self.cfg, self.cfg.train, self.env
+        torch.manual_seed(t.seed)
+        self.precision = resolve_precision(t.precision, self.device)
+        init = self._init_weights()  # checked before the data is decoded
+        if env.is_main and not self.resume:
+            small_image_stem_note(cfg)
+            storage_size_note(cfg)
+        train, bank, query = self._load_data()
+        run = self._build(train, init)
+        start_epoch, start_step, state = self._resume_from_checkpoint(run, train)
+        run.results["precision"] = self.precision  # this invocation's: a resume may change it
+        # as is the number of processes (BatchNorm statistics and random streams depend on it)
+        run.results["processes"] = env.world_size
+        logger = self._start_logs(run, train, resumed=state is not None)
+        model = wrap_ddp(run.method, env)
+        step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
+        run.monitor = self._collapse_monitor(run, state)
+        self._knn_before_training(run, bank, query, logger)
 
         started = time.monotonic()
         bar = tqdm(
-            total=total_steps,
-            initial=global_step,
+            total=run.total_steps,
+            initial=run.global_step,
             disable=not (t.progress and env.is_main),
             unit="step",
             dynamic_ncols=True,
             desc=f"{cfg.method.name}",
             **bar_options(),
         )
-        loss_sum = torch.zeros((), device=self.device)
-        bad_steps = torch.zeros((), device=self.device, dtype=torch.int64)
-        window_steps, window_start = 0, time.monotonic()
-        timed_from = 0  # images/s counts the window's steps of this invocation only
-        saved_window = state.get("log_window") if loaded else None
-        if saved_window and saved_window["steps"]:
-            if env.is_main:  # the window's sums, counted once: all_reduce_sum adds the ranks
-                loss_sum.fill_(saved_window["loss_sum"] * env.world_size)
-                bad_steps.fill_(saved_window["bad_steps"] * env.world_size)
-            window_steps = timed_from = saved_window["steps"]
-        images_per_s = 0.0
+        run.window = _LogWindow(self.device)
+        if state is not None:
+            run.window.load_state_dict(
+                state.get("log_window"), is_main=env.is_main, world_size=env.world_size
+            )
+        channels_last = self.device.type == "cuda" and t.channels_last
         finished = False
         stop = False  # the ranks' agreed stop flag of the latest step
         previous_handlers = self._install_signal_handlers()  # put back by the finally below
         try:
             for epoch in range(start_epoch, t.epochs):
-                method.train()
+                run.method.train()
                 first = start_step if epoch == start_epoch else 0
-                stream.set_epoch(epoch, start_step=first)
+                run.stream.set_epoch(epoch, start_step=first)
                 self._activity = f"epoch {epoch + 1} of training"
-                for step_in_epoch, (_, batch) in enumerate(stream, first):
+                for step_in_epoch, (_, batch) in enumerate(run.stream, first):
                     factor = warmup_cosine(
-                        global_step, total_steps, warmup_steps, cfg.optim.min_lr_ratio
+                        run.global_step, run.total_steps, run.warmup_steps, cfg.optim.min_lr_ratio
                     )
-                    current_lr = set_lr(optimizer, factor)
-                    v1, v2 = make_views(self.augment, batch, generator, channels_last)
+                    lr = set_lr(run.optimizer, factor)
+                    v1, v2 = make_views(self.augment, batch, run.generator, channels_last)
                     out, finite, applied = optimizer_step(
-                        method,
+                        run.method,
                         step_fn,
-                        optimizer,
+                        run.optimizer,
                         v1,
                         v2,
                         autocast=self._autocast,
@@ -1090,18 +1331,13 @@ class Trainer:
                         # one reaches tau = 1. tau(k / K) (tau_base first) measured lower on the
                         # BYOL quickstart: kNN 0.763 / 0.764 / 0.764 on seeds 0-2, against
                         # 0.799 / 0.804 / 0.811 with this one (2026-12-02, 2 CPU cores)
-                        progress=(global_step + 1) / total_steps,
+                        progress=(run.global_step + 1) / run.total_steps,
                         skip_nonfinite=t.on_nan == "skip",
                         all_finite=all_ranks_true,
-                        scaler=scaler,
+                        scaler=run.scaler,
                     )
-                    if applied:
-                        bad_steps += (~finite).long()
-                        loss_sum += out["loss"].detach().float()
-                    else:
-                        bad_steps += 1
-                    global_step += 1
-                    window_steps += 1
+                    run.window.add(out, finite, applied)
+                    run.global_step += 1
                     bar.update(1)
 
                     if (
@@ -1110,156 +1346,35 @@ class Trainer:
                         and (time.monotonic() - started > 60 * t.time_limit_min)
                     ):
                         self._stop_reason = f"time limit of {t.time_limit_min} min"
-                    sync_step = (
-                        global_step % t.log_every == 0 or step_in_epoch == steps_per_epoch - 1
-                    )
-                    stop = self._stop_reason is not None
-                    if env.distributed:  # all ranks must agree: on the steps that sync anyway,
-                        # and every STOP_CHECK_EVERY steps, as torchrun kills its workers 30 s
-                        # after it forwards a signal (a log step can be minutes away)
-                        check = sync_step or global_step % STOP_CHECK_EVERY == 0
-                        stop = check and any_rank(stop)
-                        if stop and self._stop_reason is None:
-                            self._stop_reason = "stop requested on another rank"
+                    last_step = step_in_epoch == run.steps_per_epoch - 1
+                    sync_step = run.global_step % t.log_every == 0 or last_step
+                    stop = self._agreed_stop(sync_step, run.global_step)
                     # also before a stop checkpoint, so no checkpoint holds NaN weights
                     if sync_step or stop:
-                        n_bad = int(all_reduce_sum(bad_steps))
+                        n_bad = int(all_reduce_sum(run.window.bad_steps))
                         if n_bad and t.on_nan == "stop":
-                            good = ckpt_dir / "last.pt"
-                            raise NumericalError(
-                                "loss became NaN/Inf at or before step "
-                                f"{global_step + log_step_offset} (epoch "
-                                f"{epoch + 1}); "
-                                + (
-                                    f"the last good checkpoint is {good}"
-                                    if good.exists()
-                                    else "no checkpoint was written yet"
-                                )
-                                + f". Likely causes: learning rate too high "
-                                f"(optim.lr={cfg.optim.lr}), fp16/bf16 overflow "
-                                f"(try train.precision=fp32), or a collapsed batch. Resume with a "
-                                f"lower lr, or set train.on_nan=skip to skip such steps"
-                            )
+                            raise self._nan_error(run, epoch)
                         if sync_step:  # a stop between log steps keeps its window
-                            elapsed = time.monotonic() - window_start
-                            timed = window_steps - timed_from
-                            images_per_s = timed * batch_size / max(elapsed, 1e-9)
-                            # NaN when every step of the window was skipped: no loss to show
-                            counted = window_steps * env.world_size - n_bad
-                            mean_loss = (
-                                float(all_reduce_sum(loss_sum)) / counted
-                                if counted > 0
-                                else float("nan")
-                            )
-                            results["final_loss"] = mean_loss  # the last logged window's
-                            # a skipped step is skipped on every rank: each counted it
-                            n_skipped = n_bad // env.world_size
-                            if n_skipped:
-                                results["skipped_steps"] = (
-                                    results.get("skipped_steps", 0) + n_skipped
-                                )
-                            logged = {
-                                "loss": mean_loss,
-                                "lr": current_lr,
-                                "images_per_s": images_per_s,
-                                "epoch": epoch + 1,
-                                "skipped_steps": n_skipped,
-                            }
-                            if target_momentum is not None:
-                                logged["target_momentum"] = target_momentum(
-                                    global_step / total_steps
-                                )
-                            if scaler.is_enabled():  # halves on each overflow, so it shows them
-                                logged["loss_scale"] = scaler.get_scale()
-                            logger.log(global_step, logged)
-                            bar.set_postfix(
-                                loss=f"{mean_loss:.4f}",
-                                lr=f"{current_lr:.3g}",
-                                img_s=f"{images_per_s:.0f}",
-                                epoch=epoch + 1,
-                            )
-                            loss_sum.zero_()
-                            bad_steps.zero_()  # skipped_steps is per logging window, like the loss
-                            window_steps, window_start, timed_from = 0, time.monotonic(), 0
-
-                    if t.collapse != "off" and global_step % t.collapse_every == 0:
-                        with torch.no_grad():
-                            h, z2 = out.get("h"), out.get("z2")  # optional in a Method
-                            metrics = collapse_metrics(
-                                concat_all_gather(out["z"]).float(),
-                                h=None if h is None else concat_all_gather(h).float(),
-                                z2=None if z2 is None else concat_all_gather(z2).float(),
-                            )
-                        if "online_target_cos" in out:  # BYOL, MoCo
-                            cos = all_reduce_mean(out["online_target_cos"])
-                            metrics["online_target_cos"] = float(cos)
-                        logger.log(global_step, metrics, prefix="collapse")
-                        try:
-                            monitor.check(metrics, step=global_step + log_step_offset)
-                        except CollapseError as exc:
-                            # the event is recorded; checkpoints/last.pt (the last epoch) is kept
-                            if env.is_main:
-                                write_json(
-                                    self.run_dir / "collapse.json",
-                                    {
-                                        "step": global_step + log_step_offset,  # as logged
-                                        "epoch": epoch + 1,
-                                        "metrics": metrics,
-                                        "message": str(exc),
-                                        "last_checkpoint": str(ckpt_dir / "last.pt"),
-                                    },
-                                )
-                            raise
-
-                    if stop and step_in_epoch + 1 < steps_per_epoch:
-                        checkpoint(epoch, step_in_epoch + 1)
+                            self._log_window(run, n_bad, lr, epoch, logger, bar)
+                    if t.collapse != "off" and run.global_step % t.collapse_every == 0:
+                        self._check_collapse(run, out, epoch, logger)
+                    if stop and not last_step:
+                        self._checkpoint(run, epoch, step_in_epoch + 1)
                         raise StopRequested(self._stop_reason)
-                    # at an epoch's last step, the epoch's end (its kNN, a checkpoint as the
-                    # next epoch's start, so a resume may change the batch size) comes first
+                    # at an epoch's last step, the epoch's end comes first
 
-                done_epochs = epoch + 1
-                last_epoch = done_epochs == t.epochs
-                if bank is not None and (
-                    last_epoch or (t.knn_every and done_epochs % t.knn_every == 0)
-                ):
-                    knn = self._knn(method.backbone, bank, query)
-                    results.update(
-                        knn_top1=knn["top1"], knn_top5=knn["top5"], knn_epoch=done_epochs
-                    )
-                    logger.log(
-                        global_step,
-                        {"knn_top1": knn["top1"], "knn_top5": knn["top5"], "epoch": done_epochs},
-                        prefix="eval",
-                    )
-                    if env.is_main:
-                        bar.write(f"epoch {done_epochs}: kNN top-1 {knn['top1']:.4f}")
-                stopping = self._stop_reason is not None and (
-                    not env.distributed or stop  # under DDP, what the ranks agreed on
-                )
-                if last_epoch or done_epochs % t.checkpoint_every == 0 or stopping:
-                    checkpoint(done_epochs, 0)
-                if stopping and not last_epoch:
-                    raise StopRequested(self._stop_reason)
-                if stopping and env.is_main:  # the run's last step: it is done, not stopped
-                    print(
-                        f"\nselfsup: {self._stop_reason} at the run's last step: finishing it",
-                        file=sys.stderr,
-                    )
-                # epochs of this invocation, as time_limit_min counts its minutes: a job script
-                # that resumes with stop_after_epochs=10 trains 10 epochs each time
-                this_run = done_epochs - start_epoch
-                if t.stop_after_epochs and this_run >= t.stop_after_epochs and not last_epoch:
-                    raise StopRequested(f"train.stop_after_epochs={t.stop_after_epochs}")
+                self._end_epoch(run, epoch, start_epoch, stop, bank, query, logger, bar)
                 # images/s times training steps: not the epoch end's kNN and checkpoint (the
                 # window is empty here, as an epoch's last step is a log step)
-                window_start = time.monotonic()
+                run.window.start = time.monotonic()
             finished = True
         except StopRequested as stopped:
             bar.close()
             if env.is_main:
                 try:  # a hang-up's closed terminal (EIO) must not turn the stop into a crash
                     print(
-                        f"\nselfsup: stopped ({stopped}); checkpoint saved in {ckpt_dir}.\n"
+                        f"\nselfsup: stopped ({stopped}); checkpoint saved in "
+                        f"{self.run_dir / 'checkpoints'}.\n"
                         f"Resume with: {self.continue_with or resume_command(self.run_dir)}",
                         file=sys.stderr,
                     )
@@ -1270,33 +1385,41 @@ class Trainer:
             logger.close()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+        if finished:
+            self._finish(
+                run, started, nothing_trained=state is not None and start_epoch >= t.epochs
+            )
+        return TrainResult(self.run_dir, run.results, finished)
 
+    def _finish(self, run: _Run, started: float, *, nothing_trained: bool) -> None:
+        """A finished run's warning of skipped steps, encoder.pt and results.json (rank 0)."""
+        if not self.env.is_main:
+            return
+        results = run.results
         skipped = results.get("skipped_steps", 0)
-        if finished and env.is_main and skipped:
+        if skipped:
             print(
-                f"selfsup: warning: {skipped} of {global_step} steps were skipped (non-finite "
+                f"selfsup: warning: {skipped} of {run.global_step} steps were skipped (non-finite "
                 "loss, train.on_nan=skip); if that is more than a rare one, lower optim.lr or use "
                 "train.precision=fp32",
                 file=sys.stderr,
             )
-        if finished and env.is_main:
-            timings = {
-                "train_time_s": round(time.monotonic() - started, 2),
-                "images_per_s_last": round(images_per_s, 1),
-            }
-            if loaded and start_epoch >= t.epochs:  # nothing trained now: keep what was measured
-                try:
-                    earlier = json.loads((self.run_dir / "results.json").read_text())
-                except (OSError, ValueError):
-                    earlier = {}
-                if isinstance(earlier, dict):
-                    timings |= {k: earlier[k] for k in timings if k in earlier}
-            results.update(timings)
-            # CPU tensors: a plain torch.load on a machine without a GPU must open it
-            encoder_state = {k: v.detach().cpu() for k, v in method.backbone.state_dict().items()}
-            atomic_torch_save(encoder_state, self.run_dir / "encoder.pt")
-            write_json(self.run_dir / "results.json", results)
-        return TrainResult(self.run_dir, results, finished)
+        timings = {
+            "train_time_s": round(time.monotonic() - started, 2),
+            "images_per_s_last": round(run.images_per_s, 1),
+        }
+        if nothing_trained:  # a resume of a finished run: keep what was measured
+            try:
+                earlier = json.loads((self.run_dir / "results.json").read_text())
+            except (OSError, ValueError):
+                earlier = {}
+            if isinstance(earlier, dict):
+                timings |= {k: earlier[k] for k in timings if k in earlier}
+        results.update(timings)
+        # CPU tensors: a plain torch.load on a machine without a GPU must open it
+        state = {k: v.detach().cpu() for k, v in run.method.backbone.state_dict().items()}
+        atomic_torch_save(state, self.run_dir / "encoder.pt")
+        write_json(self.run_dir / "results.json", results)
 
 
 def write_json(path: Path, obj: Any) -> None:
