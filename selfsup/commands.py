@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -536,47 +537,87 @@ def _check_eval_args(args: argparse.Namespace) -> None:
             )
 
 
-def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the protocols of ``args`` (the ``selfsup eval`` options); write JSON and CSV.
+@dataclass(frozen=True)
+class EvalPlan:
+    """Which protocols an ``eval`` runs (``--protocol`` and ``--linear-mode`` spelled out)."""
 
-    Returns the results dict: ``protocols[protocol][encoder] -> metrics`` with protocols
-    ``knn``, ``linear_fast``, ``linear_full``, ``finetune_<f>pct`` and encoders ``ssl``,
-    ``random_init``, ``supervised``; plus ``_json`` / ``_csv``, the written paths.
-    """
-    from selfsup.data import absolute_source
-    from selfsup.evaluate.finetune import finetune, supervised_baseline
-    from selfsup.evaluate.knn import knn_accuracy
-    from selfsup.evaluate.linear import linear_probe, linear_probe_features
-    from selfsup.evaluate.subsets import balanced_subset, save_subset
-    from selfsup.export import (
-        CLASSIFIER_DIR,
-        check_classifier_architecture,
-        check_input_size,
-        classifier_state,
-        load_encoder,
-        save_classifier,
-        weights_digest,
-    )
-    from selfsup.train.distributed import (
-        distributed_extract_features,
-        distributed_world,
-        is_main,
-        main_process_first,
-    )
-    from selfsup.train.trainer import write_json
+    knn: bool
+    linear_fast: bool
+    linear_full: bool
+    finetune: bool
 
-    _check_eval_args(args)
-    protocols = ("knn", "linear", "finetune") if args.protocol == "all" else (args.protocol,)
-    linear_modes = ("fast", "full") if args.linear_mode == "both" else (args.linear_mode,)
-    refused = [
-        name
-        for name, used in (
-            ("--linear-mode full", "linear" in protocols and "full" in linear_modes),
-            ("--protocol finetune", "finetune" in protocols),
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> EvalPlan:
+        protocols = ("knn", "linear", "finetune") if args.protocol == "all" else (args.protocol,)
+        modes = ("fast", "full") if args.linear_mode == "both" else (args.linear_mode,)
+        linear = "linear" in protocols
+        return cls(
+            knn="knn" in protocols,
+            linear_fast=linear and "fast" in modes,
+            linear_full=linear and "full" in modes,
+            finetune="finetune" in protocols,
         )
-        if used
-    ]
-    device = _torchrun_device(args.device, "eval", " and ".join(refused) or None)
+
+    @property
+    def needs_features(self) -> bool:
+        """The kNN and the fast probe share one pass of the frozen encoder over the data."""
+        return self.knn or self.linear_fast
+
+    def refused_under_torchrun(self) -> str | None:
+        """The options that train a network, which eval does not spread over processes."""
+        refused = [
+            name
+            for name, used in (
+                ("--linear-mode full", self.linear_full),
+                ("--protocol finetune", self.finetune),
+            )
+            if used
+        ]
+        return " and ".join(refused) or None
+
+
+@dataclass
+class EvalTarget:
+    """The encoder to evaluate and where its results go, all checked before any long work."""
+
+    target: Path  # the run directory or encoder file given
+    encoder: torch.nn.Module
+    info: dict[str, Any]  # _run_info's
+    run_dir: Path
+    owner: Path  # the run the encoder belongs to (an export's is the run above it)
+    run_label: str  # the CSV's `run`
+    out_dir: Path  # the evaluation's own files: JSON, label subsets, classifiers
+    csv_path: Path
+    arch: tuple[str, bool] | None  # (backbone, small_stem) when classifiers are saved
+    save_classifiers: bool
+
+
+@dataclass
+class EvalData:
+    """The labeled data an encoder is evaluated on, and how its images are prepared."""
+
+    source: str
+    train: Any  # selfsup.data datasets
+    test: Any
+    load_size: int  # the size the images are decoded (cached) at
+    image_size: int  # the size the encoder sees
+    mean: list[float]
+    std: list[float]
+    crop_scale: tuple[float, float]
+    flip_p: float
+    train_t: Any  # the training protocols' crop-and-flip transform
+    eval_t: Any
+    eval_crop: float
+    num_classes: int
+    progress: bool
+    device: torch.device
+
+
+def _locate_target(args: argparse.Namespace) -> EvalTarget:
+    """Load the encoder of ``args.encoder`` and find its run, output folder and results CSV;
+    refuse a missing encoder, a foreign CSV or folders one may not write to."""
+    from selfsup.export import CLASSIFIER_DIR, check_classifier_architecture, load_encoder
+
     target = Path(args.encoder)
     if not target.exists():
         raise ConfigError(f"{target} does not exist: pass a run directory or an encoder file")
@@ -614,10 +655,20 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         classifier_dir = out_dir / CLASSIFIER_DIR
         check_writable(classifier_dir if classifier_dir.exists() else out_dir,
                        "the classifiers", fix=elsewhere)  # fmt: skip
+    return EvalTarget(
+        target, encoder, info, run_dir, owner, run_label, out_dir, csv_path, arch, save_classifiers
+    )
+
+
+def _eval_source(args: argparse.Namespace, where: EvalTarget) -> str:
+    """The data to evaluate on: ``--data``, else the run's; refused if the run's is not here."""
+    from selfsup.data import absolute_source
+
+    info = where.info
     source = absolute_source(args.data) or info.get("eval_data") or info.get("pretrain_data")
     if source is None:
         raise ConfigError(
-            f"{target}: no config.yaml or export.json beside the encoder says what "
+            f"{where.target}: no config.yaml or export.json beside the encoder says what "
             f"it was trained on; pass --data"
         )
     if args.data is None:
@@ -627,11 +678,22 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
             parse_source(source)
         except DataError as exc:
             raise ConfigError(
-                f"{exc}. That is the data recorded with the run ({run_dir}); pass --data with "
-                "where it is on this machine (or any labeled dataset)"
+                f"{exc}. That is the data recorded with the run ({where.run_dir}); pass --data "
+                "with where it is on this machine (or any labeled dataset)"
             ) from None
+    return source
+
+
+def _load_eval_data(
+    args: argparse.Namespace, where: EvalTarget, source: str, device: torch.device
+) -> EvalData:
+    """Load the train and test splits of ``source`` and build the protocols' transforms."""
+    from selfsup.export import check_input_size
+    from selfsup.train.distributed import is_main, main_process_first
+
+    info = where.info
     load_size, image_size = _sizes(info, args.image_size)
-    check_input_size(encoder, image_size, target, info.get("image_size"))
+    check_input_size(where.encoder, image_size, where.target, info.get("image_size"))
     progress = not args.no_progress and is_main()
     with main_process_first():  # under torchrun rank 0 builds the cache, the others read it
         train, test = _load_labeled_splits(source, load_size, args.cache_dir, args.limit, progress)
@@ -639,42 +701,62 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     # the run's crops and flips (e.g. no flips for digits) belong to its data: a transfer to
     # other data takes the papers' defaults unless given here
     same_data = source in (info.get("pretrain_data"), info.get("eval_data"))
-    run_augment = _pretrain_augment(run_dir) if same_data else {}
+    run_augment = _pretrain_augment(where.run_dir) if same_data else {}
     crop_scale = args.crop_scale or run_augment.get("crop_scale") or PAPER_CROP_SCALE
     crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
     flip_p = next(v for v in (args.flip_p, run_augment.get("flip_p"), 0.5) if v is not None)
     flip_p = float(flip_p)
     train_t = _crop_flip_transform(image_size, mean, std, device, crop_scale, flip_p)
     eval_t = _eval_transform(image_size, mean, std, device, info)
-    eval_crop = _eval_crop(info)
     if train.classes:
         num_classes = len(train.classes)
     else:
         num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    return EvalData(
+        source=source,
+        train=train,
+        test=test,
+        load_size=load_size,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        crop_scale=crop_scale,
+        flip_p=flip_p,
+        train_t=train_t,
+        eval_t=eval_t,
+        eval_crop=_eval_crop(info),
+        num_classes=num_classes,
+        progress=progress,
+        device=device,
+    )
 
-    encoders: dict[str, torch.nn.Module] = {"ssl": encoder}
-    if args.baselines:
-        arch = arch or _architecture(info, encoder)
-        encoders["random_init"] = _fresh_backbone(*arch, seed=args.seed, like=encoder)
-    weights = weights_digest(encoder)  # of the tensors: an export of a run shares its digest
-    results: dict[str, Any] = {
-        "encoder": str(target),
+
+def _results_skeleton(
+    args: argparse.Namespace, where: EvalTarget, data: EvalData, weights: str
+) -> dict[str, Any]:
+    """The results dict of an evaluation, before any protocol: what was evaluated, on what,
+    and at which settings."""
+    from selfsup.train.distributed import distributed_world
+
+    info = where.info
+    return {
+        "encoder": str(where.target),
         "weights": weights,
         "method": info.get("method"),
         "pretrain_data": info.get("pretrain_data"),
         "pretrain_epochs": info.get("epochs"),
         "config_hash": info.get("config_hash"),
-        "eval_data": source,
-        "image_size": image_size,
-        "num_classes": num_classes,
-        "n_train": len(train),
-        "n_test": len(test),
+        "eval_data": data.source,
+        "image_size": data.image_size,
+        "num_classes": data.num_classes,
+        "n_train": len(data.train),
+        "n_test": len(data.test),
         "limit": args.limit,
         "seed": args.seed,
         "processes": distributed_world()[1],  # torchrun: feature extraction shared among them
-        "mean": mean,
-        "std": std,
-        "train_augment": {"crop_scale": list(crop_scale), "flip_p": flip_p},
+        "mean": data.mean,
+        "std": data.std,
+        "train_augment": {"crop_scale": list(data.crop_scale), "flip_p": data.flip_p},
         # the knobs of the protocols: an earlier eval is merged into this file only if they agree
         "settings": {
             k: getattr(args, k) if getattr(args, k) is not None else DEFAULT_RULES.get(k)
@@ -694,247 +776,393 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
         },  # fmt: skip
         "protocols": {},
     }
-    rows: list[dict[str, Any]] = []
-    # protocol -> (state_dict of the torchvision classifier, its metrics): the ssl encoder's only
-    classifiers: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
-    # the linear probes return their trained head only when asked (callers that patch them in
-    # tests return the metrics alone)
-    wanted = {"return_head": True} if save_classifiers else {}
 
-    def keep(enc: str, protocol: str, trunk: torch.nn.Module, returned):
-        """The metrics of a protocol's ``returned`` value (with ``**wanted``: metrics and head);
+
+class EvalRecorder:
+    """An evaluation's numbers as they are measured: the results dict, their CSV rows and the
+    ssl encoder's classifiers; written (JSON and CSV) by ``save``."""
+
+    def __init__(self, results: dict[str, Any], where: EvalTarget, out_json: Path) -> None:
+        self.results = results  # _results_skeleton's: its data, weights, limit name each row
+        self.where = where
+        self.out_json = out_json
+        self.rows: list[dict[str, Any]] = []
+        # protocol -> (state_dict of the torchvision classifier, its metrics): the ssl encoder's
+        self.classifiers: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+
+    @property
+    def wanted(self) -> dict[str, Any]:
+        """The linear probes' options: their trained head back only when asked (callers that
+        patch them in tests return the metrics alone)."""
+        return {"return_head": True} if self.where.save_classifiers else {}
+
+    def keep(
+        self, enc: str, protocol: str, trunk: torch.nn.Module, returned: Any
+    ) -> dict[str, Any]:
+        """The metrics of a protocol's ``returned`` value (with ``wanted``: metrics and head);
         the ssl encoder's classifier is kept."""
-        if not save_classifiers:
+        from selfsup.export import classifier_state
+
+        if not self.where.save_classifiers:
             return returned
         metrics, head = returned
         if enc == "ssl":
-            classifiers[protocol] = (classifier_state(trunk, head, *arch), {})
+            self.classifiers[protocol] = (classifier_state(trunk, head, *self.where.arch), {})
         return metrics
 
-    def record(enc: str, protocol: str, metrics: dict[str, Any]) -> None:
-        results["protocols"].setdefault(protocol, {})[enc] = metrics
-        if enc == "ssl" and protocol in classifiers:
-            classifiers[protocol] = (classifiers[protocol][0], metrics)
+    def record(self, enc: str, protocol: str, metrics: dict[str, Any]) -> None:
+        """``metrics`` of encoder ``enc`` under ``protocol``: into the results, one CSV row per
+        number of ``CSV_METRICS``, and beside the kept classifier."""
+        self.results["protocols"].setdefault(protocol, {})[enc] = metrics
+        if enc == "ssl" and protocol in self.classifiers:
+            self.classifiers[protocol] = (self.classifiers[protocol][0], metrics)
+        info = self.where.info
         for key in CSV_METRICS:
             if key in metrics:
-                rows.append(
+                self.rows.append(
                     {
                         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        "run": run_label,
+                        "run": self.where.run_label,
                         "method": info.get("method", ""),
                         "pretrain_data": info.get("pretrain_data", ""),
                         "epochs": info.get("epochs", ""),
-                        "eval_data": source,
+                        "eval_data": self.results["eval_data"],
                         "protocol": protocol,
                         "encoder": enc,
                         "metric": key,
                         "value": metrics[key],
                         "config_hash": info.get("config_hash", ""),
-                        "weights": weights,
-                        "limit": args.limit or "",
-                        "image_size": image_size,
+                        "weights": self.results["weights"],
+                        "limit": self.results["limit"] or "",
+                        "image_size": self.results["image_size"],
                     }
                 )
 
-    subsets = {}
-    if "finetune" in protocols:
-        # the labelled subsets are drawn and saved first: one per fraction, shared by all encoders
-        for fraction in args.label_fraction:
-            idx = balanced_subset(train.labels, fraction, seed=args.seed)
-            # the name says what drew it (a --limit changes the pool, hence the subset)
-            pool = f"_limit{args.limit}" if args.limit else ""
-            name = f"subset_{_slug(source)}{pool}_{fraction:g}pct_seed{args.seed}.csv"
-            subset_file = out_dir / name
-            save_subset(idx, train.paths, train.labels, subset_file)
-            subsets[fraction] = (idx, subset_file)
-
-    out_json = out_dir / f"eval_{_eval_name(source, args, target, args.protocol)}.json"
-
-    def save_results() -> list[tuple[str, str]]:
-        """``results`` into ``out_json`` (with what an earlier eval of it holds) and its rows
+    def save(self) -> list[tuple[str, str]]:
+        """The results into the eval JSON (with what an earlier eval of it holds) and their rows
         into the CSV; rank 0 only. Returns the entries kept from the earlier file."""
-        replaced, earlier = _merge_earlier(out_json, results)
+        from selfsup.train.trainer import write_json
+
+        out_json, csv_path = self.out_json, self.where.csv_path
+        replaced, earlier = _merge_earlier(out_json, self.results)
         if replaced:
             print(
                 f"selfsup: note: {out_json} held results at other settings ({replaced}); "
                 f"this evaluation replaces them ({csv_path} keeps their rows)",
                 file=sys.stderr,
             )
-        write_json(out_json, results)
-        append_results(csv_path, rows)
+        write_json(out_json, self.results)
+        append_results(csv_path, self.rows)
         return earlier
 
-    try:  # a stop (Ctrl-C, SIGTERM) keeps the numbers finished so far, below
-        for enc_name, enc in encoders.items():
-            feats, feat_seconds = None, 0.0
-            if "knn" in protocols or ("linear" in protocols and "fast" in linear_modes):
-                t0 = time.monotonic()
-                feats = tuple(  # each process encodes its share (all of it in one process)
-                    distributed_extract_features(
-                        enc, ds.images, eval_t, batch_size=args.batch_size, device=device
-                    )
-                    for ds in (train, test)
-                )
-                feat_seconds = time.monotonic() - t0
-            if "knn" in protocols:
-                t0 = time.monotonic()
-                m = knn_accuracy(
-                    feats[0],
-                    train.labels,
-                    feats[1],
-                    test.labels,
-                    k=args.knn_k,
-                    temperature=args.knn_temperature,
-                    num_classes=num_classes,
-                    device=device,
-                )
-                m = {
-                    **m,
-                    "mode": f"weighted kNN (k={m['k']}, T={m['temperature']:g})",
-                    "seconds": round(time.monotonic() - t0 + feat_seconds, 2),
-                }
-                record(enc_name, "knn", m)
-            if "linear" in protocols and "fast" in linear_modes:
-                t0 = time.monotonic()
-                m = linear_probe_features(
-                    feats[0],
-                    train.labels,
-                    feats[1],
-                    test.labels,
-                    num_classes=num_classes,
-                    max_iter=args.lbfgs_iters,
-                    weight_decay=args.lbfgs_weight_decay,
-                    device=device,
-                    seed=args.seed,
-                    **wanted,
-                )
-                m = keep(enc_name, "linear_fast", enc, m)
-                record(
-                    enc_name,
-                    "linear_fast",
-                    {**m, "seconds": round(time.monotonic() - t0 + feat_seconds, 2)},
-                )
-            if "linear" in protocols and "full" in linear_modes:
-                t0 = time.monotonic()
-                m = linear_probe(
-                    enc,
-                    train.images,
-                    train.labels,
-                    test.images,
-                    test.labels,
-                    train_transform=train_t,
-                    eval_transform=eval_t,
-                    num_classes=num_classes,
-                    epochs=args.linear_epochs,
-                    lr=args.linear_lr,
-                    weight_decay=args.linear_weight_decay,
-                    batch_size=args.batch_size,
-                    device=device,
-                    seed=args.seed,
-                    progress=progress,
-                    **wanted,
-                )
-                m = keep(enc_name, "linear_full", enc, m)
-                record(enc_name, "linear_full", {**m, "seconds": round(time.monotonic() - t0, 2)})
-            if "finetune" in protocols and enc_name == "ssl":
-                # the random-init encoder trained end to end is the supervised baseline below
-                for fraction, (idx, subset_file) in subsets.items():
-                    common = dict(
-                        num_classes=num_classes,
-                        train_transform=train_t,
-                        eval_transform=eval_t,
-                        epochs=finetune_epochs(args.finetune_epochs, fraction),
-                        batch_size=args.batch_size,
-                        device=device,
-                        seed=args.seed,
-                        progress=progress,
-                    )
-                    extra = {
-                        "subset_file": subset_file.name,
-                        "labeled_images": int(idx.numel()),
-                        "label_fraction": fraction,
-                    }
-                    trainers = {"ssl": (finetune, args.finetune_lr)}
-                    if args.baselines:
-                        trainers["supervised"] = (supervised_baseline, args.supervised_lr)
-                    for label, (train_fn, lr) in trainers.items():
-                        t0 = time.monotonic()
-                        # the baseline's seeded random-init encoder is built inside its timing
-                        start = (
-                            enc
-                            if label == "ssl"
-                            else _fresh_backbone(*arch, seed=args.seed, like=enc)
-                        )
-                        # the ssl encoder's fine-tuned copy comes back too, for --save-classifiers
-                        returned = (
-                            {"return_model": True} if save_classifiers and label == "ssl" else {}
-                        )
-                        m = train_fn(
-                            start,
-                            train.images[idx],
-                            train.labels[idx],
-                            test.images,
-                            test.labels,
-                            lr=lr,
-                            **common,
-                            **returned,
-                        )
-                        if returned:
-                            m, tuned, head = m
-                            keep(label, f"finetune_{fraction:g}pct", tuned, (m, head))
-                            del tuned, head  # its state_dict is kept (CPU), not the network
-                        m = {**m, **extra, "seconds": round(time.monotonic() - t0, 2)}
-                        record(label, f"finetune_{fraction:g}pct", m)
-    except KeyboardInterrupt:
-        if results["protocols"] and is_main():
+    def save_stopped(self) -> None:
+        """After a stop (Ctrl-C, SIGTERM): save and name the numbers finished so far."""
+        from selfsup.train.distributed import is_main
+
+        protocols = self.results["protocols"]
+        if protocols and is_main():
             # this eval's own numbers (the merge adds an earlier eval's)
-            done = ", ".join(f"{p} ({', '.join(e)})" for p, e in results["protocols"].items())
-            save_results()
-            print(f"selfsup: stopped; finished before the stop and saved in {out_json}: {done}",
-                  file=sys.stderr)  # fmt: skip
+            done = ", ".join(f"{p} ({', '.join(e)})" for p, e in protocols.items())
+            self.save()
+            print(f"selfsup: stopped; finished before the stop and saved in {self.out_json}: "
+                  f"{done}", file=sys.stderr)  # fmt: skip
+
+
+def _draw_subsets(
+    args: argparse.Namespace, data: EvalData, out_dir: Path
+) -> dict[float, tuple[torch.Tensor, Path]]:
+    """The fine-tuning's labeled subsets, one per ``--label-fraction`` and shared by all
+    encoders, each saved as a CSV: fraction -> (indices into the train split, the file)."""
+    from selfsup.evaluate.subsets import balanced_subset, save_subset
+
+    subsets = {}
+    for fraction in args.label_fraction:
+        idx = balanced_subset(data.train.labels, fraction, seed=args.seed)
+        # the name says what drew it (a --limit changes the pool, hence the subset)
+        pool = f"_limit{args.limit}" if args.limit else ""
+        name = f"subset_{_slug(data.source)}{pool}_{fraction:g}pct_seed{args.seed}.csv"
+        subset_file = out_dir / name
+        save_subset(idx, data.train.paths, data.train.labels, subset_file)
+        subsets[fraction] = (idx, subset_file)
+    return subsets
+
+
+def _frozen_features(
+    args: argparse.Namespace, enc: torch.nn.Module, data: EvalData
+) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """(train, test) features of the frozen encoder, and the seconds they took."""
+    from selfsup.train.distributed import distributed_extract_features
+
+    t0 = time.monotonic()
+    feats = tuple(  # each process encodes its share (all of it in one process)
+        distributed_extract_features(
+            enc, ds.images, data.eval_t, batch_size=args.batch_size, device=data.device
+        )
+        for ds in (data.train, data.test)
+    )
+    return feats, time.monotonic() - t0
+
+
+def _eval_knn(
+    args: argparse.Namespace, data: EvalData, feats: tuple, feat_seconds: float
+) -> dict[str, Any]:
+    """The weighted kNN classifier's metrics on the frozen features."""
+    from selfsup.evaluate.knn import knn_accuracy
+
+    t0 = time.monotonic()
+    m = knn_accuracy(
+        feats[0],
+        data.train.labels,
+        feats[1],
+        data.test.labels,
+        k=args.knn_k,
+        temperature=args.knn_temperature,
+        num_classes=data.num_classes,
+        device=data.device,
+    )
+    return {
+        **m,
+        "mode": f"weighted kNN (k={m['k']}, T={m['temperature']:g})",
+        "seconds": round(time.monotonic() - t0 + feat_seconds, 2),
+    }
+
+
+def _eval_linear_fast(
+    args: argparse.Namespace,
+    name: str,
+    enc: torch.nn.Module,
+    data: EvalData,
+    recorder: EvalRecorder,
+    feats: tuple,
+    feat_seconds: float,
+) -> dict[str, Any]:
+    """The L-BFGS linear probe's metrics on the frozen features (its head kept if asked)."""
+    from selfsup.evaluate.linear import linear_probe_features
+
+    t0 = time.monotonic()
+    m = linear_probe_features(
+        feats[0],
+        data.train.labels,
+        feats[1],
+        data.test.labels,
+        num_classes=data.num_classes,
+        max_iter=args.lbfgs_iters,
+        weight_decay=args.lbfgs_weight_decay,
+        device=data.device,
+        seed=args.seed,
+        **recorder.wanted,
+    )
+    m = recorder.keep(name, "linear_fast", enc, m)
+    return {**m, "seconds": round(time.monotonic() - t0 + feat_seconds, 2)}
+
+
+def _eval_linear_full(
+    args: argparse.Namespace,
+    name: str,
+    enc: torch.nn.Module,
+    data: EvalData,
+    recorder: EvalRecorder,
+) -> dict[str, Any]:
+    """The papers' linear probe (SGD on augmented images, frozen encoder)'s metrics."""
+    from selfsup.evaluate.linear import linear_probe
+
+    t0 = time.monotonic()
+    m = linear_probe(
+        enc,
+        data.train.images,
+        data.train.labels,
+        data.test.images,
+        data.test.labels,
+        train_transform=data.train_t,
+        eval_transform=data.eval_t,
+        num_classes=data.num_classes,
+        epochs=args.linear_epochs,
+        lr=args.linear_lr,
+        weight_decay=args.linear_weight_decay,
+        batch_size=args.batch_size,
+        device=data.device,
+        seed=args.seed,
+        progress=data.progress,
+        **recorder.wanted,
+    )
+    m = recorder.keep(name, "linear_full", enc, m)
+    return {**m, "seconds": round(time.monotonic() - t0, 2)}
+
+
+def _eval_finetune(
+    args: argparse.Namespace,
+    enc: torch.nn.Module,
+    data: EvalData,
+    recorder: EvalRecorder,
+    subsets: dict[float, tuple[torch.Tensor, Path]],
+    arch: tuple[str, bool] | None,
+) -> None:
+    """Fine-tune the ssl encoder on each labeled subset (and, with ``--baselines``, train a
+    seeded random-init one of architecture ``arch`` on it: the supervised baseline); record."""
+    from selfsup.evaluate.finetune import finetune, supervised_baseline
+
+    save_classifiers = recorder.where.save_classifiers
+    for fraction, (idx, subset_file) in subsets.items():
+        protocol = f"finetune_{fraction:g}pct"
+        common = dict(
+            num_classes=data.num_classes,
+            train_transform=data.train_t,
+            eval_transform=data.eval_t,
+            epochs=finetune_epochs(args.finetune_epochs, fraction),
+            batch_size=args.batch_size,
+            device=data.device,
+            seed=args.seed,
+            progress=data.progress,
+        )
+        extra = {
+            "subset_file": subset_file.name,
+            "labeled_images": int(idx.numel()),
+            "label_fraction": fraction,
+        }
+        trainers = {"ssl": (finetune, args.finetune_lr)}
+        if args.baselines:
+            trainers["supervised"] = (supervised_baseline, args.supervised_lr)
+        for label, (train_fn, lr) in trainers.items():
+            t0 = time.monotonic()
+            # the baseline's seeded random-init encoder is built inside its timing
+            start = enc if label == "ssl" else _fresh_backbone(*arch, seed=args.seed, like=enc)
+            # the ssl encoder's fine-tuned copy comes back too, for --save-classifiers
+            returned = {"return_model": True} if save_classifiers and label == "ssl" else {}
+            m = train_fn(
+                start,
+                data.train.images[idx],
+                data.train.labels[idx],
+                data.test.images,
+                data.test.labels,
+                lr=lr,
+                **common,
+                **returned,
+            )
+            if returned:
+                m, tuned, head = m
+                recorder.keep(label, protocol, tuned, (m, head))
+                del tuned, head  # its state_dict is kept (CPU), not the network
+            m = {**m, **extra, "seconds": round(time.monotonic() - t0, 2)}
+            recorder.record(label, protocol, m)
+
+
+def _evaluate_one_encoder(
+    args: argparse.Namespace,
+    plan: EvalPlan,
+    name: str,
+    enc: torch.nn.Module,
+    data: EvalData,
+    recorder: EvalRecorder,
+    subsets: dict[float, tuple[torch.Tensor, Path]],
+    arch: tuple[str, bool] | None,
+) -> None:
+    """Run the protocols of ``plan`` on encoder ``enc`` (``ssl`` or a baseline); record each."""
+    feats, feat_seconds = None, 0.0
+    if plan.needs_features:
+        feats, feat_seconds = _frozen_features(args, enc, data)
+    if plan.knn:
+        recorder.record(name, "knn", _eval_knn(args, data, feats, feat_seconds))
+    if plan.linear_fast:
+        m = _eval_linear_fast(args, name, enc, data, recorder, feats, feat_seconds)
+        recorder.record(name, "linear_fast", m)
+    if plan.linear_full:
+        recorder.record(name, "linear_full", _eval_linear_full(args, name, enc, data, recorder))
+    if plan.finetune and name == "ssl":
+        # the random-init encoder trained end to end is the supervised baseline
+        _eval_finetune(args, enc, data, recorder, subsets, arch)
+
+
+def _save_classifiers(
+    args: argparse.Namespace, where: EvalTarget, data: EvalData, recorder: EvalRecorder
+) -> list[str]:
+    """Save each kept classifier (a torchvision state_dict and its .json) under the output
+    folder's ``classifiers/``; returns their paths."""
+    from selfsup.export import CLASSIFIER_DIR, save_classifier
+
+    num_classes = data.num_classes
+    classes = list(data.train.classes or [str(i) for i in range(num_classes)])
+    preparation = {
+        "backbone": where.arch[0],
+        "small_stem": where.arch[1],
+        "image_size": data.image_size,
+        "storage_size": data.load_size,  # the size the eval decoded (cached) the images at
+        "eval_crop": data.eval_crop,
+        "mean": data.mean,
+        "std": data.std,
+    }
+    saved = []
+    for protocol, (state, m) in recorder.classifiers.items():
+        # named like the eval JSON: the data, its --limit and the evaluated file
+        file_name = f"{_eval_name(data.source, args, where.target, protocol)}.pt"
+        path = where.out_dir / CLASSIFIER_DIR / file_name
+        meta = {
+            "protocol": protocol,
+            "mode": m.get("mode"),
+            **{k: m[k] for k in ("label_fraction", "labeled_images", "subset_file") if k in m},
+            "classes": classes,
+            "num_classes": num_classes,
+            **preparation,
+            "top1": m.get("top1"),
+            "top5": m.get("top5"),
+            "n_train": m.get("n_train"),
+            "n_test": m.get("n_test"),
+            "eval_data": data.source,
+            "limit": args.limit,
+            "seed": args.seed,
+            "eval_json": recorder.out_json.name,
+            "encoder": str(where.target.resolve()),
+            "weights": recorder.results["weights"],
+            "method": where.info.get("method"),
+            "pretrain_data": where.info.get("pretrain_data"),
+        }
+        _note_replaced_classifier(path, meta)
+        saved.append(str(save_classifier(path, state, meta)))
+    return saved
+
+
+def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the protocols of ``args`` (the ``selfsup eval`` options); write JSON and CSV.
+
+    Returns the results dict: ``protocols[protocol][encoder] -> metrics`` with protocols
+    ``knn``, ``linear_fast``, ``linear_full``, ``finetune_<f>pct`` and encoders ``ssl``,
+    ``random_init``, ``supervised``; plus ``_json`` / ``_csv``, the written paths.
+    """
+    from selfsup.export import weights_digest
+    from selfsup.train.distributed import is_main
+
+    # every refusal first: arguments, torchrun, encoder, output paths, data
+    _check_eval_args(args)
+    plan = EvalPlan.of(args)
+    device = _torchrun_device(args.device, "eval", plan.refused_under_torchrun())
+    where = _locate_target(args)
+    source = _eval_source(args, where)
+    data = _load_eval_data(args, where, source, device)
+
+    encoders: dict[str, torch.nn.Module] = {"ssl": where.encoder}
+    arch = where.arch
+    if args.baselines:
+        arch = arch or _architecture(where.info, where.encoder)
+        encoders["random_init"] = _fresh_backbone(*arch, seed=args.seed, like=where.encoder)
+    weights = weights_digest(where.encoder)  # of the tensors: an export of a run shares it
+    results = _results_skeleton(args, where, data, weights)
+    subsets = _draw_subsets(args, data, where.out_dir) if plan.finetune else {}
+    out_json = where.out_dir / f"eval_{_eval_name(source, args, where.target, args.protocol)}.json"
+    recorder = EvalRecorder(results, where, out_json)
+
+    try:  # a stop (Ctrl-C, SIGTERM) keeps the numbers finished so far
+        for name, enc in encoders.items():
+            _evaluate_one_encoder(args, plan, name, enc, data, recorder, subsets, arch)
+    except KeyboardInterrupt:
+        recorder.save_stopped()
         raise
 
     earlier: list[tuple[str, str]] = []
+    saved: list[str] = []
     if is_main():  # every process computed the same numbers; one writes them
-        earlier = save_results()
-    saved = []
-    if classifiers and is_main():
-        classes = list(train.classes or [str(i) for i in range(num_classes)])
-        preparation = {
-            "backbone": arch[0],
-            "small_stem": arch[1],
-            "image_size": image_size,
-            "storage_size": load_size,  # the size the eval decoded (cached) the images at
-            "eval_crop": eval_crop,
-            "mean": mean,
-            "std": std,
-        }
-        for protocol, (state, m) in classifiers.items():
-            # named like the eval JSON: the data, its --limit and the evaluated file
-            path = out_dir / CLASSIFIER_DIR / f"{_eval_name(source, args, target, protocol)}.pt"
-            meta = {
-                "protocol": protocol,
-                "mode": m.get("mode"),
-                **{k: m[k] for k in ("label_fraction", "labeled_images", "subset_file") if k in m},
-                "classes": classes,
-                "num_classes": num_classes,
-                **preparation,
-                "top1": m.get("top1"),
-                "top5": m.get("top5"),
-                "n_train": m.get("n_train"),
-                "n_test": m.get("n_test"),
-                "eval_data": source,
-                "limit": args.limit,
-                "seed": args.seed,
-                "eval_json": out_json.name,
-                "encoder": str(target.resolve()),
-                "weights": weights,
-                "method": info.get("method"),
-                "pretrain_data": info.get("pretrain_data"),
-            }
-            _note_replaced_classifier(path, meta)
-            saved.append(str(save_classifier(path, state, meta)))
-    results["_json"], results["_csv"] = str(out_json), str(csv_path)
+        earlier = recorder.save()
+        if recorder.classifiers:
+            saved = _save_classifiers(args, where, data, recorder)
+    results["_json"], results["_csv"] = str(out_json), str(where.csv_path)
     results["_classifiers"] = saved
     results["_earlier"] = earlier  # rows the table marks as not measured by this command
     return results
