@@ -550,7 +550,7 @@ def test_eval_crop_takes_the_imagenet_protocols_centre_crop() -> None:
 
 
 def test_the_imagenette_preset_and_eval_use_the_runs_eval_crop() -> None:
-    from selfsup.commands import _eval_transform
+    from selfsup.commands.common import _eval_transform
     from selfsup.train.config import resolve_config
 
     assert resolve_config("byol", "imagenette").data.eval_crop == 0.875

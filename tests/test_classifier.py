@@ -20,7 +20,8 @@ import torch
 from tiny_runs import run as tiny_run
 
 import selfsup
-import selfsup.commands as commands
+import selfsup.commands.common as common
+import selfsup.commands.eval as eval_command
 from selfsup.augment import EvalTransform
 from selfsup.cli import main
 from selfsup.data import load_dataset
@@ -174,7 +175,7 @@ def test_saving_classifiers_adds_no_baseline(evaluated, cli, tmp_path, monkeypat
 
 @pytest.fixture
 def no_data_loading(monkeypatch) -> None:
-    monkeypatch.setattr(commands, "_load", lambda *a, **k: pytest.fail("loaded the data first"))
+    monkeypatch.setattr(common, "_load", lambda *a, **k: pytest.fail("loaded the data first"))
 
 
 def test_knn_has_no_classifier_to_save(evaluated, cli, tmp_path, no_data_loading) -> None:
@@ -243,9 +244,9 @@ def test_damaged_classifiers_and_eval_results_are_named_as_such(evaluated, tmp_p
 def test_a_classifier_of_other_data_is_replaced_with_a_note(evaluated, capsys) -> None:
     path = classifier_file(evaluated, "linear_fast")
     meta = json.loads(path.with_suffix(".json").read_text())
-    commands._note_replaced_classifier(path, meta)  # the same data and weights: quiet
+    eval_command._note_replaced_classifier(path, meta)  # the same data and weights: quiet
     assert capsys.readouterr().err == ""
-    commands._note_replaced_classifier(path, {**meta, "eval_data": "/elsewhere/mnist5k"})
+    eval_command._note_replaced_classifier(path, {**meta, "eval_data": "/elsewhere/mnist5k"})
     err = capsys.readouterr().err
     assert f"{path} held a classifier of other eval_data" in err and "replaces it" in err
 

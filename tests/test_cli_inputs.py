@@ -20,7 +20,7 @@ from PIL import Image
 from tiny_runs import run as tiny_run
 
 import selfsup
-import selfsup.commands as commands
+import selfsup.commands.common as common
 import selfsup.export as export
 from selfsup.cli import main
 from selfsup.errors import CheckpointError
@@ -52,7 +52,7 @@ def cli(capsys):
 @pytest.fixture
 def no_data_loading(monkeypatch) -> None:
     """Fail the test if a command gets as far as loading its data."""
-    monkeypatch.setattr(commands, "_load", lambda *a, **k: pytest.fail("loaded the data first"))
+    monkeypatch.setattr(common, "_load", lambda *a, **k: pytest.fail("loaded the data first"))
 
 
 # ---------------------------------------------------------------------------- 1: export size

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 import selfsup.cli as cli
-import selfsup.commands as commands
+import selfsup.commands.export as export_command
 import selfsup.export as export
 import selfsup.train.distributed as distributed
 
@@ -138,7 +138,7 @@ def test_ctrl_c_while_importing_under_torchrun():
 
 def test_constants_spelled_out_alike():
     """The constants that cli and commands spell out to stay free of torch are the originals."""
-    assert commands.EXPORT_FORMATS == export.EXPORT_FORMATS  # the --format choices
+    assert export_command.EXPORT_FORMATS == export.EXPORT_FORMATS  # the --format choices
     assert cli.EXIT_STATUS_ENV == distributed.EXIT_STATUS_ENV
 
 

@@ -293,7 +293,7 @@ def test_eval_crop_needs_its_margin_in_the_cache():
         resolve_config("simclr", "imagenette", overrides=["data.storage_size=128"])
     with pytest.raises(ConfigError, match="data.storage_size=293"):
         resolve_config("simclr", "imagenette", overrides=["data.image_size=256"])
-    from selfsup.commands import _sizes
+    from selfsup.commands.common import _sizes
 
     assert _sizes({"image_size": 128, "storage_size": 146, "eval_crop": 0.875}, 256) == (293, 256)
     assert _sizes({"image_size": 32}, 64) == (64, 64)

@@ -392,7 +392,7 @@ def test_table_prints_a_row_per_run(trained, evaluated) -> None:
 
 
 def test_results_csv_of_an_earlier_release_gains_the_new_columns(tmp_path) -> None:
-    from selfsup.commands import RESULT_FIELDS, TABLE_FIELDS, append_results, results_table
+    from selfsup.commands.table import RESULT_FIELDS, TABLE_FIELDS, append_results, results_table
 
     old = tmp_path / "results.csv"
     with open(old, "w", newline="") as fh:
@@ -674,11 +674,11 @@ def test_user_errors_name_the_file_or_setting(trained, tmp_path, monkeypatch) ->
         "embed", str(trained["run"]), "--data", "mnist5k", "--out", str(tmp_path / "emb.txt")
     )
     assert rc == 2 and "--out" in err
-    import selfsup.commands as commands
+    import selfsup.commands.embed as embed
 
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as on a machine without pyarrow
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    monkeypatch.setattr(commands, "embed_dataset", lambda *a, **k: pytest.fail("encoded first"))
+    monkeypatch.setattr(embed, "embed_dataset", lambda *a, **k: pytest.fail("encoded first"))
     rc, _, err = cli(
         "embed", str(trained["run"]), "--data", "mnist5k", "--out", str(tmp_path / "e.parquet")
     )
@@ -933,7 +933,7 @@ def test_embed_and_eval_refuse_an_unwritable_destination_before_any_work(trained
 
 
 def test_table_columns_order_fine_tuning_by_label_fraction() -> None:
-    from selfsup.commands import _protocol_order
+    from selfsup.commands.table import _protocol_order
 
     names = ["finetune_10pct", "knn", "finetune_1pct", "linear_fast", "finetune_100pct"]
     assert sorted(names, key=_protocol_order) == [

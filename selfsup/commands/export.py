@@ -1,0 +1,45 @@
+"""``selfsup export``: a run's encoder as torchvision weights, safetensors or TorchScript."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: `selfsup --help` and argument errors stay fast
+    pass
+
+
+# selfsup.export.EXPORT_FORMATS, spelled out so that building the parser imports no torch
+# (tests/test_cli_startup.py checks that the two agree)
+EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript")
+
+
+def add_arguments(sub, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="export the encoder of a run",
+        description="torchvision: the torchvision model's state_dict, with a fresh "
+        "classifier (fc, classifier or head); "
+        "safetensors: the encoder state_dict with its metadata; torchscript: a "
+        "traced module that loads without selfsup.",
+    )
+    p.add_argument("run", help="run directory or encoder file")
+    p.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="torchvision", help="default: torchvision"
+    )
+    p.add_argument("--out", default=None, help="output folder (default <run>/export)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="example input size for TorchScript, >= 8 (default: the pre-training size, which "
+        "the export's metadata records either way)",
+    )
+
+
+def handle(args: argparse.Namespace) -> int:
+    from selfsup.export import export_encoder
+
+    path = export_encoder(args.run, args.format, args.out, image_size=args.image_size)
+    print(f"selfsup: exported {args.format} encoder to {path}")
+    return 0
