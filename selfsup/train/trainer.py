@@ -602,15 +602,27 @@ class Trainer:
         return state
 
     def _load_data(self) -> tuple[ImageDataset, ImageDataset | None, ImageDataset | None]:
+        """The training images, and the labeled bank and query of the kNN check (None, None:
+        no check, said why)."""
+        check_data_sources(self.cfg)  # a typo is an error before the data is decoded
+        train = self._load_train()
+        bank, query = self._load_knn_data(train)
+        return train, bank, query
+
+    def _load_kwargs(self) -> dict[str, Any]:
         d = self.cfg.data
-        kwargs = dict(
+        return dict(
             image_size=d.storage_size or d.image_size,
             cache_dir=d.cache_dir,
             workers=d.workers,
             progress=self.cfg.train.progress,
             limit=d.limit,  # a folder or archive then decodes only the images it uses
         )
-        check_data_sources(self.cfg)  # a typo is an error before the data is decoded
+
+    def _load_train(self) -> ImageDataset:
+        """The training split, decoded into the cache; its skipped files listed in
+        skipped.csv; checked against the batch size and MoCo's queue."""
+        d, kwargs = self.cfg.data, self._load_kwargs()
         with main_process_first():  # rank 0 builds the cache, the others then read it
             train = load_dataset(d.source, "train", **kwargs)  # spread to d.limit
         summary = write_skip_report(train, self.run_dir / "skipped.csv") if self.env.is_main else ""
@@ -637,6 +649,14 @@ class Trainer:
                 + f"); negatives repeat (a queue of at most {per_epoch} holds each key once)",
                 file=sys.stderr,
             )
+        return train
+
+    def _load_knn_data(
+        self, train: ImageDataset
+    ) -> tuple[ImageDataset | None, ImageDataset | None]:
+        """The kNN check's labeled bank and query: data.eval_source's (or the training data's)
+        train and test splits, scored by class name; (None, None) when there is none to use."""
+        d, kwargs = self.cfg.data, self._load_kwargs()
         bank, query = None, None
         eval_source = d.eval_source or d.source
         try:
@@ -689,7 +709,7 @@ class Trainer:
                 )
             if len(query) == 0:
                 bank, query = None, None
-        return train, bank, query
+        return bank, query
 
     def _knn(self, backbone: torch.nn.Module, bank: ImageDataset, query: ImageDataset) -> dict:
         t = self.cfg.train
