@@ -268,68 +268,22 @@ def load_dataset(
         _remove_orphans(root, stem)
         _remove_partials(root, stem, keep=npy_path)
 
-    if root.exists() and not root.is_dir():
-        raise DataError(
-            f"the data cache folder {root} is a file, not a folder; pass another cache_dir "
-            "(data.cache_dir; eval/embed: --cache-dir) or set $SELFSUP_CACHE"
-        )
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise DataError(
-            f"cannot write the data cache to {root} ({error.strerror or error}); set "
-            "data.cache_dir (eval, embed, neighbors: --cache-dir) or $SELFSUP_CACHE to a "
-            "writable folder"
-        ) from error
+    _check_cache_root(root)
     try:
         worker_count = workers if workers is not None else min(8, os.cpu_count() or 1)
         if spec.kind in ("folder", "tar"):
             if listed is None:
                 listed = list_tar(spec, split)
-            # an interrupted build of this very cache (same key: the same files) goes on
-            partial = _PartialBuild(npy_path, len(listed.paths)).open()
-            writer = _NpyWriter(npy_path, partial)
-            kept, skipped = partial.kept, partial.skipped
-            if kept or skipped:
-                print(
-                    f"selfsup: continuing an interrupted decoding of {spec.name} ({split}): "
-                    f"{len(kept) + len(skipped):,} of {len(listed.paths):,} images done",
-                    file=sys.stderr,
-                )
-            try:
-                with sigterm_as_interrupt():  # a scheduler's stop keeps the decoded rows too
-                    _decode_into(
-                        listed, writer, storage_size, max(1, worker_count), progress, max_pixels,
-                        split, kept=kept, skipped=skipped, checkpoint=partial.saver(writer),
-                    )  # fmt: skip
-                if not kept:
-                    every_skip = sorted(listed.skipped + skipped)
-                    total = len(listed.paths) + len(listed.skipped)
-                    examples = "; ".join(f"{path}: {reason}" for path, reason in every_skip[:5])
-                    raise DataError(
-                        f"data source {spec.location} (split '{split}') holds no usable images: "
-                        f"{summarize_skips(every_skip, total)} (e.g. {examples}); point it at a "
-                        "folder or archive of readable .jpg/.png images"
-                    )
-                shape = writer.commit()
-            except Exception:  # failed for good: nothing to continue from
-                writer.abort()
-                partial.discard()
-                raise
-            except BaseException:  # Ctrl-C, SIGTERM: the next build continues from here
-                partial.release(writer, kept, skipped)
-                raise
-            partial.finish()
-            labels = None if listed.labels is None else [listed.labels[i] for i in kept]
-            meta = {
-                "paths": [listed.paths[i] for i in kept],
-                "labels": labels,
-                "classes": listed.classes,
-                "skipped": sorted(listed.skipped + skipped),
-            }
+            shape, meta = _decode_listed(
+                spec,
+                listed,
+                split,
+                npy_path,
+                storage_size,
+                max(1, worker_count),
+                progress,
+                max_pixels,
+            )
         else:
             arrays = load_array_source(spec, split, download_root=root / "torchvision")
             shape = _write_arrays(arrays, npy_path, storage_size, progress)
@@ -358,6 +312,84 @@ def load_dataset(
     if loaded is None:  # pragma: no cover - only if the disk changed under us
         raise DataError(f"the cache {npy_path} just written cannot be read back; check the disk")
     return loaded.spread(limit, by_path=by_path)
+
+
+def _check_cache_root(root: Path) -> None:
+    """A DataError naming the settings to change unless the cache folder ``root`` is (or can
+    be made) a writable folder: said before any decoding."""
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"the data cache folder {root} is a file, not a folder; pass another cache_dir "
+            "(data.cache_dir; eval/embed: --cache-dir) or set $SELFSUP_CACHE"
+        )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise DataError(
+            f"cannot write the data cache to {root} ({error.strerror or error}); set "
+            "data.cache_dir (eval, embed, neighbors: --cache-dir) or $SELFSUP_CACHE to a "
+            "writable folder"
+        ) from error
+
+
+def _decode_listed(
+    spec: SourceSpec,
+    listed: ListedSource,
+    split: str,
+    npy_path: Path,
+    storage_size: int | None,
+    workers: int,
+    progress: bool,
+    max_pixels: int | None,
+) -> tuple[tuple[int, ...], dict[str, object]]:
+    """Decode a folder's or archive's ``listed`` images into the cache file ``npy_path``; an
+    interrupted build of the same file goes on where it stopped, and a stop (Ctrl-C, SIGTERM)
+    keeps what was decoded for the next one. Returns the array's shape and the cache's
+    paths, labels, classes and skipped files."""
+    # an interrupted build of this very cache (same key: the same files) goes on
+    partial = _PartialBuild(npy_path, len(listed.paths)).open()
+    writer = _NpyWriter(npy_path, partial)
+    kept, skipped = partial.kept, partial.skipped
+    if kept or skipped:
+        print(
+            f"selfsup: continuing an interrupted decoding of {spec.name} ({split}): "
+            f"{len(kept) + len(skipped):,} of {len(listed.paths):,} images done",
+            file=sys.stderr,
+        )
+    try:
+        with sigterm_as_interrupt():  # a scheduler's stop keeps the decoded rows too
+            _decode_into(
+                listed, writer, storage_size, workers, progress, max_pixels, split,
+                kept=kept, skipped=skipped, checkpoint=partial.saver(writer),
+            )  # fmt: skip
+        if not kept:
+            every_skip = sorted(listed.skipped + skipped)
+            total = len(listed.paths) + len(listed.skipped)
+            examples = "; ".join(f"{path}: {reason}" for path, reason in every_skip[:5])
+            raise DataError(
+                f"data source {spec.location} (split '{split}') holds no usable images: "
+                f"{summarize_skips(every_skip, total)} (e.g. {examples}); point it at a "
+                "folder or archive of readable .jpg/.png images"
+            )
+        shape = writer.commit()
+    except Exception:  # failed for good: nothing to continue from
+        writer.abort()
+        partial.discard()
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM: the next build continues from here
+        partial.release(writer, kept, skipped)
+        raise
+    partial.finish()
+    meta = {
+        "paths": [listed.paths[i] for i in kept],
+        "labels": None if listed.labels is None else [listed.labels[i] for i in kept],
+        "classes": listed.classes,
+        "skipped": sorted(listed.skipped + skipped),
+    }
+    return shape, meta
 
 
 def write_skip_report(dataset: ImageDataset, path: str | os.PathLike[str]) -> str:
