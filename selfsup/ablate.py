@@ -181,10 +181,16 @@ def run_ablation(
             try:
                 finished = Trainer(cfg, run_dir, resume=resume, continue_with=again).fit().finished
             except DeviceMemoryError as exc:  # the trainer's advice, then how to apply it here
-                varied = "train.batch_size" in " ".join(v.overrides)
+                # as the clash check above: an override that any variant sets is refused
+                varied = any(
+                    o.split("=", 1)[0].strip() == "train.batch_size"
+                    for w in spec.variants
+                    for o in w.overrides
+                )
                 raise DeviceMemoryError(
                     f"{exc}Add the change to the overrides of this `selfsup ablate {name}` "
-                    f"command; {v.label} then starts over with it"
+                    "command; every variant then starts over with it, the finished ones too, as "
+                    "the table's rows share their settings"
                     + (
                         " (this ablation sets train.batch_size itself: choose a smaller "
                         "model.backbone or data.image_size)"

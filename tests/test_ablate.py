@@ -108,5 +108,6 @@ def test_out_of_memory_in_a_variant_says_how_to_go_on_in_the_ablation(
         err = capsys.readouterr().err
         assert "ran out of memory during epoch 1 of training" in err and "Traceback" not in err
         assert f"Add the change to the overrides of this `selfsup ablate {name}` command" in err
+        assert "every variant then starts over with it, the finished ones too" in err
         assert "--resume" not in err and "--overwrite" not in err
         assert ("this ablation sets train.batch_size itself" in err) == varied
