@@ -420,7 +420,11 @@ def _write_export(
 ) -> Path:
     """:func:`export_encoder`'s file of ``fmt`` in ``base`` and the folder's export.json."""
     if fmt == "torchvision":
-        tv = backbone_to_torchvision(name, small, image_size=state_image_size(name, state))
+        # the fresh classifier drawn from a fixed seed, so that exporting a run twice writes
+        # the same file (and the caller's random stream is left as it was)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            tv = backbone_to_torchvision(name, small, image_size=state_image_size(name, state))
         missing, unexpected = tv.load_state_dict(model.state_dict(), strict=False)
         head = classifier_key(name)
         if sorted(missing) != [f"{head}.bias", f"{head}.weight"] or unexpected:

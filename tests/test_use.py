@@ -618,6 +618,11 @@ def test_export_round_trips(trained, tmp_path) -> None:
     tv.load_state_dict(torch.load(written["torchvision"], weights_only=True))
     tv.fc = nn.Identity()
     assert torch.equal(extract_features(tv, images, transform), reference)
+    # the same file again: its fresh classifier is drawn from a fixed seed
+    first = torch.load(written["torchvision"], weights_only=True)
+    assert main(["export", str(run), "--out", str(tmp_path / "again")]) == 0
+    again = torch.load(tmp_path / "again" / "resnet_tiny_torchvision.pt", weights_only=True)
+    assert all(torch.equal(first[k], again[k]) for k in first) and first.keys() == again.keys()
 
     # safetensors: loads alone (architecture and normalisation in its header)
     lone = tmp_path / "lone" / "encoder.safetensors"
