@@ -801,7 +801,8 @@ class Trainer:
         generator: torch.Generator,
     ) -> None:
         """A checkpoint's weights, optimizer state, loss scale and this rank's random streams
-        into a run being resumed (its step counters and data checks: ``_fit``)."""
+        into a run being resumed (its step counters and data checks:
+        ``_resume_from_checkpoint``)."""
         cfg, env = self.cfg, self.env
         try:
             method.load_state_dict(state["model"])
