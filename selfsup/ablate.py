@@ -136,30 +136,14 @@ def run_ablation(
     progress: bool,
 ) -> str:
     """Train every variant (skipping finished ones, resuming interrupted ones); return the table."""
+    from selfsup.data.cache import atomic_write_text
     from selfsup.evaluate.collapse import CollapseMonitor
     from selfsup.train.config import resolve_config
-    from selfsup.train.trainer import Trainer, prepare_run_dir
 
     spec = ablation(name, quick)
     preset = "quickstart" if quick else "cifar10"
-    # quick: each variant is the method's quickstart run (4,000 digits, its preset's epochs: 8;
-    # MoCo 16, BYOL 24), so the unablated rows are the README's quickstart runs; 2,048 digits for 8
-    # epochs were too few steps for SimSiam and BYOL to learn past their random initialisation.
-    size = ["train.collapse=warn"]
-    if epochs or not quick:
-        size.append(f"train.epochs={epochs or 30}")
-    if quick:
-        size += ["train.knn_every=0", "train.collapse_every=10"]
-    if epochs is not None and epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
-    given = {o.split("=", 1)[0].strip() for o in extra}
-    for v in spec.variants:  # all of them before any variant trains
-        clash = sorted({o.split("=", 1)[0] for o in v.overrides} & given)
-        if clash:
-            raise ConfigError(
-                f"{', '.join(clash)} is what the {name} ablation varies ({v.label}: "
-                f"{' '.join(v.overrides)}); drop it from the overrides"
-            )
+    size = _run_size(quick, epochs)
+    _check_overrides(name, spec, extra)  # for all variants before any trains
     rows = []
     for i, v in enumerate(spec.variants):
         run_dir = out / name / f"{i:02d}_{v.method}"
@@ -168,46 +152,86 @@ def run_ablation(
             v.method, preset, flags=flags, overrides=[*size, *extra, *v.overrides],
             shared_overrides=True,  # `extra` is for every variant, of either method
         )  # fmt: skip
-        same = _same_plan(run_dir, cfg)
-        if not same or not (run_dir / "results.json").exists():
-            # a finished variant is reused, an interrupted one resumed, only at the same settings
-            resume = same and (run_dir / "checkpoints" / "last.pt").exists()
-            if (run_dir / "config.yaml").exists() and not same:
-                print(f"selfsup ablate {name}: {run_dir} was run with other settings; rerunning")
-            prepare_run_dir(run_dir, resume=resume, overwrite=not resume)
-            cfg.out = str(run_dir)
-            print(f"selfsup ablate {name}: {v.label} -> {run_dir}")
-            again = f"the same `selfsup ablate {name} ...` command (it resumes this variant)"
-            try:
-                finished = Trainer(cfg, run_dir, resume=resume, continue_with=again).fit().finished
-            except DeviceMemoryError as exc:  # the trainer's advice, then how to apply it here
-                # as the clash check above: an override that any variant sets is refused
-                varied = any(
-                    o.split("=", 1)[0].strip() == "train.batch_size"
-                    for w in spec.variants
-                    for o in w.overrides
-                )
-                raise DeviceMemoryError(
-                    f"{exc}Add the change to the overrides of this `selfsup ablate {name}` "
-                    "command; every variant then starts over with it, the finished ones too, as "
-                    "the table's rows share their settings"
-                    + (
-                        " (this ablation sets train.batch_size itself: choose a smaller "
-                        "model.backbone or data.image_size)"
-                        if varied
-                        else ""
-                    )
-                ) from None
-            if not finished:
-                raise AblationStopped(
-                    f"selfsup ablate {name} stopped during {v.label} ({run_dir}); run the same "
-                    "command again to resume it and go on"
-                )
+        _train_variant(name, spec, v, cfg, run_dir)
         results = json.loads((run_dir / "results.json").read_text())
         monitors = _last_collapse(run_dir)
         verdict = CollapseMonitor(v.method, mode="off")._symptoms(monitors) if monitors else []
         rows.append((v, results, monitors, bool(verdict) if monitors else None))
+    table = _table(spec, preset, data, rows)
+    (out / name).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / name / "table.md", table)  # a stop leaves the last table whole
+    return table
 
+
+def _run_size(quick: bool, epochs: int | None) -> list[str]:
+    """The overrides that size every variant's run: tens of epochs, or the CPU quickstart."""
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    # quick: each variant is the method's quickstart run (4,000 digits, its preset's epochs: 8;
+    # MoCo 16, BYOL 24), so the unablated rows are the README's quickstart runs; 2,048 digits for 8
+    # epochs were too few steps for SimSiam and BYOL to learn past their random initialisation.
+    size = ["train.collapse=warn"]
+    if epochs or not quick:
+        size.append(f"train.epochs={epochs or 30}")
+    if quick:
+        size += ["train.knn_every=0", "train.collapse_every=10"]
+    return size
+
+
+def _varied_keys(spec: Ablation) -> set[str]:
+    """The settings the ablation's variants set: what an override may not change."""
+    return {o.split("=", 1)[0].strip() for v in spec.variants for o in v.overrides}
+
+
+def _check_overrides(name: str, spec: Ablation, extra: list[str]) -> None:
+    given = {o.split("=", 1)[0].strip() for o in extra}
+    for v in spec.variants:
+        clash = sorted({o.split("=", 1)[0].strip() for o in v.overrides} & given)
+        if clash:
+            raise ConfigError(
+                f"{', '.join(clash)} is what the {name} ablation varies ({v.label}: "
+                f"{' '.join(v.overrides)}); drop it from the overrides"
+            )
+
+
+def _train_variant(name: str, spec: Ablation, v: Variant, cfg, run_dir: Path) -> None:
+    """Train variant ``v`` into ``run_dir``, unless a finished run of the same settings is there;
+    an interrupted one at the same settings is resumed, one at other settings started over."""
+    from selfsup.train.trainer import Trainer, prepare_run_dir
+
+    same = _same_plan(run_dir, cfg)
+    if same and (run_dir / "results.json").exists():
+        return  # a finished variant is reused, only at the same settings
+    resume = same and (run_dir / "checkpoints" / "last.pt").exists()
+    if (run_dir / "config.yaml").exists() and not same:
+        print(f"selfsup ablate {name}: {run_dir} was run with other settings; rerunning")
+    prepare_run_dir(run_dir, resume=resume, overwrite=not resume)
+    cfg.out = str(run_dir)
+    print(f"selfsup ablate {name}: {v.label} -> {run_dir}")
+    again = f"the same `selfsup ablate {name} ...` command (it resumes this variant)"
+    try:
+        finished = Trainer(cfg, run_dir, resume=resume, continue_with=again).fit().finished
+    except DeviceMemoryError as exc:  # the trainer's advice, then how to apply it here
+        raise DeviceMemoryError(
+            f"{exc}Add the change to the overrides of this `selfsup ablate {name}` "
+            "command; every variant then starts over with it, the finished ones too, as "
+            "the table's rows share their settings"
+            + (
+                " (this ablation sets train.batch_size itself: choose a smaller "
+                "model.backbone or data.image_size)"
+                if "train.batch_size" in _varied_keys(spec)
+                else ""
+            )
+        ) from None
+    if not finished:
+        raise AblationStopped(
+            f"selfsup ablate {name} stopped during {v.label} ({run_dir}); run the same "
+            "command again to resume it and go on"
+        )
+
+
+def _table(spec: Ablation, preset: str, data: str | None, rows: list) -> str:
+    """The markdown table: per variant our kNN and last collapse check beside the seeds'."""
     run_epochs = sorted({int(results.get("epochs", 0)) for _, results, _, _ in rows})
     lines = [
         f"### {spec.title}",
@@ -232,10 +256,7 @@ def run_ablation(
             "not checked: the run ended before its first collapse check; lower "
             "train.collapse_every (or train longer) to judge it.",
         ]
-    table = "\n".join(lines) + "\n"
-    (out / name).mkdir(parents=True, exist_ok=True)
-    (out / name / "table.md").write_text(table)
-    return table
+    return "\n".join(lines) + "\n"
 
 
 class AblationStopped(SelfsupError):
