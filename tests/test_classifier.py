@@ -343,3 +343,22 @@ def test_a_stopped_eval_keeps_the_numbers_it_finished(evaluated, tmp_path, cli, 
     )  # fmt: skip
     assert rc == 130 and f"saved in {saved}: knn (ssl)\n" in err
     assert sorted(json.loads(saved.read_text())["protocols"]) == ["knn", "linear_fast"]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_baselines_of_an_encoder_of_no_known_architecture_are_refused_before_the_data(
+    cli, tmp_path, no_data_loading
+) -> None:
+    """--baselines builds a random-init encoder of the same architecture: an encoder whose
+    architecture is unknown (a TorchScript module of one's own) is refused before any decoding."""
+    from torch import nn
+
+    custom = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    torch.jit.script(custom).save(str(tmp_path / "custom.pt"))
+    cache = tmp_path / "cache"
+    rc, _, err = cli(
+        "eval", tmp_path / "custom.pt", "--data", "mnist5k", "--protocol", "knn", "--baselines",
+        "--cache-dir", cache, "--out-dir", tmp_path / "eval",
+    )  # fmt: skip
+    assert rc == 2 and "no torchvision backbone selfsup knows" in err, err
+    assert not cache.exists()

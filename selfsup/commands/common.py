@@ -1,5 +1,6 @@
 """What the commands share: a run's recorded settings, the data and its transforms, the
-device, same-architecture baselines."""
+device, same-architecture baselines. The ``_`` names are internal to ``selfsup.commands`` (its
+modules import them), not public API; the public names are re-exported by its ``__init__``."""
 
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def _device(name: str | None) -> torch.device:
 
 def _torchrun_device(name: str | None, command: str, refused: str | None = None) -> torch.device:
     """This process's device; under torchrun it joins the process group (GPU
-    ``cuda:<LOCAL_RANK>``), unless ``refused`` names work that needs one process."""
+    ``cuda:<LOCAL_RANK>``), unless ``refused`` names work that needs one process. ``refused``
+    is eval's (the message names its protocols); embed and predict pass none."""
     from selfsup.train.distributed import init_distributed
 
     env = init_distributed(name or "auto")

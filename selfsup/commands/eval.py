@@ -284,7 +284,8 @@ class EvalTarget:
     run_label: str  # the CSV's `run`
     out_dir: Path  # the evaluation's own files: JSON, label subsets, classifiers
     csv_path: Path
-    arch: tuple[str, bool] | None  # (backbone, small_stem) when classifiers are saved
+    # (backbone, small_stem) when classifiers are saved or baselines built
+    arch: tuple[str, bool] | None
     save_classifiers: bool
 
 
@@ -344,8 +345,9 @@ def _locate_target(args: argparse.Namespace) -> EvalTarget:
     check_writable(out_dir, "the evaluation's JSON", fix=elsewhere)
     save_classifiers = bool(getattr(args, "save_classifiers", False))
     arch = None
-    if save_classifiers:  # a custom encoder or a blocked folder is said before any work
+    if save_classifiers or args.baselines:  # a custom encoder is said before any work
         arch = _architecture(info, encoder)
+    if save_classifiers:  # as is one that is no torchvision classifier, or a blocked folder
         check_classifier_architecture(encoder, *arch)
         # the folder itself is made when a classifier is saved (none is left by a stopped eval)
         classifier_dir = out_dir / CLASSIFIER_DIR
@@ -474,6 +476,63 @@ def _results_skeleton(
     }
 
 
+# the settings each protocol's numbers depend on (batch_size: the training protocols' batch)
+PROTOCOL_KNOBS = {
+    "knn": ("knn_k", "knn_temperature"),
+    "linear_fast": ("lbfgs_iters", "lbfgs_weight_decay"),
+    "linear_full": ("linear_epochs", "linear_lr", "linear_weight_decay", "batch_size"),
+    "finetune": ("finetune_epochs", "finetune_lr", "supervised_lr", "batch_size"),
+}
+
+
+def _knobs(protocol: str, settings: dict[str, Any]) -> dict[str, Any]:
+    names = PROTOCOL_KNOBS["finetune" if protocol.startswith("finetune") else protocol]
+    return {k: settings.get(k) for k in names}
+
+
+def _merge_earlier(path: Path, results: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """Keep the results of an earlier eval of the same weights, data and sizes in ``results``
+    (``--label-fraction 1`` after ``10`` keeps both; ``--linear-mode fast`` after ``full`` keeps
+    the full probe's numbers). A protocol measured again at other settings of its own (another
+    ``--knn-k``) replaces its earlier entries; another encoder's or data's file is replaced.
+    ``results["protocol_settings"]`` records each protocol's settings.
+
+    Returns what differed where earlier results are replaced (``""`` when none), and the
+    (protocol, encoder) entries kept from the earlier file."""
+    settings = results.get("settings") or {}
+    results["protocol_settings"] = {p: _knobs(p, settings) for p in results["protocols"]}
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "", []
+    if not isinstance(earlier, dict):
+        return "", []
+    same = ("weights", "eval_data", "image_size", "limit", "seed", "train_augment")
+    differ = [k for k in same if earlier.get(k) != results.get(k)]
+    if differ:
+        return ", ".join(differ), []
+    # files before protocol_settings: each protocol's knobs from the file's one settings dict
+    old_settings = earlier.get("protocol_settings") or {}
+    kept: list[tuple[str, str]] = []
+    replaced: list[str] = []
+    for protocol, by_encoder in (earlier.get("protocols") or {}).items():
+        before = old_settings.get(protocol) or _knobs(protocol, earlier.get("settings") or {})
+        if protocol not in results["protocols"]:  # not run now: kept with its own settings
+            results["protocols"][protocol] = by_encoder
+            results["protocol_settings"][protocol] = before
+            kept += [(protocol, enc) for enc in by_encoder]
+            continue
+        now = results["protocol_settings"][protocol]
+        if before != now:  # measured again at other settings: the earlier entries go
+            changes = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v]
+            replaced.append(f"{protocol}: {', '.join(changes)}")
+            continue
+        new = results["protocols"][protocol]
+        kept += [(protocol, enc) for enc in by_encoder if enc not in new]
+        results["protocols"][protocol] = {**by_encoder, **new}
+    return "; ".join(replaced), kept
+
+
 class EvalRecorder:
     """An evaluation's numbers as they are measured: the results dict, their CSV rows and the
     ssl encoder's classifiers; written (JSON and CSV) by ``save``."""
@@ -487,7 +546,7 @@ class EvalRecorder:
         self.classifiers: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
 
     @property
-    def wanted(self) -> dict[str, Any]:
+    def probe_kwargs(self) -> dict[str, Any]:
         """The linear probes' options: their trained head back only when asked (callers that
         patch them in tests return the metrics alone)."""
         return {"return_head": True} if self.where.save_classifiers else {}
@@ -495,7 +554,7 @@ class EvalRecorder:
     def keep(
         self, enc: str, protocol: str, trunk: torch.nn.Module, returned: Any
     ) -> dict[str, Any]:
-        """The metrics of a protocol's ``returned`` value (with ``wanted``: metrics and head);
+        """The metrics of a protocol's ``returned`` value (with ``probe_kwargs``: metrics and head);
         the ssl encoder's classifier is kept."""
         from selfsup.export import classifier_state
 
@@ -646,7 +705,7 @@ def _eval_linear_fast(
         weight_decay=args.lbfgs_weight_decay,
         device=data.device,
         seed=args.seed,
-        **recorder.wanted,
+        **recorder.probe_kwargs,
     )
     m = recorder.keep(name, "linear_fast", enc, m)
     return {**m, "seconds": round(time.monotonic() - t0 + feat_seconds, 2)}
@@ -679,7 +738,7 @@ def _eval_linear_full(
         device=data.device,
         seed=args.seed,
         progress=data.progress,
-        **recorder.wanted,
+        **recorder.probe_kwargs,
     )
     m = recorder.keep(name, "linear_full", enc, m)
     return {**m, "seconds": round(time.monotonic() - t0, 2)}
@@ -691,13 +750,12 @@ def _eval_finetune(
     data: EvalData,
     recorder: EvalRecorder,
     subsets: dict[float, tuple[torch.Tensor, Path]],
-    arch: tuple[str, bool] | None,
 ) -> None:
     """Fine-tune the ssl encoder on each labeled subset (and, with ``--baselines``, train a
-    seeded random-init one of architecture ``arch`` on it: the supervised baseline); record."""
+    seeded random-init one of its architecture on it: the supervised baseline); record."""
     from selfsup.evaluate.finetune import finetune, supervised_baseline
 
-    save_classifiers = recorder.where.save_classifiers
+    save_classifiers, arch = recorder.where.save_classifiers, recorder.where.arch
     for fraction, (idx, subset_file) in subsets.items():
         protocol = f"finetune_{fraction:g}pct"
         common = dict(
@@ -750,7 +808,6 @@ def _evaluate_one_encoder(
     data: EvalData,
     recorder: EvalRecorder,
     subsets: dict[float, tuple[torch.Tensor, Path]],
-    arch: tuple[str, bool] | None,
 ) -> None:
     """Run the protocols of ``plan`` on encoder ``enc`` (``ssl`` or a baseline); record each."""
     feats, feat_seconds = None, 0.0
@@ -765,7 +822,34 @@ def _evaluate_one_encoder(
         recorder.record(name, "linear_full", _eval_linear_full(args, name, enc, data, recorder))
     if plan.finetune and name == "ssl":
         # the random-init encoder trained end to end is the supervised baseline
-        _eval_finetune(args, enc, data, recorder, subsets, arch)
+        _eval_finetune(args, enc, data, recorder, subsets)
+
+
+def _eval_name(source: str, args: argparse.Namespace, target: Path, protocol: str) -> str:
+    """``<data>[_limitN]_<protocol>[_<file>]``, the name of an eval JSON (``eval_<name>.json``)
+    and of a saved classifier: several files in one folder (the exports) each keep their own."""
+    pool = f"_limit{args.limit}" if args.limit else ""
+    of_file = f"_{_slug(target.name)}" if target.is_file() and target.name != "encoder.pt" else ""
+    return f"{_slug(source)}{pool}_{protocol}{of_file}"
+
+
+def _note_replaced_classifier(path: Path, meta: dict[str, Any]) -> None:
+    """Say so when ``path`` holds a classifier of other data or weights (another folder of the
+    same name, a retrained run): the new one replaces it."""
+    try:
+        old = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # none there (or not readable: it is replaced all the same)
+    if not isinstance(old, dict):
+        return
+    changed = [k for k in ("eval_data", "weights", "classes") if old.get(k) != meta.get(k)]
+    if changed:
+        was = "; ".join(f"{k} {old.get(k)!r}" for k in changed)[:300]
+        print(
+            f"selfsup: note: {path} held a classifier of other {', '.join(changed)} ({was}); "
+            "the new one replaces it",
+            file=sys.stderr,
+        )
 
 
 def _save_classifiers(
@@ -826,7 +910,8 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     from selfsup.export import weights_digest
     from selfsup.train.distributed import is_main
 
-    # every refusal first: arguments, torchrun, encoder, output paths, data
+    # every refusal first: arguments, torchrun, encoder (and its architecture), output paths,
+    # data
     _check_eval_args(args)
     plan = EvalPlan.of(args)
     device = _torchrun_device(args.device, "eval", plan.refused_under_torchrun())
@@ -835,10 +920,8 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     data = _load_eval_data(args, where, source, device)
 
     encoders: dict[str, torch.nn.Module] = {"ssl": where.encoder}
-    arch = where.arch
     if args.baselines:
-        arch = arch or _architecture(where.info, where.encoder)
-        encoders["random_init"] = _fresh_backbone(*arch, seed=args.seed, like=where.encoder)
+        encoders["random_init"] = _fresh_backbone(*where.arch, seed=args.seed, like=where.encoder)
     weights = weights_digest(where.encoder)  # of the tensors: an export of a run shares it
     results = _results_skeleton(args, where, data, weights)
     subsets = _draw_subsets(args, data, where.out_dir) if plan.finetune else {}
@@ -847,7 +930,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
 
     try:  # a stop (Ctrl-C, SIGTERM) keeps the numbers finished so far
         for name, enc in encoders.items():
-            _evaluate_one_encoder(args, plan, name, enc, data, recorder, subsets, arch)
+            _evaluate_one_encoder(args, plan, name, enc, data, recorder, subsets)
     except KeyboardInterrupt:
         recorder.save_stopped()
         raise
@@ -862,90 +945,6 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     results["_classifiers"] = saved
     results["_earlier"] = earlier  # rows the table marks as not measured by this command
     return results
-
-
-def _note_replaced_classifier(path: Path, meta: dict[str, Any]) -> None:
-    """Say so when ``path`` holds a classifier of other data or weights (another folder of the
-    same name, a retrained run): the new one replaces it."""
-    try:
-        old = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # none there (or not readable: it is replaced all the same)
-    if not isinstance(old, dict):
-        return
-    changed = [k for k in ("eval_data", "weights", "classes") if old.get(k) != meta.get(k)]
-    if changed:
-        was = "; ".join(f"{k} {old.get(k)!r}" for k in changed)[:300]
-        print(
-            f"selfsup: note: {path} held a classifier of other {', '.join(changed)} ({was}); "
-            "the new one replaces it",
-            file=sys.stderr,
-        )
-
-
-# the settings each protocol's numbers depend on (batch_size: the training protocols' batch)
-PROTOCOL_KNOBS = {
-    "knn": ("knn_k", "knn_temperature"),
-    "linear_fast": ("lbfgs_iters", "lbfgs_weight_decay"),
-    "linear_full": ("linear_epochs", "linear_lr", "linear_weight_decay", "batch_size"),
-    "finetune": ("finetune_epochs", "finetune_lr", "supervised_lr", "batch_size"),
-}
-
-
-def _knobs(protocol: str, settings: dict[str, Any]) -> dict[str, Any]:
-    names = PROTOCOL_KNOBS["finetune" if protocol.startswith("finetune") else protocol]
-    return {k: settings.get(k) for k in names}
-
-
-def _eval_name(source: str, args: argparse.Namespace, target: Path, protocol: str) -> str:
-    """``<data>[_limitN]_<protocol>[_<file>]``, the name of an eval JSON (``eval_<name>.json``)
-    and of a saved classifier: several files in one folder (the exports) each keep their own."""
-    pool = f"_limit{args.limit}" if args.limit else ""
-    of_file = f"_{_slug(target.name)}" if target.is_file() and target.name != "encoder.pt" else ""
-    return f"{_slug(source)}{pool}_{protocol}{of_file}"
-
-
-def _merge_earlier(path: Path, results: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
-    """Keep the results of an earlier eval of the same weights, data and sizes in ``results``
-    (``--label-fraction 1`` after ``10`` keeps both; ``--linear-mode fast`` after ``full`` keeps
-    the full probe's numbers). A protocol measured again at other settings of its own (another
-    ``--knn-k``) replaces its earlier entries; another encoder's or data's file is replaced.
-    ``results["protocol_settings"]`` records each protocol's settings.
-
-    Returns what differed where earlier results are replaced (``""`` when none), and the
-    (protocol, encoder) entries kept from the earlier file."""
-    settings = results.get("settings") or {}
-    results["protocol_settings"] = {p: _knobs(p, settings) for p in results["protocols"]}
-    try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return "", []
-    if not isinstance(earlier, dict):
-        return "", []
-    same = ("weights", "eval_data", "image_size", "limit", "seed", "train_augment")
-    differ = [k for k in same if earlier.get(k) != results.get(k)]
-    if differ:
-        return ", ".join(differ), []
-    # files before protocol_settings: each protocol's knobs from the file's one settings dict
-    old_settings = earlier.get("protocol_settings") or {}
-    kept: list[tuple[str, str]] = []
-    replaced: list[str] = []
-    for protocol, by_encoder in (earlier.get("protocols") or {}).items():
-        before = old_settings.get(protocol) or _knobs(protocol, earlier.get("settings") or {})
-        if protocol not in results["protocols"]:  # not run now: kept with its own settings
-            results["protocols"][protocol] = by_encoder
-            results["protocol_settings"][protocol] = before
-            kept += [(protocol, enc) for enc in by_encoder]
-            continue
-        now = results["protocol_settings"][protocol]
-        if before != now:  # measured again at other settings: the earlier entries go
-            changes = [f"{k} {before.get(k)} -> {v}" for k, v in now.items() if before.get(k) != v]
-            replaced.append(f"{protocol}: {', '.join(changes)}")
-            continue
-        new = results["protocols"][protocol]
-        kept += [(protocol, enc) for enc in by_encoder if enc not in new]
-        results["protocols"][protocol] = {**by_encoder, **new}
-    return "; ".join(replaced), kept
 
 
 def handle(args: argparse.Namespace) -> int:

@@ -279,10 +279,10 @@ def load_dataset(
                 listed,
                 split,
                 npy_path,
-                storage_size,
-                max(1, worker_count),
-                progress,
-                max_pixels,
+                storage_size=storage_size,
+                workers=max(1, worker_count),
+                progress=progress,
+                max_pixels=max_pixels,
             )
         else:
             arrays = load_array_source(spec, split, download_root=root / "torchvision")
@@ -299,7 +299,7 @@ def load_dataset(
         )  # fmt: skip
         atomic_write_text(meta_path, json.dumps(meta))
     except OSError as error:
-        # the partial file is gone (abort), so the disk has its room back
+        # _decode_listed / _write_arrays removed their partial file: the disk has its room back
         if error.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise
         raise DataError(
@@ -340,6 +340,7 @@ def _decode_listed(
     listed: ListedSource,
     split: str,
     npy_path: Path,
+    *,
     storage_size: int | None,
     workers: int,
     progress: bool,

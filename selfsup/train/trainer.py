@@ -549,10 +549,10 @@ class _Run:
     warmup_steps: int
     config_hash: str
     results: dict[str, Any]
+    monitor: CollapseMonitor  # the streak of collapsed checks
+    window: _LogWindow  # the steps since the last metrics line
     global_step: int = 0  # the schedule's step
     log_step_offset: int = 0  # logged step - schedule step (see MetricsLogger's step_offset)
-    monitor: CollapseMonitor | None = None
-    window: _LogWindow | None = None
     images_per_s: float = 0.0  # of the last logged window
 
 
@@ -610,6 +610,7 @@ class Trainer:
         return train, bank, query
 
     def _load_kwargs(self) -> dict[str, Any]:
+        """``load_dataset``'s keyword arguments for this run's data (sizes, cache, limit)."""
         d = self.cfg.data
         return dict(
             image_size=d.storage_size or d.image_size,
@@ -849,7 +850,11 @@ class Trainer:
             torch.cuda.set_rng_state(cuda_rng.cpu(), self.device)  # MoCo's shuffle
 
     def _build(self, train: ImageDataset, init: dict[str, torch.Tensor] | None) -> _Run:
-        """The augmentation, model, optimizer and batch stream of ``train``, on the device."""
+        """Fill in ``data.mean``/``std`` when unset (config.yaml and the config hash include
+        them), build ``self.augment`` and ``self.eval_transform``, and return the ``_Run`` of
+        ``train``: model, optimizer, loss scaler, generator and batch stream on the device, the
+        schedule's lengths, the results' first entries, the collapse monitor and the log
+        window."""
         cfg, t, env = self.cfg, self.cfg.train, self.env
         if cfg.data.mean:
             mean, std = list(cfg.data.mean), list(cfg.data.std)
@@ -881,6 +886,15 @@ class Trainer:
             batchnorm_lag_note(cfg, method.backbone, total_steps)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(rank_seed(t.seed, env.rank))
+        results = {
+            "method": cfg.method.name,
+            "data": cfg.data.source,
+            "train_images": len(train),
+            "backbone": cfg.model.backbone,
+            "epochs": t.epochs,
+            "batch_size": t.batch_size,
+            "selfsup_version": selfsup.__version__,
+        }
         return _Run(
             method=method,
             optimizer=optimizer_from_config(method, cfg.optim, t.batch_size),
@@ -891,15 +905,9 @@ class Trainer:
             total_steps=total_steps,
             warmup_steps=round(cfg.optim.warmup_epochs * stream.steps_per_epoch),
             config_hash=config_hash(cfg),
-            results={
-                "method": cfg.method.name,
-                "data": cfg.data.source,
-                "train_images": len(train),
-                "backbone": cfg.model.backbone,
-                "epochs": t.epochs,
-                "batch_size": t.batch_size,
-                "selfsup_version": selfsup.__version__,
-            },
+            results=results,
+            monitor=self._collapse_monitor(results),
+            window=_LogWindow(self.device),
         )
 
     def _resume_from_checkpoint(
@@ -928,6 +936,13 @@ class Trainer:
             config=OmegaConf.to_container(cfg, resolve=True),
         )
         self._restore(state, path, run.method, run.optimizer, run.scaler, run.generator)
+        if state.get("collapse_monitor"):  # the streak of collapsed checks goes on
+            run.monitor.load_state_dict(state["collapse_monitor"])
+        # a stop between two log steps: the window goes on, so the resumed run logs the same
+        # mean loss as an uninterrupted one
+        run.window.load_state_dict(
+            state.get("log_window"), is_main=env.is_main, world_size=env.world_size
+        )
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
         run.global_step = state["global_step"]
         check_not_past_the_end(path, start_epoch, start_step, t.epochs)
@@ -935,7 +950,7 @@ class Trainer:
         saved_images = (state.get("results") or {}).get("train_images", len(train))
         saved_batch = saved_train.get("batch_size", t.batch_size)
         # a change of data or batch size renumbers the steps (refused within an epoch)
-        self._check_data_change(path, state, len(train), start_epoch, start_step)
+        self._check_data_change(path, state, saved_images, len(train), start_epoch, start_step)
         self._check_batch_change(path, saved_batch, start_epoch, start_step)
         if saved_images != len(train) or saved_batch != t.batch_size:
             run.global_step = start_epoch * run.steps_per_epoch
@@ -983,12 +998,17 @@ class Trainer:
         return start_epoch, start_step, state
 
     def _check_data_change(
-        self, path: Path, state: dict[str, Any], n_train: int, start_epoch: int, start_step: int
+        self,
+        path: Path,
+        state: dict[str, Any],
+        saved_images: int,
+        n_train: int,
+        start_epoch: int,
+        start_step: int,
     ) -> None:
         """Refuse other training data (another number of images) within an epoch: that epoch's
         order and the schedule would no longer fit. At an epoch's end it is allowed."""
         cfg = self.cfg
-        saved_images = (state.get("results") or {}).get("train_images", n_train)
         if saved_images == n_train or not start_step:
             return
         saved_data = state.get("config", {}).get("data", {})
@@ -1041,9 +1061,9 @@ class Trainer:
             + f", then resume again with train.batch_size={batch_size}"
         )
 
-    def _start_logs(self, run: _Run, train: ImageDataset, resumed: bool) -> MetricsLogger:
+    def _start_logs(self, run: _Run, train: ImageDataset, from_checkpoint: bool) -> MetricsLogger:
         """Write the run's config.yaml and open its metrics (a resume keeps the records up to
-        its checkpoint); the first invocation also saves a picture of the views."""
+        its checkpoint), and save views.png if the run has none yet."""
         env, t = self.env, self.cfg.train
         run_config = ""  # the run's config.yaml text, also shown in TensorBoard
         if env.is_main:
@@ -1059,7 +1079,7 @@ class Trainer:
             self.run_dir,
             enabled=env.is_main,
             # a resume keeps the records up to its checkpoint (a restart from step 0: none)
-            resume_step=(logged_step if resumed else -1) if self.resume else None,
+            resume_step=(logged_step if from_checkpoint else -1) if self.resume else None,
             step_offset=run.log_step_offset,
         )
         logger.log_text("config", run_config, run.global_step)  # a no-op off rank 0 (no writer)
@@ -1067,9 +1087,11 @@ class Trainer:
             save_views(self.augment, train.images, self.run_dir, logger, t.seed)
         return logger
 
-    def _collapse_monitor(self, run: _Run, state: dict[str, Any] | None) -> CollapseMonitor:
+    def _collapse_monitor(self, results: dict[str, Any]) -> CollapseMonitor:
+        """``train.collapse``'s monitor; a warning is also recorded in ``results``."""
+
         def warn_collapse(message: str) -> None:  # a selfsup line, not a Python warning
-            run.results["collapse_warning"] = message  # results.json: the encoder is suspect
+            results["collapse_warning"] = message  # results.json: the encoder is suspect
             if self.env.is_main:
                 print(f"\nselfsup: warning: {message}", file=sys.stderr)
 
@@ -1080,8 +1102,6 @@ class Trainer:
             patience=t.collapse_patience,
             on_warning=warn_collapse,
         )
-        if state is not None and state.get("collapse_monitor"):  # the streak of checks goes on
-            monitor.load_state_dict(state["collapse_monitor"])
         return monitor
 
     def _checkpoint(self, run: _Run, epoch: int, step_in_epoch: int) -> Path:
@@ -1139,7 +1159,9 @@ class Trainer:
         )
 
     def _knn_before_training(self, run: _Run, bank, query, logger: MetricsLogger) -> None:
-        """The kNN of the weights training starts from, the baseline of every later check."""
+        """Record which labeled images the kNN uses (and ``model.init``), and measure the kNN
+        of the starting weights once per run (a resumed run has it): the baseline of every
+        later check."""
         cfg = self.cfg
         if bank is not None:  # what the kNN numbers mean: which labeled images, how many
             run.results["knn_data"] = cfg.data.eval_source or cfg.data.source
@@ -1249,10 +1271,11 @@ class Trainer:
             raise
 
     def _end_epoch(
-        self, run: _Run, epoch: int, start_epoch: int, stop: bool, bank, query, logger, bar
+        self, run: _Run, epoch: int, start_epoch: int, agreed_stop: bool, bank, query, logger, bar
     ) -> None:
         """An epoch's end: its kNN check, its checkpoint, and a stop of this invocation (a
-        signal, train.stop_after_epochs) as :class:`StopRequested`."""
+        signal, train.stop_after_epochs) as :class:`StopRequested`. ``agreed_stop``: what
+        ``_agreed_stop`` said at the epoch's last step (under DDP the ranks stop together)."""
         env, t = self.env, self.cfg.train
         done_epochs = epoch + 1
         last_epoch = done_epochs == t.epochs
@@ -1267,7 +1290,7 @@ class Trainer:
             if env.is_main:
                 bar.write(f"epoch {done_epochs}: kNN top-1 {knn['top1']:.4f}")
         stopping = self._stop_reason is not None and (
-            not env.distributed or stop  # under DDP, what the ranks agreed on
+            not env.distributed or agreed_stop  # under DDP, what the ranks agreed on
         )
         # the checkpoint is the next epoch's start, so a resume may change the batch size
         if last_epoch or done_epochs % t.checkpoint_every == 0 or stopping:
@@ -1304,10 +1327,9 @@ class Trainer:
         run.results["precision"] = self.precision  # this invocation's: a resume may change it
         # as is the number of processes (BatchNorm statistics and random streams depend on it)
         run.results["processes"] = env.world_size
-        logger = self._start_logs(run, train, resumed=state is not None)
+        logger = self._start_logs(run, train, from_checkpoint=state is not None)
         model = wrap_ddp(run.method, env)
         step_fn = torch.compile(model) if resolve_compile(t.compile, self.device) else model
-        run.monitor = self._collapse_monitor(run, state)
         self._knn_before_training(run, bank, query, logger)
 
         started = time.monotonic()
@@ -1320,11 +1342,7 @@ class Trainer:
             desc=f"{cfg.method.name}",
             **bar_options(),
         )
-        run.window = _LogWindow(self.device)
-        if state is not None:
-            run.window.load_state_dict(
-                state.get("log_window"), is_main=env.is_main, world_size=env.world_size
-            )
+        run.window.start = time.monotonic()  # images/s times the steps, not the set-up
         channels_last = self.device.type == "cuda" and t.channels_last
         finished = False
         stop = False  # the ranks' agreed stop flag of the latest step
@@ -1382,7 +1400,8 @@ class Trainer:
                     if stop and not last_step:
                         self._checkpoint(run, epoch, step_in_epoch + 1)
                         raise StopRequested(self._stop_reason)
-                    # at an epoch's last step, the epoch's end comes first
+                    # a stop at an epoch's last step is _end_epoch's: its kNN and checkpoint
+                    # (the next epoch's start) come first
 
                 self._end_epoch(run, epoch, start_epoch, stop, bank, query, logger, bar)
                 # images/s times training steps: not the epoch end's kNN and checkpoint (the
