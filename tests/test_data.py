@@ -631,6 +631,26 @@ def test_write_skip_report_summary_format(tmp_path):
     )
 
 
+def test_a_stop_while_writing_the_skip_report_leaves_the_previous_report_whole(tmp_path):
+    class StopWhenWritten:
+        def __str__(self) -> str:
+            raise KeyboardInterrupt
+
+    def dataset(skipped):
+        return ImageDataset(
+            images=torch.zeros(3, 3, 2, 2, dtype=torch.uint8), labels=None, classes=None,
+            paths=None, name="x", skipped=skipped,
+        )  # fmt: skip
+
+    report = tmp_path / "skipped.csv"
+    write_skip_report(dataset([("a.jpg", "zero-byte")]), report)
+    before = report.read_text()
+    with pytest.raises(KeyboardInterrupt):
+        write_skip_report(dataset([("b.jpg", "zero-byte"), (StopWhenWritten(), "x")]), report)
+    assert report.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["skipped.csv"]
+
+
 # --------------------------------------------------------------------------- cache
 
 

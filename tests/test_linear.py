@@ -473,6 +473,24 @@ def test_saved_subset_round_trips(tmp_path) -> None:
         load_subset(tmp_path / "missing.csv")
 
 
+class _StopWhenWritten:
+    """A path whose ``str()`` raises, as a Ctrl-C in the middle of writing a CSV would."""
+
+    def __str__(self) -> str:
+        raise KeyboardInterrupt
+
+
+def test_a_stop_while_saving_a_subset_leaves_the_previous_file_whole(tmp_path) -> None:
+    labels = torch.tensor([0, 1, 0, 1])
+    target = tmp_path / "subset_10pct.csv"
+    save_subset(torch.arange(4), ["a", "b", "c", "d"], labels, target)
+    before = target.read_text()
+    with pytest.raises(KeyboardInterrupt):
+        save_subset(torch.arange(4), ["w", "x", _StopWhenWritten(), "z"], labels, target)
+    assert target.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary file left
+
+
 def test_finetune_on_subset_end_to_end() -> None:
     images, labels = colour_images(30)
     idx = balanced_subset(labels, 20, seed=0)

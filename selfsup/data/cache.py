@@ -401,11 +401,15 @@ def write_skip_report(dataset: ImageDataset, path: str | os.PathLike[str]) -> st
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # backslashreplace: file names that are not valid UTF-8 still produce a readable CSV.
-    with open(target, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "reason"])
-        writer.writerows(dataset.skipped)
+
+    def write(tmp: Path) -> None:
+        # backslashreplace: file names that are not valid UTF-8 still produce a readable CSV.
+        with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "reason"])
+            writer.writerows(dataset.skipped)
+
+    atomic_write(target, write)  # a stop mid-write leaves the last report whole
     return dataset.skip_summary()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from selfsup.data.cache import atomic_write
 from selfsup.errors import ConfigError, DataError
 
 SUBSET_HEADER = ("index", "path", "label")
@@ -75,7 +76,7 @@ def save_subset(
         paths: per-image paths (``ImageDataset.paths``), ``[N]`` or ``[M]``; ``None`` writes
             empty paths.
         labels: labels ``[N]`` or ``[M]``.
-        path: CSV file to write; parent folders are created.
+        path: CSV file to write (atomically); parent folders are created.
 
     Returns:
         the written path.
@@ -96,10 +97,16 @@ def save_subset(
     path_list = pick(list(paths), "paths") if paths is not None else [""] * len(index_list)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(SUBSET_HEADER)
-        writer.writerows(zip(index_list, path_list, label_list, strict=True))
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(SUBSET_HEADER)
+            writer.writerows(zip(index_list, path_list, label_list, strict=True))
+
+    # Atomic: a run stopped mid-write leaves the previous subset file whole, never a torn one
+    # that a later `--subset` would read as fewer labels.
+    atomic_write(out, write)
     return out
 
 
