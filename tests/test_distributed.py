@@ -1033,3 +1033,23 @@ def test_a_failed_write_on_rank_0_stops_every_rank(dist_results):
     got = scenario(dist_results, "failed_write")
     assert [r["raised"] for r in got] == ["OSError", "OtherRankError"]
     assert [r["after"] for r in got] == ["written", None]
+
+
+def test_a_command_leaves_the_process_group_also_when_it_fails(monkeypatch) -> None:
+    """eval, embed and predict run their work through _on_every_process: a failing process
+    must still leave torchrun's group, or its peers wait on it until the timeout."""
+    from selfsup.commands.common import _on_every_process
+    from selfsup.train import distributed
+
+    left: list[bool] = []
+    monkeypatch.setattr(distributed, "cleanup", lambda: left.append(True))
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    assert _on_every_process(lambda: 7) == (7, False)
+    assert left == [True]
+
+    def fail() -> None:
+        raise ConfigError("bad --data")
+
+    with pytest.raises(ConfigError, match="bad --data"):
+        _on_every_process(fail)
+    assert left == [True, True]

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from selfsup.errors import ConfigError, DataError
 from selfsup.run import is_first_rank
@@ -15,6 +16,8 @@ from selfsup.run import is_first_rank
 if TYPE_CHECKING:  # imported where used: `selfsup --help` and argument errors stay fast
     import torch
 
+
+T = TypeVar("T")
 
 TEST_SPLITS = ("test", "val", "valid", "validation")  # tried in this order for the held-out split
 
@@ -138,6 +141,21 @@ def _torchrun_device(name: str | None, command: str, refused: str | None = None)
             f"trains a network, in one process: run it without torchrun"
         )
     return env.device
+
+
+def _on_every_process(work: Callable[[], T]) -> tuple[T, bool]:
+    """Run ``work`` here, then leave torchrun's process group (also when ``work`` fails, so no
+    process is left waiting on the others). Returns ``work``'s result and whether this process
+    writes the outputs: under torchrun every process holds the same results, and rank 0 writes
+    them; a plain run is its own rank 0."""
+    from selfsup.train.distributed import cleanup, is_main
+
+    try:
+        result = work()
+        main = is_main()
+    finally:
+        cleanup()
+    return result, main
 
 
 def _check_limit(limit: int | None) -> None:

@@ -16,6 +16,7 @@ from selfsup.commands.common import (
     _eval_transform,
     _load,
     _normalisation,
+    _on_every_process,
     _run_info,
     _sizes,
     _torchrun_device,
@@ -27,6 +28,8 @@ from selfsup.run import is_first_rank
 if TYPE_CHECKING:  # imported where used: `selfsup --help` and argument errors stay fast
     import numpy as np
     import torch
+
+    from selfsup.data import ImageDataset
 
 
 def add_arguments(sub, name: str) -> None:
@@ -212,24 +215,20 @@ def handle(args: argparse.Namespace) -> int:
         check_index_csv(out)
     import numpy as np
 
-    from selfsup.train.distributed import cleanup, is_main
-
-    try:
-        device = _torchrun_device(args.device, "embed")
-        feats, ds = embed_dataset(
+    def embed() -> tuple[torch.Tensor, ImageDataset]:
+        return embed_dataset(
             args.encoder,
             args.data,
             args.split,
             args.image_size,
             args.batch_size,
-            str(device),
+            str(_torchrun_device(args.device, "embed")),
             args.cache_dir,
             args.limit,
             progress=not args.no_progress,
         )
-        main = is_main()
-    finally:
-        cleanup()
+
+    (feats, ds), main = _on_every_process(embed)
     if not main:  # every process holds all the rows; one writes them
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)

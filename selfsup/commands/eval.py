@@ -21,6 +21,7 @@ from selfsup.commands.common import (
     _fresh_backbone,
     _load_labeled_splits,
     _normalisation,
+    _on_every_process,
     _pretrain_augment,
     _run_info,
     _sizes,
@@ -948,13 +949,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from selfsup.train.distributed import cleanup, is_main
-
-    try:
-        results = evaluate_encoder(args)
-        main = is_main()
-    finally:
-        cleanup()  # leave torchrun's process group, if joined
+    results, main = _on_every_process(lambda: evaluate_encoder(args))
     if main:
         print(format_eval_table(results))
         print(

@@ -11,6 +11,7 @@ from selfsup.checks import check_encode_args, check_writable
 from selfsup.commands.common import (
     _atomic_output,
     _check_limit,
+    _on_every_process,
     _torchrun_device,
     add_device_and_cache_args,
 )
@@ -109,7 +110,6 @@ def _write_predictions(path: Path, result: dict[str, Any]) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from selfsup.export import load_classifier
-    from selfsup.train.distributed import cleanup, is_main
 
     out = Path(args.out)
     check_encode_args(None, args.batch_size)
@@ -120,22 +120,21 @@ def handle(args: argparse.Namespace) -> int:
             f"--out {out} is a folder; pass a file name such as {out}/predictions.csv"
         )
     check_writable(out.parent, "the predictions")
-    try:
-        device = _torchrun_device(args.device, "predict")
-        result = predict_dataset(
+
+    def predict() -> dict[str, Any]:
+        return predict_dataset(
             args.classifier,
             args.data,
             args.split,
             args.batch_size,
-            str(device),
+            str(_torchrun_device(args.device, "predict")),
             args.cache_dir,
             args.limit,
             classifier=clf,
             progress=not args.no_progress,
         )
-        main = is_main()
-    finally:
-        cleanup()
+
+    result, main = _on_every_process(predict)
     if not main:  # every process holds all the rows; one writes them
         return 0
     _atomic_output(out, lambda tmp: _write_predictions(tmp, result))
