@@ -954,19 +954,6 @@ class Trainer:
         self._check_batch_change(path, saved_batch, start_epoch, start_step)
         if saved_images != len(train) or saved_batch != t.batch_size:
             run.global_step = start_epoch * run.steps_per_epoch
-        at = f"epoch {start_epoch + 1} (step {run.global_step} of {run.total_steps})"
-        if env.is_main and saved_images != len(train):
-            print(
-                f"selfsup: note: {cfg.data.source!r} holds {len(train)} training images, "
-                f"{saved_images} at the checkpoint; the schedule continues at {at}",
-                file=sys.stderr,
-            )
-        if env.is_main and saved_batch != t.batch_size:
-            print(
-                f"selfsup: train.batch_size {saved_batch} -> {t.batch_size}: "
-                f"{run.steps_per_epoch} steps per epoch; the schedule continues at {at}",
-                file=sys.stderr,
-            )
         # the steps renumbered above (a new batch size or data): the logs go on counting the
         # steps taken, and keep every record of the run so far
         logged_step = state["global_step"] + state.get("log_step_offset", 0)
@@ -974,15 +961,47 @@ class Trainer:
         run.results.update(state.get("results", {}))
         # this invocation's data and length: a resume may extend the run or change its batch
         run.results.update(train_images=len(train), epochs=t.epochs, batch_size=t.batch_size)
-        saved_epochs = saved_train.get("epochs", t.epochs)
-        if env.is_main and saved_epochs != t.epochs and start_epoch < t.epochs:
+        if env.is_main:
+            saved_epochs = saved_train.get("epochs", t.epochs)
+            self._say_how_the_run_goes_on(
+                run, path, start_epoch, len(train), saved_images, saved_batch, saved_epochs
+            )
+        return start_epoch, start_step, state
+
+    def _say_how_the_run_goes_on(
+        self,
+        run: _Run,
+        path: Path,
+        start_epoch: int,
+        train_images: int,
+        saved_images: int,
+        saved_batch: int,
+        saved_epochs: int,
+    ) -> None:
+        """On stderr: where a resumed run continues, and what changed since the checkpoint
+        (data, batch size, number of epochs) and what that does to the schedule."""
+        cfg, t = self.cfg, self.cfg.train
+        at = f"epoch {start_epoch + 1} (step {run.global_step} of {run.total_steps})"
+        if saved_images != train_images:
+            print(
+                f"selfsup: note: {cfg.data.source!r} holds {train_images} training images, "
+                f"{saved_images} at the checkpoint; the schedule continues at {at}",
+                file=sys.stderr,
+            )
+        if saved_batch != t.batch_size:
+            print(
+                f"selfsup: train.batch_size {saved_batch} -> {t.batch_size}: "
+                f"{run.steps_per_epoch} steps per epoch; the schedule continues at {at}",
+                file=sys.stderr,
+            )
+        if saved_epochs != t.epochs and start_epoch < t.epochs:
             print(
                 f"selfsup: train.epochs {saved_epochs} -> {t.epochs}: the warm-up + cosine "
                 f"lr schedule (and an EMA or momentum schedule) is re-planned over "
                 f"{t.epochs} epochs; it continues at step {run.global_step} of {run.total_steps}",
                 file=sys.stderr,
             )
-        if env.is_main and start_epoch >= t.epochs:
+        if start_epoch >= t.epochs:
             print(
                 f"selfsup: {path} is the end of the run: "
                 + (f"all {t.epochs} epochs are" if t.epochs > 1 else "its 1 epoch is")
@@ -990,12 +1009,11 @@ class Trainer:
                 "with the timings measured when it trained)",
                 file=sys.stderr,
             )
-        elif env.is_main:
+        else:
             print(
                 f"selfsup: resumed from {path} at epoch {start_epoch + 1}, step {run.global_step}",
                 file=sys.stderr,
             )
-        return start_epoch, start_step, state
 
     def _check_data_change(
         self,
