@@ -24,6 +24,8 @@ from selfsup.run import is_first_rank
 if TYPE_CHECKING:  # imported where used: `selfsup --help` and argument errors stay fast
     import torch
 
+    from selfsup.data import ImageDataset
+
 
 def add_arguments(sub, name: str) -> None:
     p = sub.add_parser(
@@ -56,6 +58,78 @@ def add_arguments(sub, name: str) -> None:
     )
 
 
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _check_grid(grid: Path) -> None:
+    """Refuse a --grid that cannot be written, before any decoding or encoding."""
+    if grid.suffix.lower() not in GRID_SUFFIXES:
+        raise ConfigError(f"--grid {grid}: give a .png or .jpg file name")
+    if grid.is_dir():
+        raise ConfigError(f"--grid {grid} is a folder; give a file name such as {grid / 'nn.png'}")
+    check_writable(grid.parent, "the neighbour grid")
+
+
+def _read_query_list(listing: Path) -> list[str]:
+    """The image paths a .txt query list names, one a line ("# comment" and blank lines
+    skipped); a relative path not found from here is read from the list's own folder."""
+    if not listing.is_file():
+        raise DataError(f"query list {listing} does not exist")
+    lines = [q.strip() for q in listing.read_text().splitlines()]
+    queries = [q for q in lines if q and not q.startswith("#")]
+    queries = [
+        str(listing.parent / q)
+        if not Path(q).is_absolute() and not Path(q).exists() and (listing.parent / q).exists()
+        else q
+        for q in queries
+    ]
+    if not queries:
+        raise DataError(f"query list {listing} names no images; write one path a line")
+    return queries
+
+
+def _decode_queries(queries: list[str], listing: Path | None, load_size: int) -> list[torch.Tensor]:
+    """Each query as uint8 ``[3, H, W]`` at the encoder's load size; a missing, folder or
+    undecodable query fails here, before the dataset is encoded."""
+    import numpy as np
+    import torch
+
+    from selfsup.data.decode import decode_image, resize_shorter
+
+    arrays = []
+    for q in queries:
+        path = Path(q)
+        if path.is_dir():
+            raise DataError(
+                f"query {q} is a folder; pass image files (a shell glob: {q}/*.jpg) or one .txt "
+                "file listing image paths"
+            )
+        if not path.is_file():
+            named = f" (a line of the query list {listing})" if listing else ""
+            raise DataError(f"query image {q} does not exist{named}")
+        img = resize_shorter(decode_image(path.read_bytes(), name=q), load_size)
+        arrays.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # a writable copy
+    return arrays
+
+
+def _hits(scores: list[float], indices: list[int], ds: ImageDataset) -> list[dict[str, Any]]:
+    """One query's neighbours, best first: path (or index), similarity, class name if labeled."""
+    hits = []
+    for score, idx in zip(scores, indices, strict=True):
+        label = None
+        if ds.labels is not None:
+            value = int(ds.labels[idx])
+            label = ds.classes[value] if ds.classes else str(value)
+        hits.append(
+            {
+                "path": ds.paths[idx] if ds.paths else str(idx),
+                "similarity": round(score, 4),
+                "label": label,
+            }
+        )
+    return hits
+
+
 def nearest_neighbors(
     encoder_path: str | Path,
     source: str,
@@ -76,10 +150,8 @@ def nearest_neighbors(
     query, neighbors best first. ``grid``: also write those images as one picture (see
     :func:`write_neighbor_grid`).
     """
-    import numpy as np
     import torch
 
-    from selfsup.data.decode import decode_image, resize_shorter
     from selfsup.evaluate.features import extract_features
     from selfsup.export import load_encoder
 
@@ -88,46 +160,15 @@ def nearest_neighbors(
     check_encode_args(image_size, batch_size)
     if grid is not None:
         grid = Path(grid)
-        if grid.suffix.lower() not in GRID_SUFFIXES:
-            raise ConfigError(f"--grid {grid}: give a .png or .jpg file name")
-        if grid.is_dir():
-            raise ConfigError(
-                f"--grid {grid} is a folder; give a file name such as {grid / 'nn.png'}"
-            )
-        check_writable(grid.parent, "the neighbour grid")
+        _check_grid(grid)
     listing = None
     if len(queries) == 1 and queries[0].endswith(".txt"):
         listing = Path(queries[0])
-        if not listing.is_file():
-            raise DataError(f"query list {listing} does not exist")
-        lines = [q.strip() for q in listing.read_text().splitlines()]
-        queries = [q for q in lines if q and not q.startswith("#")]  # "# comment" lines
-        # a relative path not found from here is read from the list's own folder
-        queries = [
-            str(listing.parent / q)
-            if not Path(q).is_absolute() and not Path(q).exists()
-            and (listing.parent / q).exists()
-            else q
-            for q in queries
-        ]  # fmt: skip
-        if not queries:
-            raise DataError(f"query list {listing} names no images; write one path a line")
+        queries = _read_query_list(listing)
     encoder = load_encoder(encoder_path)
     info = _run_info(Path(encoder_path), encoder)
     load_size, size = _sizes(info, image_size)
-    arrays = []
-    for q in queries:  # decode the queries first: a bad query fails before any encoding
-        path = Path(q)
-        if path.is_dir():
-            raise DataError(
-                f"query {q} is a folder; pass image files (a shell glob: {q}/*.jpg) or one .txt "
-                "file listing image paths"
-            )
-        if not path.is_file():
-            named = f" (a line of the query list {listing})" if listing else ""
-            raise DataError(f"query image {q} does not exist{named}")
-        img = resize_shorter(decode_image(path.read_bytes(), name=q), load_size)
-        arrays.append(torch.from_numpy(np.array(img)).permute(2, 0, 1))  # a writable copy
+    arrays = _decode_queries(queries, listing, load_size)
     feats, ds = embed_dataset(
         encoder_path, source, split, image_size, batch_size, device, cache_dir, limit,
         encoder=encoder, progress=progress,
@@ -144,22 +185,10 @@ def nearest_neighbors(
             file=sys.stderr,
         )
     top = sims.topk(min(k, feats.shape[0]), dim=1)
-    out = []
-    for qi, q in enumerate(queries):
-        hits = []
-        for score, idx in zip(top.values[qi].tolist(), top.indices[qi].tolist(), strict=True):
-            label = None
-            if ds.labels is not None:
-                value = int(ds.labels[idx])
-                label = ds.classes[value] if ds.classes else str(value)
-            hits.append(
-                {
-                    "path": ds.paths[idx] if ds.paths else str(idx),
-                    "similarity": round(score, 4),
-                    "label": label,
-                }
-            )
-        out.append({"query": q, "neighbors": hits})
+    out = [
+        {"query": q, "neighbors": _hits(top.values[qi].tolist(), top.indices[qi].tolist(), ds)}
+        for qi, q in enumerate(queries)
+    ]
     if grid is not None and is_first_rank():
         rows = [
             [arrays[qi], *(ds.images[i] for i in top.indices[qi].tolist())]
@@ -167,9 +196,6 @@ def nearest_neighbors(
         ]
         write_neighbor_grid(grid, rows)
     return out
-
-
-GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def write_neighbor_grid(path: Path, rows: list[list[torch.Tensor]]) -> None:
