@@ -13,6 +13,8 @@ without wrecking the pre-trained features). A cosine schedule decays both to 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -26,6 +28,42 @@ from selfsup.models.split_bn import plain_batchnorm
 
 FINETUNE_MODE = "finetune (encoder + linear head, augmented)"
 SUPERVISED_MODE = "supervised baseline (random init encoder + linear head, augmented)"
+
+
+def _fresh_head(
+    model: nn.Module,
+    eval_transform: Transform,
+    train_images: Tensor,
+    num_classes: int,
+    *,
+    device: torch.device,
+    amp: bool,
+    generator: torch.Generator,
+) -> nn.Linear:
+    """A new ``nn.Linear(D, C)`` on ``device`` (:func:`make_linear_head`), ``D`` read off
+    ``model``'s features of two training images (``model`` in eval mode: the caller's job)."""
+    with torch.no_grad(), autocast_context(device, amp):
+        probe = train_images[:2].to(device)
+        feat_dim = model(apply_transform(eval_transform, probe)).shape[1]
+    return make_linear_head(feat_dim, num_classes, generator=generator).to(device)
+
+
+def _training_encode(
+    model: nn.Module,
+    train_transform: Transform,
+    aug_generator: torch.Generator,
+    device: torch.device,
+    amp: bool,
+) -> Callable[[Tensor], Tensor]:
+    """Fine-tuning's training features: a uint8 batch augmented by ``train_transform`` and
+    encoded by ``model`` with gradients (autocast on CUDA), as float32 ``[B, D]``."""
+
+    def encode(images: Tensor) -> Tensor:
+        with autocast_context(device, amp):
+            feats = model(apply_transform(train_transform, images, aug_generator))
+        return feats.float()
+
+    return encode
 
 
 def finetune(
@@ -102,16 +140,16 @@ def finetune(
         param.requires_grad_(True)
 
     model.eval()  # probing the feature size must not touch BatchNorm statistics
-    with torch.no_grad(), autocast_context(run_device, amp):
-        probe = train_images[:2].to(run_device)
-        feat_dim = model(apply_transform(eval_transform, probe)).shape[1]
-    head = make_linear_head(feat_dim, num_classes, generator=cpu_generator).to(run_device)
-
-    def encode(images: Tensor) -> Tensor:
-        with autocast_context(run_device, amp):
-            feats = model(apply_transform(train_transform, images, aug_generator))
-        return feats.float()
-
+    head = _fresh_head(
+        model,
+        eval_transform,
+        train_images,
+        num_classes,
+        device=run_device,
+        amp=amp,
+        generator=cpu_generator,
+    )
+    encode = _training_encode(model, train_transform, aug_generator, run_device, amp)
     model.train()
     metrics = train_and_test_head(
         encode,

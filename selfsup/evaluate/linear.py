@@ -204,6 +204,113 @@ def prepare_run(
     return train_labels, test_labels, run_device, cpu_generator, aug_generator
 
 
+def _steps_per_epoch(n_train: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of :func:`batch_indices` (``min_batch=2``).
+
+    Counted on a throwaway generator: the count does not depend on the order, and the run's
+    shuffling generator must not advance.
+    """
+    return len(batch_indices(n_train, batch_size, torch.Generator(), min_batch=2))
+
+
+def _head_optimizer(
+    encoder: nn.Module,
+    head: nn.Module,
+    *,
+    lr: float,
+    head_lr: float | None,
+    weight_decay: float,
+    nesterov: bool,
+    total_steps: int,
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """Cosine SGD over the head alone (``head_lr`` None: linear evaluation) or over the encoder
+    at ``lr`` and the head at ``head_lr`` (fine-tuning)."""
+    if head_lr is None:
+        params = head.parameters()
+    else:
+        params = [
+            {"params": list(encoder.parameters()), "lr": lr},
+            {"params": list(head.parameters()), "lr": head_lr},
+        ]
+    return cosine_sgd(
+        params, lr=lr, total_steps=total_steps, weight_decay=weight_decay, nesterov=nesterov
+    )
+
+
+def _sgd_step(
+    loss: Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """One optimizer step on ``loss`` through the loss scaler, then one step of the schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    schedule.step()
+
+
+def _train_epochs(
+    encode: Callable[[Tensor], Tensor],
+    head: nn.Module,
+    train_images: Tensor,
+    train_labels: Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    batch_size: int,
+    device: torch.device,
+    generator: torch.Generator,
+    progress_desc: str,
+    progress: bool,
+) -> float:
+    """``epochs`` shuffled passes of cross-entropy on ``head(encode(batch))``, the head in train
+    mode, with a progress bar over the steps; returns the last step's loss (NaN if none ran)."""
+    bar = progress_bar(epochs * steps_per_epoch, progress_desc, progress)
+    final_loss = float("nan")
+    head.train()
+    try:
+        for _ in range(epochs):
+            for idx in batch_indices(train_images.shape[0], batch_size, generator, min_batch=2):
+                images = train_images[idx].to(device, non_blocking=True)
+                loss = F.cross_entropy(head(encode(images)), train_labels[idx].to(device))
+                _sgd_step(loss, optimizer, schedule, scaler)
+                final_loss = loss.item()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{final_loss:.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return final_loss
+
+
+def _test_accuracy(
+    encoder: nn.Module,
+    head: nn.Module,
+    test_images: Tensor,
+    test_labels: Tensor,
+    *,
+    eval_transform: Transform,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+) -> tuple[float, float]:
+    """Top-1 and top-5 of ``head`` (eval mode) on the test features ``encoder`` gives with
+    ``eval_transform`` (:func:`extract_features`, eval mode)."""
+    test_feats = extract_features(
+        encoder, test_images, eval_transform, batch_size=batch_size, device=device, amp=amp
+    )
+    head.eval()
+    with torch.no_grad():
+        top1, top5 = topk_accuracy(head(test_feats.to(device)), test_labels, (1, 5))
+    return top1, top5
+
+
 def train_and_test_head(
     encode: Callable[[Tensor], Tensor],
     encoder: nn.Module,
@@ -259,50 +366,44 @@ def train_and_test_head(
         "batch_size", "num_classes", "n_train", "n_test"}``; accuracies as fractions.
     """
     n_train = train_images.shape[0]
-    steps_per_epoch = len(batch_indices(n_train, batch_size, torch.Generator(), min_batch=2))
-    if head_lr is None:
-        params = head.parameters()
-    else:
-        params = [
-            {"params": list(encoder.parameters()), "lr": lr},
-            {"params": list(head.parameters()), "lr": head_lr},
-        ]
-    optimizer, schedule = cosine_sgd(
-        params,
+    steps_per_epoch = _steps_per_epoch(n_train, batch_size)
+    optimizer, schedule = _head_optimizer(
+        encoder,
+        head,
         lr=lr,
-        total_steps=epochs * steps_per_epoch,
+        head_lr=head_lr,
         weight_decay=weight_decay,
         nesterov=nesterov,
+        total_steps=epochs * steps_per_epoch,
     )
     # fine-tuning backpropagates through the encoder under autocast: fp16 needs a loss scale
     scaler = grad_scaler(amp_precision(device, amp) if head_lr is not None else "fp32", device)
-    bar = progress_bar(epochs * steps_per_epoch, progress_desc, progress)
-    final_loss = float("nan")
-    head.train()
-    try:
-        for _ in range(epochs):
-            for idx in batch_indices(n_train, batch_size, generator, min_batch=2):
-                images = train_images[idx].to(device, non_blocking=True)
-                loss = F.cross_entropy(head(encode(images)), train_labels[idx].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                final_loss = loss.item()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{final_loss:.3f}")
-    finally:
-        if bar is not None:
-            bar.close()
-
-    test_feats = extract_features(
-        encoder, test_images, eval_transform, batch_size=batch_size, device=device, amp=amp
+    final_loss = _train_epochs(
+        encode,
+        head,
+        train_images,
+        train_labels,
+        optimizer,
+        schedule,
+        scaler,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        device=device,
+        generator=generator,
+        progress_desc=progress_desc,
+        progress=progress,
     )
-    head.eval()
-    with torch.no_grad():
-        top1, top5 = topk_accuracy(head(test_feats.to(device)), test_labels, (1, 5))
+    top1, top5 = _test_accuracy(
+        encoder,
+        head,
+        test_images,
+        test_labels,
+        eval_transform=eval_transform,
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+    )
     learning_rates = {"lr": lr} if head_lr is None else {"lr": lr, "head_lr": head_lr}
     return {
         "top1": top1,
@@ -317,6 +418,139 @@ def train_and_test_head(
         "n_train": int(n_train),
         "n_test": int(test_images.shape[0]),
     }
+
+
+def _check_feature_shapes(train_feats: Tensor, test_feats: Tensor) -> None:
+    """Refuse features that are not ``[N, D]`` with the same ``D`` for both splits."""
+    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(
+            f"features must be [N, D] with equal D; got {tuple(train_feats.shape)} and "
+            f"{tuple(test_feats.shape)}"
+        )
+
+
+def _train_mean_std(x_train: Tensor) -> tuple[Tensor, Tensor | float]:
+    """Per-dimension mean and floored std of the training features ``[N, D]`` (std 1.0 for a
+    single row, which has no spread to measure)."""
+    mean = x_train.mean(dim=0)
+    # A dimension that is constant over the training set carries no information: the floor
+    # keeps it ~0. The floor scales with features far below unit size (a random-init MobileNet's
+    # are ~1e-10 in eval mode), which a fixed 1e-6 would shrink to nothing.
+    if x_train.shape[0] > 1:
+        std = x_train.std(dim=0, correction=0)
+        floor = 1e-6 * min(1.0, float(std.max()))
+        std = std.clamp_min(floor) if floor > 0 else torch.ones_like(std)
+    else:
+        std = 1.0
+    return mean, std
+
+
+def _standardised(
+    train_feats: Tensor, test_feats: Tensor, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor | float]:
+    """Both splits as float32 on ``device``, standardised with the *training* mean and std.
+
+    Returns:
+        ``(x_train, x_test, mean, std)``; ``mean`` / ``std`` are kept to fold into the head.
+    """
+    x_train = train_feats.to(device, torch.float32)
+    mean, std = _train_mean_std(x_train)
+    x_train = (x_train - mean) / std
+    x_test = (test_feats.to(device, torch.float32) - mean) / std
+    return x_train, x_test, mean, std
+
+
+def _lbfgs(head: nn.Linear, *, lr: float, max_iter: int) -> torch.optim.LBFGS:
+    """The fast probe's solver: L-BFGS with a strong-Wolfe line search (as scikit-learn's
+    ``LogisticRegression``), a 20-step history and tolerances near float32 resolution."""
+    return torch.optim.LBFGS(
+        head.parameters(),
+        lr=lr,
+        max_iter=max(1, max_iter),
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+
+def _regularised_loss_closure(
+    optimizer: torch.optim.Optimizer,
+    head: nn.Linear,
+    x_train: Tensor,
+    y_train: Tensor,
+    *,
+    weight_decay: float,
+    chunk: int,
+    device: torch.device,
+) -> Callable[[], Tensor]:
+    """L-BFGS's closure: backpropagates and returns ``mean_i CE(head(x_i), y_i) + weight_decay
+    / 2 * ||W||^2`` over the whole training set, ``chunk`` rows per forward (to bound memory)."""
+    n_train = x_train.shape[0]
+
+    def closure() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for start in range(0, n_train, chunk):  # sum of chunk losses = full-batch mean loss
+            logits = head(x_train[start : start + chunk])
+            part = F.cross_entropy(logits, y_train[start : start + chunk], reduction="sum")
+            (part / n_train).backward()
+            total += part.detach() / n_train
+        penalty = 0.5 * weight_decay * head.weight.pow(2).sum()
+        penalty.backward()
+        return total + penalty.detach()
+
+    return closure
+
+
+def _lbfgs_counts(optimizer: torch.optim.LBFGS, head: nn.Linear) -> tuple[int, int]:
+    """``(iterations, loss evaluations)`` that L-BFGS ran on ``head``.
+
+    Fewer iterations than ``max_iter`` when it converged (the tolerances of :func:`_lbfgs`) or
+    used up its loss evaluations (torch's ``max_eval``: 1.25 x ``max_iter``) first.
+    """
+    solver_state = optimizer.state[next(iter(head.parameters()))]
+    return int(solver_state["n_iter"]), int(solver_state["func_evals"])
+
+
+def _fit_logistic_regression(
+    x_train: Tensor,
+    y_train: Tensor,
+    num_classes: int,
+    *,
+    lr: float,
+    max_iter: int,
+    weight_decay: float,
+    chunk: int,
+    device: torch.device,
+    generator: torch.Generator,
+) -> tuple[nn.Linear, int, int]:
+    """A fresh ``nn.Linear(D, C)`` (:func:`make_linear_head`, seeded by ``generator``) fitted to
+    the standardised ``x_train`` by L-BFGS; returns ``(head, iterations, loss evaluations)``."""
+    head = make_linear_head(x_train.shape[1], num_classes, generator=generator).to(device)
+    optimizer = _lbfgs(head, lr=lr, max_iter=max_iter)
+    closure = _regularised_loss_closure(
+        optimizer, head, x_train, y_train, weight_decay=weight_decay, chunk=chunk, device=device
+    )
+    optimizer.step(closure)
+    return head, *_lbfgs_counts(optimizer, head)
+
+
+def _fast_scores(
+    head: nn.Linear,
+    x_train: Tensor,
+    y_train: Tensor,
+    train_labels: Tensor,
+    x_test: Tensor,
+    test_labels: Tensor,
+) -> tuple[float, float, float, float]:
+    """``(final_loss, top1, top5, train_top1)`` of the fitted ``head``: the training
+    cross-entropy (without the L2 term), test top-1 / top-5 and training top-1."""
+    with torch.no_grad():
+        final_loss = F.cross_entropy(head(x_train), y_train).item()
+        top1, top5 = topk_accuracy(head(x_test), test_labels, (1, 5))
+        (train_top1,) = topk_accuracy(head(x_train), train_labels, (1,))
+    return final_loss, top1, top5, train_top1
 
 
 def linear_probe_features(
@@ -365,11 +599,7 @@ def linear_probe_features(
         an ``nn.Linear(D, C)`` on the *raw* features, the standardisation folded into it
         (:func:`fold_standardisation`).
     """
-    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(
-            f"features must be [N, D] with equal D; got {tuple(train_feats.shape)} and "
-            f"{tuple(test_feats.shape)}"
-        )
+    _check_feature_shapes(train_feats, test_feats)
     if num_classes is None:
         num_classes = infer_num_classes(train_labels, test_labels)
     train_labels = check_labels(train_labels, train_feats.shape[0], num_classes, "train")
@@ -377,56 +607,23 @@ def linear_probe_features(
     run_device = torch.device(device) if device is not None else train_feats.device
     generator = torch.Generator().manual_seed(seed)
 
-    x_train = train_feats.to(run_device, torch.float32)
-    mean = x_train.mean(dim=0)
-    # A dimension that is constant over the training set carries no information: the floor
-    # keeps it ~0. The floor scales with features far below unit size (a random-init MobileNet's
-    # are ~1e-10 in eval mode), which a fixed 1e-6 would shrink to nothing.
-    if x_train.shape[0] > 1:
-        std = x_train.std(dim=0, correction=0)
-        floor = 1e-6 * min(1.0, float(std.max()))
-        std = std.clamp_min(floor) if floor > 0 else torch.ones_like(std)
-    else:
-        std = 1.0
-    x_train = (x_train - mean) / std
-    x_test = (test_feats.to(run_device, torch.float32) - mean) / std
+    x_train, x_test, mean, std = _standardised(train_feats, test_feats, run_device)
     y_train = train_labels.to(run_device)
     n_train = x_train.shape[0]
-    chunk = n_train if batch_size is None else max(1, batch_size)
-
-    head = make_linear_head(x_train.shape[1], num_classes, generator=generator).to(run_device)
-    optimizer = torch.optim.LBFGS(
-        head.parameters(),
+    head, iterations, evaluations = _fit_logistic_regression(
+        x_train,
+        y_train,
+        num_classes,
         lr=lr,
-        max_iter=max(1, max_iter),
-        history_size=20,
-        tolerance_grad=1e-9,
-        tolerance_change=1e-12,
-        line_search_fn="strong_wolfe",
+        max_iter=max_iter,
+        weight_decay=weight_decay,
+        chunk=n_train if batch_size is None else max(1, batch_size),
+        device=run_device,
+        generator=generator,
     )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=run_device)
-        for start in range(0, n_train, chunk):  # sum of chunk losses = full-batch mean loss
-            logits = head(x_train[start : start + chunk])
-            part = F.cross_entropy(logits, y_train[start : start + chunk], reduction="sum")
-            (part / n_train).backward()
-            total += part.detach() / n_train
-        penalty = 0.5 * weight_decay * head.weight.pow(2).sum()
-        penalty.backward()
-        return total + penalty.detach()
-
-    optimizer.step(closure)
-    # what L-BFGS ran: fewer iterations than max_iter when it converged (the tolerances above)
-    # or used up its loss evaluations (torch's max_eval: 1.25 x max_iter) first
-    solver_state = optimizer.state[next(iter(head.parameters()))]
-    iterations, evaluations = int(solver_state["n_iter"]), int(solver_state["func_evals"])
-
-    with torch.no_grad():
-        final_loss = F.cross_entropy(head(x_train), y_train).item()
-        top1, top5 = topk_accuracy(head(x_test), test_labels, (1, 5))
-        (train_top1,) = topk_accuracy(head(x_train), train_labels, (1,))
+    final_loss, top1, top5, train_top1 = _fast_scores(
+        head, x_train, y_train, train_labels, x_test, test_labels
+    )
     metrics = {
         "top1": top1,
         "top5": top5,
@@ -472,6 +669,65 @@ class FrozenEncoder:
         self._eval.__exit__(*exc_info)
         for param, flag in self._requires_grad:
             param.requires_grad_(flag)
+
+
+def _frozen_encode(
+    backbone: nn.Module,
+    train_transform: Transform,
+    aug_generator: torch.Generator,
+    device: torch.device,
+    amp: bool,
+) -> Callable[[Tensor], Tensor]:
+    """The full probe's training features: a uint8 batch augmented by ``train_transform`` and
+    encoded by the frozen ``backbone`` under ``no_grad``, as float32 ``[B, D]``."""
+
+    def encode(images: Tensor) -> Tensor:
+        with torch.no_grad(), autocast_context(device, amp):
+            return backbone(apply_transform(train_transform, images, aug_generator)).float()
+
+    return encode
+
+
+def _probe_features(
+    backbone: nn.Module,
+    eval_transform: Transform,
+    train_images: Tensor,
+    device: torch.device,
+    amp: bool,
+) -> tuple[Tensor, int]:
+    """The frozen ``backbone``'s float32 features of the first 64 training images (with
+    ``eval_transform``) and how many images that is: they size and initialise the head."""
+    with torch.no_grad(), autocast_context(device, amp):
+        probe = apply_transform(eval_transform, train_images[:64].to(device))
+        probe_feats = backbone(probe).float()
+    return probe_feats, len(probe)
+
+
+def _standardising_head(
+    probe_feats: Tensor,
+    n_probe: int,
+    num_classes: int,
+    *,
+    device: torch.device,
+    generator: torch.Generator,
+) -> nn.Sequential:
+    """The full probe's head ``BatchNorm1d(D, affine=False) -> Linear(D, C)`` on ``device``, its
+    BatchNorm's eps and running statistics set from the ``n_probe`` probe features ``[n, D]``."""
+    feat_dim = probe_feats.shape[1]
+    # BatchNorm's eps (1e-5) in proportion to features far below unit variance: it would
+    # swamp a random-init MobileNet's (variance ~1e-20 in eval mode), and the probe score
+    # chance; features of unit variance or more keep 1e-5
+    variance = float(probe_feats.var(dim=0, correction=0).mean()) if n_probe > 1 else 1.0
+    eps = 1e-5 * min(1.0, variance) if variance > 0 else 1e-5
+    head = nn.Sequential(
+        nn.BatchNorm1d(feat_dim, eps=eps, affine=False),
+        make_linear_head(feat_dim, num_classes, generator=generator),
+    ).to(device)
+    if n_probe > 1:  # running statistics from the features, not 0 / 1: a short probe's
+        # would keep (1 - 0.1)^steps of those, which outweigh features far from unit scale
+        head[0].running_mean.copy_(probe_feats.mean(dim=0))
+        head[0].running_var.copy_(probe_feats.var(dim=0))
+    return head
 
 
 def linear_probe(
@@ -542,28 +798,13 @@ def linear_probe(
     )
 
     with FrozenEncoder(backbone):
-
-        def encode(images: Tensor) -> Tensor:
-            with torch.no_grad(), autocast_context(run_device, amp):
-                return backbone(apply_transform(train_transform, images, aug_generator)).float()
-
-        with torch.no_grad(), autocast_context(run_device, amp):
-            probe = apply_transform(eval_transform, train_images[:64].to(run_device))
-            probe_feats = backbone(probe).float()
-        feat_dim = probe_feats.shape[1]
-        # BatchNorm's eps (1e-5) in proportion to features far below unit variance: it would
-        # swamp a random-init MobileNet's (variance ~1e-20 in eval mode), and the probe score
-        # chance; features of unit variance or more keep 1e-5
-        variance = float(probe_feats.var(dim=0, correction=0).mean()) if len(probe) > 1 else 1.0
-        eps = 1e-5 * min(1.0, variance) if variance > 0 else 1e-5
-        head = nn.Sequential(
-            nn.BatchNorm1d(feat_dim, eps=eps, affine=False),
-            make_linear_head(feat_dim, num_classes, generator=cpu_generator),
-        ).to(run_device)
-        if len(probe) > 1:  # running statistics from the features, not 0 / 1: a short probe's
-            # would keep (1 - 0.1)^steps of those, which outweigh features far from unit scale
-            head[0].running_mean.copy_(probe_feats.mean(dim=0))
-            head[0].running_var.copy_(probe_feats.var(dim=0))
+        encode = _frozen_encode(backbone, train_transform, aug_generator, run_device, amp)
+        probe_feats, n_probe = _probe_features(
+            backbone, eval_transform, train_images, run_device, amp
+        )
+        head = _standardising_head(
+            probe_feats, n_probe, num_classes, device=run_device, generator=cpu_generator
+        )
         # extract the test features while the encoder is still frozen
         metrics = train_and_test_head(
             encode,
