@@ -217,6 +217,31 @@ def test_full_linear_probe_keeps_encoder_bit_identical_and_learns() -> None:
     assert result["top1"] > 0.80  # chance is 0.33
 
 
+def test_full_linear_probe_decays_its_lr_to_zero_step_by_step(monkeypatch) -> None:
+    """The cosine schedule of the papers' protocol steps once per SGD step and reaches 0 at the
+    last one (a probe that never steps it trains at the peak lr throughout)."""
+    linear_module = importlib.import_module("selfsup.evaluate.linear")
+    real_cosine_sgd, made = linear_module.cosine_sgd, []
+
+    def recording_cosine_sgd(*args, **kwargs):
+        optimizer, schedule = real_cosine_sgd(*args, **kwargs)
+        made.append((kwargs["total_steps"], optimizer, schedule))
+        return optimizer, schedule
+
+    monkeypatch.setattr(linear_module, "cosine_sgd", recording_cosine_sgd)
+    train_images, train_labels = colour_images(10)  # 30 images, batch 8: 4 steps per epoch
+    test_images, test_labels = colour_images(4, seed=1)
+    linear_probe(
+        warmed_net(), train_images, train_labels, test_images, test_labels,
+        train_transform=train_transform, eval_transform=eval_transform,
+        epochs=3, batch_size=8, lr=0.5, progress=False,
+    )  # fmt: skip
+    ((total_steps, optimizer, schedule),) = made
+    assert total_steps == 3 * 4
+    assert schedule.last_epoch == total_steps
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_full_linear_probe_is_seeded() -> None:
     train_images, train_labels = colour_images(12)
     test_images, test_labels = colour_images(8, seed=1)
