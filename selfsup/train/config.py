@@ -360,9 +360,17 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Impossible values, named with the setting and a fix."""
-    t, o, d = cfg.train, cfg.optim, cfg.data
+def _require_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    """Refuse a value outside ``allowed``, suggesting the nearest choice."""
+    _require(
+        value in allowed,
+        f"{key} must be one of {list(allowed)}, got {value!r}"
+        f"{_did_you_mean(str(value), list(allowed))}",
+    )
+
+
+def _validate_train(t: DictConfig) -> None:
+    """The ``train`` section: length, batch, logging, checks, kNN, device."""
     _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _require(
         t.batch_size >= 2,
@@ -380,6 +388,29 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("time_limit_min", "stop_after_epochs"):
         value = t[key]
         _require(value is None or value > 0, f"train.{key} must be > 0 (or null), got {value}")
+    for key, allowed in (
+        ("precision", PRECISIONS),
+        ("compile", ("auto", "true", "false")),
+        ("collapse", ("off", "warn", "stop")),
+        ("on_nan", ("stop", "skip")),
+    ):
+        value = str(t[key]).lower() if key == "compile" else t[key]
+        _require_choice(f"train.{key}", value, allowed)
+    _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    _require(t.knn_every >= 0, f"train.knn_every must be >= 0, got {t.knn_every}")
+    _require(
+        t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}"
+    )
+    _require(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+        f"train.device must be auto, cpu or cuda[:N], got {t.device!r}",
+    )
+    _require(t.knn_k >= 1, f"train.knn_k must be >= 1, got {t.knn_k}")
+    _require(t.knn_temperature > 0, f"train.knn_temperature must be > 0, got {t.knn_temperature}")
+
+
+def _validate_optim(o: DictConfig, t: DictConfig) -> None:
+    """The ``optim`` section (its warm-up against ``train.epochs``)."""
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _require(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
@@ -388,20 +419,26 @@ def validate_config(cfg: DictConfig) -> None:
         o.warmup_epochs < t.epochs or o.warmup_epochs == 0,
         f"optim.warmup_epochs ({o.warmup_epochs}) must be below train.epochs ({t.epochs})",
     )
-    choices = {
-        "optim.name": (o.name, ("sgd", "lars")),
-        "optim.lr_scaling": (o.lr_scaling, ("linear", "sqrt", "none")),
-        "train.precision": (t.precision, PRECISIONS),
-        "train.compile": (str(t.compile).lower(), ("auto", "true", "false")),
-        "train.collapse": (t.collapse, ("off", "warn", "stop")),
-        "train.on_nan": (t.on_nan, ("stop", "skip")),
-    }
-    for key, (value, allowed) in choices.items():
-        _require(
-            value in allowed,
-            f"{key} must be one of {list(allowed)}, got {value!r}"
-            f"{_did_you_mean(str(value), list(allowed))}",
-        )
+    _require_choice("optim.name", o.name, ("sgd", "lars"))
+    _require_choice("optim.lr_scaling", o.lr_scaling, ("linear", "sqrt", "none"))
+    _require(
+        o.lr_reference_batch >= 1,
+        f"optim.lr_reference_batch must be >= 1 (the batch the base lr is given for), got "
+        f"{o.lr_reference_batch}",
+    )
+    _require(
+        0 <= o.min_lr_ratio <= 1,
+        f"optim.min_lr_ratio must be in [0, 1] (the cosine's final lr as a fraction of the "
+        f"base), got {o.min_lr_ratio}",
+    )
+    _require(
+        o.trust_coefficient > 0,
+        f"optim.trust_coefficient (LARS eta) must be > 0, got {o.trust_coefficient}",
+    )
+
+
+def _validate_data(d: DictConfig, t: DictConfig) -> None:
+    """The ``data`` section: sizes, crops, limit (against ``train.batch_size``), mean/std."""
     _require(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
     _require(
         d.storage_size is None or d.storage_size >= d.image_size,
@@ -431,15 +468,6 @@ def validate_config(cfg: DictConfig) -> None:
         f"(train.batch_size={t.batch_size}); lower --batch-size, or raise data.limit if the "
         "data holds more images",
     )
-    _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
-    _require(t.knn_every >= 0, f"train.knn_every must be >= 0, got {t.knn_every}")
-    _require(
-        t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}"
-    )
-    _require(
-        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-        f"train.device must be auto, cpu or cuda[:N], got {t.device!r}",
-    )
     for key in ("mean", "std"):
         value = d[key]
         _require(value is None or len(value) == 3, f"data.{key} needs 3 values (RGB), got {value}")
@@ -451,22 +479,13 @@ def validate_config(cfg: DictConfig) -> None:
     _require(
         d.std is None or all(v > 0 for v in d.std), f"data.std must be > 0 per channel, got {d.std}"
     )
-    _require(
-        o.lr_reference_batch >= 1,
-        f"optim.lr_reference_batch must be >= 1 (the batch the base lr is given for), got "
-        f"{o.lr_reference_batch}",
-    )
-    _require(
-        0 <= o.min_lr_ratio <= 1,
-        f"optim.min_lr_ratio must be in [0, 1] (the cosine's final lr as a fraction of the "
-        f"base), got {o.min_lr_ratio}",
-    )
-    _require(
-        o.trust_coefficient > 0,
-        f"optim.trust_coefficient (LARS eta) must be > 0, got {o.trust_coefficient}",
-    )
-    _require(t.knn_k >= 1, f"train.knn_k must be >= 1, got {t.knn_k}")
-    _require(t.knn_temperature > 0, f"train.knn_temperature must be > 0, got {t.knn_temperature}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Impossible values, named with the setting and a fix."""
+    _validate_train(cfg.train)
+    _validate_optim(cfg.optim, cfg.train)
+    _validate_data(cfg.data, cfg.train)
     validate_method_and_model(cfg)
     resolve_views(cfg)  # augmentation keys and values, before any data is read
 
