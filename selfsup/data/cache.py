@@ -269,6 +269,44 @@ def load_dataset(
         _remove_partials(root, stem, keep=npy_path)
 
     _check_cache_root(root)
+    _build_cache(
+        spec,
+        source,
+        split,
+        listed,
+        npy_path,
+        meta_path,
+        root,
+        storage_size=storage_size,
+        workers=workers,
+        progress=progress,
+        max_pixels=max_pixels,
+    )
+    _remove_stale(root, stem, keep=npy_path.stem.rsplit("-", 1)[1])
+    _remove_partials(root, stem)
+    loaded = _load_cache(npy_path, meta_path)
+    if loaded is None:  # pragma: no cover - only if the disk changed under us
+        raise DataError(f"the cache {npy_path} just written cannot be read back; check the disk")
+    return loaded.spread(limit, by_path=by_path)
+
+
+def _build_cache(
+    spec: SourceSpec,
+    source: str | os.PathLike[str],
+    split: str,
+    listed: ListedSource | None,
+    npy_path: Path,
+    meta_path: Path,
+    root: Path,
+    *,
+    storage_size: int | None,
+    workers: int | None,
+    progress: bool,
+    max_pixels: int | None,
+) -> None:
+    """Decode ``split`` of the source (``listed``'s files for a folder or archive, else its
+    arrays) into ``npy_path`` and write ``meta_path`` beside it (paths, labels, classes,
+    skipped files, shape). A full disk is a DataError that says where to make room."""
     try:
         worker_count = workers if workers is not None else min(8, os.cpu_count() or 1)
         if spec.kind in ("folder", "tar"):
@@ -306,12 +344,6 @@ def load_dataset(
             f"cannot write the data cache {npy_path} ({error.strerror}); free space there, or "
             "set data.cache_dir (eval/embed: --cache-dir) or $SELFSUP_CACHE to a disk with room"
         ) from None
-    _remove_stale(root, stem, keep=npy_path.stem.rsplit("-", 1)[1])
-    _remove_partials(root, stem)
-    loaded = _load_cache(npy_path, meta_path)
-    if loaded is None:  # pragma: no cover - only if the disk changed under us
-        raise DataError(f"the cache {npy_path} just written cannot be read back; check the disk")
-    return loaded.spread(limit, by_path=by_path)
 
 
 def _check_cache_root(root: Path) -> None:
