@@ -195,12 +195,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
-    from selfsup.methods import method_defaults
     from selfsup.run import QUICKSTART_SOURCE, default_out, default_preset
-    from selfsup.train.config import resolve_config, resolve_views, to_yaml
+    from selfsup.train.config import defaults_comment, resolve_config, to_yaml
 
     preset = default_preset(args.preset, args.data)  # as pretrain
     flags = _run_flags(args)
@@ -212,17 +208,7 @@ def _config(args: argparse.Namespace) -> int:
             f"--data with it (data.source below is the quickstart's)"
         )
     print(to_yaml(cfg))
-    # what the keys left unset above resolve to, so every setting can be seen (and overridden)
-    defaults = method_defaults(cfg.method.name)
-    print(f"# method.* not set above take {cfg.method.name}'s defaults:")
-    for key, default in defaults.items():
-        if key not in cfg.method:
-            print(f"#   method.{key}: {json.dumps(default)}")
-    print("# the two views: the method's recipe with the augment.* settings above applied")
-    print("# (override any key as augment.view1.<key>, augment.view2.<key> or augment.both.<key>):")
-    for name, view in zip(("view1", "view2"), resolve_views(cfg), strict=True):
-        values = ", ".join(f"{k}: {json.dumps(v)}" for k, v in dataclasses.asdict(view).items())
-        print(f"#   {name}: {{{values}}}")
+    print(defaults_comment(cfg), end="")  # what the keys left unset above resolve to
     return 0
 
 

@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tiny_runs import TINY, run
 
 from selfsup.cli import main
+from selfsup.methods import method_defaults
 from selfsup.train.logging import read_metrics
 
 # MoCo's loss is not monotone over a few dozen steps: it rises while the queue's random initial
@@ -36,6 +38,15 @@ def test_method_learns_on_real_digits(tmp_path, method):
         assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
     state = torch.load(tmp_path / "run" / "encoder.pt", weights_only=True)
     assert "conv1.weight" in state and not any(k.startswith("fc.") for k in state)
+    # config.yaml records every value the run used: the method's defaults it left unset and
+    # the two views' augmentation, as comments that leave the config itself as it was
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    saved = OmegaConf.create(text)
+    unset = {k: v for k, v in method_defaults(method).items() if k not in saved.method}
+    assert unset, "the tiny run sets no method option: nothing to check"
+    for key, value in unset.items():
+        assert f"#   method.{key}: {json.dumps(value)}\n" in text, key
+    assert text.count("#   view1: {crop_scale: [0.5, 1.0]") == 1 and "#   view2: {" in text
 
 
 @pytest.mark.parametrize("method", ["byol", "moco"])  # MoCo: queue and shuffle-BN's draws too
@@ -46,6 +57,8 @@ def test_resume_after_epoch_matches_uninterrupted_run(tmp_path, method):
     assert run(tmp_path, method, *common, "train.stop_after_epochs=1", out="split") == 3
     assert not (tmp_path / "split" / "encoder.pt").exists()
     assert main(["pretrain", "--out", str(tmp_path / "split"), "--resume"]) == 0
+    config = (tmp_path / "split" / "config.yaml").read_text()
+    assert config.count("# method.* not set above") == 1  # rewritten at the resume, not appended
     full = torch.load(tmp_path / "full" / "encoder.pt", weights_only=True)
     split = torch.load(tmp_path / "split" / "encoder.pt", weights_only=True)
     assert full.keys() == split.keys()

@@ -687,3 +687,26 @@ def config_hash(cfg: DictConfig, keys: tuple[str, ...] = ("method", "model", "au
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def defaults_comment(cfg: DictConfig) -> str:
+    """YAML comment lines with what the settings ``cfg`` leaves unset resolve to: the method's
+    defaults for each ``method.*`` key it does not set, and both views' augmentation. Printed
+    by ``selfsup config`` and appended to a run's config.yaml, so every value a run used can be
+    read there (and overridden) even though the config itself names only what was set."""
+    import dataclasses
+
+    from selfsup.methods import method_defaults
+
+    lines = [f"# method.* not set above take {cfg.method.name}'s defaults:"]
+    for key, default in method_defaults(cfg.method.name).items():
+        if key not in cfg.method:
+            lines.append(f"#   method.{key}: {json.dumps(default)}")
+    lines.append("# the two views: the method's recipe with the augment.* settings above applied")
+    lines.append(
+        "# (override any key as augment.view1.<key>, augment.view2.<key> or augment.both.<key>):"
+    )
+    for name, view in zip(("view1", "view2"), resolve_views(cfg), strict=True):
+        values = ", ".join(f"{k}: {json.dumps(v)}" for k, v in dataclasses.asdict(view).items())
+        lines.append(f"#   {name}: {{{values}}}")
+    return "\n".join(lines) + "\n"

@@ -50,7 +50,13 @@ from selfsup.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from selfsup.train.config import config_hash, eval_storage_size, resolve_views, to_yaml
+from selfsup.train.config import (
+    config_hash,
+    defaults_comment,
+    eval_storage_size,
+    resolve_views,
+    to_yaml,
+)
 from selfsup.train.distributed import (
     DistributedBatchStream,
     all_ranks_true,
@@ -1090,7 +1096,8 @@ class Trainer:
             # inherit them).
             saved = self.cfg.copy()
             saved.train.stop_after_epochs, saved.train.time_limit_min = None, None
-            run_config = to_yaml(saved)
+            # with the method's defaults and the views as comments: the run records every value
+            run_config = to_yaml(saved) + "\n" + defaults_comment(saved)
             atomic_write_text(self.run_dir / "config.yaml", run_config)
         logged_step = run.global_step + run.log_step_offset
         logger = MetricsLogger(
