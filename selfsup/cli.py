@@ -196,10 +196,16 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     from selfsup.run import QUICKSTART_SOURCE, default_out, default_preset
-    from selfsup.train.config import defaults_comment, resolve_config, to_yaml
+    from selfsup.train.config import (
+        defaults_comment,
+        refuse_flag_and_override,
+        resolve_config,
+        to_yaml,
+    )
 
     preset = default_preset(args.preset, args.data)  # as pretrain
     flags = _run_flags(args)
+    refuse_flag_and_override(flags, args.overrides)
     cfg = resolve_config(args.method, preset=preset, flags=flags, overrides=args.overrides)
     cfg.out = str(default_out(cfg, cfg.method.name, args.data))  # what pretrain would write to
     if args.data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:
@@ -316,7 +322,7 @@ def _check_data_early(args: argparse.Namespace) -> None:
     if data is None or args.command == "config":  # config prints settings; it reads no data
         return
     overridden = {o.split("=", 1)[0].strip() for o in getattr(args, "overrides", None) or []}
-    if overridden & {"data", "data.source"}:  # the override wins over --data: checked later
+    if overridden & {"data", "data.source"}:  # said with the override (they may disagree)
         return
     given = getattr(args, "encoder", None) or getattr(args, "classifier", None)
     if given is not None and not Path(given).exists():

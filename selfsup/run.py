@@ -69,8 +69,9 @@ def pretrain_config(
     """
     from omegaconf import OmegaConf
 
-    from selfsup.train.config import resolve_config
+    from selfsup.train.config import refuse_flag_and_override, resolve_config
 
+    refuse_flag_and_override(flags, overrides)
     saved = out / "config.yaml" if out else None
     if resume and saved is not None and saved.exists():
         base = OmegaConf.load(saved)

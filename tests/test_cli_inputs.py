@@ -389,8 +389,8 @@ def test_small_images_on_the_imagenet_stem_get_a_note(size, stem, noted, tmp_pat
 
 
 def test_a_data_source_override_wins_over_the_early_data_check(tmp_path, cli) -> None:
-    """``--data typo data.source=mnist5k``: the override is the data, so the typo is no error
-    (the run is then refused for what is really wrong: here, nothing to resume)."""
+    """``--data typo data.source=mnist5k``: the early check of --data does not name the typo as
+    missing data; the two settings disagree, and that is what the error says."""
     rc, _, err = cli("pretrain", "--data", tmp_path / "typo", "--out", tmp_path / "none",
                      "--resume", "data.source=mnist5k")  # fmt: skip
-    assert rc == 2 and "holds no run" in err and "typo" not in err
+    assert rc == 2 and "data.source is given twice" in err and "does not exist" not in err

@@ -409,3 +409,19 @@ def test_config_with_the_embedded_digits_shows_what_pretrain_trains(capsys, tmp_
     )
     assert shown["model"]["backbone"] == trained.model.backbone == "resnet_tiny"
     assert shown["train"]["epochs"] == trained.train.epochs
+
+
+def test_a_flag_and_an_override_of_the_same_setting_must_agree(capsys, tmp_path):
+    """`--epochs 2 train.epochs=3` used to train 3 epochs without a word: the override won."""
+    from selfsup.cli import main
+
+    assert main(["config", "--epochs", "2", "train.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs is given twice: --epochs 2 and the override train.epochs=3" in err
+    out = tmp_path / "run"
+    argv = ["pretrain", "--out", str(out), "--batch-size", "8", "train.batch_size=1000"]
+    assert main(argv) == 2
+    assert "--batch-size 8 and the override train.batch_size=1000" in capsys.readouterr().err
+    assert not out.exists()  # refused before the run directory is made
+    assert main(["config", "--epochs", "2", "train.epochs=2", "--limit", "500"]) == 0  # agree
+    assert main(["config", "--data", str(tmp_path), f"data.source={tmp_path}"]) == 0

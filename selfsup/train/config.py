@@ -278,6 +278,40 @@ def resolve_config(
     return cfg
 
 
+FLAG_OF_SETTING = {  # the `selfsup pretrain` / `selfsup config` flag that sets each setting
+    "data.source": "--data",
+    "train.epochs": "--epochs",
+    "train.batch_size": "--batch-size",
+    "model.backbone": "--backbone",
+    "data.image_size": "--image-size",
+    "data.limit": "--limit",
+    "train.device": "--device",
+}
+
+
+def refuse_flag_and_override(flags: dict[str, Any], overrides: list[str] | None) -> None:
+    """A setting given both by its flag (``--epochs 2``; ``epochs=2`` in Python) and by a
+    ``key=value`` override with another value (``train.epochs=3``) is an error: the override
+    would win without a word, and the run would not be the one the flag asked for."""
+    for item in overrides or []:
+        key, _, text = item.partition("=")
+        key = key.strip()
+        flag = flags.get(key)
+        if flag is None or "=" not in item:
+            continue
+        try:
+            value = OmegaConf.from_dotlist([item]).get(key.split(".")[0])
+            for part in key.split(".")[1:]:
+                value = value[part]
+        except (OmegaConfBaseException, KeyError, TypeError, yaml.YAMLError):
+            value = text
+        if value != _flag_value(key, flag) and str(value) != str(flag):
+            name = FLAG_OF_SETTING.get(key, key)
+            raise ConfigError(
+                f"{key} is given twice: {name} {flag} and the override {item}; give one of them"
+            )
+
+
 def override_keys(overrides: list[str] | None) -> list[str]:
     """The keys of ``key=value`` overrides (``optim.lr`` of ``optim.lr=0.1``)."""
     return [item.split("=", 1)[0].strip() for item in overrides or []]
