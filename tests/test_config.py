@@ -425,3 +425,18 @@ def test_a_flag_and_an_override_of_the_same_setting_must_agree(capsys, tmp_path)
     assert not out.exists()  # refused before the run directory is made
     assert main(["config", "--epochs", "2", "train.epochs=2", "--limit", "500"]) == 0  # agree
     assert main(["config", "--data", str(tmp_path), f"data.source={tmp_path}"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train=5", "train is a section of settings (epochs, batch_size, "),
+        ("model=resnet18", "set one of its keys, e.g. model.backbone=..."),
+        ("train.epochs=", "setting 'train.epochs': it needs a value of type int"),
+    ],
+)
+def test_an_override_of_a_section_or_with_no_value_says_what_to_write(override, expected):
+    """Not OmegaConf's "Merge error: int is not a subclass of TrainConfig"."""
+    with pytest.raises(ConfigError) as caught:
+        resolve_config("simclr", overrides=[override])
+    assert expected in str(caught.value) and "subclass" not in str(caught.value)

@@ -176,6 +176,15 @@ def _check_keys(node: Any, schema: Any, prefix: str) -> None:
                 owners = [f"{s}.{key}" for s in sections if key in schema[s]]
                 hint = f" (did you mean {' or '.join(map(repr, owners))}?)" if owners else hint
             raise ConfigError(f"unknown setting {where!r}{hint}")
+        if isinstance(schema[key], DictConfig) and not isinstance(value, dict):
+            # `train=5`: OmegaConf would say "Merge error: int is not a subclass of TrainConfig"
+            keys = list(schema[key].keys())
+            example = f"{prefix}{key}.{keys[0]}" if keys else f"{prefix}{key}.<key>"
+            listed = f" ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
+            raise ConfigError(
+                f"{prefix}{key} is a section of settings{listed}, not a value; set one of its "
+                f"keys, e.g. {example}=..."
+            )
         _check_keys(value, schema[key], f"{prefix}{key}.")
 
 
@@ -190,6 +199,9 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
         msg = str(exc).splitlines()[0]
+        if msg.startswith("Incompatible value 'None'"):  # `train.epochs=`: YAML reads null
+            kind = msg.split("of type ")[-1].strip("'")
+            msg = f"it needs a value of type {kind}; an empty one is read as null"
         raise ConfigError(f"{source}: setting {key!r}: {msg}") from None
 
 
