@@ -39,7 +39,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """``train.precision`` -> ``"bf16"``, ``"fp16"`` or ``"fp32"`` for ``device``.
 
     ``auto`` picks :func:`native_autocast_precision`. An explicit ``bf16`` on a CUDA GPU without
-    native bf16 is honoured, with a warning that fp16 is faster there.
+    native bf16 is honoured, with a warning that fp16 is faster there; so is an explicit
+    ``bf16`` or ``fp16`` on the CPU, with a warning that fp32 is faster there.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -49,6 +50,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         print(
             f"selfsup: warning: {torch.cuda.get_device_name(device)} only emulates bf16 "
             f"(slowly); train.precision=fp16 (or auto) is faster on it",
+            file=sys.stderr,
+        )
+    if precision != "fp32" and device.type == "cpu":
+        # most CPUs have no bf16 / fp16 arithmetic: autocast there converts, and computes slower
+        print(
+            f"selfsup: warning: train.precision={precision} on the CPU: autocast there is usually "
+            f"many times slower than fp32 (CPUs without native {precision} arithmetic); "
+            "train.precision=auto (fp32 on the CPU) is faster",
             file=sys.stderr,
         )
     return precision

@@ -46,6 +46,17 @@ def test_explicit_bf16_on_a_gpu_without_it_is_honoured_with_a_warning(monkeypatc
         resolve_precision("fp8", CUDA)
 
 
+def test_explicit_autocast_on_the_cpu_is_honoured_with_a_warning(capsys):
+    """bf16 autocast on a CPU without bf16 arithmetic: a resnet18 step took 24x fp32's time on
+    the development machine; the run must say so rather than look hung."""
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32" and not capsys.readouterr().err
+    for precision in ("bf16", "fp16"):
+        assert resolve_precision(precision, cpu) == precision
+        err = capsys.readouterr().err
+        assert f"train.precision={precision} on the CPU" in err and "auto" in err
+
+
 class LinearMethod(nn.Module):
     """A one-layer "method": loss = gain * sum(linear(x1) * x2); counts target updates."""
 
