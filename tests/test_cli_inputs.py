@@ -394,3 +394,19 @@ def test_a_data_source_override_wins_over_the_early_data_check(tmp_path, cli) ->
     rc, _, err = cli("pretrain", "--data", tmp_path / "typo", "--out", tmp_path / "none",
                      "--resume", "data.source=mnist5k")  # fmt: skip
     assert rc == 2 and "data.source is given twice" in err and "does not exist" not in err
+
+
+def test_eval_says_which_given_options_it_does_not_use(trained, tmp_path, cli) -> None:
+    """`--protocol all` runs the fast linear probe unless told: --linear-epochs would be
+    dropped without a word."""
+    argv = ["eval", trained["run"], "--data", "mnist5k", "--limit", "40", "--cache-dir",
+            trained["cache"], "--results-csv", tmp_path / "r.csv", "--no-progress",
+            "--protocol", "linear", "--linear-epochs", "3", "--linear-lr", "0.2",
+            "--lbfgs-iters", "20", "--knn-k", "5"]  # fmt: skip
+    rc, _, err = cli(*argv)
+    assert rc == 0, err
+    assert "--linear-epochs and --linear-lr are options of the full linear probe" in err
+    assert "--knn-k is an option of the kNN" in err
+    assert "--lbfgs-iters" not in err  # the fast probe ran: it used it
+    rc, _, err = cli(*argv[:-2], "--linear-mode", "both")  # used: no note
+    assert rc == 0 and "no effect" not in err, err

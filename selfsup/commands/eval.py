@@ -31,6 +31,7 @@ from selfsup.commands.common import (
 )
 from selfsup.commands.table import CSV_METRICS, append_results, check_results_csv
 from selfsup.errors import ConfigError, DataError
+from selfsup.run import is_first_rank
 
 if TYPE_CHECKING:  # imported where used: `selfsup --help` and argument errors stay fast
     import torch
@@ -179,6 +180,64 @@ def add_arguments(sub, name: str) -> None:
         "label fraction) in <run>/classifiers/ as a torchvision state_dict + .json, for "
         "`selfsup predict`",
     )
+    _OPTION_DEFAULTS.update({dest: p.get_default(dest) for dest, _, _ in _PROTOCOL_OPTIONS})
+
+
+# the options of one protocol (dest, flag, the plan's field that runs it), noted when given to an
+# eval that does not run that protocol: `--protocol all --linear-epochs 3` runs the fast probe
+_PROTOCOL_OPTIONS = (
+    ("linear_epochs", "--linear-epochs", "linear_full"),
+    ("linear_lr", "--linear-lr", "linear_full"),
+    ("linear_weight_decay", "--linear-weight-decay", "linear_full"),
+    ("lbfgs_iters", "--lbfgs-iters", "linear_fast"),
+    ("lbfgs_weight_decay", "--lbfgs-weight-decay", "linear_fast"),
+    ("finetune_epochs", "--finetune-epochs", "finetune"),
+    ("finetune_lr", "--finetune-lr", "finetune"),
+    ("label_fraction", "--label-fraction", "finetune"),
+    ("supervised_lr", "--supervised-lr", "finetune"),
+    ("knn_k", "--knn-k", "knn"),
+    ("knn_temperature", "--knn-temperature", "knn"),
+)
+_OPTION_DEFAULTS: dict[str, object] = {}  # filled by add_arguments
+_PROTOCOL_NAMES = {
+    "linear_full": "the full linear probe (--protocol linear or all with --linear-mode full "
+    "or both)",
+    "linear_fast": "the fast linear probe (--protocol linear or all with --linear-mode fast "
+    "or both)",
+    "finetune": "fine-tuning (--protocol finetune or all)",
+    "knn": "the kNN (--protocol knn or all)",
+}
+
+
+def _note_unused_options(args: argparse.Namespace, plan: EvalPlan) -> None:
+    """Say which given options this eval does not use, rather than drop them without a word."""
+    unused: dict[str, list[str]] = {}
+    for dest, flag, protocol in _PROTOCOL_OPTIONS:
+        if dest not in _OPTION_DEFAULTS or getattr(args, dest, None) == _OPTION_DEFAULTS[dest]:
+            continue
+        if not getattr(plan, protocol):
+            unused.setdefault(protocol, []).append(flag)
+    if (
+        plan.finetune
+        and not args.baselines
+        and args.supervised_lr != _OPTION_DEFAULTS.get("supervised_lr", args.supervised_lr)
+    ):
+        unused.setdefault("baselines", []).append("--supervised-lr")
+    for protocol, flags in unused.items():
+        what = (
+            "the supervised baseline (--baselines)"
+            if protocol == "baselines"
+            else _PROTOCOL_NAMES[protocol]
+        )
+        if is_first_rank():
+            print(
+                f"selfsup: note: {' and '.join(flags)} "
+                + ("is an option" if len(flags) == 1 else "are options")
+                + f" of {what}, which this eval does not run: "
+                + ("it has" if len(flags) == 1 else "they have")
+                + " no effect",
+                file=sys.stderr,
+            )
 
 
 DEFAULT_RULES = {"finetune_epochs": "SimCLR's: 60 at 1% of the labels, 30 above"}  # for the JSON
@@ -915,6 +974,7 @@ def evaluate_encoder(args: argparse.Namespace) -> dict[str, Any]:
     # data
     _check_eval_args(args)
     plan = EvalPlan.of(args)
+    _note_unused_options(args, plan)
     device = _torchrun_device(args.device, "eval", plan.refused_under_torchrun())
     where = _locate_target(args)
     source = _eval_source(args, where)
