@@ -392,6 +392,8 @@ def test_bad_setting_is_named_and_exits_before_any_training_step(
     assert "selfsup: error:" in err and message in err, err
     assert "Traceback" not in err
     assert_no_training(out)
+    # nothing of good_folder is skipped: no skipped.csv, so the refused run leaves no directory
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
 
 
 def test_unknown_method_flag_is_refused_by_the_parser(tmp_path, good_folder, cache, capsys):

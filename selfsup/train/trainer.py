@@ -632,9 +632,14 @@ class Trainer:
         d, kwargs = self.cfg.data, self._load_kwargs()
         with main_process_first():  # rank 0 builds the cache, the others then read it
             train = load_dataset(d.source, "train", **kwargs)  # spread to d.limit
-        summary = write_skip_report(train, self.run_dir / "skipped.csv") if self.env.is_main else ""
-        if train.skipped and self.env.is_main:
-            print(f"selfsup: {summary} (list: {self.run_dir / 'skipped.csv'})", file=sys.stderr)
+        report = self.run_dir / "skipped.csv"
+        # written when files were skipped, or over the list of an earlier invocation (which
+        # would otherwise name files that are now used); a run refused below then leaves no
+        # directory holding only an empty list
+        if self.env.is_main and (train.skipped or report.exists()):
+            summary = write_skip_report(train, report)
+            if train.skipped:
+                print(f"selfsup: {summary} (list: {report})", file=sys.stderr)
         n = train.images.shape[0]
         if self.cfg.train.batch_size > n:
             raise ConfigError(
