@@ -137,8 +137,12 @@ def test_embed_npy_refuses_to_replace_a_csv_selfsup_did_not_write(trained, tmp_p
     for _ in range(2):
         rc, _, err = cli(*argv)
         assert rc == 0, err
-    assert index.read_text().splitlines()[0] == "index,path,label"
+    assert index.read_text().splitlines()[0] == "index,path,label,class"
     assert len(index.read_text().splitlines()) == 21 and np.load(out).shape[0] == 20
+    # an index of an earlier selfsup (no class column) is selfsup's too: replaced
+    index.write_text("index,path,label\n0,a.png,1\n")
+    rc, _, err = cli(*argv)
+    assert rc == 0 and index.read_text().startswith("index,path,label,class\n"), err
 
 
 # ---------------------------------------------------------------------------- 5: file names
@@ -161,7 +165,7 @@ def test_embed_writes_file_names_that_are_not_utf8(trained, tmp_path, cli) -> No
     paths = pq.read_table(tmp_path / "e.parquet")["path"].to_pylist()
     assert len(paths) == 4 and sum(p.endswith(escaped) for p in paths) == 1
     index = (tmp_path / "e.csv").read_text(encoding="utf-8").splitlines()
-    assert len(index) == 5 and sum(line.endswith(f"{escaped},") for line in index) == 1
+    assert len(index) == 5 and sum(line.endswith(f"{escaped},,") for line in index) == 1
     # .npz keeps the name itself: os.fsencode gives back its bytes
     names = np.load(tmp_path / "e.npz")["paths"].tolist()
     assert bad in names and os.fsencode(bad).endswith(b"/bad\xff\xfename.png")

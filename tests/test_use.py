@@ -487,6 +487,8 @@ def test_embed_then_load_then_embed_gives_the_same_vectors(trained, tmp_path) ->
     with open(npy.with_suffix(".csv"), newline="") as fh:
         index = list(csv.DictReader(fh))
     assert [r["path"] for r in index] == train.paths
+    assert [r["label"] for r in index] == [str(v) for v in train.labels.tolist()]
+    assert [r["class"] for r in index] == [train.classes[v] for v in train.labels.tolist()]
     table = pq.read_table(parquet)
     assert table.column_names == ["path", "label", "class", "embedding"]
     assert table["path"].to_pylist() == train.paths

@@ -41,7 +41,7 @@ def add_arguments(sub, name: str) -> None:
         "and classes when the data has labels; .parquet holds one row per image with columns "
         "path, label and class (when labeled) and embedding (a fixed-size list of D float32; "
         "needs pyarrow); .npy holds the embeddings only, "
-        "with paths and labels in a CSV of the same name beside it.",
+        "with index, path, label and class (the class's name) in a CSV of the same name beside it.",
     )
     p.add_argument("encoder", help="run directory or encoder file")
     p.add_argument("--data", required=True)
@@ -49,8 +49,8 @@ def add_arguments(sub, name: str) -> None:
     p.add_argument(
         "--out",
         required=True,
-        help="output .npz (embeddings, paths, labels), .parquet, or .npy (embeddings; paths "
-        "and labels in a .csv of the same name beside it)",
+        help="output .npz (embeddings, paths, labels), .parquet, or .npy (embeddings; paths, "
+        "labels and class names in a .csv of the same name beside it)",
     )
     p.add_argument("--limit", type=int, default=None, help="only N images, evenly spaced")
     p.add_argument("--image-size", type=int, default=None)
@@ -120,7 +120,8 @@ def _encode_source(
 
 
 EMBED_FORMATS = (".npz", ".parquet", ".npy")
-INDEX_FIELDS = ("index", "path", "label")  # the header of the CSV beside an embed's .npy
+INDEX_FIELDS = ("index", "path", "label", "class")  # the header of the CSV beside an embed's .npy
+EARLIER_INDEX_FIELDS = ("index", "path", "label")  # selfsup before the class column
 
 
 def _text_path(path: str) -> str:
@@ -149,7 +150,7 @@ def check_index_csv(out: Path) -> None:
     with contextlib.suppress(OSError, csv.Error):  # a folder, or unreadable: not ours either
         with open(index, newline="", encoding="utf-8", errors="replace") as fh:
             header = next(csv.reader(fh), None)
-    if header != list(INDEX_FIELDS):
+    if header not in (list(INDEX_FIELDS), list(EARLIER_INDEX_FIELDS)):
         raise ConfigError(
             f"--out {out}: the paths and labels of a .npy go to {index}, which exists and is "
             f"not an index written by `selfsup embed` (header {','.join(INDEX_FIELDS)}); pass "
@@ -161,9 +162,12 @@ def _write_index_csv(path: Path, ds) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(INDEX_FIELDS)
+        # class: the folder name of the label, as the .npz's classes and the parquet's column
+        classes = [_text_path(c) for c in ds.classes] if ds.classes else None
         for i in range(len(ds)):
             label = "" if ds.labels is None else int(ds.labels[i])
-            writer.writerow((i, _text_path(ds.paths[i]) if ds.paths else "", label))
+            name = classes[label] if classes is not None and label != "" else ""
+            writer.writerow((i, _text_path(ds.paths[i]) if ds.paths else "", label, name))
 
 
 def _require_pyarrow(out: Path):
