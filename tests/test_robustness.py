@@ -477,6 +477,7 @@ def test_unwritable_output_directory_is_refused_before_any_work(
     assert pretrain(out, data=good_folder, cache=cache) == 2
     err = capsys.readouterr().err
     assert f"cannot write to output directory {out}" in err and os.strerror(code) in err
+    assert "choose a --out in a folder you can write to" in err
     assert_no_training(out)
     assert not (out / "skipped.csv").exists()  # refused before the data was even read
 

@@ -169,7 +169,8 @@ def lock_run_dir(out: Path) -> RunDirLock:
             handle = open(path, "a+")  # noqa: SIM115 - held open until the run ends
         except OSError as exc:  # a file in the way, a path that cannot be made
             raise ConfigError(
-                f"cannot write to output directory {out}: {exc.strerror or exc}"
+                f"cannot write to output directory {out}: {exc.strerror or exc}; choose a "
+                "--out in a folder you can write to"
             ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -276,7 +277,8 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(
-            f"cannot write to output directory {out}: {exc.strerror or exc}"
+            f"cannot write to output directory {out}: {exc.strerror or exc}; choose a --out in "
+            "a folder you can write to"
         ) from None
 
 
