@@ -180,24 +180,17 @@ def add_arguments(sub, name: str) -> None:
         "label fraction) in <run>/classifiers/ as a torchvision state_dict + .json, for "
         "`selfsup predict`",
     )
-    _OPTION_DEFAULTS.update({dest: p.get_default(dest) for dest, _, _ in _PROTOCOL_OPTIONS})
+    _OPTION_DEFAULTS.update({dest: p.get_default(dest) for dest, _ in _protocol_options()})
 
 
-# the options of one protocol (dest, flag, the plan's field that runs it), noted when given to an
-# eval that does not run that protocol: `--protocol all --linear-epochs 3` runs the fast probe
-_PROTOCOL_OPTIONS = (
-    ("linear_epochs", "--linear-epochs", "linear_full"),
-    ("linear_lr", "--linear-lr", "linear_full"),
-    ("linear_weight_decay", "--linear-weight-decay", "linear_full"),
-    ("lbfgs_iters", "--lbfgs-iters", "linear_fast"),
-    ("lbfgs_weight_decay", "--lbfgs-weight-decay", "linear_fast"),
-    ("finetune_epochs", "--finetune-epochs", "finetune"),
-    ("finetune_lr", "--finetune-lr", "finetune"),
-    ("label_fraction", "--label-fraction", "finetune"),
-    ("supervised_lr", "--supervised-lr", "finetune"),
-    ("knn_k", "--knn-k", "knn"),
-    ("knn_temperature", "--knn-temperature", "knn"),
-)
+def _protocol_options() -> list[tuple[str, str]]:
+    """``(dest, protocol)`` of each option that one protocol alone uses: its PROTOCOL_KNOBS
+    (less the batch size they share) and fine-tuning's label fractions. Noted when given to an
+    eval that does not run that protocol: `--protocol all --linear-epochs 3` runs the fast probe."""
+    knobs = [(k, p) for p, names in PROTOCOL_KNOBS.items() for k in names if k != "batch_size"]
+    return [*knobs, ("label_fraction", "finetune")]
+
+
 _OPTION_DEFAULTS: dict[str, object] = {}  # filled by add_arguments
 _PROTOCOL_NAMES = {
     "linear_full": "the full linear probe (--protocol linear or all with --linear-mode full "
@@ -212,11 +205,11 @@ _PROTOCOL_NAMES = {
 def _note_unused_options(args: argparse.Namespace, plan: EvalPlan) -> None:
     """Say which given options this eval does not use, rather than drop them without a word."""
     unused: dict[str, list[str]] = {}
-    for dest, flag, protocol in _PROTOCOL_OPTIONS:
+    for dest, protocol in _protocol_options():
         if dest not in _OPTION_DEFAULTS or getattr(args, dest, None) == _OPTION_DEFAULTS[dest]:
             continue
         if not getattr(plan, protocol):
-            unused.setdefault(protocol, []).append(flag)
+            unused.setdefault(protocol, []).append("--" + dest.replace("_", "-"))
     if (
         plan.finetune
         and not args.baselines

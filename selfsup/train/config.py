@@ -311,11 +311,9 @@ def refuse_flag_and_override(flags: dict[str, Any], overrides: list[str] | None)
         flag = flags.get(key)
         if flag is None or "=" not in item:
             continue
-        try:
-            value = OmegaConf.from_dotlist([item]).get(key.split(".")[0])
-            for part in key.split(".")[1:]:
-                value = value[part]
-        except (OmegaConfBaseException, KeyError, TypeError, yaml.YAMLError):
+        try:  # the value as the override sets it (YAML: `2` is a number)
+            value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+        except (OmegaConfBaseException, yaml.YAMLError):
             value = text
         if value != _flag_value(key, flag) and str(value) != str(flag):
             name = FLAG_OF_SETTING.get(key, key)
