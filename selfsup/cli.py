@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from selfsup.errors import DataError, SelfsupError, Terminated, sigterm_as_interrupt
-from selfsup.run import QUICKSTART_OUT, is_first_rank
+from selfsup.run import QUICKSTART_OUT, RUN_FLAGS, flag_spellings, is_first_rank
 
 METHOD_NAMES = ("simclr", "moco", "byol", "simsiam")
 # selfsup.train.distributed.EXIT_STATUS_ENV, spelled out so that a command that imported no torch
@@ -59,15 +59,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _run_flags(args: argparse.Namespace) -> dict:
-    return {
-        "data.source": args.data,
-        "train.epochs": args.epochs,
-        "train.batch_size": args.batch_size,
-        "model.backbone": args.backbone,
-        "data.image_size": args.image_size,
-        "data.limit": args.limit,
-        "train.device": args.device,
-    }
+    """The flags' values by setting (``{"train.epochs": 2, ...}``; ``None``: not given)."""
+    return {setting: getattr(args, name) for name, setting in RUN_FLAGS.items()}
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -205,7 +198,7 @@ def _config(args: argparse.Namespace) -> int:
 
     preset = default_preset(args.preset, args.data)  # as pretrain
     flags = _run_flags(args)
-    refuse_flag_and_override(flags, args.overrides)
+    refuse_flag_and_override(flags, args.overrides, flag_spellings(command_line=True))
     cfg = resolve_config(args.method, preset=preset, flags=flags, overrides=args.overrides)
     cfg.out = str(default_out(cfg, cfg.method.name, args.data))  # what pretrain would write to
     if args.data is None and preset != "quickstart" and cfg.data.source == QUICKSTART_SOURCE:

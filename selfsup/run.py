@@ -28,6 +28,26 @@ if TYPE_CHECKING:  # the trainer imports torch: not for `import selfsup`
 QUICKSTART_OUT = "runs/quickstart"
 QUICKSTART_SOURCE = "mnist5k"  # the quickstart preset's data.source
 
+# The settings with a flag of their own: each key is a keyword of :func:`pretrain` and, spelled
+# ``--batch-size``, a flag of ``selfsup pretrain`` / ``selfsup config`` (its argparse dest).
+RUN_FLAGS = {
+    "data": "data.source",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "backbone": "model.backbone",
+    "image_size": "data.image_size",
+    "limit": "data.limit",
+    "device": "train.device",
+}
+
+
+def flag_spellings(*, command_line: bool) -> dict[str, str]:
+    """How the user wrote each flag setting, for messages: ``--batch-size `` on the command
+    line, ``batch_size=`` in Python (the value follows)."""
+    if command_line:
+        return {setting: f"--{name.replace('_', '-')} " for name, setting in RUN_FLAGS.items()}
+    return {setting: f"{name}=" for name, setting in RUN_FLAGS.items()}
+
 
 def is_first_rank() -> bool:
     """True outside torchrun, and on its rank 0: the process that prints what every rank sees.
@@ -59,19 +79,21 @@ def pretrain_config(
     resume: bool,
     flags: dict[str, Any],
     overrides: list[str],
+    command_line: bool = True,
 ):
     """The resolved config and output directory of a pretrain; every error before long work.
 
     ``--resume`` of a run with a ``config.yaml`` starts from that file (flags and overrides
     given now still apply); otherwise the preset (``quickstart`` without ``data`` or with
     ``mnist5k``), ``method`` (else the preset file's ``method.name``, else simclr), flags and
-    ``key=value`` overrides.
+    ``key=value`` overrides. ``command_line`` says how messages name the flags (``--epochs 2``,
+    else :func:`pretrain`'s ``epochs=2``).
     """
     from omegaconf import OmegaConf
 
     from selfsup.train.config import refuse_flag_and_override, resolve_config
 
-    refuse_flag_and_override(flags, overrides)
+    refuse_flag_and_override(flags, overrides, flag_spellings(command_line=command_line))
     saved = out / "config.yaml" if out else None
     if resume and saved is not None and saved.exists():
         base = OmegaConf.load(saved)
@@ -392,16 +414,17 @@ def pretrain(
             raise DataError(f"data.source: {exc}") from None
         except TypeError:
             raise _setting_problem("data", data) from None
-    flags = {
-        "data.source": None if data is None else os.fspath(data),
-        "train.epochs": epochs,
-        "train.batch_size": batch_size,
-        "model.backbone": backbone,
-        "data.image_size": image_size,
-        "data.limit": limit,
-        "train.device": device,
-        "train.progress": None if progress else False,
+    given = {
+        "data": None if data is None else os.fspath(data),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "backbone": backbone,
+        "image_size": image_size,
+        "limit": limit,
+        "device": device,
     }
+    flags = {RUN_FLAGS[name]: value for name, value in given.items()}
+    flags["train.progress"] = None if progress else False
     cfg, run_dir = pretrain_config(
         method,
         flags["data.source"],
@@ -410,6 +433,7 @@ def pretrain(
         resume=resume,
         flags=flags,
         overrides=_override_strings(overrides),
+        command_line=False,
     )
     result = run_pretrain(cfg, run_dir, resume=resume, overwrite=overwrite)
     if result is None:  # another rank of torchrun, whose rank 0 refused the run directory

@@ -427,6 +427,18 @@ def test_a_flag_and_an_override_of_the_same_setting_must_agree(capsys, tmp_path)
     assert main(["config", "--data", str(tmp_path), f"data.source={tmp_path}"]) == 0
 
 
+def test_python_api_names_its_keyword_when_it_and_an_override_disagree(tmp_path):
+    """selfsup.pretrain(batch_size=8, ...) has no --batch-size flag: its message names the
+    keyword the caller wrote."""
+    import selfsup
+
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as caught:
+        selfsup.pretrain(out=out, batch_size=8, overrides={"train.batch_size": 1000})
+    assert "train.batch_size is given twice: batch_size=8 and the override" in str(caught.value)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

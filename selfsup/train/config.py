@@ -290,21 +290,13 @@ def resolve_config(
     return cfg
 
 
-FLAG_OF_SETTING = {  # the `selfsup pretrain` / `selfsup config` flag that sets each setting
-    "data.source": "--data",
-    "train.epochs": "--epochs",
-    "train.batch_size": "--batch-size",
-    "model.backbone": "--backbone",
-    "data.image_size": "--image-size",
-    "data.limit": "--limit",
-    "train.device": "--device",
-}
-
-
-def refuse_flag_and_override(flags: dict[str, Any], overrides: list[str] | None) -> None:
+def refuse_flag_and_override(
+    flags: dict[str, Any], overrides: list[str] | None, spellings: dict[str, str] | None = None
+) -> None:
     """A setting given both by its flag (``--epochs 2``; ``epochs=2`` in Python) and by a
     ``key=value`` override with another value (``train.epochs=3``) is an error: the override
-    would win without a word, and the run would not be the one the flag asked for."""
+    would win without a word, and the run would not be the one the flag asked for.
+    ``spellings`` names each flag as the user wrote it (``{"train.epochs": "--epochs "}``)."""
     for item in overrides or []:
         key, _, text = item.partition("=")
         key = key.strip()
@@ -316,9 +308,9 @@ def refuse_flag_and_override(flags: dict[str, Any], overrides: list[str] | None)
         except (OmegaConfBaseException, yaml.YAMLError):
             value = text
         if value != _flag_value(key, flag) and str(value) != str(flag):
-            name = FLAG_OF_SETTING.get(key, key)
+            name = (spellings or {}).get(key, f"{key}=")
             raise ConfigError(
-                f"{key} is given twice: {name} {flag} and the override {item}; give one of them"
+                f"{key} is given twice: {name}{flag} and the override {item}; give one of them"
             )
 
 
