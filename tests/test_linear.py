@@ -133,6 +133,8 @@ def test_fast_linear_probe_reaches_the_regularised_optimum() -> None:
     assert result["lbfgs_evals"] >= result["lbfgs_iters_run"]
     capped = linear_probe_features(x, y, x, y, num_classes=3, weight_decay=wd, max_iter=2)
     assert capped["lbfgs_iters_run"] <= 2
+    with pytest.raises(ValueError, match="max_iter=0: L-BFGS needs at least 1 iteration"):
+        linear_probe_features(x, y, x, y, num_classes=3, max_iter=0)  # would run 1, report 0
     xs = (x - x.mean(0)) / x.std(0, correction=0)
     weight = torch.zeros(3, 6, requires_grad=True)
     bias = torch.zeros(3, requires_grad=True)

@@ -466,7 +466,7 @@ def _lbfgs(head: nn.Linear, *, lr: float, max_iter: int) -> torch.optim.LBFGS:
     return torch.optim.LBFGS(
         head.parameters(),
         lr=lr,
-        max_iter=max(1, max_iter),
+        max_iter=max_iter,
         history_size=20,
         tolerance_grad=1e-9,
         tolerance_change=1e-12,
@@ -600,6 +600,8 @@ def linear_probe_features(
         (:func:`fold_standardisation`).
     """
     _check_feature_shapes(train_feats, test_feats)
+    if max_iter < 1:  # torch's L-BFGS would still run one iteration, and the result say 0
+        raise ValueError(f"max_iter={max_iter}: L-BFGS needs at least 1 iteration")
     if num_classes is None:
         num_classes = infer_num_classes(train_labels, test_labels)
     train_labels = check_labels(train_labels, train_feats.shape[0], num_classes, "train")
