@@ -838,14 +838,13 @@ def test_out_of_memory_names_the_settings_to_lower(
 
 
 def test_out_of_memory_in_eval_names_its_batch_size(baseline, cache, monkeypatch, capsys):
-    import selfsup.evaluate.features as features
     import selfsup.train.distributed as distributed
 
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(features, "extract_features", oom)
-    monkeypatch.setattr(distributed, "extract_features", oom)  # eval's path in any process count
+    # eval's kNN features come through distributed_extract_features in any process count
+    monkeypatch.setattr(distributed, "extract_features", oom)
     argv = ["eval", str(baseline), "--data", "mnist5k", "--limit", "50", "--cache-dir", str(cache)]
     assert main([*argv, "--protocol", "knn", "--batch-size", "128", "--no-progress"]) == 2
     message = capsys.readouterr().err
