@@ -31,6 +31,17 @@ DATA=${DATA:-.data/cifar10-jpg.tar.gz}
 OUT=${OUT:-/tmp/selfsup-device-out}
 RUNS=${RUNS:-runs}           # run directories (git-ignored)
 CACHE=${CACHE:-.cache}       # the uint8 cache and lightly's extracted JPEGs (git-ignored)
+PHASES=("$@")
+((${#PHASES[@]})) || PHASES=(cuda-tests throughput-byol pretrain-byol)
+# a misspelt phase is refused before any of the device time goes on imports and checks
+METHODS="simclr|moco|byol|simsiam"
+for phase in "${PHASES[@]}"; do
+    if ! [[ $phase =~ ^(cuda-tests|throughput-byol|throughput-rest|(pretrain|tta)-($METHODS))$ ]]; then
+        echo "unknown phase $phase (cuda-tests, throughput-byol, throughput-rest," \
+            "pretrain-METHOD, tta-METHOD; METHOD: ${METHODS//|/, })" >&2
+        exit 2
+    fi
+done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -127,9 +138,6 @@ run_phase() {
     tail -n 5 "$OUT/$name.log"
 }
 
-PHASES=("$@")
-((${#PHASES[@]})) || PHASES=(cuda-tests throughput-byol pretrain-byol)
-
 for phase in "${PHASES[@]}"; do
     case $phase in
     cuda-tests)
@@ -171,10 +179,6 @@ for phase in "${PHASES[@]}"; do
         run_phase "$phase" 150 "$PY" bench/time_to_accuracy.py --method "$method" --data "$DATA" \
             --out "$RUNS/$phase" --cache-dir "$CACHE/selfsup" --budget-min "$minutes" \
             --copy-to "$OUT" "${tta_extra[@]}"
-        ;;
-    *)
-        echo "unknown phase $phase" >&2
-        exit 2
         ;;
     esac
 done

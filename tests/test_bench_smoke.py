@@ -286,5 +286,7 @@ def test_device_check_skips_phases_the_budget_cannot_hold(tmp_path):
         ("throughput-byol", "skipped"),
         ("tta-byol", "skipped"),
     ]
-    proc, _, _ = run_device_check(tmp_path, "no-such-phase", budget_s=100)
-    assert proc.returncode == 2 and "unknown phase no-such-phase" in proc.stderr
+    refused = tmp_path / "refused"  # before any import or check: nothing written, no time spent
+    proc, _, _ = run_device_check(refused, "pretrain-byol", "pretrain-bylo", budget_s=100)
+    assert proc.returncode == 2 and "unknown phase pretrain-bylo" in proc.stderr
+    assert not (refused / "out").exists()
