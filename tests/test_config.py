@@ -89,7 +89,8 @@ def test_config_hash_tracks_what_defines_the_weights():
 
 def test_every_preset_file_is_packaged():
     """pyproject's package-data must ship every preset: a wheel without presets/cifar10/*.yaml
-    or presets/quickstart/<method>.yaml would silently train another recipe."""
+    or presets/quickstart/<method>.yaml would silently train another recipe. And the PEP 561
+    marker, without which a type checker treats ``import selfsup`` as untyped."""
     import tomllib
     from pathlib import Path
 
@@ -101,6 +102,7 @@ def test_every_preset_file_is_packaged():
     packaged = {p for g in globs for p in package.glob(g)}
     presets = set((package / "presets").rglob("*.yaml"))
     assert presets and presets <= packaged, sorted(str(p) for p in presets - packaged)
+    assert package / "py.typed" in packaged
 
 
 def test_a_gpu_index_the_machine_lacks_is_a_config_error(monkeypatch):
