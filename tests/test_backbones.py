@@ -322,6 +322,25 @@ def test_a_failed_export_leaves_no_folder_and_a_size_the_encoder_refuses_is_said
     assert not (mobile / "export").exists()
 
 
+def test_a_size_the_encoder_refuses_names_the_encoder_file_given(tmp_path, monkeypatch):
+    """`selfsup embed` / `neighbors` of a bare encoder file at a size it cannot take name that
+    file (they named its folder: `.: the encoder does not take ...` for a file in this folder)."""
+    from PIL import Image
+
+    torch.save(build_backbone("convnext_tiny")[0].state_dict(), tmp_path / "encoder.pt")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "0.png")
+    monkeypatch.chdir(tmp_path)
+    cache = str(tmp_path / "cache")
+    rc, _, err = cli("embed", "encoder.pt", "--data", "images", "--image-size", "20",
+                     "--out", "emb.npz", "--cache-dir", cache)  # fmt: skip
+    assert rc == 2 and "error: encoder.pt: the encoder does not take 20 px images" in err, err
+    rc, _, err = cli("neighbors", "encoder.pt", "--data", "images", "--query", "images/0.png",
+                     "--image-size", "20", "--cache-dir", cache)  # fmt: skip
+    assert rc == 2 and "error: encoder.pt: the encoder does not take 20 px images" in err, err
+    assert not (tmp_path / "cache").exists()  # refused before any image was decoded
+
+
 # ---------------------------------------------------------------------------- end to end
 def test_a_torchvision_model_run_exports_to_torchvision_and_its_classifier_loads(tmp_path):
     extra = ["model.backbone=mobilenet_v3_small", "train.epochs=1"]

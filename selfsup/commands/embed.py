@@ -84,8 +84,9 @@ def embed_dataset(
     model = encoder if encoder is not None else load_encoder(encoder_path)
     info = _run_info(Path(encoder_path), model)
     return _encode_source(
-        model, info, source, split, image_size, batch_size, device, cache_dir, limit, progress
-    )
+        model, info, source, split, image_size, batch_size, device, cache_dir, limit, progress,
+        where=encoder_path,
+    )  # fmt: skip
 
 
 def _encode_source(
@@ -99,17 +100,20 @@ def _encode_source(
     cache_dir: str | None,
     limit: int | None,
     progress: bool = False,
+    *,
+    where: str | Path | None = None,
 ):
     """(``model``'s outputs float32 ``[N, K]`` on the CPU, the ``ImageDataset``): ``source`` /
     ``split`` decoded at the sizes of ``info`` (a run's or a classifier's metadata: storage and
     image size, eval_crop, mean/std) and prepared by the evaluation's transform, as ``eval`` does.
     The images of ``embed`` (K = the feature size) and ``predict`` (K = the classes). Under
-    torchrun each process encodes its share and all get every row."""
+    torchrun each process encodes its share and all get every row. ``where``: the encoder (or
+    classifier) file or run directory given, which an error names."""
     from selfsup.export import check_input_size
     from selfsup.train.distributed import distributed_extract_features, main_process_first
 
     load_size, size = _sizes(info, image_size)
-    check_input_size(model, size, info.get("run_dir") or "the encoder", info.get("image_size"))
+    check_input_size(model, size, where or "the encoder", info.get("image_size"))
     with main_process_first():
         ds = _load(source, split, load_size, cache_dir, limit, progress and is_first_rank())
     mean, std = _normalisation(info, ds.images)

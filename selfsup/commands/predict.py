@@ -68,7 +68,7 @@ def predict_dataset(
     clf = classifier if classifier is not None else load_classifier(classifier_path)
     logits, ds = _encode_source(
         clf.model, clf.metadata, source, split, None, batch_size, device, cache_dir, limit,
-        progress,
+        progress, where=classifier_path,
     )  # fmt: skip
     confidence, index = logits.softmax(dim=1).max(dim=1)
     correct = scored = 0
