@@ -35,13 +35,31 @@ TABLE_FIELDS = RESULT_FIELDS[:-3]  # what a results CSV of an earlier selfsup ho
 CSV_METRICS = ("top1", "top5", "seconds")  # the numbers of a result that get a CSV line
 
 
+def _csv_header(csv_path: Path, fix: str, *, new_file_ok: bool = False) -> list[str] | None:
+    """The header of an existing CSV file; a folder, or a file that is not text (a binary file,
+    a spreadsheet), is a DataError that says ``fix``, not a traceback. A folder's
+    ``results.csv`` is named as the file to pass when it exists (or ``new_file_ok``)."""
+    if csv_path.is_dir():
+        inside = csv_path / "results.csv"
+        fix = f"pass the file, e.g. {inside}" if new_file_ok or inside.is_file() else fix
+        raise DataError(f"{csv_path} is a folder, not a results CSV; {fix}")
+    try:
+        with open(csv_path, newline="") as fh:
+            return csv.DictReader(fh).fieldnames
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{csv_path} is not a results CSV written by `selfsup eval` (it is not text: "
+            f"a binary file or a spreadsheet?); {fix}"
+        ) from None
+
+
 def check_results_csv(csv_path: Path) -> None:
     """A DataError unless ``csv_path`` is absent or a results CSV of selfsup (this or the earlier
     format): results are appended to no one else's CSV."""
     if not csv_path.exists():
         return
-    with open(csv_path, newline="") as fh:
-        header = csv.DictReader(fh).fieldnames or []
+    fix = "pass another --results-csv, or move it aside"
+    header = _csv_header(csv_path, fix, new_file_ok=True) or []
     if header not in (list(RESULT_FIELDS), list(TABLE_FIELDS)):
         raise DataError(
             f"{csv_path} is not a results CSV written by `selfsup eval` (its header is "
@@ -86,6 +104,7 @@ def results_table(csv_path: Path, metric: str = "top1") -> str:
     protocol; the newest line of each cell wins."""
     if not csv_path.exists():
         raise DataError(f"{csv_path} does not exist; run `selfsup eval` first (or pass the CSV)")
+    _csv_header(csv_path, "pass the results CSV that `selfsup eval` wrote (runs/results.csv)")
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or not set(TABLE_FIELDS) <= set(reader.fieldnames):
