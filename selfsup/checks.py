@@ -6,7 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
-from selfsup.errors import ConfigError
+from selfsup.errors import ConfigError, SelfsupError
 
 
 def check_encode_args(image_size: int | None, batch_size: int | None) -> None:
@@ -41,4 +41,24 @@ def check_writable(folder: Path, what: str, fix: str = "choose a writable place"
     except OSError as exc:
         raise ConfigError(
             f"cannot write {what} to {folder} ({exc.strerror or exc}); {fix}"
+        ) from None
+
+
+def read_text_file(path: Path, what: str, error: type[SelfsupError] = ConfigError) -> str:
+    """The text of a file the user named (``what``: "preset file", "query list"): UTF-8, its
+    byte-order mark dropped, or UTF-16 with one (as Windows editors save them). A folder, an
+    unreadable file or one of no such text (a binary file) is one ``error`` line."""
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder, not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise error(
+            f"{what} {path} is not UTF-8 text (a binary file?); save it as UTF-8 text"
         ) from None

@@ -50,3 +50,44 @@ def test_a_binary_results_csv_is_named_not_a_decode_traceback(tmp_path, cli) -> 
 def test_a_results_csv_option_that_is_a_folder_says_to_name_a_file(tmp_path) -> None:
     with pytest.raises(DataError, match=r"is a folder, not a results CSV; pass the file, e\.g\."):
         check_results_csv(tmp_path)
+
+
+# ---------------------------------------------------------------------------- preset, query list
+def test_a_preset_saved_by_a_windows_editor_is_read(tmp_path) -> None:
+    from selfsup.train.config import resolve_config
+
+    text = "train:\n  epochs: 7\n"
+    for name, data in (
+        ("utf16.yaml", text.encode("utf-16")),  # Notepad's "Unicode"
+        ("bom.yaml", text.encode("utf-8-sig")),  # Notepad's "UTF-8 with BOM"
+    ):
+        (tmp_path / name).write_bytes(data)
+        assert resolve_config("simclr", str(tmp_path / name)).train.epochs == 7
+
+
+def test_a_preset_that_is_a_folder_or_no_text_is_named(tmp_path, cli) -> None:
+    folder = tmp_path / "recipe.yaml"
+    folder.mkdir()
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xd8")
+    for preset, said in ((folder, "is a folder, not a file"), (binary, "is not UTF-8 text")):
+        rc, _, err = cli("config", "--preset", preset)
+        assert rc == 2 and "Traceback" not in err
+        assert f"preset file {preset} {said}" in err, err
+        rc, _, err = cli("pretrain", "--preset", preset, "--out", tmp_path / "run")
+        assert rc == 2 and said in err and not (tmp_path / "run").exists()
+
+
+def test_a_query_list_with_a_byte_order_mark_or_in_utf16_names_its_images(tmp_path) -> None:
+    from selfsup.commands.neighbors import _read_query_list
+
+    image = tmp_path / "a b é.png"
+    image.write_bytes(b"")
+    for encoding in ("utf-8-sig", "utf-16"):
+        listing = tmp_path / f"queries-{encoding}.txt"
+        listing.write_bytes(f"{image}\n# a comment\n".encode(encoding))
+        assert _read_query_list(listing) == [str(image)]  # not "\ufeff/..." that "does not exist"
+    binary = tmp_path / "queries.txt"
+    binary.write_bytes(b"\x00\x01\xfa\xfb")
+    with pytest.raises(DataError, match=r"query list .*queries\.txt is not UTF-8 text"):
+        _read_query_list(binary)

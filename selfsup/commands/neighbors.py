@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selfsup.checks import check_encode_args, check_writable
+from selfsup.checks import check_encode_args, check_writable, read_text_file
 from selfsup.commands.common import (
     _device,
     _eval_transform,
@@ -75,7 +75,7 @@ def _read_query_list(listing: Path) -> list[str]:
     skipped); a relative path not found from here is read from the list's own folder."""
     if not listing.is_file():
         raise DataError(f"query list {listing} does not exist")
-    lines = [q.strip() for q in listing.read_text().splitlines()]
+    lines = [q.strip() for q in read_text_file(listing, "query list", DataError).splitlines()]
     queries = [q for q in lines if q and not q.startswith("#")]
     queries = [
         str(listing.parent / q)

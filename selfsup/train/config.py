@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from selfsup.checks import read_text_file
 from selfsup.data.decode import storage_size_for_crop
 from selfsup.data.sources import parse_source
 from selfsup.errors import ConfigError
@@ -129,9 +130,9 @@ def preset_texts(preset: str, method: str) -> list[str]:
     every method) then ``presets/<preset>/<method>.yaml`` (the method's recipe), either optional."""
     path = Path(preset)
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"preset file {preset!r} does not exist")
-        return [path.read_text()]
+        return [read_text_file(path, "preset file")]
     root = resources.files("selfsup") / PRESET_DIR
     texts = [
         f.read_text()
