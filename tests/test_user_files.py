@@ -91,3 +91,30 @@ def test_a_query_list_with_a_byte_order_mark_or_in_utf16_names_its_images(tmp_pa
     binary.write_bytes(b"\x00\x01\xfa\xfb")
     with pytest.raises(DataError, match=r"query list .*queries\.txt is not UTF-8 text"):
         _read_query_list(binary)
+
+
+# ---------------------------------------------------------------------------- interpolations
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("${oops}", "setting 'train.epochs': Interpolation key 'oops' not found"),
+        ("${data.source}", "setting 'train.epochs': While dereferencing interpolation"),
+        ("${", "override 'train.epochs=${'"),
+    ],
+)
+def test_an_interpolation_to_no_setting_is_named_before_any_work(tmp_path, cli, text, said):
+    rc, _, err = cli("config", f"train.epochs={text}")
+    assert rc == 2 and "Traceback" not in err and said in err, err
+    assert "${train.batch_size}" in err  # what an interpolation may name
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"train:\n  epochs: '{text}'\n")
+    rc, _, err = cli("pretrain", "--preset", recipe, "--out", tmp_path / "run")
+    assert rc == 2 and "Traceback" not in err and "train.epochs" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_interpolation_to_a_setting_takes_its_value(capsys) -> None:
+    from selfsup.train.config import resolve_config
+
+    cfg = resolve_config("simclr", "quickstart", overrides=["train.epochs=${train.batch_size}"])
+    assert cfg.train.epochs == cfg.train.batch_size

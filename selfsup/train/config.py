@@ -206,6 +206,24 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: setting {key!r}: {msg}") from None
 
 
+INTERPOLATION_HINT = (
+    "an interpolation ${...} names another setting (e.g. ${train.batch_size}) or an "
+    "environment variable (${oc.env:NAME}); or write the value itself"
+)
+
+
+def _resolve_interpolations(cfg: DictConfig) -> None:
+    """Replace each ``${...}`` of a preset or override by its value, in place: one that names
+    no setting (or an unset environment variable), or gives a value of the wrong type, is a
+    ConfigError naming the setting, not an omegaconf traceback when the setting is first read."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        msg = " ".join(str(exc).splitlines()[0].split())
+        raise ConfigError(f"setting {key!r}: {msg}; {INTERPOLATION_HINT}") from None
+
+
 def resolve_config(
     method: str | None,
     preset: str | None = "quickstart",
@@ -262,7 +280,14 @@ def resolve_config(
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.1)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        try:
+            update = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as exc:  # `train.epochs=${`: a broken interpolation
+            raise ConfigError(
+                f"override {item!r}: {str(exc).splitlines()[0]}; {INTERPOLATION_HINT}"
+            ) from None
+        cfg = _merge(cfg, update, f"override {item!r}")
+    _resolve_interpolations(cfg)
     keys = override_keys(overrides)
     if not shared_overrides:
         _refuse_other_methods_options(cfg.method.name, keys)
