@@ -118,3 +118,40 @@ def test_an_interpolation_to_a_setting_takes_its_value(capsys) -> None:
 
     cfg = resolve_config("simclr", "quickstart", overrides=["train.epochs=${train.batch_size}"])
     assert cfg.train.epochs == cfg.train.batch_size
+
+
+# ---------------------------------------------------------------------------- data.eval_source
+def _images(folder: Path, count: int = 3) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize(
+    ("layout", "said"),
+    [
+        (("train/a", "train/b"), "has no 'test' split folder (found: train)"),
+        (("train", "test"), "has no labels (it needs class folders"),
+    ],
+)
+def test_an_eval_source_folder_the_knn_check_cannot_use_is_said_before_decoding(
+    tmp_path, cli, monkeypatch, layout, said
+) -> None:
+    """Both are in the folder's listing: said before the training data (which may take hours
+    to decode) and the eval folder's train split are decoded, and before --overwrite."""
+    import selfsup.train.trainer as trainer
+
+    for sub in ("train/a", "train/b", "test/a", "test/b"):
+        _images(tmp_path / "data" / sub)
+    for sub in layout:
+        _images(tmp_path / "pets" / sub)
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: pytest.fail("decoded first"))
+    rc, _, err = cli(
+        "pretrain", "--data", tmp_path / "data", "--backbone", "resnet_tiny", "--epochs", "1",
+        "--batch-size", "4", "--image-size", "16", "--out", tmp_path / "run", "--no-progress",
+        f"data.eval_source={tmp_path / 'pets'}", f"data.cache_dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    assert rc == 2 and "Traceback" not in err and "data.eval_source=" in err and said in err, err
+    assert not (tmp_path / "run" / "config.yaml").exists()

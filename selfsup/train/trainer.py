@@ -296,9 +296,31 @@ def check_data_sources(cfg: DictConfig, out: Path | None = None) -> None:
                 "--out (a run directory there would take the place of the data)"
             )
         try:
-            parse_source(value)
+            spec = parse_source(value)
         except DataError as exc:
             raise DataError(f"data.{key}: {exc}") from None
+        if key == "eval_source" and spec.kind == "folder":
+            _check_knn_folder(spec, value)
+
+
+def _check_knn_folder(spec, source: str) -> None:
+    """A ``data.eval_source`` folder the kNN check cannot use (no train/ or test/ split folder,
+    no class folders) is said from its listing, as the check would say it: not after the
+    training data and the folder's train split are decoded."""
+    from selfsup.data.sources import list_folder
+
+    for split in ("train", "test"):
+        try:
+            listed = list_folder(spec, split)
+        except DataError as exc:
+            raise DataError(
+                f"data.eval_source={source!r} cannot serve the kNN check: {exc}"
+            ) from None
+        if listed.labels is None:
+            raise DataError(
+                f"data.eval_source={source!r} has no labels (it needs class folders, "
+                "train/<class>/* and test/<class>/*) to serve the kNN check"
+            )
 
 
 def dataset_stats(images: torch.Tensor, limit: int = 10_000) -> tuple[list[float], list[float]]:
