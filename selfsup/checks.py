@@ -44,10 +44,16 @@ def check_writable(folder: Path, what: str, fix: str = "choose a writable place"
         ) from None
 
 
-def read_text_file(path: Path, what: str, error: type[SelfsupError] = ConfigError) -> str:
+def read_text_file(
+    path: Path,
+    what: str,
+    error: type[SelfsupError] = ConfigError,
+    fix: str = "save it as UTF-8 text",
+) -> str:
     """The text of a file the user named (``what``: "preset file", "query list"): UTF-8, its
     byte-order mark dropped, or UTF-16 with one (as Windows editors save them). A folder, an
-    unreadable file or one of no such text (a binary file) is one ``error`` line."""
+    unreadable file or one of no such text (a binary file) is one ``error`` line; ``fix`` says
+    what to do about the last."""
     if path.is_dir():
         raise error(f"{what} {path} is a folder, not a file")
     try:
@@ -59,6 +65,4 @@ def read_text_file(path: Path, what: str, error: type[SelfsupError] = ConfigErro
             return data.decode("utf-16")
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise error(
-            f"{what} {path} is not UTF-8 text (a binary file?); save it as UTF-8 text"
-        ) from None
+        raise error(f"{what} {path} is not UTF-8 text (a binary file?); {fix}") from None

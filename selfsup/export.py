@@ -151,11 +151,9 @@ def encoder_metadata(path: str | Path) -> dict[str, Any]:
     folder = path if path.is_dir() else path.parent
     config = folder / "config.yaml"
     if config.exists():
-        from omegaconf import OmegaConf
+        from selfsup.train.config import config_hash, load_run_config
 
-        from selfsup.train.config import config_hash
-
-        cfg = OmegaConf.load(config)
+        cfg = load_run_config(config)
         meta: dict[str, Any] = {}
         if "model" in cfg and isinstance(cfg.model.get("backbone"), str):
             meta.update(backbone=cfg.model.backbone, small_stem=bool(cfg.model.small_stem))

@@ -91,12 +91,17 @@ def pretrain_config(
     """
     from omegaconf import OmegaConf
 
-    from selfsup.train.config import refuse_flag_and_override, resolve_config
+    from selfsup.train.config import load_run_config, refuse_flag_and_override, resolve_config
 
     refuse_flag_and_override(flags, overrides, flag_spellings(command_line=command_line))
     saved = out / "config.yaml" if out else None
     if resume and saved is not None and saved.exists():
-        base = OmegaConf.load(saved)
+        base = load_run_config(saved)
+        if OmegaConf.select(base, "method.name") is None:
+            raise ConfigError(
+                f"{saved} names no method (method.name): it is empty or not a selfsup run's "
+                "config.yaml; restore the run's own file to resume it"
+            )
         if method and method != base.method.name:
             raise ConfigError(
                 f"{saved} is a {base.method.name} run; --method {method} cannot resume it"

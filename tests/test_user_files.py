@@ -155,3 +155,54 @@ def test_an_eval_source_folder_the_knn_check_cannot_use_is_said_before_decoding(
     )  # fmt: skip
     assert rc == 2 and "Traceback" not in err and "data.eval_source=" in err and said in err, err
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+# ---------------------------------------------------------------------------- a run's config.yaml
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory) -> Path:
+    """A finished tiny run (tiny_runs: resnet_tiny, 16 px, 128 digits, 1 epoch)."""
+    from tiny_runs import run
+
+    root = tmp_path_factory.mktemp("run_config")
+    assert run(root, "simclr", "train.epochs=1", "data.limit=128") == 0
+    return root / "run"
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (b"model:\n  backbone: [resnet_tiny\n", "config.yaml is not valid YAML: "),  # hand-edited
+        (b"- method\n", "config.yaml is YAML but not a mapping of settings"),
+        (b"\x00\x9c\xd8\xff", "config.yaml is not UTF-8 text"),  # damaged
+    ],
+)
+def test_a_broken_run_config_is_named_by_every_command_that_reads_it(
+    tiny_run_dir, tmp_path, cli, text, said
+) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run_dir)
+    (run_dir / "config.yaml").write_bytes(text)
+    for argv in (
+        ("eval", run_dir, "--protocol", "knn", "--no-progress"),
+        ("embed", run_dir, "--data", "mnist5k", "--out", tmp_path / "e.npz"),
+        ("export", run_dir),
+        ("pretrain", "--out", run_dir, "--resume", "--epochs", "2"),
+    ):
+        rc, _, err = cli(*argv)
+        assert rc == 2 and "Traceback" not in err, (argv, err)
+        assert f"{run_dir / 'config.yaml'}" in err and said in err, (argv, err)
+    assert not (tmp_path / "e.npz").exists() and not (run_dir / "export").exists()
+
+
+def test_resuming_a_run_whose_config_was_emptied_says_to_restore_it(
+    tiny_run_dir, tmp_path, cli
+) -> None:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run_dir)
+    (run_dir / "config.yaml").write_text("")
+    rc, _, err = cli("pretrain", "--out", run_dir, "--resume", "--epochs", "2")
+    assert rc == 2 and "Traceback" not in err and "names no method (method.name)" in err, err

@@ -72,7 +72,9 @@ def _pretrain_augment(run_dir: Path) -> dict[str, Any]:
         return {}
     from omegaconf import OmegaConf
 
-    both = OmegaConf.select(OmegaConf.load(config), "augment.both")
+    from selfsup.train.config import load_run_config
+
+    both = OmegaConf.select(load_run_config(config), "augment.both")
     return OmegaConf.to_container(both) if both is not None else {}
 
 

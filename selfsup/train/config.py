@@ -206,6 +206,27 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: setting {key!r}: {msg}") from None
 
 
+def load_run_config(path: Path) -> DictConfig:
+    """A run's ``config.yaml`` as written (empty: no settings); one edited into invalid YAML, or
+    damaged into no text or no mapping, is a ConfigError naming the file, not a yaml traceback
+    from whichever command read it (eval, embed, export, --resume)."""
+    text = read_text_file(path, "run config", fix="restore the run's own config.yaml")
+    try:
+        cfg = OmegaConf.create(text)
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        where = " ".join(str(exc).split())  # PyYAML's message spans several lines
+        raise ConfigError(
+            f"{path} is not valid YAML: {where}; the run's settings are read from it: undo the "
+            "edit that broke it (or restore the file)"
+        ) from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(
+            f"{path} is YAML but not a mapping of settings (a run's config.yaml starts "
+            "'method:'); undo the edit that broke it (or restore the file)"
+        )
+    return cfg
+
+
 INTERPOLATION_HINT = (
     "an interpolation ${...} names another setting (e.g. ${train.batch_size}) or an "
     "environment variable (${oc.env:NAME}); or write the value itself"
