@@ -47,6 +47,15 @@ def test_a_binary_results_csv_is_named_not_a_decode_traceback(tmp_path, cli) -> 
         check_results_csv(sheet)  # eval's check of --results-csv, before any work
 
 
+def test_a_results_csv_damaged_after_its_header_is_named_with_the_line(tmp_path, cli):
+    csv_path = tmp_path / "results.csv"  # 400 rows: past the first block the header is read from
+    append_results(csv_path, [dict.fromkeys(RESULT_FIELDS, "1") | {"metric": "top1"}] * 400)
+    csv_path.write_bytes(csv_path.read_bytes() + b"\xff\xfe\xfa\n")  # a disk error, a bad copy
+    rc, _, err = cli("table", csv_path)
+    assert rc == 2 and "Traceback" not in err
+    assert f"{csv_path} is damaged after line " in err and "restore it" in err
+
+
 def test_a_results_csv_option_that_is_a_folder_says_to_name_a_file(tmp_path) -> None:
     with pytest.raises(DataError, match=r"is a folder, not a results CSV; pass the file, e\.g\."):
         check_results_csv(tmp_path)

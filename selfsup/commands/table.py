@@ -6,14 +6,10 @@ import argparse
 import contextlib
 import csv
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from selfsup.commands.common import _atomic_output
 from selfsup.errors import DataError
-
-if TYPE_CHECKING:  # imported where used: `selfsup --help` and argument errors stay fast
-    pass
-
 
 RESULT_FIELDS = (
     "time",
@@ -112,7 +108,13 @@ def results_table(csv_path: Path, metric: str = "top1") -> str:
                 f"{csv_path} is not a results CSV written by `selfsup eval` (its "
                 f"header must hold {', '.join(TABLE_FIELDS)})"
             )
-        rows = [r for r in reader if r["metric"] == metric]
+        try:
+            rows = [r for r in reader if r["metric"] == metric]
+        except (UnicodeDecodeError, csv.Error):  # a good header, then bytes that are no text
+            raise DataError(
+                f"{csv_path} is damaged after line {reader.line_num} (not text, or a NUL "
+                "byte): restore it from a copy, or delete the damaged lines"
+            ) from None
     # one table row per evaluated thing: the run's weights (a retrained run is a new row), the
     # encoder (ssl / baselines), the eval data and how much of it (--limit) at which size
     latest: dict[tuple, dict] = {}
