@@ -13,12 +13,14 @@ safetensors, in the file's own metadata.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -39,7 +41,8 @@ from selfsup.models.backbones import (
 from selfsup.models.weights import EXPORT_INFO, encoder_file, is_torchscript, read_state_dict
 from selfsup.train.checkpoint import atomic_torch_save
 
-EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript")
+EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript", "onnx")
+ONNX_EXTRA = "pip install 'selfsup[onnx]' (onnx, onnxscript and onnxruntime)"
 CLASSIFIER_FORMAT = "selfsup-classifier/1"  # the "format" of a saved classifier's .json
 CLASSIFIER_DIR = "classifiers"  # in the run directory: what `selfsup eval --save-classifiers` saves
 
@@ -343,6 +346,75 @@ def _traced(model: nn.Module, example: torch.Tensor, src: Path) -> torch.jit.Scr
     return scripted
 
 
+def _check_onnx_installed() -> None:
+    """A ConfigError naming the extra to install, before any file is read, when torch's ONNX
+    exporter cannot run here (it needs onnx and onnxscript)."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"--format onnx needs {' and '.join(missing)}: {ONNX_EXTRA}")
+
+
+def _onnx_program(model: nn.Module, size: int, meta: dict[str, Any], src: Path):
+    """``model`` (eval mode) as a ``torch.onnx.ONNXProgram``: ``images [B, 3, size, size] ->
+    features [B, D]`` with ``B`` dynamic, ``meta`` (mean, std, image size...) as the model's
+    ``metadata_props``."""
+    example = torch.zeros(2, 3, size, size)  # 2, not 1: torch.export specialises a size of 1
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporter's progress notes and deprecations
+        try:
+            program = torch.onnx.export(
+                model.eval(),
+                (example,),
+                input_names=["images"],
+                output_names=["features"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamo=True,
+            )
+        except Exception as exc:  # torch.export's errors have many types; all mean the same
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{src}: torch's ONNX exporter cannot export this encoder ({first[:300]}); "
+                "export it as --format torchscript or safetensors"
+            ) from None
+    program.model.metadata_props.update(_encode_header(meta))
+    return program
+
+
+def _check_onnx_file(target: Path, model: nn.Module, size: int, src: Path) -> None:
+    """The written graph, run by ONNX Runtime on two batch sizes, computes what ``model`` does
+    (when onnxruntime is installed; else onnx's own checker reads it). A wrong file is removed."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(target))
+        import onnxruntime
+    except ImportError:
+        return
+    except Exception as exc:  # onnx.checker.ValidationError and friends
+        target.unlink(missing_ok=True)
+        raise CheckpointError(f"{src}: the ONNX export is not a valid graph ({exc})") from None
+    check = torch.Generator().manual_seed(0)
+    for batch in (1, 3):
+        images = torch.rand(batch, 3, size, size, generator=check)
+        with torch.no_grad():
+            want = model(images).float().numpy()
+        try:
+            session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+            (got,) = session.run(["features"], {"images": images.numpy()})
+            problem = None if np.allclose(got, want, rtol=1e-3, atol=1e-4) else "other features"
+        except Exception as exc:  # onnxruntime's errors (a fixed batch size, an unknown op)
+            problem = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+        if problem:
+            target.unlink(missing_ok=True)
+            raise CheckpointError(
+                f"{src}: ONNX Runtime does not compute the encoder's features from the export "
+                f"for a batch of {batch} ({problem}); export it as --format torchscript or "
+                "safetensors"
+            )
+
+
 def export_encoder(
     source: str | Path, fmt: str, out: str | Path | None = None, image_size: int | None = None
 ) -> Path:
@@ -358,12 +430,19 @@ def export_encoder(
     * ``torchscript``: ``encoder.torchscript.pt``, the traced backbone in eval mode
       (``torch.jit.load`` it; no selfsup needed). Traced on a ``[1, 3, S, S]`` example; a
       backbone with adaptive pooling takes other sizes too (a ViT only its own).
+    * ``onnx``: ``encoder.onnx``, the backbone in eval mode as an ONNX graph (torch's
+      ``torch.export``-based exporter) for ONNX Runtime, TensorRT and other runtimes: input
+      ``images`` float32 ``[B, 3, S, S]`` (normalised as the metadata says), output
+      ``features`` ``[B, D]``, the batch size ``B`` free and ``S`` fixed; mean, std, image size
+      and backbone are in the graph's ``metadata_props`` too. Needs the ``onnx`` extra.
 
     ``export.json`` beside the file records the same metadata. ``image_size`` (>= 8) is only the
-    TorchScript example's size: the metadata keeps the size the encoder was trained at.
+    TorchScript or ONNX example's size: the metadata keeps the size the encoder was trained at.
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
+    if fmt == "onnx":
+        _check_onnx_installed()
     check_encode_args(image_size, None)  # as eval's --image-size
     src = encoder_file(Path(source))
     if is_torchscript(src):
@@ -387,7 +466,7 @@ def export_encoder(
     size = int(
         image_size if image_size is not None else source_meta.get("image_size") or native or 32
     )
-    if fmt == "torchscript":
+    if fmt in ("torchscript", "onnx"):
         check_input_size(model, size, src, source_meta.get("image_size"))
     created = [p for p in (base, *base.parents) if not p.exists()]  # deepest first
     try:
@@ -439,6 +518,11 @@ def _write_export(
         tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         header = _encode_header(meta)
         atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    elif fmt == "onnx":
+        target = base / "encoder.onnx"
+        program = _onnx_program(model, size, meta, src)
+        atomic_write(target, lambda tmp: program.save(str(tmp)))
+        _check_onnx_file(target, model, size, src)
     else:
         target = base / "encoder.torchscript.pt"
         example = torch.zeros(1, 3, size, size)

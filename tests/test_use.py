@@ -656,6 +656,62 @@ def test_export_round_trips(trained, tmp_path) -> None:
     assert torch.allclose(extract_features(loaded, images, transform), reference, atol=1e-5)
 
 
+def test_onnx_export_runs_in_onnx_runtime_at_any_batch_size(trained, tmp_path, monkeypatch):
+    """``--format onnx``: ONNX Runtime, without torch or selfsup, computes the encoder's
+    features for any batch size; the graph carries the normalisation; selfsup refuses to read
+    it back as weights (there are none to rebuild a module from), and without the exporter's
+    packages the command names the extra to install before reading any file."""
+    import onnx
+    import onnxruntime
+
+    from selfsup.errors import CheckpointError
+
+    run = trained["run"]
+    images = digits(trained, "test", n=64).images
+    transform = run_transform(run)
+    reference = extract_features(selfsup.load_encoder(run), images, transform)
+    rc, out, err = cli("export", str(run), "--format", "onnx", "--out", str(tmp_path / "x"))
+    assert rc == 0, err
+    written = Path(out.strip().rsplit(" ", 1)[-1])
+    assert written == tmp_path / "x" / "encoder.onnx"
+    session = onnxruntime.InferenceSession(str(written), providers=["CPUExecutionProvider"])
+    prepared = transform(images).numpy()
+    for batch in (1, 7, 64):
+        (got,) = session.run(["features"], {"images": prepared[:batch]})
+        np.testing.assert_allclose(got, reference[:batch].numpy(), rtol=1e-4, atol=1e-5)
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(written)).metadata_props}
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert props["mean"] == list(cfg.data.mean) and props["std"] == list(cfg.data.std)
+    assert (props["image_size"], props["backbone"]) == (cfg.data.image_size, "resnet_tiny")
+    info = json.loads((tmp_path / "x" / "export.json").read_text())
+    assert info["files"] == {"onnx": "encoder.onnx"}
+    with pytest.raises(CheckpointError, match="is an ONNX export, for ONNX Runtime"):
+        selfsup.load_encoder(written)
+
+    # a graph that ONNX Runtime cannot run at every batch size is refused, and no file is left
+    real_export = torch.onnx.export
+
+    def fixed_batch(*args, dynamic_shapes=None, **kwargs):
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", fixed_batch)
+    rc, _, err = cli("export", str(run), "--format", "onnx", "--out", str(tmp_path / "bad"))
+    assert rc == 2 and "ONNX Runtime does not compute the encoder's features" in err
+    assert "for a batch of 1" in err and not (tmp_path / "bad").exists()
+    monkeypatch.undo()
+
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # as if the extra were not installed
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("onnx", "onnxscript") else real_find_spec(name, *a),
+    )
+    rc, _, err = cli("export", str(tmp_path / "nowhere"), "--format", "onnx")
+    assert rc == 2 and "--format onnx needs onnx and onnxscript: pip install 'selfsup[onnx]'" in err
+
+
 # ---------------------------------------------------------------------------- errors
 def test_user_errors_name_the_file_or_setting(trained, tmp_path, monkeypatch) -> None:
     rc, _, err = cli("eval", str(tmp_path / "missing_run"))

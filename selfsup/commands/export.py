@@ -1,17 +1,12 @@
-"""``selfsup export``: a run's encoder as torchvision weights, safetensors or TorchScript."""
+"""``selfsup export``: a run's encoder as torchvision weights, safetensors, TorchScript or ONNX."""
 
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # imported where used: `selfsup --help` and argument errors stay fast
-    pass
-
 
 # selfsup.export.EXPORT_FORMATS, spelled out so that building the parser imports no torch
 # (tests/test_cli_startup.py checks that the two agree)
-EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript")
+EXPORT_FORMATS = ("torchvision", "safetensors", "torchscript", "onnx")
 
 
 def add_arguments(sub, name: str) -> None:
@@ -21,7 +16,8 @@ def add_arguments(sub, name: str) -> None:
         description="torchvision: the torchvision model's state_dict, with a fresh "
         "classifier (fc, classifier or head); "
         "safetensors: the encoder state_dict with its metadata; torchscript: a "
-        "traced module that loads without selfsup.",
+        "traced module that loads without selfsup; onnx: an ONNX graph for ONNX Runtime and "
+        "other runtimes, any batch size (pip install 'selfsup[onnx]').",
     )
     p.add_argument("run", help="run directory or encoder file")
     p.add_argument(
@@ -32,8 +28,8 @@ def add_arguments(sub, name: str) -> None:
         "--image-size",
         type=int,
         default=None,
-        help="example input size for TorchScript, >= 8 (default: the pre-training size, which "
-        "the export's metadata records either way)",
+        help="example input size for TorchScript or ONNX, >= 8 (default: the pre-training "
+        "size, which the export's metadata records either way)",
     )
 
 

@@ -88,6 +88,11 @@ def encoder_file(path: Path) -> Path:
             f"encoder file {path} does not exist; pass a run directory, an "
             f"encoder.pt, or a file written by `selfsup export`"
         )
+    if path.suffix == ".onnx":  # a graph for ONNX Runtime: no module for torch to rebuild
+        raise CheckpointError(
+            f"{path} is an ONNX export, for ONNX Runtime; pass its run directory, its "
+            "encoder.pt or another export (safetensors, torchscript, torchvision)"
+        )
     return path
 
 
