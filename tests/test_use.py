@@ -168,6 +168,12 @@ def test_eval_all_prints_every_protocol_and_baseline(evaluated) -> None:
     assert (knn["k"], knn["temperature"]) == (200, 0.1)
     assert results["n_train"] == LIMIT and results["num_classes"] == 10
     assert results["train_augment"] == {"crop_scale": [0.8, 1.0], "flip_p": 0.0}
+    # what produced the numbers (and the seconds): versions and the device's name
+    import torchvision
+
+    env = results["environment"]
+    assert (env["torch"], env["torchvision"]) == (torch.__version__, torchvision.__version__)
+    assert (env["device"], env["selfsup"]) == ("cpu", selfsup.__version__)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

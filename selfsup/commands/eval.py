@@ -488,6 +488,7 @@ def _results_skeleton(
     """The results dict of an evaluation, before any protocol: what was evaluated, on what,
     and at which settings."""
     from selfsup.train.distributed import distributed_world
+    from selfsup.train.logging import environment
 
     info = where.info
     return {
@@ -505,6 +506,7 @@ def _results_skeleton(
         "limit": args.limit,
         "seed": args.seed,
         "processes": distributed_world()[1],  # torchrun: feature extraction shared among them
+        "environment": environment(data.device),  # of this evaluation (earlier entries kept too)
         "mean": data.mean,
         "std": data.std,
         "train_augment": {"crop_scale": list(data.crop_scale), "flip_p": data.flip_p},

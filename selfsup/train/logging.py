@@ -88,6 +88,28 @@ class MetricsLogger:
             self._tb = None
 
 
+def environment(device: Any) -> dict[str, str]:
+    """What produced a result file's numbers (its speeds, its last digits): Python, torch,
+    torchvision and selfsup versions and the device's name (``"cpu"``, or the GPU's, e.g.
+    ``"NVIDIA H100 80GB HBM3"``), for results.json and eval JSONs."""
+    import platform
+
+    import torch
+    import torchvision
+
+    import selfsup
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "selfsup": selfsup.__version__,
+        "device": name,
+    }
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Records of a ``metrics.jsonl``; a last line torn by a kill is ignored."""
     records = []
