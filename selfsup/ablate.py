@@ -197,7 +197,8 @@ def _check_overrides(name: str, spec: Ablation, extra: list[str]) -> None:
 def _train_variant(name: str, spec: Ablation, v: Variant, cfg, run_dir: Path) -> None:
     """Train variant ``v`` into ``run_dir``, unless a finished run of the same settings is there;
     an interrupted one at the same settings is resumed, one at other settings started over."""
-    from selfsup.train.trainer import Trainer, prepare_run_dir
+    from selfsup.train.run_dir import prepare_run_dir
+    from selfsup.train.trainer import Trainer
 
     same = _same_plan(run_dir, cfg)
     if same and (run_dir / "results.json").exists():

@@ -113,7 +113,8 @@ def _stem_words(cfg) -> str:
 def _pretrain(args: argparse.Namespace) -> int:
     from selfsup.run import pretrain_config, run_pretrain
     from selfsup.train.logging import strict_json
-    from selfsup.train.trainer import check_data_sources, check_run_dir
+    from selfsup.train.preflight import check_data_sources
+    from selfsup.train.run_dir import check_run_dir
 
     launch = args.devices is not None and args.devices != 1 and "WORLD_SIZE" not in os.environ
     started = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun's processes on this machine

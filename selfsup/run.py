@@ -216,7 +216,8 @@ def check_init(cfg, out: Path, *, resume: bool, overwrite: bool):
     :func:`~selfsup.train.trainer.starting_weights` read (the trainer starts from it, without
     reading the file again), or None when the run starts from no weights."""
     from selfsup.models.weights import IMAGENET
-    from selfsup.train.trainer import has_checkpoint, is_selfsup_run, starting_weights
+    from selfsup.train.run_dir import has_checkpoint, is_selfsup_run
+    from selfsup.train.trainer import starting_weights
 
     if not cfg.model.init or (resume and has_checkpoint(out)):
         return None  # a resume continues from its checkpoint
@@ -269,12 +270,9 @@ def run_pretrain(cfg, out: Path, *, resume: bool, overwrite: bool):
         resume_command,
         world_size_from_env,
     )
-    from selfsup.train.trainer import (
-        Trainer,
-        check_data_sources,
-        lock_run_dir,
-        prepare_run_dir,
-    )
+    from selfsup.train.preflight import check_data_sources
+    from selfsup.train.run_dir import lock_run_dir, prepare_run_dir
+    from selfsup.train.trainer import Trainer
 
     check_data_sources(cfg, out)  # before --overwrite clears anything
     # under torchrun: the global batch must split over its processes, known before the data is

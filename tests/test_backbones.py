@@ -496,7 +496,8 @@ def init_state_from(state, backbone, notes, tmp=None):
 
 def test_batchnorm_momentum_is_a_setting_and_a_short_run_is_told_its_statistics_lag(capsys):
     from selfsup.train.config import config_hash
-    from selfsup.train.trainer import batchnorm_lag_note, build_model
+    from selfsup.train.preflight import batchnorm_lag_note
+    from selfsup.train.trainer import build_model
 
     sizes = ["model.backbone=mobilenet_v3_small", "data.image_size=32", "data.storage_size=32"]
     cfg = resolve_config("simclr", "quickstart", overrides=sizes)

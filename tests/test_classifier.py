@@ -216,7 +216,7 @@ def test_predict_refuses_bad_input_before_decoding(evaluated, cli, tmp_path, no_
 
 
 def test_overwrite_removes_the_replaced_runs_classifiers(evaluated, tmp_path) -> None:
-    from selfsup.train.trainer import remove_run_outputs
+    from selfsup.train.run_dir import remove_run_outputs
 
     run_dir = tmp_path / "old"
     shutil.copytree(evaluated["run"], run_dir)

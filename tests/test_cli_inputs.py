@@ -210,7 +210,7 @@ def test_a_run_still_training_is_not_told_to_resume(trained, tmp_path, cli) -> N
     """`eval` while the run's pretrain is going: the resume advice would be refused (the run is
     locked); it says the run is training. A stale lock file (a killed run), even one naming a
     live process (a pid used again), changes nothing: only a held lock counts."""
-    from selfsup.train.trainer import lock_run_dir
+    from selfsup.train.run_dir import lock_run_dir
 
     run = tmp_path / "run"
     run.mkdir()

@@ -371,7 +371,7 @@ def test_a_method_name_in_capitals_is_the_method() -> None:
 def test_a_storage_size_far_above_the_crops_need_gets_a_note(capsys):
     """--image-size 64 on the imagenette preset keeps its 146 px storage: said, with the size
     that would do; the preset at its own 128 px says nothing."""
-    from selfsup.train.trainer import storage_size_note
+    from selfsup.train.preflight import storage_size_note
 
     small = resolve_config("byol", preset="imagenette", flags={"data.image_size": 64})
     storage_size_note(small)

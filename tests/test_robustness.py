@@ -1341,7 +1341,7 @@ def test_resume_after_the_data_changed_continues_at_an_epoch_end_and_refuses_mid
 def test_a_run_in_use_is_refused_and_a_killed_runs_temporary_files_are_removed(
     copy_of_baseline, capsys
 ):
-    from selfsup.train.trainer import lock_run_dir
+    from selfsup.train.run_dir import lock_run_dir
 
     out = copy_of_baseline
     held = lock_run_dir(out)  # another pretrain on this run, still going

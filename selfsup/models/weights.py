@@ -38,7 +38,7 @@ def is_torchscript(path: Path) -> bool:
 
 def _training_pid(run: Path) -> str | None:
     """The pid that run directory ``run``'s lock file names (``.selfsup.lock``, written by
-    ``train.trainer.lock_run_dir``) while its ``flock`` is held: a pretrain still training it.
+    ``train.run_dir.lock_run_dir``) while its ``flock`` is held: a pretrain still training it.
     A killed run's file stays, unlocked, naming a pid that may be another process's by now."""
     import fcntl
 

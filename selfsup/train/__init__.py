@@ -1,4 +1,5 @@
-"""Training: config, optimizers and schedules, checkpoints, logging, the loop."""
+"""Training: config, optimizers and schedules, checkpoints, logging, run directories, pre-run
+checks, the loop."""
 
 from selfsup.train.config import RunConfig, resolve_config
 from selfsup.train.optim import (

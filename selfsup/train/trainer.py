@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 import selfsup
 from selfsup.augment import EvalTransform, TwoViewAugment
 from selfsup.augment.preview import views_grid, write_png
-from selfsup.data import ImageDataset, load_dataset, parse_source, write_skip_report
+from selfsup.data import ImageDataset, load_dataset, write_skip_report
 from selfsup.data.cache import atomic_write_text
 from selfsup.errors import (
     CheckpointError,
@@ -40,7 +39,7 @@ from selfsup.errors import (
 from selfsup.evaluate.collapse import CollapseMonitor, collapse_metrics
 from selfsup.methods import build_method, method_defaults
 from selfsup.models import build_backbone
-from selfsup.models.backbones import is_factory, is_resnet, on_meta
+from selfsup.models.backbones import is_factory, on_meta
 from selfsup.models.weights import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, init_state
 from selfsup.precision import autocast, grad_scaler, resolve_precision
 from selfsup.progress import bar_options
@@ -53,7 +52,6 @@ from selfsup.train.checkpoint import (
 from selfsup.train.config import (
     config_hash,
     defaults_comment,
-    eval_storage_size,
     resolve_views,
     to_yaml,
 )
@@ -86,6 +84,13 @@ from selfsup.train.optim import (
     set_lr,
     warmup_cosine,
 )
+from selfsup.train.preflight import (
+    batchnorm_lag_note,
+    check_data_sources,
+    small_image_stem_note,
+    storage_size_note,
+)
+from selfsup.train.run_dir import VIEWS_FILE, has_checkpoint
 
 
 class StopRequested(Exception):
@@ -106,221 +111,8 @@ def resolve_compile(compile_setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else value == "true"
 
 
-VIEWS_FILE = "views.png"  # training images beside their two augmented views
 VIEWS_SHOWN = 8
-# What selfsup writes into a run directory (pretrain, eval, export), by name: --overwrite removes
-# these and nothing else, so other files, also inside checkpoints/, tb/ or export/, survive.
-TEMPORARY_OUTPUTS = (  # what a write killed between its temp file and its rename leaves
-    # .encoder.*.tmp.pt: atomic_write's name; .encoder.pt.*.tmp: that of selfsup before it
-    "checkpoints/.last.pt.*.tmp", ".encoder.*.tmp.pt", ".encoder.pt.*.tmp", ".config.yaml.*.tmp",
-    ".results.json.*.tmp", ".collapse.json.*.tmp", ".views.*.tmp.png", "export/.*.tmp*",
-    "classifiers/.*.tmp*",
-)  # fmt: skip
-RUN_OUTPUTS = (
-    "config.yaml", "metrics.jsonl", "results.json", "encoder.pt", "skipped.csv", "collapse.json",
-    VIEWS_FILE, "eval_*.json", "subset_*.csv", "export/eval_*.json", "export/subset_*.csv",
-    "checkpoints/last.pt", "checkpoints/prev.pt",
-    "tb/events.out.tfevents.*",
-    "export/export.json", "export/*_torchvision.pt", "export/encoder.safetensors",
-    "export/encoder.torchscript.pt",
-    "classifiers/*_*.pt", "classifiers/*_*.json",  # eval --save-classifiers: <data>_<protocol>
-    *TEMPORARY_OUTPUTS,
-)  # fmt: skip
-LOCK_FILE = ".selfsup.lock"
 STOP_CHECK_EVERY = 5  # steps between the ranks' agreements on a stop (one host sync each)
-
-
-class RunDirLock:
-    """The held ``out/.selfsup.lock`` of :func:`lock_run_dir`. ``close()`` removes the lock file
-    (while still holding it, so a process that opened it meanwhile sees it gone and retries on a
-    new one) and, when this run made ``out`` and wrote nothing there, ``out`` itself: a finished
-    run keeps only its outputs, and a run refused by its data leaves no empty directory."""
-
-    def __init__(self, out: Path, handle, *, held: bool, created: bool):
-        self.out, self.handle, self.held, self.created = out, handle, held, created
-
-    def close(self) -> None:
-        if self.handle.closed:
-            return
-        if self.held:
-            (self.out / LOCK_FILE).unlink(missing_ok=True)
-        self.handle.close()
-        if self.created:
-            try:
-                self.out.rmdir()  # only when empty: anything written stays
-            except OSError:
-                pass
-
-
-def lock_run_dir(out: Path) -> RunDirLock:
-    """Hold ``out/.selfsup.lock`` (an exclusive ``flock``) until the returned lock is closed:
-    a second pretrain on the same run, which would interleave its checkpoints, metrics and
-    TensorBoard events with this one's, is refused. The lock ends with the process, however it
-    ends, so a killed run leaves none held (a stale file is reused). Then removes the temporary
-    files of writes that an earlier, killed process left here."""
-    import fcntl
-
-    created = not out.exists()
-    _check_out_is_a_folder(out)
-    path = out / LOCK_FILE
-    for _ in range(100):  # retried only while other processes remove the file under us
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+")  # noqa: SIM115 - held open until the run ends
-        except OSError as exc:  # a file in the way, a path that cannot be made
-            raise ConfigError(
-                f"cannot write to output directory {out}: {exc.strerror or exc}; choose a "
-                "--out in a folder you can write to"
-            ) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise ConfigError(
-                f"{out} is in use by another selfsup pretrain ({holder}); wait for it to end, "
-                "or choose another --out"
-            ) from None
-        except OSError:  # a filesystem without locks (some network mounts): run unguarded
-            return RunDirLock(out, handle, held=False, created=created)
-        try:
-            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()  # its holder removed the file as we locked it: lock the new one
-    else:
-        raise ConfigError(f"cannot lock {path}: it is removed and made again by other processes")
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
-    handle.flush()
-    for pattern in TEMPORARY_OUTPUTS:
-        for leftover in out.glob(pattern):
-            leftover.unlink(missing_ok=True)
-    return RunDirLock(out, handle, held=True, created=created)
-
-
-def has_checkpoint(out: Path) -> bool:
-    """Whether run directory ``out`` holds a checkpoint to resume from (last.pt or prev.pt)."""
-    return any((out / "checkpoints" / name).exists() for name in ("last.pt", "prev.pt"))
-
-
-def is_selfsup_run(out: Path) -> bool:
-    """Whether ``out`` holds a selfsup run: a checkpoint, or a config.yaml with its sections."""
-    if has_checkpoint(out):
-        return True
-    try:
-        config = OmegaConf.load(out / "config.yaml")
-    except Exception:  # absent, unreadable or not YAML: not ours
-        return False
-    return isinstance(config, DictConfig) and {"method", "data", "train"} <= set(config.keys())
-
-
-def remove_run_outputs(out: Path) -> None:
-    """Delete a replaced run's files: its results, evaluations, exports and TensorBoard events
-    would otherwise sit beside the new run's (TensorBoard would plot both as one)."""
-    for pattern in RUN_OUTPUTS:
-        for path in out.glob(pattern):
-            if path.is_file() or path.is_symlink():
-                path.unlink(missing_ok=True)
-    for folder in ("checkpoints", "tb", "export", "classifiers"):
-        if (out / folder).is_dir() and not any((out / folder).iterdir()):
-            (out / folder).rmdir()
-
-
-def _check_out_is_a_folder(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
-
-
-def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """The checks of :func:`prepare_run_dir` that change nothing: a run there without --resume
-    or --overwrite, or --resume with no run there."""
-    if resume and overwrite:
-        raise ConfigError(
-            f"--resume continues the run in {out} and --overwrite replaces it: pass one of them"
-        )
-    _check_out_is_a_folder(out)
-    marker = out / "config.yaml"
-    if marker.exists() and not (resume or overwrite):
-        raise ConfigError(
-            f"{out} already holds a run (config.yaml); pass --resume to continue it, --overwrite "
-            f"to replace it, or choose another --out"
-        )
-    if resume and not marker.exists() and not has_checkpoint(out):
-        # with config.yaml but no checkpoint yet (killed early), --resume restarts from step 0
-        raise ConfigError(
-            f"--resume: {out} holds no run (no config.yaml, no checkpoints/last.pt); "
-            f"start without --resume"
-        )
-
-
-def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory; check it is writable before any long work."""
-    check_run_dir(out, resume=resume, overwrite=overwrite)
-    marker = out / "config.yaml"
-    if overwrite and not resume and out.exists():
-        if is_selfsup_run(out):
-            remove_run_outputs(out)
-        elif marker.exists():  # someone else's config.yaml: the new run would replace it
-            raise ConfigError(
-                f"--overwrite: {marker} is not a selfsup run's config; --overwrite replaces "
-                "selfsup runs only. Choose another --out"
-            )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_bytes(b"x" * 4096)
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write to output directory {out}: {exc.strerror or exc}; choose a --out in "
-            "a folder you can write to"
-        ) from None
-
-
-def check_data_sources(cfg: DictConfig, out: Path | None = None) -> None:
-    """``data.source`` and ``data.eval_source`` name existing data (a typo must not cost an
-    --overwrite'n run, nor a decode of the training data) and are not the run directory ``out``
-    itself (``--out mnist5k`` would make a folder that shadows the dataset's name)."""
-    for key in ("source", "eval_source"):
-        value = cfg.data[key]
-        if not value:
-            continue
-        if out is not None and Path(value).expanduser().resolve() == out.expanduser().resolve():
-            raise ConfigError(
-                f"--out {out} is the data source data.{key}={value!r} itself; choose another "
-                "--out (a run directory there would take the place of the data)"
-            )
-        try:
-            spec = parse_source(value)
-        except DataError as exc:
-            raise DataError(f"data.{key}: {exc}") from None
-        if key == "eval_source" and spec.kind == "folder":
-            _check_knn_folder(spec, value)
-
-
-def _check_knn_folder(spec, source: str) -> None:
-    """A ``data.eval_source`` folder the kNN check cannot use (no train/ or test/ split folder,
-    no class folders) is said from its listing, as the check would say it: not after the
-    training data and the folder's train split are decoded."""
-    from selfsup.data.sources import list_folder
-
-    for split in ("train", "test"):
-        try:
-            listed = list_folder(spec, split)
-        except DataError as exc:
-            raise DataError(
-                f"data.eval_source={source!r} cannot serve the kNN check: {exc}"
-            ) from None
-        if listed.labels is None:
-            raise DataError(
-                f"data.eval_source={source!r} has no labels (it needs class folders, "
-                "train/<class>/* and test/<class>/*) to serve the kNN check"
-            )
 
 
 def dataset_stats(images: torch.Tensor, limit: int = 10_000) -> tuple[list[float], list[float]]:
@@ -350,64 +142,6 @@ def build_augment(cfg: DictConfig, mean: list[float], std: list[float]) -> TwoVi
     """The method's preset views with the ``augment.*`` overrides (see ``resolve_views``)."""
     view1, view2 = resolve_views(cfg)
     return TwoViewAugment(view1, view2, cfg.data.image_size, mean=mean, std=std)
-
-
-def small_image_stem_note(cfg: DictConfig) -> None:
-    """A note when images of 64 px or less meet the ImageNet stem (``--preset imagenette
-    --image-size 32``): it shrinks them 4x before the first block."""
-    if not is_resnet(cfg.model.backbone):
-        return  # the small stem is a ResNet's; other backbones keep their own
-    if not cfg.model.small_stem and cfg.data.image_size <= 64:
-        print(
-            f"selfsup: note: data.image_size={cfg.data.image_size} with the ImageNet stem "
-            "(model.small_stem=false): its stride-2 7x7 conv and max-pool shrink the image 4x "
-            "before the first block; model.small_stem=true (3x3 conv, no max-pool) is the stem "
-            "for 32-64 px images",
-            file=sys.stderr,
-        )
-
-
-def batchnorm_lag_note(cfg: DictConfig, backbone: torch.nn.Module, total_steps: int) -> None:
-    """A note when the backbone's BatchNorm running statistics cannot follow the training in
-    ``total_steps`` steps: with momentum m they keep (1 - m)^steps of their initial values
-    (torchvision's MobileNetV3 has m = 0.01: 37% after 100 steps), and every eval-mode feature
-    (kNN, ``selfsup eval``, ``embed``) uses them."""
-    momenta = [
-        m.momentum
-        for m in backbone.modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is not None
-    ]
-    if not momenta:
-        return
-    slowest = min(momenta)
-    kept = (1 - slowest) ** total_steps
-    if kept > 0.05:
-        fix = "train longer" + (", or set model.bn_momentum=0.1" if slowest < 0.1 else "")
-        print(
-            f"selfsup: note: the BatchNorm layers of {cfg.model.backbone} update their running "
-            f"statistics with momentum {slowest:g}: after this run's {total_steps} steps they "
-            f"still hold {kept:.0%} of their initial values, so eval-mode features (kNN, eval, "
-            f"embed) are not yet the trained network's; {fix}",
-            file=sys.stderr,
-        )
-
-
-def storage_size_note(cfg: DictConfig) -> None:
-    """A note when the cache stores images much larger than the crops need (``--preset
-    imagenette --image-size 64`` keeps the preset's 146 px storage): a cache, and a decode,
-    several times larger than needed."""
-    d = cfg.data
-    needed = eval_storage_size(d)
-    if d.storage_size and d.storage_size > 1.5 * needed:
-        factor = (d.storage_size / needed) ** 2
-        print(
-            f"selfsup: note: data.storage_size={d.storage_size} stores {d.storage_size} px "
-            f"images for {d.image_size} px crops, a cache {factor:.1f}x that of "
-            f"data.storage_size={needed} (what a whole-image crop and the eval centre crop "
-            "use): set it lower to save disk and decoding time, or keep it for more detail in "
-            "small random crops",
-            file=sys.stderr,
-        )
 
 
 def starting_weights(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
