@@ -1116,12 +1116,14 @@ def test_resuming_a_finished_run_says_it_is_done(copy_of_baseline, capsys):
     before = (out / "encoder.pt").read_bytes()
     measured = json.loads((out / "results.json").read_text())
     assert measured["train_time_s"] > 0 and measured["images_per_s_last"] > 0
+    assert measured["environment"]["device"] == "cpu"  # what the speed was measured on
+    assert measured["environment"]["torch"] == torch.__version__
     assert resume(out) == 0
     err = capsys.readouterr().err
     assert "epochs are done, nothing is left to train" in err and "resumed from" not in err
     assert (out / "encoder.pt").read_bytes() == before
     again = json.loads((out / "results.json").read_text())  # not this invocation's zeros
-    for key in ("train_time_s", "images_per_s_last", "final_loss"):
+    for key in ("train_time_s", "images_per_s_last", "final_loss", "environment"):
         assert again[key] == measured[key], key
 
 

@@ -74,7 +74,7 @@ from selfsup.train.distributed import (
     save_on_main,
     wrap_ddp,
 )
-from selfsup.train.logging import MetricsLogger, strict_json
+from selfsup.train.logging import MetricsLogger, environment, strict_json
 from selfsup.train.optim import (
     excludes_bias_norm,
     match_parameter_layouts,
@@ -1235,8 +1235,9 @@ class Trainer:
         timings = {
             "train_time_s": round(time.monotonic() - started, 2),
             "images_per_s_last": round(run.images_per_s, 1),
+            "environment": environment(self.device),  # what the speeds were measured on
         }
-        if nothing_trained:  # a resume of a finished run: keep what was measured
+        if nothing_trained:  # a resume of a finished run: keep what was measured, and where
             try:
                 earlier = json.loads((self.run_dir / "results.json").read_text())
             except (OSError, ValueError):
