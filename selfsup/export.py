@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,10 +357,12 @@ def _check_onnx_installed() -> None:
         raise ConfigError(f"--format onnx needs {' and '.join(missing)}: {ONNX_EXTRA}")
 
 
-def _onnx_program(model: nn.Module, size: int, meta: dict[str, Any], src: Path):
+def _onnx_program(
+    model: nn.Module, size: int, meta: dict[str, Any], src: Path, output: str = "features"
+):
     """``model`` (eval mode) as a ``torch.onnx.ONNXProgram``: ``images [B, 3, size, size] ->
-    features [B, D]`` with ``B`` dynamic, ``meta`` (mean, std, image size...) as the model's
-    ``metadata_props``."""
+    <output> [B, D]`` (``features``; a classifier's ``logits``) with ``B`` dynamic, ``meta``
+    (mean, std, image size...) as the model's ``metadata_props``."""
     example = torch.zeros(2, 3, size, size)  # 2, not 1: torch.export specialises a size of 1
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporter's progress notes and deprecations
@@ -368,21 +371,23 @@ def _onnx_program(model: nn.Module, size: int, meta: dict[str, Any], src: Path):
                 model.eval(),
                 (example,),
                 input_names=["images"],
-                output_names=["features"],
+                output_names=[output],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
                 dynamo=True,
             )
         except Exception as exc:  # torch.export's errors have many types; all mean the same
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
-                f"{src}: torch's ONNX exporter cannot export this encoder ({first[:300]}); "
+                f"{src}: torch's ONNX exporter cannot export this model ({first[:300]}); "
                 "export it as --format torchscript or safetensors"
             ) from None
     program.model.metadata_props.update(_encode_header(meta))
     return program
 
 
-def _check_onnx_file(target: Path, model: nn.Module, size: int, src: Path) -> None:
+def _check_onnx_file(
+    target: Path, model: nn.Module, size: int, src: Path, output: str = "features"
+) -> None:
     """The written graph, run by ONNX Runtime on two batch sizes, computes what ``model`` does
     (when onnxruntime is installed; else onnx's own checker reads it). A wrong file is removed."""
     import onnx
@@ -402,17 +407,51 @@ def _check_onnx_file(target: Path, model: nn.Module, size: int, src: Path) -> No
             want = model(images).float().numpy()
         try:
             session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-            (got,) = session.run(["features"], {"images": images.numpy()})
+            (got,) = session.run([output], {"images": images.numpy()})
             problem = None if np.allclose(got, want, rtol=1e-3, atol=1e-4) else "other features"
         except Exception as exc:  # onnxruntime's errors (a fixed batch size, an unknown op)
             problem = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
         if problem:
             target.unlink(missing_ok=True)
             raise CheckpointError(
-                f"{src}: ONNX Runtime does not compute the encoder's features from the export "
+                f"{src}: ONNX Runtime does not compute the model's {output} from the export "
                 f"for a batch of {batch} ({problem}); export it as --format torchscript or "
                 "safetensors"
             )
+
+
+def is_saved_classifier(path: Path) -> bool:
+    """Whether ``path`` is a ``classifiers/*.pt`` of ``selfsup eval --save-classifiers`` (its
+    ``.json`` beside it says so)."""
+    if path.suffix != ".pt" or not path.is_file() or not path.with_suffix(".json").is_file():
+        return False
+    try:
+        classifier_metadata(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _export_classifier_onnx(src: Path, out: str | Path | None) -> Path:
+    """A saved classifier, encoder and head, as ``<name>.onnx``: ``images [B, 3, S, S] ->
+    logits [B, C]``, the class names (in logit order) and the normalisation in its
+    ``metadata_props``; checked by ONNX Runtime as the encoder's export is."""
+    clf = load_classifier(src)
+    base = Path(out) if out else src.parent / "export"
+    check_not_blocked(base, "the export")
+    created = [p for p in (base, *base.parents) if not p.exists()]  # deepest first
+    try:
+        check_writable(base, "the export")
+        target = base / f"{src.stem}.onnx"
+        program = _onnx_program(clf.model, clf.image_size, clf.metadata, src, output="logits")
+        atomic_write(target, lambda tmp: program.save(str(tmp)))
+        _check_onnx_file(target, clf.model, clf.image_size, src, output="logits")
+    except BaseException:
+        for folder in created:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    return target
 
 
 def export_encoder(
@@ -438,12 +477,26 @@ def export_encoder(
 
     ``export.json`` beside the file records the same metadata. ``image_size`` (>= 8) is only the
     TorchScript or ONNX example's size: the metadata keeps the size the encoder was trained at.
+
+    A classifier of ``selfsup eval --save-classifiers`` (``classifiers/<name>.pt``) exports whole
+    as ``onnx`` (``<name>.onnx``: ``images`` -> ``logits [B, C]``, its ``classes`` and the rest
+    of its ``.json`` in ``metadata_props``, at its own image size); the other formats export its
+    encoder alone (the ``.pt`` itself is already a torchvision ``state_dict``), with a note.
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {list(EXPORT_FORMATS)}, got {fmt!r}")
     if fmt == "onnx":
         _check_onnx_installed()
     check_encode_args(image_size, None)  # as eval's --image-size
+    if is_saved_classifier(Path(source)):
+        if fmt == "onnx":
+            return _export_classifier_onnx(Path(source), out)
+        print(
+            f"selfsup: note: {source} is a classifier; --format {fmt} exports its encoder "
+            "without the trained head (the .pt is already a torchvision state_dict; "
+            "--format onnx exports the whole classifier)",
+            file=sys.stderr,
+        )
     src = encoder_file(Path(source))
     if is_torchscript(src):
         raise ConfigError(

@@ -150,6 +150,42 @@ def test_load_classifier_and_predict_give_the_classifiers_accuracy(evaluated, cl
     assert [clf.classes[i] for i in index.tolist()] == [r["class"] for r in rows[:8]]
 
 
+def test_a_classifier_exports_whole_to_onnx_and_onnx_runtime_gives_its_classes(
+    evaluated, cli, tmp_path
+):
+    """``selfsup export classifiers/<name>.pt --format onnx``: encoder and trained head in one
+    graph, images -> logits, for any batch size, with the class names in its metadata; the
+    other formats export the encoder alone and say so."""
+    import onnx
+    import onnxruntime
+
+    path = classifier_file(evaluated, "linear_fast")
+    rc, out, err = cli("export", path, "--format", "onnx", "--out", tmp_path)
+    assert rc == 0, err
+    written = tmp_path / f"{path.stem}.onnx"
+    assert out.strip() == f"selfsup: exported onnx classifier to {written}"
+    clf = selfsup.load_classifier(path)
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(written)).metadata_props}
+    assert props["classes"] == clf.classes and props["protocol"] == "linear_fast"
+    assert (props["mean"], props["image_size"]) == (clf.mean, clf.image_size)
+    test = load_dataset(
+        "mnist5k", "test", image_size=clf.metadata["storage_size"], cache_dir=evaluated["cache"]
+    ).spread(LIMIT)
+    images = clf.transform()(test.images)
+    with torch.no_grad():
+        want = clf.model(images).numpy()
+    session = onnxruntime.InferenceSession(str(written), providers=["CPUExecutionProvider"])
+    for batch in (1, 5, LIMIT):
+        (logits,) = session.run(["logits"], {"images": images[:batch].numpy()})
+        np.testing.assert_allclose(logits, want[:batch], rtol=1e-4, atol=1e-4)
+    (logits,) = session.run(["logits"], {"images": images.numpy()})
+    assert (logits.argmax(1) == want.argmax(1)).all()  # the classifier's answers
+
+    rc, out, err = cli("export", path, "--format", "safetensors", "--out", tmp_path / "enc")
+    assert rc == 0 and "exports its encoder without the trained head" in err
+    assert out.strip().endswith("encoder.safetensors")
+
+
 def test_saving_classifiers_adds_no_baseline(evaluated, cli, tmp_path, monkeypatch) -> None:
     """Without --baselines nothing but the encoder is trained, saved or not."""
     ft = sys.modules["selfsup.evaluate.finetune"]  # the package re-exports a function of this name

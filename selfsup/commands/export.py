@@ -19,7 +19,11 @@ def add_arguments(sub, name: str) -> None:
         "traced module that loads without selfsup; onnx: an ONNX graph for ONNX Runtime and "
         "other runtimes, any batch size (pip install 'selfsup[onnx]').",
     )
-    p.add_argument("run", help="run directory or encoder file")
+    p.add_argument(
+        "run",
+        help="run directory or encoder file, or a classifier of eval --save-classifiers "
+        "(--format onnx exports it whole: images -> logits)",
+    )
     p.add_argument(
         "--format", choices=EXPORT_FORMATS, default="torchvision", help="default: torchvision"
     )
@@ -34,8 +38,11 @@ def add_arguments(sub, name: str) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from selfsup.export import export_encoder
+    from pathlib import Path
+
+    from selfsup.export import export_encoder, is_saved_classifier
 
     path = export_encoder(args.run, args.format, args.out, image_size=args.image_size)
-    print(f"selfsup: exported {args.format} encoder to {path}")
+    whole = args.format == "onnx" and is_saved_classifier(Path(args.run))
+    print(f"selfsup: exported {args.format} {'classifier' if whole else 'encoder'} to {path}")
     return 0
