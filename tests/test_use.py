@@ -702,7 +702,7 @@ def test_onnx_export_runs_in_onnx_runtime_at_any_batch_size(trained, tmp_path, m
 
     monkeypatch.setattr(torch.onnx, "export", fixed_batch)
     rc, _, err = cli("export", str(run), "--format", "onnx", "--out", str(tmp_path / "bad"))
-    assert rc == 2 and "ONNX Runtime does not compute the encoder's features" in err
+    assert rc == 2 and "ONNX Runtime does not compute the model's features" in err
     assert "for a batch of 1" in err and not (tmp_path / "bad").exists()
     monkeypatch.undo()
 
