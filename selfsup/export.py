@@ -408,7 +408,7 @@ def _check_onnx_file(
         try:
             session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
             (got,) = session.run([output], {"images": images.numpy()})
-            problem = None if np.allclose(got, want, rtol=1e-3, atol=1e-4) else "other features"
+            problem = None if np.allclose(got, want, rtol=1e-3, atol=1e-4) else f"other {output}"
         except Exception as exc:  # onnxruntime's errors (a fixed batch size, an unknown op)
             problem = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
         if problem:
