@@ -509,7 +509,7 @@ def export_encoder(
     if fmt == "torchvision" and is_factory(name):
         raise ConfigError(
             f"{src}: its backbone comes from your factory {name}, not torchvision: export it "
-            "as --format safetensors (the state_dict, for the same factory) or torchscript"
+            "as --format safetensors (the state_dict, for the same factory), torchscript or onnx"
         )
     model = _encoder_from_state(src, state, name, small)  # the file is read once
     source_meta = encoder_metadata(src)
