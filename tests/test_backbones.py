@@ -269,8 +269,10 @@ def test_a_factory_run_resumes_loads_and_exports_from_another_folder(
         loaded = selfsup.load_encoder(out.strip().rsplit(" ", 1)[-1])
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), encoder(x))
+    rc, out, err = cli("export", str(tmp_path / "run"), "--format", "onnx")  # ORT-checked
+    assert rc == 0 and out.strip().endswith("encoder.onnx"), err
     rc, _, err = cli("export", str(tmp_path / "run"), "--format", "torchvision")
-    assert rc == 2 and "comes from your factory" in err and "safetensors" in err
+    assert rc == 2 and "comes from your factory" in err and "torchscript or onnx" in err
     rc, _, err = cli("eval", str(tmp_path / "run"), "--protocol", "linear", "--save-classifiers")
     assert rc == 2 and "--save-classifiers saves torchvision models only" in err
 
