@@ -480,7 +480,8 @@ def export_encoder(
 
     A classifier of ``selfsup eval --save-classifiers`` (``classifiers/<name>.pt``) exports whole
     as ``onnx`` (``<name>.onnx``: ``images`` -> ``logits [B, C]``, its ``classes`` and the rest
-    of its ``.json`` in ``metadata_props``, at its own image size); the other formats export its
+    of its ``.json`` in ``metadata_props``, at its own image size: another ``image_size`` is a
+    ConfigError); the other formats export its
     encoder alone (the ``.pt`` itself is already a torchvision ``state_dict``), with a note.
     """
     if fmt not in EXPORT_FORMATS:
@@ -490,6 +491,12 @@ def export_encoder(
     check_encode_args(image_size, None)  # as eval's --image-size
     if is_saved_classifier(Path(source)):
         if fmt == "onnx":
+            size = classifier_metadata(source)["image_size"]
+            if image_size is not None and image_size != size:  # its prepare() makes `size` px
+                raise ConfigError(
+                    f"{source} is a classifier of {size} px images, and exports at that size; "
+                    f"drop --image-size {image_size}"
+                )
             return _export_classifier_onnx(Path(source), out)
         print(
             f"selfsup: note: {source} is a classifier; --format {fmt} exports its encoder "

@@ -181,6 +181,8 @@ def test_a_classifier_exports_whole_to_onnx_and_onnx_runtime_gives_its_classes(
     (logits,) = session.run(["logits"], {"images": images.numpy()})
     assert (logits.argmax(1) == want.argmax(1)).all()  # the classifier's answers
 
+    rc, _, err = cli("export", path, "--format", "onnx", "--image-size", "32", "--out", tmp_path)
+    assert rc == 2 and f"classifier of {clf.image_size} px images" in err  # its prepare()'s size
     rc, out, err = cli("export", path, "--format", "safetensors", "--out", tmp_path / "enc")
     assert rc == 0 and "exports its encoder without the trained head" in err
     assert out.strip().endswith("encoder.safetensors")
