@@ -51,19 +51,6 @@ EVAL = [
 ]
 
 
-@pytest.fixture
-def cli(capsys):
-    """``selfsup *argv`` in-process: (exit status, stdout, stderr)."""
-
-    def call(*argv: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()
-        rc = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return call
-
-
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory) -> dict:
     """The run, its cache, the eval JSON and the eval's stdout."""

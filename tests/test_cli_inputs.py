@@ -22,7 +22,6 @@ from tiny_runs import run as tiny_run
 import selfsup
 import selfsup.commands.common as common
 import selfsup.export as export
-from selfsup.cli import main
 from selfsup.errors import CheckpointError
 
 RUN_SIZE = 16  # data.image_size of tiny_runs.TINY
@@ -34,19 +33,6 @@ def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("inputs")
     assert tiny_run(root, "simclr", "train.epochs=1", "data.limit=200") == 0
     return {"run": root / "run", "cache": str(root / "cache")}
-
-
-@pytest.fixture
-def cli(capsys):
-    """``selfsup *argv`` in-process: (exit status, stdout, stderr)."""
-
-    def call(*argv: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()  # what came before is not this command's
-        rc = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return call
 
 
 @pytest.fixture

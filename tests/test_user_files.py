@@ -8,22 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from selfsup.cli import main
 from selfsup.commands.table import RESULT_FIELDS, append_results, check_results_csv
 from selfsup.errors import DataError
-
-
-@pytest.fixture
-def cli(capsys):
-    """``selfsup *argv`` in-process: (exit status, stdout, stderr)."""
-
-    def call(*argv: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()
-        rc = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return call
 
 
 # ---------------------------------------------------------------------------- results CSV
