@@ -104,11 +104,10 @@ f(torch.randn(64, device='cuda')).item()" >"$OUT/compile_check.log" 2>&1; then
 fi
 
 "$PY" - <<'EOF' | tee "$OUT/environment.json"
-import json, platform, torch, torchvision
-info = {"python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-print(json.dumps(info))
+import json, torch
+from selfsup.train.logging import environment  # what results.json records, and CUDA's version
+device = "cuda" if torch.cuda.is_available() else "cpu"
+print(json.dumps(environment(device) | {"cuda": torch.version.cuda}))
 EOF
 
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }

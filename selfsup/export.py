@@ -17,6 +17,7 @@ import io
 import json
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -420,16 +421,21 @@ def _check_onnx_file(
             )
 
 
+def saved_classifier_metadata(path: Path) -> dict[str, Any] | None:
+    """The ``.json`` of ``path`` when it is a ``classifiers/*.pt`` of ``selfsup eval
+    --save-classifiers`` (:func:`classifier_metadata`), else None."""
+    if path.suffix != ".pt" or not path.is_file() or not path.with_suffix(".json").is_file():
+        return None
+    try:
+        return classifier_metadata(path)
+    except CheckpointError:
+        return None
+
+
 def is_saved_classifier(path: Path) -> bool:
     """Whether ``path`` is a ``classifiers/*.pt`` of ``selfsup eval --save-classifiers`` (its
     ``.json`` beside it says so)."""
-    if path.suffix != ".pt" or not path.is_file() or not path.with_suffix(".json").is_file():
-        return False
-    try:
-        classifier_metadata(path)
-    except CheckpointError:
-        return False
-    return True
+    return saved_classifier_metadata(path) is not None
 
 
 def _export_classifier_onnx(src: Path, out: str | Path | None) -> Path:
@@ -439,19 +445,27 @@ def _export_classifier_onnx(src: Path, out: str | Path | None) -> Path:
     clf = load_classifier(src)
     base = Path(out) if out else src.parent / "export"
     check_not_blocked(base, "the export")
-    created = [p for p in (base, *base.parents) if not p.exists()]  # deepest first
-    try:
-        check_writable(base, "the export")
+    with _export_folder(base):
         target = base / f"{src.stem}.onnx"
         program = _onnx_program(clf.model, clf.image_size, clf.metadata, src, output="logits")
         atomic_write(target, lambda tmp: program.save(str(tmp)))
         _check_onnx_file(target, clf.model, clf.image_size, src, output="logits")
+    return target
+
+
+@contextlib.contextmanager
+def _export_folder(base: Path) -> Iterator[None]:
+    """Writing an export into ``base``: an unwritable place is said first (the folder is created
+    to find out), and a failed export leaves no empty folders of its own."""
+    created = [p for p in (base, *base.parents) if not p.exists()]  # deepest first
+    try:
+        check_writable(base, "the export")
+        yield
     except BaseException:
         for folder in created:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
-    return target
 
 
 def export_encoder(
@@ -489,9 +503,10 @@ def export_encoder(
     if fmt == "onnx":
         _check_onnx_installed()
     check_encode_args(image_size, None)  # as eval's --image-size
-    if is_saved_classifier(Path(source)):
+    classifier = saved_classifier_metadata(Path(source))
+    if classifier is not None:
         if fmt == "onnx":
-            size = classifier_metadata(source)["image_size"]
+            size = classifier["image_size"]
             if image_size is not None and image_size != size:  # its prepare() makes `size` px
                 raise ConfigError(
                     f"{source} is a classifier of {size} px images, and exports at that size; "
@@ -528,19 +543,12 @@ def export_encoder(
     )
     if fmt in ("torchscript", "onnx"):
         check_input_size(model, size, src, source_meta.get("image_size"))
-    created = [p for p in (base, *base.parents) if not p.exists()]  # deepest first
-    try:
-        check_writable(base, "the export")  # created now: an unwritable place is said first
+    with _export_folder(base):
         meta = {k: v for k, v in source_meta.items() if k not in ("backbone", "small_stem")}
         meta.update(backbone=name, small_stem=small)
         if native and not meta.get("image_size"):
             meta["image_size"] = native  # a bare ViT's: eval of the export prepares it
         target = _write_export(fmt, model, state, name, small, meta, base, size, src)
-    except BaseException:
-        for folder in created:  # a failed export leaves no empty folders of its own
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
     return target
 
 

@@ -112,8 +112,8 @@ def results_table(csv_path: Path, metric: str = "top1") -> str:
             rows = [r for r in reader if r["metric"] == metric]
         except (UnicodeDecodeError, csv.Error):  # a good header, then bytes that are no text
             raise DataError(
-                f"{csv_path} is damaged after line {reader.line_num} (not text, or a NUL "
-                "byte): restore it from a copy, or delete the damaged lines"
+                f"{csv_path} is damaged after line {reader.line_num} (not text): restore it "
+                "from a copy, or delete the damaged lines"
             ) from None
     # one table row per evaluated thing: the run's weights (a retrained run is a new row), the
     # encoder (ssl / baselines), the eval data and how much of it (--limit) at which size
